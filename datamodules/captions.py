@@ -1,0 +1,191 @@
+"""Captioned images: the Karpathy split JSON reader, the datasets and the captioning DataModule.
+
+The Karpathy format (``images[].filename/split/sentences[].raw/tokens``) is the one the shapes
+generator writes and the one COCO and Flickr8k are distributed in for captioning research.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.images import ImageFolderDataset, image_transform, read_or_skip
+from datamodules.shapes import generate_shapes
+from datamodules.vocabulary import Vocabulary, tokenize
+from framework.errors import UserError
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    image_id: int | str
+    path: Path
+    captions: tuple[str, ...]
+    tokens: tuple[tuple[str, ...], ...]
+
+
+def read_karpathy(annotations: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                  skip_bad_images: bool = False) -> dict[str, list[CaptionedImage]]:
+    """Images of each split ("restval" counts as train); images live at image_root/filepath/filename."""
+    annotations = Path(annotations)
+    if not annotations.is_file():
+        raise UserError(f"caption file {annotations} does not exist (data.annotations): "
+                        "point it at a Karpathy split JSON such as dataset_coco.json")
+    root = Path(image_root) if image_root is not None else annotations.parent
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist (data.image_root)")
+    try:
+        entries = json.loads(annotations.read_text(encoding="utf-8"))["images"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{annotations} is not a Karpathy split JSON ({type(error).__name__}: {error}); "
+                        "expected {\"images\": [{\"filename\", \"split\", \"sentences\": [{\"raw\"}]}]}") from error
+
+    splits: dict[str, list[CaptionedImage]] = {split: [] for split in SPLITS}
+    empty_captions, missing = 0, []
+    for position, entry in enumerate(entries):
+        try:
+            path = root / entry.get("filepath", "") / entry["filename"]
+            split = "train" if entry["split"] == "restval" else entry["split"]
+            raws = [s["raw"] for s in entry["sentences"]]
+        except (KeyError, TypeError, AttributeError) as error:
+            raise UserError(f"{annotations}: images[{position}] lacks {error} "
+                            "(each image needs filename, split and sentences[].raw)") from error
+        captions = [(raw.strip(), tuple(tokenize(raw))) for raw in raws]
+        kept = [(raw, tokens) for raw, tokens in captions if tokens]
+        empty_captions += len(captions) - len(kept)
+        if split not in splits or not kept:
+            continue
+        if not path.is_file():
+            missing.append(path)
+            continue
+        image_id = entry.get("cocoid", entry.get("imgid", entry["filename"]))
+        splits[split].append(CaptionedImage(image_id, path, tuple(r for r, _ in kept), tuple(t for _, t in kept)))
+
+    if empty_captions:
+        log.warning("%s: dropped %d empty captions", annotations, empty_captions)
+    if missing:
+        listed = ", ".join(str(p) for p in missing[:3])
+        if not skip_bad_images:
+            raise UserError(f"{len(missing)} images listed in {annotations} are missing (e.g. {listed}); "
+                            "fix data.image_root or set data.skip_bad_images=true to skip them")
+        log.warning("skipping %d images listed in %s but missing (e.g. %s)", len(missing), annotations, listed)
+    return splits
+
+
+class CaptionDataset(Dataset):
+    """Training items carry one random caption of the image; evaluation items carry all references."""
+
+    def __init__(self, images: list[CaptionedImage], transform, train: bool, skip_bad_images: bool = False):
+        self.images, self.transform, self.train, self.skip_bad_images = images, transform, train, skip_bad_images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict | None:
+        item = self.images[index]
+        image = read_or_skip(item.path, self.skip_bad_images)
+        if image is None:
+            return None
+        pick = int(torch.randint(len(item.tokens), ())) if self.train else 0
+        return {"image": self.transform(image), "image_id": item.image_id, "path": str(item.path),
+                "references": list(item.captions), "tokens": list(item.tokens[pick])}
+
+
+def collate(samples: list[dict | None]) -> dict:
+    """Stack images, keep everything else as lists; `skipped` counts unreadable images left out."""
+    kept = [s for s in samples if s is not None]
+    batch = {"skipped": len(samples) - len(kept)}
+    if kept:
+        batch["images"] = torch.stack([s.pop("image") for s in kept])
+        for key in kept[0]:
+            batch[key + "s" if key in ("image_id", "path") else key] = [s[key] for s in kept]
+    return batch
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Karpathy-format captions with train/val/test splits, plus a folder of images for predict mode."""
+
+    def __init__(self, annotations: str | None = None, image_root: str | None = None, image_size: int = 224,
+                 batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
+                 vocab_min_count: int = 1, skip_bad_images: bool = False, images: str | None = None):
+        super().__init__()
+        self.annotations, self.image_root, self.images = annotations, image_root, images
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.vocab_min_count, self.skip_bad_images = num_workers, vocab_min_count, skip_bad_images
+        self.transform = image_transform(image_size)
+        self._splits: dict[str, list[CaptionedImage]] | None = None
+
+    def annotation_file(self) -> Path:
+        if self.annotations is None:
+            raise UserError("data.annotations is not set: give the path of a Karpathy split JSON")
+        return Path(self.annotations)
+
+    def prepare_data(self) -> None:
+        self.annotation_file()
+
+    @property
+    def splits(self) -> dict[str, list[CaptionedImage]]:
+        if self._splits is None:
+            self._splits = read_karpathy(self.annotation_file(), self.image_root, self.skip_bad_images)
+        return self._splits
+
+    def model_inputs(self) -> dict:
+        """What the captioner is built from: the vocabulary of the training captions."""
+        train = self.splits["train"]
+        if not train:
+            raise UserError(f"{self.annotation_file()} has no training images (split 'train' or 'restval')")
+        vocab = Vocabulary.build((tokens for item in train for tokens in item.tokens), self.vocab_min_count)
+        return {"vocab": vocab.words}
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collate)
+
+    def _split_loader(self, split: str) -> DataLoader:
+        if not self.splits[split]:
+            raise UserError(f"{self.annotation_file()} has no '{split}' images")
+        train = split == "train"
+        return self._loader(CaptionDataset(self.splits[split], self.transform, train, self.skip_bad_images), train)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._split_loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._split_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._split_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.images is None:
+            raise UserError("mode=predict needs data.images=DIR, a folder of images to caption")
+        return self._loader(ImageFolderDataset(self.images, self.transform, self.skip_bad_images), train=False)
+
+    def val_examples(self, count: int) -> list[dict]:
+        """The first `count` validation items: fixed images for the TensorBoard review."""
+        dataset = CaptionDataset(self.splits["val"], self.transform, train=False, skip_bad_images=True)
+        return [item for item in (dataset[i] for i in range(min(count, len(dataset)))) if item is not None]
+
+
+class ShapesDataModule(CaptionDataModule):
+    """The embedded synthetic data set, generated into `root` on first use (see datamodules/shapes.py)."""
+
+    def __init__(self, root: str, seed: int = 0, num_train: int = 3000, num_val: int = 200, num_test: int = 200,
+                 image_size: int = 64, captions_per_image: int = 5, **kwargs):
+        super().__init__(image_size=image_size, **kwargs)
+        self.generator_args = dict(root=root, seed=seed, num_train=num_train, num_val=num_val, num_test=num_test,
+                                   image_size=image_size, captions_per_image=captions_per_image)
+
+    def annotation_file(self) -> Path:
+        if self.annotations is None:
+            self.annotations = str(generate_shapes(**self.generator_args))
+        return Path(self.annotations)

@@ -1,0 +1,136 @@
+"""train / eval / predict from a composed config; every run dir ends with its config and metrics.json."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+
+import hydra
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from framework.config import flatten
+from framework.errors import UserError
+from framework.files import atomic_write, write_json
+
+log = logging.getLogger(__name__)
+MODES = ("train", "eval", "predict")
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Run the configured mode; log failures with the run dir, then re-raise (multiruns must not fail silently).
+
+    Returns `optimized_metric` from the final metrics, for sweepers.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    try:
+        if cfg.mode not in MODES:
+            raise UserError(f"mode={cfg.mode} is not one of {', '.join(MODES)}")
+        if cfg.get("seed") is not None:
+            L.seed_everything(cfg.seed, workers=True)
+        save_config(cfg, output_dir)
+        metrics = {"train": train, "eval": evaluate, "predict": predict}[cfg.mode](cfg, output_dir)
+        if rank_zero_only.rank == 0:
+            write_json(output_dir / "metrics.json", metrics)
+        print_summary(cfg, output_dir, metrics)
+    except Exception as error:
+        log.error("run failed (%s: %s); run dir: %s", type(error).__name__, error, output_dir)
+        raise
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return None if value is None or math.isnan(value) else value
+
+
+def save_config(cfg: DictConfig, output_dir: Path) -> None:
+    if rank_zero_only.rank == 0:
+        resolved = OmegaConf.to_yaml(cfg, resolve=True)
+        atomic_write(output_dir / "config.yaml", lambda f: f.write(resolved))
+
+
+def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    return trainer
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    return hydra.utils.instantiate(cfg.data)
+
+
+def load_model(cfg: DictConfig) -> L.LightningModule:
+    """The checkpoint's model; decoding settings (beam size, ...) may be overridden from cfg.model."""
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        raise UserError(f"mode={cfg.mode} needs ckpt_path=path/to/checkpoint.ckpt (e.g. a run's checkpoints/last.ckpt)")
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"checkpoint {ckpt_path} does not exist (ckpt_path)")
+    module_class = hydra.utils.get_class(cfg.model._target_)
+    overrides = {key: cfg.model[key] for key in getattr(module_class, "inference_hparams", ()) if key in cfg.model}
+    return module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
+
+
+def final_metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {name: float(value) for name, value in sorted(trainer.callback_metrics.items())}
+
+
+def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    inputs = datamodule.model_inputs() if hasattr(datamodule, "model_inputs") else {}
+    model = hydra.utils.instantiate(cfg.model, **inputs)
+    trainer = build_trainer(cfg)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    metrics = final_metrics(trainer)
+    if trainer.interrupted:
+        return metrics
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not best:
+        log.warning("no best checkpoint (no checkpoint callback or no validation): testing the last weights")
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+    return metrics | final_metrics(trainer)
+
+
+def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    model = load_model(cfg)
+    trainer = build_trainer(cfg)
+    trainer.test(model, datamodule=build_datamodule(cfg))
+    return final_metrics(trainer)
+
+
+def predict(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    model = load_model(cfg)
+    trainer = build_trainer(cfg, logger=False)
+    batches = trainer.predict(model, datamodule=build_datamodule(cfg))
+    rows = [row for batch in batches for row in batch]
+    if trainer.is_global_zero:
+        write_json(output_dir / "predictions.json", rows)
+        atomic_write(output_dir / "predictions.csv", lambda f: write_csv(f, rows))
+        log.info("wrote %d captions to %s", len(rows), output_dir / "predictions.json")
+    return {"predict/images": float(len(rows))}
+
+
+def write_csv(file, rows: list[dict]) -> None:
+    writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["image", "caption"])
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+@rank_zero_only
+def print_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.task_name}: mode={cfg.mode}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}")
+    console = Console()
+    console.print(table)
+    console.print(f"run dir: {output_dir}")
+    console.print(f"review:  tensorboard --logdir {output_dir}")

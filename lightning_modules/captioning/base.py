@@ -1,0 +1,113 @@
+"""What every captioner shares: the evaluation loop (generate, gather from all ranks, score once), predict."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from lightning_modules.captioning.metrics import CaptionMetrics
+
+log = logging.getLogger(__name__)
+
+
+def gather_objects(obj):
+    """A list with `obj` from every rank (just [obj] when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+class CaptioningModule(L.LightningModule):
+    """Subclasses implement `loss(batch)` and `generate(images) -> list[str]`.
+
+    Corpus metrics are computed once per val/test epoch on rank zero, over the predictions of every
+    rank deduplicated by image id (DistributedSampler pads by repeating samples), then broadcast so
+    every rank logs the same `val/CIDEr`, `test/BLEU-4`, ...
+    """
+
+    def __init__(self, spice: bool = False):
+        super().__init__()
+        self.spice = spice
+        self._metrics: CaptionMetrics | None = None
+        self.predictions: dict[str, dict] = {"val": {}, "test": {}}  # image_id -> caption, references, path
+        self.skipped_images = 0
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate(self, images: torch.Tensor) -> list[str]:
+        raise NotImplementedError
+
+    def _count_skipped(self, batch: dict) -> bool:
+        """Count unreadable images dropped by the loader; False when nothing is left of the batch."""
+        self.skipped_images += batch["skipped"]
+        return "images" in batch
+
+    def training_step(self, batch: dict, batch_idx: int):
+        if not self._count_skipped(batch):
+            return None
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["images"]))
+        return loss
+
+    def _evaluation_step(self, batch: dict, stage: str) -> None:
+        if not self._count_skipped(batch):
+            return
+        self.log(f"{stage}/loss", self.loss(batch), batch_size=len(batch["images"]), sync_dist=True)
+        captions = self.generate(batch["images"])
+        for image_id, caption, references, path in zip(batch["image_ids"], captions, batch["references"],
+                                                       batch["paths"]):
+            self.predictions[stage][image_id] = {"caption": caption, "references": references, "path": path}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self.predictions["val"] = {}
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions["test"] = {}
+
+    def on_validation_epoch_end(self) -> None:
+        self._score("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._score("test")
+
+    def on_train_epoch_end(self) -> None:
+        if self.skipped_images:
+            log.warning("skipped %d unreadable images so far (data.skip_bad_images=true)", self.skipped_images)
+
+    def _score(self, stage: str) -> None:
+        merged = {}
+        for part in gather_objects(self.predictions[stage]):
+            merged.update(part)
+        self.predictions[stage] = dict(sorted(merged.items(), key=lambda item: str(item[0])))
+        scores = None
+        if self.trainer.is_global_zero and merged:
+            if self._metrics is None:
+                self._metrics = CaptionMetrics(spice=self.spice)
+            scores = self._metrics({i: p["references"] for i, p in merged.items()},
+                                   {i: p["caption"] for i, p in merged.items()})
+        scores = self.trainer.strategy.broadcast(scores)
+        if scores:
+            self.log_dict({f"{stage}/{name}": float(value) for name, value in scores.items()})
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        if not self._count_skipped(batch):
+            return []
+        return [{"image": path, "caption": caption}
+                for path, caption in zip(batch["paths"], self.generate(batch["images"]))]
+
+    def teardown(self, stage: str) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None

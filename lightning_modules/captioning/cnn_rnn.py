@@ -1,0 +1,88 @@
+"""CNN encoder + RNN decoder captioner (Show and Tell / Show, Attend and Tell)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from datamodules.vocabulary import Vocabulary
+from framework.config import to_plain
+from lightning_modules.captioning.base import CaptioningModule
+from lightning_modules.captioning.decoding import beam_search, greedy_decode
+from lightning_modules.captioning.nets import ImageEncoder, RNNDecoder
+
+
+class CNNRNNCaptioner(CaptioningModule):
+    """Everything needed to rebuild the model (vocabulary included) is in its hyperparameters,
+    so `CNNRNNCaptioner.load_from_checkpoint(path)` needs no config and no data."""
+
+    # Hyperparameters that may change between training and evaluation (mode=eval passes them on).
+    inference_hparams = ("beam_size", "max_len", "spice")
+
+    def __init__(self, vocab: list[str], encoder: dict, decoder: dict, optimizer: dict,
+                 scheduler: dict | None = None, max_len: int = 20, beam_size: int = 1,
+                 attention_penalty: float = 1.0, label_smoothing: float = 0.0, spice: bool = False):
+        super().__init__(spice=spice)
+        vocab, encoder, decoder = to_plain(vocab), to_plain(encoder), to_plain(decoder)
+        optimizer, scheduler = to_plain(optimizer), to_plain(scheduler)
+        self.save_hyperparameters(logger=False)
+        self.vocab = Vocabulary(vocab)
+        self.encoder = ImageEncoder(**encoder)
+        self.decoder = RNNDecoder(len(self.vocab), self.encoder.out_channels, **decoder)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Encoder grid as a sequence [B, h*w, C], and (h, w)."""
+        feature_map = self.encoder(images)
+        return feature_map.flatten(2).transpose(1, 2), tuple(feature_map.shape[-2:])
+
+    def targets(self, token_lists: list[list[str]]) -> torch.Tensor:
+        """<bos> words <eos> ids, right-padded: [B, T]."""
+        encoded = [torch.tensor(self.vocab.encode(tokens, self.hparams.max_len)) for tokens in token_lists]
+        return torch.nn.utils.rnn.pad_sequence(encoded, batch_first=True, padding_value=self.vocab.pad).to(self.device)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        ids = self.targets(batch["tokens"])
+        features, _ = self.encode(batch["images"])
+        logits, alphas = self.decoder(features, ids[:, :-1])
+        targets = ids[:, 1:]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.vocab.pad,
+                               label_smoothing=self.hparams.label_smoothing)
+        if alphas is not None and self.hparams.attention_penalty:
+            # Doubly stochastic attention: over the caption, every location should get about one unit of attention.
+            mask = (targets != self.vocab.pad).unsqueeze(-1).to(alphas.dtype)
+            loss = loss + self.hparams.attention_penalty * ((1.0 - (alphas * mask).sum(1)) ** 2).mean()
+        return loss
+
+    def decode_tokens(self, images: torch.Tensor, beam_size: int | None = None) -> torch.Tensor:
+        features, _ = self.encode(images)
+        beam_size = beam_size or self.hparams.beam_size
+        bos, eos, max_len = self.vocab.bos, self.vocab.eos, self.hparams.max_len
+        if beam_size == 1:
+            return greedy_decode(self.decoder, features, bos, eos, max_len)[0]
+        return beam_search(self.decoder, features, bos, eos, max_len, beam_size)
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, beam_size: int | None = None) -> list[str]:
+        return [self.vocab.decode(row.tolist()) for row in self.decode_tokens(images, beam_size)]
+
+    @torch.no_grad()
+    def attend(self, image: torch.Tensor) -> tuple[list[str], torch.Tensor | None]:
+        """Greedy caption of one image [3, H, W] with its attention maps [words, h, w] (None without attention)."""
+        features, grid = self.encode(image.unsqueeze(0))
+        tokens, alphas = greedy_decode(self.decoder, features, self.vocab.bos, self.vocab.eos, self.hparams.max_len)
+        words = self.vocab.decode(tokens[0].tolist()).split()
+        if alphas is None:
+            return words, None
+        return words, alphas[0, : len(words)].reshape(len(words), *grid)
+
+    def configure_optimizers(self):
+        encoder_params = [p for p in self.encoder.parameters() if p.requires_grad]
+        groups = [{"params": list(self.decoder.parameters())}]
+        if encoder_params:
+            groups.append({"params": encoder_params, **({"lr": self.encoder.lr} if self.encoder.lr else {})})
+        optimizer = instantiate(self.hparams.optimizer)(params=groups)
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
