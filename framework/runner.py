@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,23 +44,33 @@ def run(cfg: DictConfig) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+def instantiate(config, **kwargs):
+    """hydra.utils.instantiate, letting a UserError raised by the target through unwrapped."""
+    try:
+        return hydra.utils.instantiate(config, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise
+
+
 def save_config(cfg: DictConfig, output_dir: Path) -> None:
     if rank_zero_only.rank == 0:
         resolved = OmegaConf.to_yaml(cfg, resolve=True)
         atomic_write(output_dir / "config.yaml", lambda f: f.write(resolved))
 
 
-def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+def build_trainer(cfg: DictConfig, with_loggers: bool = True) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] if with_loggers else []
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
     return trainer
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    return hydra.utils.instantiate(cfg.data)
+    return instantiate(cfg.data)
 
 
 def load_model(cfg: DictConfig) -> L.LightningModule:
@@ -75,14 +86,16 @@ def load_model(cfg: DictConfig) -> L.LightningModule:
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
-    return {name: float(value) for name, value in sorted(trainer.callback_metrics.items())}
+    """`stage/name` metrics the run ended with (learning rates from LearningRateMonitor are left out)."""
+    return {name: float(value) for name, value in sorted(trainer.callback_metrics.items())
+            if not name.startswith("lr-")}
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     inputs = datamodule.model_inputs() if hasattr(datamodule, "model_inputs") else {}
-    model = hydra.utils.instantiate(cfg.model, **inputs)
+    model = instantiate(cfg.model, **inputs)
     trainer = build_trainer(cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = final_metrics(trainer)
@@ -104,7 +117,7 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
 
 def predict(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     model = load_model(cfg)
-    trainer = build_trainer(cfg, logger=False)
+    trainer = build_trainer(cfg, with_loggers=False)
     batches = trainer.predict(model, datamodule=build_datamodule(cfg))
     rows = [row for batch in batches for row in batch]
     if trainer.is_global_zero:
@@ -130,7 +143,7 @@ def print_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, float]) 
     table.add_column("value", justify="right")
     for name, value in metrics.items():
         table.add_row(name, f"{value:.4f}")
-    console = Console()
+    console = Console(soft_wrap=True)  # long paths stay on one line, ready to copy
     console.print(table)
     console.print(f"run dir: {output_dir}")
     console.print(f"review:  tensorboard --logdir {output_dir}")

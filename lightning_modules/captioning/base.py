@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from functools import cache
 
 import lightning as L
 import torch
@@ -11,6 +13,12 @@ import torch.distributed as dist
 from lightning_modules.captioning.metrics import CaptionMetrics
 
 log = logging.getLogger(__name__)
+
+
+@cache
+def shared_metrics(spice: bool) -> CaptionMetrics:
+    """One scorer per process: METEOR's Java server takes seconds to start, so fit, test and later runs reuse it."""
+    return CaptionMetrics(spice=spice)
 
 
 def gather_objects(obj):
@@ -33,9 +41,8 @@ class CaptioningModule(L.LightningModule):
     def __init__(self, spice: bool = False):
         super().__init__()
         self.spice = spice
-        self._metrics: CaptionMetrics | None = None
         self.predictions: dict[str, dict] = {"val": {}, "test": {}}  # image_id -> caption, references, path
-        self.skipped_images = 0
+        self.skipped_images = Counter()  # stage -> unreadable images the loader dropped (data.skip_bad_images)
 
     def loss(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -43,20 +50,25 @@ class CaptioningModule(L.LightningModule):
     def generate(self, images: torch.Tensor) -> list[str]:
         raise NotImplementedError
 
-    def _count_skipped(self, batch: dict) -> bool:
+    def _count_skipped(self, batch: dict, stage: str) -> bool:
         """Count unreadable images dropped by the loader; False when nothing is left of the batch."""
-        self.skipped_images += batch["skipped"]
+        self.skipped_images[stage] += batch["skipped"]
         return "images" in batch
 
+    def _report_skipped(self, stage: str) -> None:
+        if self.skipped_images[stage]:
+            log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true)", stage,
+                        self.skipped_images.pop(stage))
+
     def training_step(self, batch: dict, batch_idx: int):
-        if not self._count_skipped(batch):
+        if not self._count_skipped(batch, "train"):
             return None
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["images"]))
         return loss
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:
-        if not self._count_skipped(batch):
+        if not self._count_skipped(batch, stage):
             return
         self.log(f"{stage}/loss", self.loss(batch), batch_size=len(batch["images"]), sync_dist=True)
         captions = self.generate(batch["images"])
@@ -83,31 +95,27 @@ class CaptioningModule(L.LightningModule):
         self._score("test")
 
     def on_train_epoch_end(self) -> None:
-        if self.skipped_images:
-            log.warning("skipped %d unreadable images so far (data.skip_bad_images=true)", self.skipped_images)
+        self._report_skipped("train")
+
+    def on_predict_epoch_end(self) -> None:
+        self._report_skipped("predict")
 
     def _score(self, stage: str) -> None:
+        self._report_skipped(stage)
         merged = {}
         for part in gather_objects(self.predictions[stage]):
             merged.update(part)
         self.predictions[stage] = dict(sorted(merged.items(), key=lambda item: str(item[0])))
         scores = None
         if self.trainer.is_global_zero and merged:
-            if self._metrics is None:
-                self._metrics = CaptionMetrics(spice=self.spice)
-            scores = self._metrics({i: p["references"] for i, p in merged.items()},
+            scores = shared_metrics(self.spice)({i: p["references"] for i, p in merged.items()},
                                    {i: p["caption"] for i, p in merged.items()})
         scores = self.trainer.strategy.broadcast(scores)
         if scores:
             self.log_dict({f"{stage}/{name}": float(value) for name, value in scores.items()})
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        if not self._count_skipped(batch):
+        if not self._count_skipped(batch, "predict"):
             return []
         return [{"image": path, "caption": caption}
                 for path, caption in zip(batch["paths"], self.generate(batch["images"]))]
-
-    def teardown(self, stage: str) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None

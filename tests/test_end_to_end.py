@@ -1,0 +1,118 @@
+"""run.py as a user runs it: train, then eval / DDP eval / resume / predict from what training left behind."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
+from tests.conftest import read_metrics, run_cli
+
+EPOCHS, TRAIN_IMAGES, BATCH = 5, 320, 32
+STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH
+SMALL_SHAPES = [f"data.num_train={TRAIN_IMAGES}", "data.num_val=40", "data.num_test=40", f"data.batch_size={BATCH}",
+                "data.num_workers=0", "model.decoder.hidden_dim=128"]
+TEST_KEYS = ["test/BLEU-1", "test/BLEU-2", "test/BLEU-3", "test/BLEU-4", "test/METEOR", "test/ROUGE-L", "test/CIDEr"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "train"
+    run_cli([*SMALL_SHAPES, f"trainer.max_epochs={EPOCHS}", "logger=many"], run_dir, data_dir)
+    return run_dir
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    (best,) = (run_dir / "checkpoints").glob("epoch_*.ckpt")
+    return best
+
+
+def epoch_metrics(run_dir: Path, name: str) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+def test_training_lowers_the_loss_and_raises_cider(trained):
+    cider, loss = epoch_metrics(trained, "val/CIDEr"), epoch_metrics(trained, "val/loss")
+    assert len(cider) == EPOCHS
+    assert loss[-1] < loss[0] - 0.5, loss
+    assert max(cider) > cider[0] + 0.5 and max(cider) > 1.0, cider  # a constant caption scores about 0.3
+
+
+def test_run_dir_holds_config_metrics_checkpoints_and_media(trained):
+    assert (trained / "config.yaml").is_file() and (trained / "checkpoints" / "last.ckpt").is_file()
+    metrics = read_metrics(trained)
+    assert set(TEST_KEYS) <= set(metrics) and "val/CIDEr" in metrics
+    board = EventAccumulator(str(trained / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    board.Reload()
+    assert {"val/captions", "val/attention"} <= set(board.Tags()["images"])
+    assert "val/predictions/text_summary" in board.Tags()["tensors"]
+    assert {"train/loss", "val/CIDEr", "test/CIDEr"} <= set(board.Tags()["scalars"])
+
+
+def test_eval_reproduces_the_train_runs_test_metrics(trained, tmp_path, data_dir):
+    run_cli([*SMALL_SHAPES, "mode=eval", f"ckpt_path={best_checkpoint(trained)}"], tmp_path, data_dir)
+    evaluated, during_training = read_metrics(tmp_path), read_metrics(trained)
+    assert {k: evaluated[k] for k in TEST_KEYS} == {k: during_training[k] for k in TEST_KEYS}
+
+
+def test_ddp_sim_eval_gives_the_single_process_metrics(trained, tmp_path, data_dir):
+    run_cli([*SMALL_SHAPES, "mode=eval", "trainer=ddp_sim", "data.eval_batch_size=16",
+             f"ckpt_path={best_checkpoint(trained)}"], tmp_path, data_dir)
+    distributed, single = read_metrics(tmp_path), read_metrics(trained)
+    assert {k: distributed[k] for k in TEST_KEYS} == {k: single[k] for k in TEST_KEYS}
+
+
+def test_resume_from_last_continues_at_the_right_step(trained, tmp_path, data_dir):
+    run_cli([*SMALL_SHAPES, f"trainer.max_epochs={EPOCHS + 1}", f"ckpt_path={trained}/checkpoints/last.ckpt"],
+            tmp_path, data_dir)
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == EPOCHS and resumed["global_step"] == (EPOCHS + 1) * STEPS_PER_EPOCH
+    before = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert before["global_step"] == EPOCHS * STEPS_PER_EPOCH
+
+
+def test_checkpoint_loads_without_config_or_data(trained):
+    model = CNNRNNCaptioner.load_from_checkpoint(trained / "checkpoints" / "last.ckpt", map_location="cpu",
+                                                 weights_only=True).eval()
+    assert model.vocab.words[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"] and "circle" in model.vocab.words
+    caption = model.generate(torch.zeros(2, 3, 64, 64))
+    assert len(caption) == 2 and all(isinstance(c, str) for c in caption)
+
+
+def test_predict_captions_a_folder(trained, tmp_path, data_dir):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate([(220, 30, 30), (30, 70, 225), (30, 170, 40)]):
+        array = np.full((64, 64, 3), 128, np.uint8)
+        array[20:44, 20:44] = colour
+        Image.fromarray(array).save(images / f"square_{i}.png")
+    Image.fromarray(np.full((40, 40), 200, np.uint8)).save(images / "gray.jpg")  # grayscale is converted
+    run_dir = tmp_path / "run"
+    run_cli([*SMALL_SHAPES, "mode=predict", f"ckpt_path={best_checkpoint(trained)}", f"data.images={images}",
+             "model.beam_size=3"], run_dir, data_dir)
+    rows = json.loads((run_dir / "predictions.json").read_text())
+    assert [Path(r["image"]).name for r in rows] == ["gray.jpg", "square_0.png", "square_1.png", "square_2.png"]
+    assert all(r["caption"] for r in rows)
+    with open(run_dir / "predictions.csv") as f:
+        assert [row["caption"] for row in csv.DictReader(f)] == [r["caption"] for r in rows]
+
+
+def test_two_job_multirun(tmp_path, data_dir):
+    run_cli(["seed=1,2", "trainer.fast_dev_run=true", "data.num_train=16", "data.num_val=8", "data.num_test=8",
+             "data.num_workers=0", "data.batch_size=4"], tmp_path, data_dir, multirun=True)
+    for job in ("0", "1"):
+        assert "test/CIDEr" in read_metrics(tmp_path / job)
+    assert "seed: 2" in (tmp_path / "1" / "config.yaml").read_text()
+
+
+def test_a_failing_run_exits_non_zero_and_names_the_run_dir(tmp_path, data_dir):
+    result = run_cli(["mode=eval"], tmp_path, data_dir, check=False)
+    assert result.returncode != 0
+    assert "mode=eval needs ckpt_path=" in result.stderr + result.stdout
+    assert f"run dir: {tmp_path}" in result.stderr + result.stdout
