@@ -6,7 +6,10 @@ See README.md and conf/config.yaml.
 import hydra
 from omegaconf import DictConfig
 
+from framework.allocator import keep_freed_memory
 from framework.runner import run
+
+keep_freed_memory()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -35,32 +35,43 @@ def beam_search(decoder, features: torch.Tensor, bos: int, eos: int, max_len: in
     """Batched beam search: all images and beams advance together as one batch of B*K rows.
 
     Scores are summed log-probabilities; a beam that has emitted <eos> keeps its score and only
-    extends with <eos>, so it competes unchanged with longer beams. Returns the best tokens [B, T].
+    extends with <eos>, so it competes unchanged with longer beams. The K beams of an image share its
+    encoder memory (beams are only reordered within an image), and an image leaves the batch as soon
+    as all its beams have ended. Returns the best tokens [B, T], padded with <eos>.
     """
-    batch, k = features.shape[0], beam_size
-    rows = torch.arange(batch, device=features.device).repeat_interleave(k)
+    k, device = beam_size, features.device
     memory, state = decoder.start(features)
-    memory, state = _select(memory, rows), _select(state, rows)
-    tokens = torch.full((batch * k,), bos, dtype=torch.long, device=features.device)
-    scores = torch.full((batch, k), float("-inf"), device=features.device)
+    state = _select(state, torch.arange(len(features), device=device).repeat_interleave(k))
+    images = torch.arange(len(features), device=device)  # the input image of each image still decoding
+    tokens = torch.full((len(features) * k,), bos, dtype=torch.long, device=device)
+    scores = torch.full((len(features), k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    finished = torch.zeros(batch * k, dtype=torch.bool, device=features.device)
-    sequences = tokens.new_empty((batch * k, 0))
-    for _ in range(max_len + 1):
+    finished = torch.zeros_like(tokens, dtype=torch.bool)
+    sequences = tokens.new_empty((len(tokens), 0))
+    best: list[torch.Tensor] = [tokens.new_empty(0)] * len(features)
+    for step in range(max_len + 1):  # max_len words and <eos>
+        live = len(images)
         logits, state, _ = decoder.step(tokens, memory, state)
         log_probs = logits.float().log_softmax(dim=-1)
         vocab = log_probs.shape[-1]
         done_row = torch.full_like(log_probs[0], float("-inf"))
         done_row[eos] = 0.0
         log_probs = torch.where(finished.unsqueeze(1), done_row, log_probs)
-        candidates = (scores.view(-1, 1) + log_probs).view(batch, k * vocab)
-        scores, best = candidates.topk(k, dim=1)
-        source = (best // vocab + torch.arange(batch, device=features.device).unsqueeze(1) * k).view(-1)
-        tokens = (best % vocab).view(-1)
+        scores, top = (scores.view(-1, 1) + log_probs).view(live, k * vocab).topk(k, dim=1)
+        source = (top // vocab + torch.arange(live, device=device).unsqueeze(1) * k).view(-1)
+        tokens = (top % vocab).view(-1)
         sequences = torch.cat([sequences.index_select(0, source), tokens.unsqueeze(1)], dim=1)
         state = _select(state, source)
         finished = finished.index_select(0, source) | (tokens == eos)
-        if finished.all():
-            break
-    winner = scores.argmax(dim=1) + torch.arange(batch, device=features.device) * k
-    return sequences.index_select(0, winner)
+        done = finished.view(live, k).all(dim=1) | (step == max_len)
+        if done.any():
+            winners = scores.argmax(dim=1)
+            for i in done.nonzero().flatten().tolist():
+                best[images[i]] = sequences[i * k + winners[i]]
+            keep = (~done).nonzero().flatten()
+            if not len(keep):
+                break
+            rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).flatten()
+            memory, state, images, scores = _select(memory, keep), _select(state, rows), images[keep], scores[keep]
+            tokens, finished, sequences = tokens[rows], finished[rows], sequences[rows]
+    return torch.nn.utils.rnn.pad_sequence(best, batch_first=True, padding_value=eos)
