@@ -30,9 +30,9 @@ def imagenet_state_dict(name: str, pretrained: bool | str) -> dict[str, torch.Te
         if not path.is_file():
             raise UserError(
                 f"ImageNet weights for {name} are not in the local torch cache ({path}). On a machine with network run "
-                f"`python scripts/download_models.py {name}` or `python -c \"import torchvision; torchvision.models."
-                f"{name}(weights='DEFAULT')\"` and copy the file there, set model.encoder.pretrained=/path/to/file.pth, "
-                "or train from scratch with model.encoder.pretrained=false."
+                f"`python -c \"import torchvision; torchvision.models.{name}(weights='DEFAULT')\"` and copy the file "
+                "there, set model.encoder.pretrained=/path/to/file.pth, or train from scratch with "
+                "model.encoder.pretrained=false."
             )
     return torch.load(path, map_location="cpu", weights_only=True)
 
