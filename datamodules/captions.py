@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -33,32 +35,17 @@ class CaptionedImage:
     tokens: tuple[tuple[str, ...], ...]
 
 
-def read_karpathy(annotations: str | os.PathLike, image_root: str | os.PathLike | None = None,
-                  skip_bad_images: bool = False) -> dict[str, list[CaptionedImage]]:
-    """Images of each split ("restval" counts as train); images live at image_root/filepath/filename."""
-    annotations = Path(annotations)
-    if not annotations.is_file():
-        raise UserError(f"caption file {annotations} does not exist (data.annotations): "
-                        "point it at a Karpathy split JSON such as dataset_coco.json")
-    root = Path(image_root) if image_root is not None else annotations.parent
-    if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist (data.image_root)")
-    try:
-        entries = json.loads(annotations.read_text(encoding="utf-8"))["images"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserError(f"{annotations} is not a Karpathy split JSON ({type(error).__name__}: {error}); "
-                        "expected {\"images\": [{\"filename\", \"split\", \"sentences\": [{\"raw\"}]}]}") from error
+def collect_splits(entries: Iterable[tuple[str, Path, int | str, Sequence[str]]], origin: str,
+                   skip_bad_images: bool = False) -> dict[str, list[CaptionedImage]]:
+    """The images of each split from (split, image path, image id, raw captions) entries, as every reader yields them.
 
+    Empty or whitespace-only captions are dropped (with a count), an image left without captions is
+    dropped, and images that do not exist are an error naming `origin`, or skipped with a count
+    when `skip_bad_images` is set.
+    """
     splits: dict[str, list[CaptionedImage]] = {split: [] for split in SPLITS}
     empty_captions, missing = 0, []
-    for position, entry in enumerate(entries):
-        try:
-            path = root / entry.get("filepath", "") / entry["filename"]
-            split = "train" if entry["split"] == "restval" else entry["split"]
-            raws = [s["raw"] for s in entry["sentences"]]
-        except (KeyError, TypeError, AttributeError) as error:
-            raise UserError(f"{annotations}: images[{position}] lacks {error} "
-                            "(each image needs filename, split and sentences[].raw)") from error
+    for split, path, image_id, raws in entries:
         captions = [(raw.strip(), tuple(tokenize(raw))) for raw in raws]
         kept = [(raw, tokens) for raw, tokens in captions if tokens]
         empty_captions += len(captions) - len(kept)
@@ -67,18 +54,45 @@ def read_karpathy(annotations: str | os.PathLike, image_root: str | os.PathLike 
         if not path.is_file():
             missing.append(path)
             continue
-        image_id = entry.get("cocoid", entry.get("imgid", entry["filename"]))
         splits[split].append(CaptionedImage(image_id, path, tuple(r for r, _ in kept), tuple(t for _, t in kept)))
-
     if empty_captions:
-        log.warning("%s: dropped %d empty captions", annotations, empty_captions)
+        log.warning("%s: dropped %d empty captions", origin, empty_captions)
     if missing:
         listed = ", ".join(str(p) for p in missing[:3])
         if not skip_bad_images:
-            raise UserError(f"{len(missing)} images listed in {annotations} are missing (e.g. {listed}); "
-                            "fix data.image_root or set data.skip_bad_images=true to skip them")
-        log.warning("skipping %d images listed in %s but missing (e.g. %s)", len(missing), annotations, listed)
+            raise UserError(f"{len(missing)} images listed in {origin} are missing (e.g. {listed}); "
+                            "fix the image folder or set data.skip_bad_images=true to skip them")
+        log.warning("skipping %d images listed in %s but missing (e.g. %s)", len(missing), origin, listed)
     return splits
+
+
+def read_karpathy(annotations: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                  skip_bad_images: bool = False) -> dict[str, list[CaptionedImage]]:
+    """A Karpathy split JSON: "restval" counts as train; images live at image_root/filepath/filename."""
+    annotations = Path(annotations)
+    if not annotations.is_file():
+        raise UserError(f"caption file {annotations} does not exist (data.source.annotations): "
+                        "point it at a Karpathy split JSON such as dataset_coco.json")
+    root = Path(image_root) if image_root is not None else annotations.parent
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist (data.source.image_root)")
+    try:
+        images = json.loads(annotations.read_text(encoding="utf-8"))["images"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{annotations} is not a Karpathy split JSON ({type(error).__name__}: {error}); "
+                        "expected {\"images\": [{\"filename\", \"split\", \"sentences\": [{\"raw\"}]}]}") from error
+
+    def entries():
+        for position, entry in enumerate(images):
+            try:
+                split = "train" if entry["split"] == "restval" else entry["split"]
+                yield (split, root / entry.get("filepath", "") / entry["filename"],
+                       entry.get("cocoid", entry.get("imgid", entry["filename"])), [s["raw"] for s in entry["sentences"]])
+            except (KeyError, TypeError, AttributeError) as error:
+                raise UserError(f"{annotations}: images[{position}] lacks {error} "
+                                "(each image needs filename, split and sentences[].raw)") from error
+
+    return collect_splits(entries(), str(annotations), skip_bad_images)
 
 
 class CaptionDataset(Dataset):
@@ -101,48 +115,52 @@ class CaptionDataset(Dataset):
 
 
 def collate(samples: list[dict | None]) -> dict:
-    """Stack images, keep everything else as lists; `skipped` counts unreadable images left out."""
+    """Stack tensors ("image" -> "images", "features"), keep the rest as lists ("image_id" -> "image_ids", ...).
+
+    `size` counts the samples in the batch, `skipped` the unreadable images left out of it.
+    """
     kept = [s for s in samples if s is not None]
-    batch = {"skipped": len(samples) - len(kept)}
-    if kept:
-        batch["images"] = torch.stack([s.pop("image") for s in kept])
-        for key in kept[0]:
-            batch[key + "s" if key in ("image_id", "path") else key] = [s[key] for s in kept]
+    batch = {"size": len(kept), "skipped": len(samples) - len(kept)}
+    for key in kept[0] if kept else ():
+        values = [s[key] for s in kept]
+        name = {"image": "images", "image_id": "image_ids", "path": "paths"}.get(key, key)
+        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
 
 
 class CaptionDataModule(L.LightningDataModule):
-    """Karpathy-format captions with train/val/test splits, plus a folder of images for predict mode."""
+    """Captioned images with train/val/test splits, plus a folder of images for predict mode.
 
-    def __init__(self, annotations: str | None = None, image_root: str | None = None, image_size: int = 224,
+    `source` reads the splits: a reader such as `read_karpathy`, given as a Hydra `_partial_` config
+    (see conf/data/), called with `skip_bad_images`.
+    """
+
+    def __init__(self, source: Callable[..., dict[str, list[CaptionedImage]]] | None = None, image_size: int = 224,
                  batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
                  vocab_min_count: int = 1, skip_bad_images: bool = False, images: str | None = None):
         super().__init__()
-        self.annotations, self.image_root, self.images = annotations, image_root, images
+        self.source, self.images = source, images
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.vocab_min_count, self.skip_bad_images = num_workers, vocab_min_count, skip_bad_images
         self.transform = image_transform(image_size)
         self._splits: dict[str, list[CaptionedImage]] | None = None
 
-    def annotation_file(self) -> Path:
-        if self.annotations is None:
-            raise UserError("data.annotations is not set: give the path of a Karpathy split JSON")
-        return Path(self.annotations)
-
     def prepare_data(self) -> None:
-        self.annotation_file()
+        self.splits  # noqa: B018 (reads, and for generated data sets creates, the data once per node)
 
     @property
     def splits(self) -> dict[str, list[CaptionedImage]]:
         if self._splits is None:
-            self._splits = read_karpathy(self.annotation_file(), self.image_root, self.skip_bad_images)
+            if self.source is None:
+                raise UserError("data.source is not set: give a reader of captioned images (see conf/data/)")
+            self._splits = self.source(skip_bad_images=self.skip_bad_images)
         return self._splits
 
     def model_inputs(self) -> dict:
         """What the captioner is built from: the vocabulary of the training captions."""
         train = self.splits["train"]
         if not train:
-            raise UserError(f"{self.annotation_file()} has no training images (split 'train' or 'restval')")
+            raise UserError("the data set has no training images (data.source)")
         vocab = Vocabulary.build((tokens for item in train for tokens in item.tokens), self.vocab_min_count)
         return {"vocab": vocab.words}
 
@@ -152,7 +170,7 @@ class CaptionDataModule(L.LightningDataModule):
 
     def _split_loader(self, split: str) -> DataLoader:
         if not self.splits[split]:
-            raise UserError(f"{self.annotation_file()} has no '{split}' images")
+            raise UserError(f"the data set has no '{split}' images (data.source)")
         train = split == "train"
         return self._loader(CaptionDataset(self.splits[split], self.transform, train, self.skip_bad_images), train)
 
@@ -182,10 +200,6 @@ class ShapesDataModule(CaptionDataModule):
     def __init__(self, root: str, seed: int = 0, num_train: int = 3000, num_val: int = 200, num_test: int = 200,
                  image_size: int = 64, captions_per_image: int = 5, **kwargs):
         super().__init__(image_size=image_size, **kwargs)
-        self.generator_args = dict(root=root, seed=seed, num_train=num_train, num_val=num_val, num_test=num_test,
-                                   image_size=image_size, captions_per_image=captions_per_image)
-
-    def annotation_file(self) -> Path:
-        if self.annotations is None:
-            self.annotations = str(generate_shapes(**self.generator_args))
-        return Path(self.annotations)
+        generate = partial(generate_shapes, root, seed=seed, num_train=num_train, num_val=num_val,
+                           num_test=num_test, image_size=image_size, captions_per_image=captions_per_image)
+        self.source = lambda skip_bad_images: read_karpathy(generate(), skip_bad_images=skip_bad_images)

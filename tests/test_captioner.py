@@ -40,16 +40,16 @@ def karpathy_json(tmp_path, filenames):
 
 
 def test_missing_data_dir_names_the_file(tmp_path, data_dir):
-    cfg = fdr(["data=karpathy", f"data.annotations={tmp_path}/nowhere/dataset.json"], tmp_path, data_dir)
-    with pytest.raises(UserError, match=r"caption file .*nowhere/dataset.json does not exist \(data.annotations\)"):
+    cfg = fdr(["data=karpathy", f"data.source.annotations={tmp_path}/nowhere/dataset.json"], tmp_path, data_dir)
+    with pytest.raises(UserError, match=r"caption file .*nowhere/dataset.json does not exist \(data.source.annotations\)"):
         run(cfg)
 
 
 def test_missing_image_folder_names_the_key(tmp_path, data_dir):
     annotations = karpathy_json(tmp_path, ["a.png"])
-    cfg = fdr(["data=karpathy", f"data.annotations={annotations}", f"data.image_root={tmp_path}/no_images"],
+    cfg = fdr(["data=karpathy", f"data.source.annotations={annotations}", f"data.source.image_root={tmp_path}/no_images"],
               tmp_path, data_dir)
-    with pytest.raises(UserError, match=r"image folder .*no_images does not exist \(data.image_root\)"):
+    with pytest.raises(UserError, match=r"image folder .*no_images does not exist \(data.source.image_root\)"):
         run(cfg)
 
 
@@ -61,7 +61,7 @@ def test_missing_image_folder_names_the_key(tmp_path, data_dir):
 def test_caption_file_in_the_wrong_format(content, message, tmp_path, data_dir):
     annotations = tmp_path / "captions.json"
     annotations.write_text(content)
-    cfg = fdr(["data=karpathy", f"data.annotations={annotations}"], tmp_path, data_dir)
+    cfg = fdr(["data=karpathy", f"data.source.annotations={annotations}"], tmp_path, data_dir)
     with pytest.raises(UserError, match=rf"{annotations}.*{message}"):
         run(cfg)
 
@@ -76,7 +76,7 @@ def folder_with_a_corrupt_image(tmp_path):
 
 def test_corrupt_image_names_the_file(tmp_path, data_dir):
     annotations = folder_with_a_corrupt_image(tmp_path)
-    cfg = fdr(["data=karpathy", f"data.annotations={annotations}", "data.num_workers=0", "data.batch_size=8",
+    cfg = fdr(["data=karpathy", f"data.source.annotations={annotations}", "data.num_workers=0", "data.batch_size=8",
                "data.image_size=32", "trainer.fast_dev_run=false", "trainer.max_epochs=1"], tmp_path, data_dir)
     with pytest.raises(UserError, match=r"cannot read image .*4\.png.*data.skip_bad_images=true"):
         run(cfg)
@@ -84,7 +84,7 @@ def test_corrupt_image_names_the_file(tmp_path, data_dir):
 
 def test_skip_bad_images_skips_and_counts(tmp_path, data_dir, caplog):
     annotations = folder_with_a_corrupt_image(tmp_path)
-    cfg = fdr(["data=karpathy", f"data.annotations={annotations}", "data.num_workers=0", "data.batch_size=8",
+    cfg = fdr(["data=karpathy", f"data.source.annotations={annotations}", "data.num_workers=0", "data.batch_size=8",
                "data.image_size=32", "data.skip_bad_images=true", "trainer.fast_dev_run=false",
                "trainer.max_epochs=1"], tmp_path, data_dir)
     with caplog.at_level(logging.WARNING):

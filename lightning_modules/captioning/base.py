@@ -31,7 +31,7 @@ def gather_objects(obj):
 
 
 class CaptioningModule(L.LightningModule):
-    """Subclasses implement `loss(batch)` and `generate(images) -> list[str]`.
+    """Subclasses implement `loss(batch)` and `caption_batch(batch) -> list[str]`.
 
     Corpus metrics are computed once per val/test epoch on rank zero, over the predictions of every
     rank deduplicated by image id (DistributedSampler pads by repeating samples), then broadcast so
@@ -47,13 +47,14 @@ class CaptioningModule(L.LightningModule):
     def loss(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def generate(self, images: torch.Tensor) -> list[str]:
+    def caption_batch(self, batch: dict) -> list[str]:
+        """Captions for a batch from the data loader (images, or cached encoder features)."""
         raise NotImplementedError
 
     def _count_skipped(self, batch: dict, stage: str) -> bool:
         """Count unreadable images dropped by the loader; False when nothing is left of the batch."""
         self.skipped_images[stage] += batch["skipped"]
-        return "images" in batch
+        return batch["size"] > 0
 
     def _report_skipped(self, stage: str) -> None:
         if self.skipped_images[stage]:
@@ -64,14 +65,14 @@ class CaptioningModule(L.LightningModule):
         if not self._count_skipped(batch, "train"):
             return None
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["images"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["size"])
         return loss
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:
         if not self._count_skipped(batch, stage):
             return
-        self.log(f"{stage}/loss", self.loss(batch), batch_size=len(batch["images"]), sync_dist=True)
-        captions = self.generate(batch["images"])
+        self.log(f"{stage}/loss", self.loss(batch), batch_size=batch["size"], sync_dist=True)
+        captions = self.caption_batch(batch)
         for image_id, caption, references, path in zip(batch["image_ids"], captions, batch["references"],
                                                        batch["paths"]):
             self.predictions[stage][image_id] = {"caption": caption, "references": references, "path": path}
@@ -118,4 +119,4 @@ class CaptioningModule(L.LightningModule):
         if not self._count_skipped(batch, "predict"):
             return []
         return [{"image": path, "caption": caption}
-                for path, caption in zip(batch["paths"], self.generate(batch["images"]))]
+                for path, caption in zip(batch["paths"], self.caption_batch(batch))]

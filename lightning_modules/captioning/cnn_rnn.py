@@ -31,10 +31,25 @@ class CNNRNNCaptioner(CaptioningModule):
         self.encoder = ImageEncoder(**encoder)
         self.decoder = RNNDecoder(len(self.vocab), self.encoder.out_channels, **decoder)
 
+    def setup(self, stage: str) -> None:
+        # A frozen encoder gives the same features every epoch: let the data module cache them.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.encoder.finetune == "none" and hasattr(datamodule, "enable_feature_cache"):
+            datamodule.enable_feature_cache(self.encoder)
+
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encoder grid as a sequence [B, h*w, C], and (h, w)."""
-        feature_map = self.encoder(images)
+        return self.flatten_grid(self.encoder(images))
+
+    @staticmethod
+    def flatten_grid(feature_map: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         return feature_map.flatten(2).transpose(1, 2), tuple(feature_map.shape[-2:])
+
+    def batch_features(self, batch: dict) -> torch.Tensor:
+        """Encoder features [B, h*w, C] of a batch: cached feature maps when the loader serves them."""
+        if "features" in batch:
+            return self.flatten_grid(batch["features"].to(self.dtype))[0]
+        return self.encode(batch["images"])[0]
 
     def targets(self, token_lists: list[list[str]]) -> torch.Tensor:
         """<bos> words <eos> ids, right-padded: [B, T]."""
@@ -43,8 +58,7 @@ class CNNRNNCaptioner(CaptioningModule):
 
     def loss(self, batch: dict) -> torch.Tensor:
         ids = self.targets(batch["tokens"])
-        features, _ = self.encode(batch["images"])
-        logits, alphas = self.decoder(features, ids[:, :-1])
+        logits, alphas = self.decoder(self.batch_features(batch), ids[:, :-1])
         targets = ids[:, 1:]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.vocab.pad,
                                label_smoothing=self.hparams.label_smoothing)
@@ -54,8 +68,8 @@ class CNNRNNCaptioner(CaptioningModule):
             loss = loss + self.hparams.attention_penalty * ((1.0 - (alphas * mask).sum(1)) ** 2).mean()
         return loss
 
-    def decode_tokens(self, images: torch.Tensor, beam_size: int | None = None) -> torch.Tensor:
-        features, _ = self.encode(images)
+    def decode_tokens(self, features: torch.Tensor, beam_size: int | None = None) -> torch.Tensor:
+        """Best captions [B, T] for encoder features [B, h*w, C] (greedy for beam size 1)."""
         beam_size = beam_size or self.hparams.beam_size
         bos, eos, max_len = self.vocab.bos, self.vocab.eos, self.hparams.max_len
         if beam_size == 1:
@@ -64,7 +78,15 @@ class CNNRNNCaptioner(CaptioningModule):
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, beam_size: int | None = None) -> list[str]:
-        return [self.vocab.decode(row.tolist()) for row in self.decode_tokens(images, beam_size)]
+        """Captions for normalised images [B, 3, H, W]."""
+        return self.captions(self.decode_tokens(self.encode(images)[0], beam_size))
+
+    def captions(self, tokens: torch.Tensor) -> list[str]:
+        return [self.vocab.decode(row.tolist()) for row in tokens]
+
+    @torch.no_grad()
+    def caption_batch(self, batch: dict) -> list[str]:
+        return self.captions(self.decode_tokens(self.batch_features(batch)))
 
     @torch.no_grad()
     def attend(self, image: torch.Tensor) -> tuple[list[str], torch.Tensor | None]:
