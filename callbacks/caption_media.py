@@ -59,7 +59,8 @@ class CaptionMedia(L.Callback):
     def __init__(self, num_samples: int = 8, columns: int = 4):
         self.num_samples, self.columns = num_samples, columns
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_validation_end runs after the module has gathered every rank's predictions.
         board = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         predictions = list(getattr(pl_module, "predictions", {}).get("val", {}).values())[: self.num_samples]
         if board is None or trainer.sanity_checking or not trainer.is_global_zero or not predictions:

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.feature_cache import CachedCaptionDataset, FeatureCache
 from datamodules.images import ImageFolderDataset, image_transform, read_or_skip
 from datamodules.shapes import generate_shapes
 from datamodules.vocabulary import Vocabulary, tokenize
@@ -25,6 +26,7 @@ from framework.errors import UserError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
 
 
 @dataclass(frozen=True)
@@ -132,18 +134,21 @@ class CaptionDataModule(L.LightningDataModule):
     """Captioned images with train/val/test splits, plus a folder of images for predict mode.
 
     `source` reads the splits: a reader such as `read_karpathy`, given as a Hydra `_partial_` config
-    (see conf/data/), called with `skip_bad_images`.
+    (see conf/data/), called with `skip_bad_images`. With `feature_cache` (a directory), a frozen
+    encoder's features are computed once and train/val/test items carry them (see `enable_feature_cache`).
     """
 
     def __init__(self, source: Callable[..., dict[str, list[CaptionedImage]]] | None = None, image_size: int = 224,
                  batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
-                 vocab_min_count: int = 1, skip_bad_images: bool = False, images: str | None = None):
+                 vocab_min_count: int = 1, skip_bad_images: bool = False, images: str | None = None,
+                 feature_cache: str | None = None):
         super().__init__()
-        self.source, self.images = source, images
+        self.source, self.images, self.feature_cache = source, images, feature_cache
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.vocab_min_count, self.skip_bad_images = num_workers, vocab_min_count, skip_bad_images
         self.transform = image_transform(image_size)
         self._splits: dict[str, list[CaptionedImage]] | None = None
+        self._cache_dirs: dict[str, Path] = {}  # split -> its feature cache, once enabled
 
     def prepare_data(self) -> None:
         self.splits  # noqa: B018 (reads, and for generated data sets creates, the data once per node)
@@ -172,7 +177,33 @@ class CaptionDataModule(L.LightningDataModule):
         if not self.splits[split]:
             raise UserError(f"the data set has no '{split}' images (data.source)")
         train = split == "train"
+        if split in self._cache_dirs:
+            return self._loader(CachedCaptionDataset(self.splits[split], self._cache_dirs[split], train), train)
         return self._loader(CaptionDataset(self.splits[split], self.transform, train, self.skip_bad_images), train)
+
+    def enable_feature_cache(self, encoder: torch.nn.Module) -> None:
+        """Serve the splits of the running stage (all without a trainer) from `encoder`'s cached features.
+
+        Global rank zero builds the missing caches, on the trainer's device; the other ranks wait for it.
+        """
+        if self.feature_cache is None:
+            return
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        splits = STAGE_SPLITS[self.trainer.state.fn] if self.trainer is not None else SPLITS
+        cache_dirs = {}
+        if strategy is None or strategy.is_global_zero:
+            device = strategy.root_device if strategy is not None else torch.device("cpu")
+            for split in splits:
+                if self.splits[split]:
+                    cache = FeatureCache(self.feature_cache, [item.path for item in self.splits[split]],
+                                         self.transform, encoder)
+                    cache_dirs[split] = cache.build(device, self.eval_batch_size, self.num_workers,
+                                                    self.skip_bad_images)
+        if strategy is not None:
+            # The other ranks wait here for rank zero's directories (their own encoder weights may
+            # differ from rank zero's until DDP syncs them).
+            cache_dirs = strategy.broadcast(cache_dirs)
+        self._cache_dirs.update(cache_dirs)
 
     def train_dataloader(self) -> DataLoader:
         return self._split_loader("train")

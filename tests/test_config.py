@@ -32,7 +32,7 @@ def test_default_is_shapes_captioning_on_cpu(tmp_path, data_dir):
     assert cfg.task_name == "shapes_captioning"
     assert cfg.trainer.accelerator == "cpu"
     assert cfg.callbacks.model_checkpoint.monitor == "val/CIDEr"
-    assert cfg.callbacks.model_checkpoint.save_last
+    assert cfg.callbacks.last_checkpoint.filename == "last"
 
 
 def test_callbacks_and_loggers_instantiate(tmp_path, data_dir):

@@ -55,6 +55,48 @@ def test_run_dir_holds_config_metrics_checkpoints_and_media(trained):
     assert {"train/loss", "val/CIDEr", "test/CIDEr"} <= set(board.Tags()["scalars"])
 
 
+class NoSpice:
+    """COCOEvalCap always runs SPICE, which downloads Stanford CoreNLP: stand in for it offline."""
+
+    def compute_score(self, gts, res):
+        return 0.0, [0.0] * len(res)
+
+    def method(self):
+        return "SPICE"
+
+
+def test_test_predictions_are_scored_by_cocoevalcap_directly(trained, tmp_path, monkeypatch):
+    """test_predictions.json is a COCO results file: COCOEvalCap gives the run's own test/CIDEr."""
+    from pycocoevalcap import eval as cocoeval
+    from pycocoevalcap.eval import COCOEvalCap
+    from pycocotools.coco import COCO
+
+    monkeypatch.setattr(cocoeval, "Spice", NoSpice)
+
+    with open(trained / "test_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    results = json.loads((trained / "test_predictions.json").read_text())
+    assert len(rows) == len(results) == 40 and [r["caption"] for r in results] == [r["prediction"] for r in rows]
+    ground_truth = {"images": [{"id": r["image_id"]} for r in results], "annotations": [
+        {"id": i * 100 + j, "image_id": result["image_id"], "caption": ref}
+        for i, (result, row) in enumerate(zip(results, rows)) for j, ref in enumerate(row["references"].split(" | "))]}
+    (tmp_path / "gt.json").write_text(json.dumps(ground_truth))
+    coco = COCO(str(tmp_path / "gt.json"))
+    evaluation = COCOEvalCap(coco, coco.loadRes(str(trained / "test_predictions.json")))
+    evaluation.evaluate()
+    assert evaluation.eval["CIDEr"] == pytest.approx(read_metrics(trained)["test/CIDEr"], rel=1e-6)
+
+
+def test_self_critical_training_raises_test_cider(trained, tmp_path, data_dir):
+    """Two SCST epochs from the cross-entropy checkpoint beat it on the test split (fixed seed)."""
+    run_cli([*SMALL_SHAPES, f"ckpt_path={trained}/checkpoints/last.ckpt", f"trainer.max_epochs={EPOCHS + 2}",
+             f"model.scst.start_epoch={EPOCHS}", "model.scst.lr=0.0005", "logger=csv"], tmp_path, data_dir)
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rewards = [float(row["train/reward"]) for row in csv.DictReader(f) if row.get("train/reward")]
+    assert rewards, "SCST never ran"
+    assert read_metrics(tmp_path)["test/CIDEr"] > read_metrics(trained)["test/CIDEr"]
+
+
 def test_eval_reproduces_the_train_runs_test_metrics(trained, tmp_path, data_dir):
     run_cli([*SMALL_SHAPES, "mode=eval", f"ckpt_path={best_checkpoint(trained)}"], tmp_path, data_dir)
     evaluated, during_training = read_metrics(tmp_path), read_metrics(trained)
@@ -66,6 +108,13 @@ def test_ddp_sim_eval_gives_the_single_process_metrics(trained, tmp_path, data_d
              f"ckpt_path={best_checkpoint(trained)}"], tmp_path, data_dir)
     distributed, single = read_metrics(tmp_path), read_metrics(trained)
     assert {k: distributed[k] for k in TEST_KEYS} == {k: single[k] for k in TEST_KEYS}
+
+
+def test_last_checkpoint_is_the_last_epoch_and_best_is_kept(trained):
+    last = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == EPOCHS - 1 and last["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    cider = epoch_metrics(trained, "val/CIDEr")
+    assert best_checkpoint(trained).name == f"epoch_{cider.index(max(cider)):03d}.ckpt"
 
 
 def test_resume_from_last_continues_at_the_right_step(trained, tmp_path, data_dir):

@@ -45,7 +45,12 @@ class CaptioningModule(L.LightningModule):
         self.skipped_images = Counter()  # stage -> unreadable images the loader dropped (data.skip_bad_images)
 
     def loss(self, batch: dict) -> torch.Tensor:
+        """Cross-entropy of the batch's captions (also logged as val/loss and test/loss)."""
         raise NotImplementedError
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        """What training minimises; cross-entropy unless a subclass has another stage (e.g. SCST)."""
+        return self.loss(batch)
 
     def caption_batch(self, batch: dict) -> list[str]:
         """Captions for a batch from the data loader (images, or cached encoder features)."""
@@ -64,7 +69,7 @@ class CaptioningModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         if not self._count_skipped(batch, "train"):
             return None
-        loss = self.loss(batch)
+        loss = self.training_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["size"])
         return loss
 

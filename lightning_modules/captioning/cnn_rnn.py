@@ -6,27 +6,45 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from datamodules.vocabulary import Vocabulary
+from datamodules.vocabulary import Vocabulary, tokenize
 from framework.config import to_plain
+from framework.errors import UserError
 from lightning_modules.captioning.base import CaptioningModule
-from lightning_modules.captioning.decoding import beam_search, greedy_decode
+from lightning_modules.captioning.cider import CiderD
+from lightning_modules.captioning.decoding import beam_search, greedy_decode, sample_decode
 from lightning_modules.captioning.nets import ImageEncoder, RNNDecoder
+
+
+SCST_DEFAULTS = {"start_epoch": None, "num_samples": 5, "baseline": "greedy", "lr": 5e-5}
+SCST_BASELINES = ("greedy", "mean")
 
 
 class CNNRNNCaptioner(CaptioningModule):
     """Everything needed to rebuild the model (vocabulary included) is in its hyperparameters,
-    so `CNNRNNCaptioner.load_from_checkpoint(path)` needs no config and no data."""
+    so `CNNRNNCaptioner.load_from_checkpoint(path)` needs no config and no data.
+
+    Training is cross-entropy with teacher forcing, then, from epoch `scst.start_epoch` on,
+    self-critical sequence training (Rennie et al. 2017): `scst.num_samples` sampled captions per
+    image, rewarded by CIDEr-D against the training references, minus a baseline (the greedy
+    caption's reward, or the mean reward of the image's other samples), at learning rate `scst.lr`.
+    """
 
     # Hyperparameters that may change between training and evaluation (mode=eval passes them on).
     inference_hparams = ("beam_size", "max_len", "spice")
 
     def __init__(self, vocab: list[str], encoder: dict, decoder: dict, optimizer: dict,
                  scheduler: dict | None = None, max_len: int = 20, beam_size: int = 1,
-                 attention_penalty: float = 1.0, label_smoothing: float = 0.0, spice: bool = False):
+                 attention_penalty: float = 1.0, label_smoothing: float = 0.0, spice: bool = False,
+                 scst: dict | None = None):
         super().__init__(spice=spice)
         vocab, encoder, decoder = to_plain(vocab), to_plain(encoder), to_plain(decoder)
         optimizer, scheduler = to_plain(optimizer), to_plain(scheduler)
+        scst = {**SCST_DEFAULTS, **(to_plain(scst) or {})}
+        if scst["baseline"] not in SCST_BASELINES or scst["num_samples"] < (2 if scst["baseline"] == "mean" else 1):
+            raise UserError(f"model.scst.baseline must be one of {', '.join(SCST_BASELINES)} (got {scst['baseline']}) "
+                            "and model.scst.num_samples at least 1 (2 for the mean baseline)")
         self.save_hyperparameters(logger=False)
+        self.cider_d: CiderD | None = None
         self.vocab = Vocabulary(vocab)
         self.encoder = ImageEncoder(**encoder)
         self.decoder = RNNDecoder(len(self.vocab), self.encoder.out_channels, **decoder)
@@ -36,6 +54,14 @@ class CNNRNNCaptioner(CaptioningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.encoder.finetune == "none" and hasattr(datamodule, "enable_feature_cache"):
             datamodule.enable_feature_cache(self.encoder)
+        if stage == "fit" and self.hparams.scst["start_epoch"] is not None:
+            # CIDEr-D document frequencies come from the training references, as in Rennie et al.
+            self.cider_d = CiderD(item.tokens for item in datamodule.splits["train"])
+
+    @property
+    def self_critical(self) -> bool:
+        start = self.hparams.scst["start_epoch"]
+        return start is not None and self.current_epoch >= start
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encoder grid as a sequence [B, h*w, C], and (h, w)."""
@@ -67,6 +93,37 @@ class CNNRNNCaptioner(CaptioningModule):
             mask = (targets != self.vocab.pad).unsqueeze(-1).to(alphas.dtype)
             loss = loss + self.hparams.attention_penalty * ((1.0 - (alphas * mask).sum(1)) ** 2).mean()
         return loss
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        return self.self_critical_loss(batch) if self.self_critical else self.loss(batch)
+
+    def self_critical_loss(self, batch: dict) -> torch.Tensor:
+        """REINFORCE with a baseline: -(CIDEr-D(sample) - baseline) * log p(sample), over sampled words."""
+        features, samples = self.batch_features(batch), self.hparams.scst["num_samples"]
+        tokens, log_probs, mask = sample_decode(self.decoder, features, self.vocab.bos, self.vocab.eos,
+                                                self.hparams.max_len, samples)
+        references = [[tokenize(r) for r in refs] for refs in batch["references"] for _ in range(samples)]
+        rewards = self._rewards(tokens, references).view(-1, samples)
+        if self.hparams.scst["baseline"] == "greedy":
+            self.eval()  # the test-time caption: no dropout
+            greedy = greedy_decode(self.decoder, features, self.vocab.bos, self.vocab.eos, self.hparams.max_len)[0]
+            self.train()
+            baseline = self._rewards(greedy, references[::samples]).unsqueeze(1)
+        else:  # mean reward of the image's other samples
+            baseline = (rewards.sum(1, keepdim=True) - rewards) / (samples - 1)
+        self.log("train/reward", rewards.mean(), batch_size=batch["size"])
+        advantage = (rewards - baseline).view(-1, 1)
+        return -(advantage * log_probs * mask).sum() / mask.sum()
+
+    def _rewards(self, tokens: torch.Tensor, references: list[list[list[str]]]) -> torch.Tensor:
+        words = [self.vocab.decode(row).split() for row in tokens.tolist()]
+        return torch.tensor([self.cider_d.score(w, refs) for w, refs in zip(words, references)], device=self.device)
+
+    def on_train_epoch_start(self) -> None:
+        if self.self_critical:  # SCST runs at its own constant learning rate, whatever the CE schedule says
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.hparams.scst["lr"]
 
     def decode_tokens(self, features: torch.Tensor, beam_size: int | None = None) -> torch.Tensor:
         """Best captions [B, T] for encoder features [B, h*w, C] (greedy for beam size 1)."""

@@ -30,6 +30,30 @@ def greedy_decode(decoder, features: torch.Tensor, bos: int, eos: int, max_len: 
     return torch.stack(steps, 1), (torch.stack(alphas, 1) if alphas[0] is not None else None)
 
 
+def sample_decode(decoder, features: torch.Tensor, bos: int, eos: int, max_len: int, num_samples: int):
+    """`num_samples` captions per image drawn from the model (with gradients, for policy-gradient training).
+
+    Returns tokens [B*S, T] (the S samples of an image are adjacent), their log-probabilities [B*S, T]
+    and a mask [B*S, T] that is true up to and including each caption's <eos>.
+    """
+    memory, state = decoder.start(features)
+    state = _select(state, torch.arange(len(features), device=features.device).repeat_interleave(num_samples))
+    tokens = torch.full((len(features) * num_samples,), bos, dtype=torch.long, device=features.device)
+    finished = torch.zeros_like(tokens, dtype=torch.bool)
+    steps, log_probs, masks = [], [], []
+    for _ in range(max_len + 1):
+        logits, state, _ = decoder.step(tokens, memory, state)
+        step_log_probs = logits.float().log_softmax(dim=-1)
+        tokens = torch.multinomial(step_log_probs.detach().exp(), 1).squeeze(1)
+        steps.append(tokens)
+        log_probs.append(step_log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        masks.append(~finished)
+        finished = finished | (tokens == eos)
+        if finished.all():
+            break
+    return torch.stack(steps, 1), torch.stack(log_probs, 1), torch.stack(masks, 1)
+
+
 @torch.no_grad()
 def beam_search(decoder, features: torch.Tensor, bos: int, eos: int, max_len: int, beam_size: int) -> torch.Tensor:
     """Batched beam search: all images and beams advance together as one batch of B*K rows.

@@ -99,7 +99,7 @@ class BahdanauAttention(nn.Module):
         super().__init__()
         self.feature_proj = nn.Linear(feature_dim, attention_dim)
         self.hidden_proj = nn.Linear(hidden_dim, attention_dim)
-        self.score = nn.Linear(attention_dim, 1)  # its bias cancels in the softmax
+        self.score = nn.Linear(attention_dim, 1, bias=False)  # a bias would cancel in the softmax
 
     def forward(self, features, projected, hidden):
         """features [B, N, C] and their projection [B, N, A]; hidden [B*K, H] holds K hypotheses per image
@@ -107,7 +107,7 @@ class BahdanauAttention(nn.Module):
         batch, locations = features.shape[:2]
         hidden_term = self.hidden_proj(hidden).view(batch, -1, 1, projected.shape[-1])
         # score(tanh(x)) computed as 2 w.sigmoid(2x): tanh(x) = 2 sigmoid(2x) - 1, and the constant
-        # (bias - sum(w)) cancels in the softmax. Same function, several times faster on CPUs, where
+        # -sum(w) cancels in the softmax. Same function, several times faster on CPUs, where
         # tanh over the [B, K, N, A] tensor dominates a decoding step.
         squashed = torch.sigmoid((projected.unsqueeze(1) + hidden_term).mul_(2))
         alpha = (2 * torch.matmul(squashed, self.score.weight.squeeze(0))).softmax(dim=-1)  # [B, K, N]
