@@ -48,6 +48,8 @@ def collect_splits(entries: Iterable[tuple[str, Path, int | str, Sequence[str]]]
     splits: dict[str, list[CaptionedImage]] = {split: [] for split in SPLITS}
     empty_captions, missing = 0, []
     for split, path, image_id, raws in entries:
+        if not all(isinstance(raw, str) for raw in raws):
+            raise UserError(f"{origin}: a caption of {path.name} is not text ({list(raws)!r})")
         captions = [(raw.strip(), tuple(tokenize(raw))) for raw in raws]
         kept = [(raw, tokens) for raw, tokens in captions if tokens]
         empty_captions += len(captions) - len(kept)

@@ -148,6 +148,15 @@ def test_coco_file_without_annotations_names_the_file(tmp_path):
         read_coco(**paths)
 
 
+def test_a_caption_that_is_not_text_names_the_file(tmp_path):
+    paths = coco_tree(tmp_path)
+    data = json.loads(Path(paths["train"]).read_text())
+    data["annotations"][0]["caption"] = None
+    Path(paths["train"]).write_text(json.dumps(data))
+    with pytest.raises(UserError, match=rf"{paths['train']}.*: a caption of COCO_train2014_000000000009.jpg is not text"):
+        read_coco(**paths)
+
+
 def test_coco_karpathy_config_reads_the_split_json(tmp_path, data_dir):
     layout = [("train2014", "train"), ("train2014", "train"), ("val2014", "restval"), ("val2014", "val"),
               ("val2014", "test")]
