@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from framework.config import flatten
+from framework.distributed import gather_objects
 from framework.errors import UserError
 from framework.files import atomic_write, write_json
 
@@ -119,7 +120,9 @@ def predict(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     model = load_model(cfg)
     trainer = build_trainer(cfg, with_loggers=False)
     batches = trainer.predict(model, datamodule=build_datamodule(cfg))
-    rows = [row for batch in batches for row in batch]
+    # Every rank's rows, once per image (DistributedSampler pads with repeated images), in path order.
+    unique = {row["image"]: row for part in gather_objects(batches) for batch in part for row in batch}
+    rows = [unique[image] for image in sorted(unique)]
     if trainer.is_global_zero:
         write_json(output_dir / "predictions.json", rows)
         atomic_write(output_dir / "predictions.csv", lambda f: write_csv(f, rows))

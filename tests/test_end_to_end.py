@@ -134,18 +134,32 @@ def test_checkpoint_loads_without_config_or_data(trained):
     assert len(caption) == 2 and all(isinstance(c, str) for c in caption)
 
 
-def test_predict_captions_a_folder(trained, tmp_path, data_dir):
-    images = tmp_path / "images"
-    images.mkdir()
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    images = tmp_path_factory.mktemp("images")
     for i, colour in enumerate([(220, 30, 30), (30, 70, 225), (30, 170, 40)]):
         array = np.full((64, 64, 3), 128, np.uint8)
         array[20:44, 20:44] = colour
         Image.fromarray(array).save(images / f"square_{i}.png")
     Image.fromarray(np.full((40, 40), 200, np.uint8)).save(images / "gray.jpg")  # grayscale is converted
-    run_dir = tmp_path / "run"
+    return images
+
+
+def predict(trained, images, run_dir, data_dir, *args) -> list[dict]:
     run_cli([*SMALL_SHAPES, "mode=predict", f"ckpt_path={best_checkpoint(trained)}", f"data.images={images}",
-             "model.beam_size=3"], run_dir, data_dir)
-    rows = json.loads((run_dir / "predictions.json").read_text())
+             "model.beam_size=3", *args], run_dir, data_dir)
+    return json.loads((run_dir / "predictions.json").read_text())
+
+
+def test_predict_with_ddp_sim_gives_every_image_once(trained, image_folder, tmp_path, data_dir):
+    single = predict(trained, image_folder, tmp_path / "single", data_dir)
+    distributed = predict(trained, image_folder, tmp_path / "ddp", data_dir, "trainer=ddp_sim", "data.eval_batch_size=1")
+    assert distributed == single
+
+
+def test_predict_captions_a_folder(trained, image_folder, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    rows = predict(trained, image_folder, run_dir, data_dir)
     assert [Path(r["image"]).name for r in rows] == ["gray.jpg", "square_0.png", "square_1.png", "square_2.png"]
     assert all(r["caption"] for r in rows)
     with open(run_dir / "predictions.csv") as f:

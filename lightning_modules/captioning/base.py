@@ -8,8 +8,8 @@ from functools import cache
 
 import lightning as L
 import torch
-import torch.distributed as dist
 
+from framework.distributed import gather_objects
 from lightning_modules.captioning.metrics import CaptionMetrics
 
 log = logging.getLogger(__name__)
@@ -19,15 +19,6 @@ log = logging.getLogger(__name__)
 def shared_metrics(spice: bool) -> CaptionMetrics:
     """One scorer per process: METEOR's Java server takes seconds to start, so fit, test and later runs reuse it."""
     return CaptionMetrics(spice=spice)
-
-
-def gather_objects(obj):
-    """A list with `obj` from every rank (just [obj] when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 class CaptioningModule(L.LightningModule):

@@ -102,13 +102,13 @@ class CNNRNNCaptioner(CaptioningModule):
         features, samples = self.batch_features(batch), self.hparams.scst["num_samples"]
         tokens, log_probs, mask = sample_decode(self.decoder, features, self.vocab.bos, self.vocab.eos,
                                                 self.hparams.max_len, samples)
-        references = [[tokenize(r) for r in refs] for refs in batch["references"] for _ in range(samples)]
-        rewards = self._rewards(tokens, references).view(-1, samples)
+        per_image = [[tokenize(r) for r in refs] for refs in batch["references"]]
+        rewards = self._rewards(tokens, [refs for refs in per_image for _ in range(samples)]).view(-1, samples)
         if self.hparams.scst["baseline"] == "greedy":
             self.eval()  # the test-time caption: no dropout
             greedy = greedy_decode(self.decoder, features, self.vocab.bos, self.vocab.eos, self.hparams.max_len)[0]
             self.train()
-            baseline = self._rewards(greedy, references[::samples]).unsqueeze(1)
+            baseline = self._rewards(greedy, per_image).unsqueeze(1)
         else:  # mean reward of the image's other samples
             baseline = (rewards.sum(1, keepdim=True) - rewards) / (samples - 1)
         self.log("train/reward", rewards.mean(), batch_size=batch["size"])
