@@ -92,13 +92,25 @@ def final_metrics(trainer: L.Trainer) -> dict[str, float]:
             if not name.startswith("lr-")}
 
 
+def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
+    """ckpt_path, or with resume=auto this run dir's last.ckpt (saved every epoch and on SIGTERM/SIGUSR1)."""
+    resume = cfg.get("resume")
+    if resume not in (None, "auto"):
+        raise UserError(f"resume={resume} is not supported: use resume=auto, or ckpt_path=PATH for a given checkpoint")
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if resume == "auto" and not cfg.get("ckpt_path") and last.is_file():
+        log.info("resume=auto: continuing from %s", last)
+        return str(last)
+    return cfg.get("ckpt_path")
+
+
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     inputs = datamodule.model_inputs() if hasattr(datamodule, "model_inputs") else {}
     model = instantiate(cfg.model, **inputs)
     trainer = build_trainer(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from(cfg, output_dir), weights_only=True)
     metrics = final_metrics(trainer)
     if trainer.interrupted:
         return metrics

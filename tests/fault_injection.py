@@ -1,0 +1,33 @@
+"""Callbacks that break a run on purpose, added from the command line by the fault-tolerance tests:
+python run.py +callbacks.fault._target_=tests.fault_injection.SigtermAtStep +callbacks.fault.step=12
+"""
+
+import os
+import signal
+
+import lightning as L
+import torch
+
+
+class SigtermAtStep(L.Callback):
+    """Sends SIGTERM to this process once, after the optimizer step that reaches `step` (a preemption)."""
+
+    def __init__(self, step: int):
+        self.step, self.sent = step, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class NanLossAtStep(L.Callback):
+    """Turns the training loss into NaN at `step` (as an exploding loss would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            original = pl_module.training_loss
+            pl_module.training_loss = lambda b: original(b) * torch.tensor(float("nan"))

@@ -1,0 +1,53 @@
+"""Preemption and divergence: SIGTERM saves a checkpoint and exits cleanly, resume=auto finishes the run,
+a NaN loss stops the run with its step before the weights change."""
+
+import math
+
+import pytest
+import torch
+
+from framework.errors import UserError
+from framework.runner import run
+from tests.conftest import TINY_SHAPES, compose_config, read_metrics, run_cli
+
+STEPS_PER_EPOCH = 6  # 48 training images, batches of 8
+ARGS = [*TINY_SHAPES, "trainer.max_epochs=2", "logger=csv"]
+
+
+def last_checkpoint(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def test_sigterm_mid_epoch_saves_and_resume_auto_finishes_the_run(tmp_path, data_dir):
+    killed = run_cli([*ARGS, "+callbacks.fault._target_=tests.fault_injection.SigtermAtStep",
+                      f"+callbacks.fault.step={STEPS_PER_EPOCH + 2}"], tmp_path, data_dir, check=False)
+    assert killed.returncode == 0, killed.stderr[-2000:]
+    assert "Received SIGTERM" in killed.stdout + killed.stderr
+    interrupted = last_checkpoint(tmp_path)
+    assert (interrupted["epoch"], interrupted["global_step"]) == (1, STEPS_PER_EPOCH + 2)
+    assert not (tmp_path / "metrics.json").exists()  # the run did not finish
+
+    resumed = run_cli([*ARGS, "resume=auto"], tmp_path, data_dir)
+    assert f"resume=auto: continuing from {tmp_path / 'checkpoints' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
+    assert last_checkpoint(tmp_path)["global_step"] == 2 * STEPS_PER_EPOCH
+    assert "test/CIDEr" in read_metrics(tmp_path)
+
+
+def test_nan_loss_stops_the_run_with_its_step(tmp_path, data_dir):
+    result = run_cli([*ARGS, "+callbacks.fault._target_=tests.fault_injection.NanLossAtStep", "+callbacks.fault.step=3"],
+                     tmp_path, data_dir, check=False)
+    assert result.returncode != 0
+    assert "train/loss is nan at global step 3 (epoch 0, batch 3)" in result.stdout + result.stderr
+    saved = last_checkpoint(tmp_path)
+    assert saved["global_step"] == 3
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, data_dir):
+    run(compose_config([*TINY_SHAPES, "trainer.fast_dev_run=true", "resume=auto"], tmp_path, data_dir))
+    assert math.isfinite(read_metrics(tmp_path)["test/CIDEr"])
+
+
+def test_unknown_resume_value(tmp_path, data_dir):
+    with pytest.raises(UserError, match="resume=always is not supported"):
+        run(compose_config([*TINY_SHAPES, "trainer.fast_dev_run=true", "resume=always"], tmp_path, data_dir))
