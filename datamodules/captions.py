@@ -10,7 +10,6 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.feature_cache import CachedCaptionDataset, FeatureCache
 from datamodules.images import ImageFolderDataset, image_transform, read_or_skip
+from datamodules.items import CaptionedImage, caption_item
+from datamodules.sampling import EpochSampler, item_key
 from datamodules.shapes import generate_shapes
 from datamodules.vocabulary import Vocabulary, tokenize
 from framework.errors import UserError
@@ -27,14 +28,6 @@ from framework.errors import UserError
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
-
-
-@dataclass(frozen=True)
-class CaptionedImage:
-    image_id: int | str
-    path: Path
-    captions: tuple[str, ...]
-    tokens: tuple[tuple[str, ...], ...]
 
 
 def collect_splits(entries: Iterable[tuple[str, Path, int | str, Sequence[str]]], origin: str,
@@ -100,22 +93,21 @@ def read_karpathy(annotations: str | os.PathLike, image_root: str | os.PathLike 
 
 
 class CaptionDataset(Dataset):
-    """Training items carry one random caption of the image; evaluation items carry all references."""
+    """Images with their captions; keys are indices, or (index, seed) pairs from `EpochSampler`."""
 
-    def __init__(self, images: list[CaptionedImage], transform, train: bool, skip_bad_images: bool = False):
-        self.images, self.transform, self.train, self.skip_bad_images = images, transform, train, skip_bad_images
+    def __init__(self, images: list[CaptionedImage], transform, skip_bad_images: bool = False):
+        self.images, self.transform, self.skip_bad_images = images, transform, skip_bad_images
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        index, item_seed = item_key(key)
         item = self.images[index]
         image = read_or_skip(item.path, self.skip_bad_images)
         if image is None:
             return None
-        pick = int(torch.randint(len(item.tokens), ())) if self.train else 0
-        return {"image": self.transform(image), "image_id": item.image_id, "path": str(item.path),
-                "references": list(item.captions), "tokens": list(item.tokens[pick])}
+        return {"image": self.transform(image), **caption_item(item, item_seed)}
 
 
 def collate(samples: list[dict | None]) -> dict:
@@ -172,16 +164,31 @@ class CaptionDataModule(L.LightningDataModule):
         return {"vocab": vocab.words}
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collate)
+        # The loader's own generator keeps its worker seeding off the global RNG, which after a resume
+        # must continue exactly where the interrupted run left it (dropout, sampling).
+        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
+                          sampler=self._train_sampler(len(dataset)) if train else None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, collate_fn=collate, generator=torch.Generator())
+
+    def _train_sampler(self, length: int) -> EpochSampler:
+        trainer = self.trainer
+        if trainer is None:
+            return EpochSampler(length, torch.initial_seed())
+
+        def position() -> tuple[int, int]:  # the epoch, and on a mid-epoch restart what this rank trained on
+            loop = trainer.fit_loop
+            done = loop.epoch_loop.batch_progress.current.completed * self.batch_size if loop.restarting else 0
+            return trainer.current_epoch, done
+
+        return EpochSampler(length, torch.initial_seed(), trainer.world_size, trainer.global_rank, position)
 
     def _split_loader(self, split: str) -> DataLoader:
         if not self.splits[split]:
             raise UserError(f"the data set has no '{split}' images (data.source)")
         train = split == "train"
         if split in self._cache_dirs:
-            return self._loader(CachedCaptionDataset(self.splits[split], self._cache_dirs[split], train), train)
-        return self._loader(CaptionDataset(self.splits[split], self.transform, train, self.skip_bad_images), train)
+            return self._loader(CachedCaptionDataset(self.splits[split], self._cache_dirs[split]), train)
+        return self._loader(CaptionDataset(self.splits[split], self.transform, self.skip_bad_images), train)
 
     def enable_feature_cache(self, encoder: torch.nn.Module) -> None:
         """Serve the splits of the running stage (all without a trainer) from `encoder`'s cached features.
@@ -223,7 +230,7 @@ class CaptionDataModule(L.LightningDataModule):
 
     def val_examples(self, count: int) -> list[dict]:
         """The first `count` validation items: fixed images for the TensorBoard review."""
-        dataset = CaptionDataset(self.splits["val"], self.transform, train=False, skip_bad_images=True)
+        dataset = CaptionDataset(self.splits["val"], self.transform, skip_bad_images=True)
         return [item for item in (dataset[i] for i in range(min(count, len(dataset)))) if item is not None]
 
 

@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,10 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datamodules.images import read_or_skip
+from datamodules.items import CaptionedImage, caption_item
+from datamodules.sampling import item_key
 from framework.errors import UserError
-
-if TYPE_CHECKING:
-    from datamodules.captions import CaptionedImage
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -123,20 +121,19 @@ def _collate(samples: list[tuple[int, torch.Tensor] | None]) -> tuple[list[int],
 class CachedCaptionDataset(Dataset):
     """CaptionDataset items with the cached feature map [C, h, w] as "features" (float32) instead of "image"."""
 
-    def __init__(self, images: list[CaptionedImage], directory: str | os.PathLike, train: bool):
-        self.images, self.directory, self.train = images, Path(directory), train
+    def __init__(self, images: list[CaptionedImage], directory: str | os.PathLike):
+        self.images, self.directory = images, Path(directory)
         self.skipped = set(json.loads((self.directory / "skipped.json").read_text()))
         self.features = None  # memory-mapped on first use, in the process (loader worker) that reads
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        index, item_seed = item_key(key)
         if index in self.skipped:
             return None
         if self.features is None:
             self.features = np.load(self.directory / "features.npy", mmap_mode="r")
-        item = self.images[index]
-        pick = int(torch.randint(len(item.tokens), ())) if self.train else 0
-        return {"features": torch.from_numpy(self.features[index].astype(np.float32)), "image_id": item.image_id,
-                "path": str(item.path), "references": list(item.captions), "tokens": list(item.tokens[pick])}
+        features = torch.from_numpy(self.features[index].astype(np.float32))
+        return {"features": features, **caption_item(self.images[index], item_seed)}

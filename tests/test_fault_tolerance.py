@@ -1,5 +1,5 @@
-"""Preemption and divergence: SIGTERM saves a checkpoint and exits cleanly, resume=auto finishes the run,
-a NaN loss stops the run with its step before the weights change."""
+"""Preemption and divergence: SIGTERM saves a checkpoint and exits cleanly, resume=auto finishes the run
+with the weights of an uninterrupted one, a NaN loss stops the run with its step before the weights change."""
 
 import math
 
@@ -11,7 +11,7 @@ from framework.runner import run
 from tests.conftest import TINY_SHAPES, compose_config, read_metrics, run_cli
 
 STEPS_PER_EPOCH = 6  # 48 training images, batches of 8
-ARGS = [*TINY_SHAPES, "trainer.max_epochs=2", "logger=csv"]
+ARGS = [*TINY_SHAPES, "trainer.max_epochs=2", "logger=csv", "data.num_workers=1"]
 
 
 def last_checkpoint(run_dir):
@@ -31,6 +31,12 @@ def test_sigterm_mid_epoch_saves_and_resume_auto_finishes_the_run(tmp_path, data
     assert f"resume=auto: continuing from {tmp_path / 'checkpoints' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
     assert last_checkpoint(tmp_path)["global_step"] == 2 * STEPS_PER_EPOCH
     assert "test/CIDEr" in read_metrics(tmp_path)
+
+    # The same weights as a run that was never interrupted: same batches, same captions, same dropout.
+    run_cli(ARGS, tmp_path / "uninterrupted", data_dir)
+    expected = last_checkpoint(tmp_path / "uninterrupted")["state_dict"]
+    for name, tensor in last_checkpoint(tmp_path)["state_dict"].items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_nan_loss_stops_the_run_with_its_step(tmp_path, data_dir):

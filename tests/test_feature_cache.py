@@ -117,7 +117,7 @@ def test_unreadable_images_are_skipped_items(tmp_path, paths, encoder):
     paths[1].write_bytes(b"not an image")
     directory = cache(tmp_path / "cache", paths, encoder).build(skip_bad_images=True)
     images = [CaptionedImage(i, path, ("a b",), (("a", "b"),)) for i, path in enumerate(paths)]
-    dataset = CachedCaptionDataset(images, directory, train=True)
+    dataset = CachedCaptionDataset(images, directory)
     assert dataset[1] is None and dataset[0]["features"].shape == (32, 4, 4) and dataset[0]["tokens"] == ["a", "b"]
 
 

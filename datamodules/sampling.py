@@ -1,0 +1,44 @@
+"""A training order that is a function of (seed, epoch) alone, so that a resumed run sees the same batches.
+
+The default RandomSampler draws its permutation from the global RNG when an epoch starts, and
+datasets that pick one of several captions draw from it again per item; after a mid-epoch resume
+neither can be replayed. `EpochSampler` instead derives the permutation and a per-item seed from
+(seed, epoch), shards them over the ranks like DistributedSampler, and on a mid-epoch restart skips
+the samples the interrupted run had already trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DistributedSampler
+
+
+def item_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
+    """(index, per-item seed) from what a sampler yields: EpochSampler's pairs or a plain index."""
+    return key if isinstance(key, tuple) else (key, None)
+
+
+class EpochSampler(DistributedSampler):
+    """Yields (index, item seed) pairs; a DistributedSampler subclass, so Lightning keeps it under DDP.
+
+    `position()` gives (epoch, samples of this rank already trained on in it), read when an epoch's
+    iteration starts: loader workers start consuming the sampler before Lightning calls `set_epoch`
+    on a resumed run, so the trainer's own counters are the reliable source. Without it, the epoch
+    comes from `set_epoch` and nothing is skipped.
+    """
+
+    def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 position: Callable[[], tuple[int, int]] | None = None):
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.position = position or (lambda: (self.epoch, 0))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, done = self.position()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=generator)
+        item_seeds = torch.randint(2**31 - 1, (len(self.dataset),), generator=generator)
+        order = torch.cat([order, order[: self.total_size - len(order)]])  # pad to an even shard size
+        shard = order[self.rank:self.total_size:self.num_replicas][done:]
+        return iter([(int(i), int(item_seeds[i])) for i in shard])
