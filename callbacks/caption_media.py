@@ -23,7 +23,7 @@ def _tile(path: str) -> np.ndarray:
     return cv2.resize(np.asarray(load_rgb(path)), (TILE, TILE), interpolation=cv2.INTER_AREA)
 
 
-def _with_caption(image: np.ndarray, text: str) -> np.ndarray:
+def with_caption(image: np.ndarray, text: str) -> np.ndarray:
     """The image above a white band holding `text` (wrapped to two lines)."""
     band = np.full((CAPTION_BAND, image.shape[1], 3), 255, np.uint8)
     words, lines = text.split(), [""]
@@ -70,7 +70,7 @@ class CaptionMedia(L.Callback):
         table += [f"| {p['path'].rsplit('/', 1)[-1]} | {p['caption']} | {' / '.join(p['references'])} |"
                   for p in predictions]
         board.add_text("val/predictions", "\n".join(table), step)
-        panels = [_with_caption(_tile(p["path"]), p["caption"]) for p in predictions]
+        panels = [with_caption(_tile(p["path"]), p["caption"]) for p in predictions]
         board.add_image("val/captions", grid(panels, self.columns), step, dataformats="HWC")
         if hasattr(pl_module, "attend"):
             self._log_attention(board, trainer, pl_module, step)
@@ -85,6 +85,6 @@ class CaptionMedia(L.Callback):
         if attention is None or not words:
             return
         image = _tile(example["path"])
-        panels = [_with_caption(image, "(image)")]
-        panels += [_with_caption(attention_overlay(image, a.float().cpu().numpy()), w) for w, a in zip(words, attention)]
+        panels = [with_caption(image, "(image)")]
+        panels += [with_caption(attention_overlay(image, a.float().cpu().numpy()), w) for w, a in zip(words, attention)]
         board.add_image("val/attention", grid(panels, min(len(panels), 6)), step, dataformats="HWC")

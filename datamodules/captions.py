@@ -18,11 +18,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.feature_cache import CachedCaptionDataset, FeatureCache
-from datamodules.images import ImageFolderDataset, image_transform, read_or_skip
+from datamodules.images import ImageFolderDataset, image_transform, prepared_image
 from datamodules.items import CaptionedImage, caption_item
 from datamodules.sampling import EpochSampler, item_key
 from datamodules.shapes import generate_shapes
 from datamodules.vocabulary import Vocabulary, tokenize
+from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,8 @@ class CaptionDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
         index, item_seed = item_key(key)
         item = self.images[index]
-        image = read_or_skip(item.path, self.skip_bad_images)
-        if image is None:
-            return None
-        return {"image": self.transform(image), **caption_item(item, item_seed)}
+        image = prepared_image(item.path, self.transform, self.skip_bad_images)
+        return None if image is None else {"image": image, **caption_item(item, item_seed)}
 
 
 def collate(samples: list[dict | None]) -> dict:
@@ -134,10 +133,10 @@ class CaptionDataModule(L.LightningDataModule):
 
     def __init__(self, source: Callable[..., dict[str, list[CaptionedImage]]] | None = None, image_size: int = 224,
                  batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
-                 vocab_min_count: int = 1, skip_bad_images: bool = False, images: str | None = None,
+                 vocab_min_count: int | None = 1, skip_bad_images: bool = False, images: str | None = None,
                  feature_cache: str | None = None):
         super().__init__()
-        self.source, self.images, self.feature_cache = source, images, feature_cache
+        self.source, self.images, self.feature_cache, self.image_size = source, images, feature_cache, image_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.vocab_min_count, self.skip_bad_images = num_workers, vocab_min_count, skip_bad_images
         self.transform = image_transform(image_size)
@@ -156,17 +155,33 @@ class CaptionDataModule(L.LightningDataModule):
         return self._splits
 
     def model_inputs(self) -> dict:
-        """What the captioner is built from: the vocabulary of the training captions."""
+        """What a word-level captioner is built from: the vocabulary of the training captions and the image size.
+
+        With `vocab_min_count=None` (captioners that bring their own tokenizer and image processor) nothing.
+        """
+        if self.vocab_min_count is None:
+            return {}
         train = self.splits["train"]
         if not train:
             raise UserError("the data set has no training images (data.source)")
         vocab = Vocabulary.build((tokens for item in train for tokens in item.tokens), self.vocab_min_count)
-        return {"vocab": vocab.words}
+        return {"vocab": vocab.words, "image_size": self.image_size}
+
+    def set_image_transform(self, transform: Callable) -> None:
+        """Prepare images the model's own way from now on (PIL image -> tensor); Hugging Face captioners call it
+        in their `setup` with their image processor, which then decides size and normalisation."""
+        self.transform = transform
+
+    @property
+    def train_batch_size(self) -> int:
+        """Per device and step: `batch_size` is the global batch of one optimizer step, split over the devices
+        and accumulated batches (`eval_batch_size` is per device)."""
+        return per_device_batch_size(self.batch_size, self.trainer)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         # The loader's own generator keeps its worker seeding off the global RNG, which after a resume
         # must continue exactly where the interrupted run left it (dropout, sampling).
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
+        return DataLoader(dataset, batch_size=self.train_batch_size if train else self.eval_batch_size,
                           sampler=self._train_sampler(len(dataset)) if train else None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, collate_fn=collate, generator=torch.Generator())
 
@@ -177,7 +192,7 @@ class CaptionDataModule(L.LightningDataModule):
 
         def position() -> tuple[int, int]:  # the epoch, and on a mid-epoch restart what this rank trained on
             loop = trainer.fit_loop
-            done = loop.epoch_loop.batch_progress.current.completed * self.batch_size if loop.restarting else 0
+            done = loop.epoch_loop.batch_progress.current.completed * self.train_batch_size if loop.restarting else 0
             return trainer.current_epoch, done
 
         return EpochSampler(length, torch.initial_seed(), trainer.world_size, trainer.global_rank, position)

@@ -63,10 +63,23 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict | None:
-        image = read_or_skip(self.paths[index], self.skip_bad_images)
-        if image is None:
-            return None
-        return {"image": self.transform(image), "path": str(self.paths[index])}
+        image = prepared_image(self.paths[index], self.transform, self.skip_bad_images)
+        return None if image is None else {"image": image, "path": str(self.paths[index])}
+
+
+def prepared_image(path: Path, transform, skip_bad_images: bool):
+    """`transform` of the image at `path`; None for an unreadable image when skipping is on.
+
+    A failure after decoding (in the transform, say) is re-raised naming the image: a data-loader worker's
+    exception reaches the main process with this message, so a crash in a worker says which sample failed.
+    """
+    image = read_or_skip(path, skip_bad_images)
+    if image is None:
+        return None
+    try:
+        return transform(image)
+    except Exception as error:
+        raise RuntimeError(f"preparing image {path} failed: {type(error).__name__}: {error}") from error
 
 
 def read_or_skip(path: Path, skip_bad_images: bool) -> Image.Image | None:

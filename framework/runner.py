@@ -1,4 +1,13 @@
-"""train / eval / predict from a composed config; every run dir ends with its config and metrics.json."""
+"""train / eval / predict / export from a composed config; every run dir ends with its config and metrics.json.
+
+What a task's LightningModule may add to take part (all optional):
+- `inference_hparams`: hparams that eval/predict/export may override from cfg.model (beam size, ...);
+- `builds_from_config = True`: eval/predict/export without ckpt_path use the model built from cfg.model
+  (e.g. pretrained weights named there);
+- `save_predictions(rows, output_dir) -> metrics`: writes what predict produced (default: predictions.json/.csv);
+- `export(directory) -> Path`: writes the format its ecosystem loads; run by mode=export and after training.
+predict_step returns a list of dicts, each with a unique "image" key.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +19,9 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.errors import InstantiationException
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from framework.config import flatten
@@ -19,7 +30,7 @@ from framework.errors import UserError
 from framework.files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
-MODES = ("train", "eval", "predict")
+MODES = ("train", "eval", "predict", "export")
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -34,7 +45,7 @@ def run(cfg: DictConfig) -> float | None:
         if cfg.get("seed") is not None:
             L.seed_everything(cfg.seed, workers=True)
         save_config(cfg, output_dir)
-        metrics = {"train": train, "eval": evaluate, "predict": predict}[cfg.mode](cfg, output_dir)
+        metrics = {"train": train, "eval": evaluate, "predict": predict, "export": export}[cfg.mode](cfg, output_dir)
         if rank_zero_only.rank == 0:
             write_json(output_dir / "metrics.json", metrics)
         print_summary(cfg, output_dir, metrics)
@@ -74,16 +85,27 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return instantiate(cfg.data)
 
 
-def load_model(cfg: DictConfig) -> L.LightningModule:
-    """The checkpoint's model; decoding settings (beam size, ...) may be overridden from cfg.model."""
+def load_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None) -> L.LightningModule:
+    """The checkpoint's model (inference settings such as the beam size may be overridden from cfg.model),
+    or, without ckpt_path, the model cfg.model builds where the module allows it (`builds_from_config`)."""
+    module_class = hydra.utils.get_class(cfg.model._target_)
     ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path and getattr(module_class, "builds_from_config", False):
+        return instantiate(cfg.model, **model_inputs(datamodule))
     if not ckpt_path:
         raise UserError(f"mode={cfg.mode} needs ckpt_path=path/to/checkpoint.ckpt (e.g. a run's checkpoints/last.ckpt)")
     if not Path(ckpt_path).is_file():
         raise UserError(f"checkpoint {ckpt_path} does not exist (ckpt_path)")
-    module_class = hydra.utils.get_class(cfg.model._target_)
     overrides = {key: cfg.model[key] for key in getattr(module_class, "inference_hparams", ()) if key in cfg.model}
     return module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
+
+
+def model_inputs(datamodule: L.LightningDataModule | None) -> dict:
+    """What the model needs from the data (e.g. the vocabulary), for data modules that provide it."""
+    if datamodule is None or not hasattr(datamodule, "model_inputs"):
+        return {}
+    datamodule.prepare_data()
+    return datamodule.model_inputs()
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -105,41 +127,62 @@ def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    """Fit; then, where the task has a test stage, test the best checkpoint; then export it where the task can."""
     datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
-    inputs = datamodule.model_inputs() if hasattr(datamodule, "model_inputs") else {}
-    model = instantiate(cfg.model, **inputs)
+    model = instantiate(cfg.model, **model_inputs(datamodule))
     trainer = build_trainer(cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from(cfg, output_dir), weights_only=True)
     metrics = final_metrics(trainer)
     if trainer.interrupted:
         return metrics
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if not best:
-        log.warning("no best checkpoint (no checkpoint callback or no validation): testing the last weights")
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-    return metrics | final_metrics(trainer)
+    if is_overridden("test_step", model) and is_overridden("test_dataloader", datamodule):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("no best checkpoint (no checkpoint callback or no validation): testing the last weights")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics |= final_metrics(trainer)
+    if hasattr(model, "export") and cfg.get("export_after_train", True):
+        if isinstance(trainer.strategy, FSDPStrategy):  # sharded weights: export from the checkpoint instead
+            log.warning("trainer=fsdp: no export after training; run mode=export ckpt_path=<checkpoint>")
+        elif trainer.is_global_zero:
+            log.info("exported to %s", model.export(output_dir / "export"))
+    return metrics
 
 
 def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    model = load_model(cfg)
+    datamodule = build_datamodule(cfg)
+    model = load_model(cfg, datamodule)
     trainer = build_trainer(cfg)
-    trainer.test(model, datamodule=build_datamodule(cfg))
+    trainer.test(model, datamodule=datamodule)
     return final_metrics(trainer)
 
 
 def predict(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    model = load_model(cfg)
+    datamodule = build_datamodule(cfg)
+    model = load_model(cfg, datamodule)
     trainer = build_trainer(cfg, with_loggers=False)
-    batches = trainer.predict(model, datamodule=build_datamodule(cfg))
+    batches = trainer.predict(model, datamodule=datamodule)
     # Every rank's rows, once per image (DistributedSampler pads with repeated images), in path order.
     unique = {row["image"]: row for part in gather_objects(batches) for batch in part for row in batch}
     rows = [unique[image] for image in sorted(unique)]
-    if trainer.is_global_zero:
-        write_json(output_dir / "predictions.json", rows)
-        atomic_write(output_dir / "predictions.csv", lambda f: write_csv(f, rows))
-        log.info("wrote %d captions to %s", len(rows), output_dir / "predictions.json")
+    if not trainer.is_global_zero:
+        return {}
+    return (getattr(model, "save_predictions", None) or save_predictions)(rows, output_dir)
+
+
+def save_predictions(rows: list[dict], output_dir: Path) -> dict[str, float]:
+    write_json(output_dir / "predictions.json", rows)
+    atomic_write(output_dir / "predictions.csv", lambda f: write_csv(f, rows))
+    log.info("wrote %d predictions to %s", len(rows), output_dir / "predictions.json")
     return {"predict/images": float(len(rows))}
+
+
+def export(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    model = load_model(cfg, build_datamodule(cfg))
+    if not hasattr(model, "export"):
+        raise UserError(f"task_name={cfg.task_name}: {type(model).__name__} has no export format (mode=export)")
+    log.info("exported to %s", model.export(output_dir / "export"))
+    return {}
 
 
 def write_csv(file, rows: list[dict]) -> None:

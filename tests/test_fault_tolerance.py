@@ -57,3 +57,23 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, data_dir):
 def test_unknown_resume_value(tmp_path, data_dir):
     with pytest.raises(UserError, match="resume=always is not supported"):
         run(compose_config([*TINY_SHAPES, "trainer.fast_dev_run=true", "resume=always"], tmp_path, data_dir))
+
+
+def test_a_crash_in_a_loader_worker_names_the_failing_image(tmp_path):
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from datamodules.images import ImageFolderDataset
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+
+    def transform(image):  # a bug that only one sample triggers
+        if image.getpixel((0, 0)) == (255, 0, 0):
+            raise ValueError("unexpected colour")
+        return torch.zeros(1)
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "b.png")
+    loader = DataLoader(ImageFolderDataset(tmp_path, transform), batch_size=1, num_workers=1)
+    with pytest.raises(RuntimeError, match=r"preparing image .*b\.png failed: ValueError: unexpected colour"):
+        list(loader)

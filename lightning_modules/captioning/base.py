@@ -8,8 +8,10 @@ from functools import cache
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 
 from framework.distributed import gather_objects
+from framework.errors import UserError
 from lightning_modules.captioning.metrics import CaptionMetrics
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,24 @@ class CaptioningModule(L.LightningModule):
     def caption_batch(self, batch: dict) -> list[str]:
         """Captions for a batch from the data loader (images, or cached encoder features)."""
         raise NotImplementedError
+
+    def image_transform(self):
+        """PIL image -> the image tensor `caption_batch` expects in batch["images"] (captioning new images)."""
+        raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The class name lets Captioner.from_pretrained pick the class that loads a checkpoint.
+        checkpoint["captioner"] = type(self).__name__
+
+    def optimizers_from_config(self, params) -> dict | torch.optim.Optimizer:
+        """The hparams' `_partial_` optimizer over `params` (tensors or groups), with its scheduler (per epoch)."""
+        if not self.hparams.get("optimizer"):
+            raise UserError("model.optimizer is not set: give a _partial_ optimizer config to train (see conf/model/)")
+        optimizer = instantiate(self.hparams.optimizer)(params=params)
+        if not self.hparams.get("scheduler"):
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def _count_skipped(self, batch: dict, stage: str) -> bool:
         """Count unreadable images dropped by the loader; False when nothing is left of the batch."""

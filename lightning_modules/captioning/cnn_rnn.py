@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 
+from datamodules.images import image_transform
 from datamodules.vocabulary import Vocabulary, tokenize
 from framework.config import to_plain
+from framework.distributed import global_token_mean
 from framework.errors import UserError
 from lightning_modules.captioning.base import CaptioningModule
 from lightning_modules.captioning.cider import CiderD
@@ -35,7 +36,7 @@ class CNNRNNCaptioner(CaptioningModule):
     def __init__(self, vocab: list[str], encoder: dict, decoder: dict, optimizer: dict,
                  scheduler: dict | None = None, max_len: int = 20, beam_size: int = 1,
                  attention_penalty: float = 1.0, label_smoothing: float = 0.0, spice: bool = False,
-                 scst: dict | None = None):
+                 scst: dict | None = None, image_size: int | None = None):
         super().__init__(spice=spice)
         vocab, encoder, decoder = to_plain(vocab), to_plain(encoder), to_plain(decoder)
         optimizer, scheduler = to_plain(optimizer), to_plain(scheduler)
@@ -86,8 +87,9 @@ class CNNRNNCaptioner(CaptioningModule):
         ids = self.targets(batch["tokens"])
         logits, alphas = self.decoder(self.batch_features(batch), ids[:, :-1])
         targets = ids[:, 1:]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.vocab.pad,
-                               label_smoothing=self.hparams.label_smoothing)
+        token_losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.vocab.pad,
+                                       label_smoothing=self.hparams.label_smoothing, reduction="sum")
+        loss = global_token_mean(token_losses, (targets != self.vocab.pad).sum())
         if alphas is not None and self.hparams.attention_penalty:
             # Doubly stochastic attention: over the caption, every location should get about one unit of attention.
             mask = (targets != self.vocab.pad).unsqueeze(-1).to(alphas.dtype)
@@ -138,6 +140,13 @@ class CNNRNNCaptioner(CaptioningModule):
         """Captions for normalised images [B, 3, H, W]."""
         return self.captions(self.decode_tokens(self.encode(images)[0], beam_size))
 
+    def image_transform(self):
+        """Square resize to the training images' size (`image_size`, from the data) and ImageNet normalisation."""
+        if self.hparams.image_size is None:
+            raise UserError("this checkpoint does not record its image size (image_size): retrain it, "
+                            "or build the transform with datamodules.images.image_transform(size)")
+        return image_transform(self.hparams.image_size)
+
     def captions(self, tokens: torch.Tensor) -> list[str]:
         return [self.vocab.decode(row.tolist()) for row in tokens]
 
@@ -160,8 +169,4 @@ class CNNRNNCaptioner(CaptioningModule):
         groups = [{"params": list(self.decoder.parameters())}]
         if encoder_params:
             groups.append({"params": encoder_params, **({"lr": self.encoder.lr} if self.encoder.lr else {})})
-        optimizer = instantiate(self.hparams.optimizer)(params=groups)
-        if not self.hparams.scheduler:
-            return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return self.optimizers_from_config(groups)

@@ -2,39 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 from torchvision import models
 
 from framework.errors import UserError
+from framework.weights import imagenet_state_dict
 
 ENCODERS = ("small_cnn", "resnet50", "densenet201")
 FINETUNE = ("all", "last", "none")
-
-
-def imagenet_state_dict(name: str, pretrained: bool | str) -> dict[str, torch.Tensor]:
-    """ImageNet weights from an explicit file, or torchvision's default weights from the local torch cache.
-
-    Nothing is downloaded: a missing file is an error that says how to get it.
-    """
-    if isinstance(pretrained, str):
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise UserError(f"weights file {path} does not exist (model.encoder.pretrained)")
-    else:
-        weights = models.get_model_weights(name).DEFAULT
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        if not path.is_file():
-            raise UserError(
-                f"ImageNet weights for {name} are not in the local torch cache ({path}). On a machine with network run "
-                f"`python -c \"import torchvision; torchvision.models.{name}(weights='DEFAULT')\"` and copy the file "
-                "there, set model.encoder.pretrained=/path/to/file.pth, or train from scratch with "
-                "model.encoder.pretrained=false."
-            )
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class SmallCNN(nn.Sequential):
@@ -68,7 +44,7 @@ class ImageEncoder(nn.Module):
         else:
             backbone = getattr(models, name)(weights=None)
             if pretrained:
-                backbone.load_state_dict(imagenet_state_dict(name, pretrained))
+                backbone.load_state_dict(imagenet_state_dict(name, pretrained, "model.encoder.pretrained"))
             if name == "resnet50":
                 self.body = nn.Sequential(*list(backbone.children())[:-2])  # drop avgpool and fc
                 self.out_channels, stages = 2048, [backbone.layer4]
