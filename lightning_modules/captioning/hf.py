@@ -1,0 +1,205 @@
+"""What the Hugging Face captioners (BLIP, ViT-GPT2) share.
+
+- loading from `model.pretrained`: a local `save_pretrained` directory or a hub id already in the Hugging Face
+  cache; nothing is downloaded at run time (scripts/download_models.py fetches weights where a network is);
+- images prepared by the model's own image processor (the data module is told so in `setup`), so training,
+  evaluation, the Captioner API and the exported model all see the same pixels;
+- the loss: cross-entropy with label smoothing over the caption tokens (prompt and padding set to -100);
+- generation settings (`generation`, `GenerationConfig` fields) written into the model's generation config, which
+  every `generate` call is given and exports save (an export loaded without `generation` keeps its settings);
+- self-contained checkpoints: config and processor files travel in the checkpoint's hyperparameters, so
+  `load_from_checkpoint` rebuilds the model without `pretrained`;
+- `export(directory)`: save_pretrained of model (safetensors) and processor, plus a model card.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
+
+from framework.config import to_plain
+from framework.distributed import global_token_mean
+from framework.errors import UserError
+from framework.files import atomic_dir
+from lightning_modules.captioning.base import CaptioningModule
+
+IGNORE = -100  # target id that cross-entropy skips (prompt, padding)
+GENERATION_KEYS = ("num_beams", "max_length", "min_length")  # shown in the model card
+
+
+class ImageProcessorTransform:
+    """PIL image -> pixel tensor [3, H, W], exactly as the model's Hugging Face image processor prepares it."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.image_processor.to_json_string()})"
+
+
+def load_pretrained(load, source: str, config_key: str, download_name: str):
+    """`load(source, local_files_only=True)`; a bad directory or an uncached hub id is one UserError."""
+    try:
+        return load(source, local_files_only=True)
+    except (OSError, ValueError) as error:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        if os.path.isdir(source):
+            raise UserError(f"{config_key}={source} is not a save_pretrained directory of this model "
+                            f"({reason})") from None
+        raise UserError(
+            f"{config_key}={source} is neither a local directory nor in the Hugging Face cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}/hub), and runs never download. On a machine with "
+            f"network run `python scripts/download_models.py {download_name}` (then copy the cache here if needed), "
+            f"or set {config_key}=/path/to/a/save_pretrained/dir ({reason})"
+        ) from None
+
+
+class HFCaptioner(CaptioningModule):
+    """A transformers image-to-text model as a captioner. Subclasses set `model_class` and implement
+    `logits_and_targets`, `generate_ids` and `vision_tower`."""
+
+    builds_from_config = True  # mode=eval/predict/export work on `pretrained` without a checkpoint
+    inference_hparams = ("generation", "spice")
+    model_class: type[PreTrainedModel]
+    download_name = ""  # scripts/download_models.py name of the default weights
+    usage = ""  # model-card snippet; {prompt} is filled in
+
+    def __init__(self, pretrained: str | None = None, optimizer: dict | None = None, scheduler: dict | None = None,
+                 generation: dict | None = None, label_smoothing: float = 0.0, max_caption_tokens: int = 40,
+                 freeze_vision: bool = False, gradient_checkpointing: bool = False, spice: bool = False,
+                 architecture: dict[str, str] | None = None):
+        super().__init__(spice=spice)
+        self.save_hyperparameters(logger=False, ignore=["architecture"])
+        for key in ("optimizer", "scheduler", "generation"):
+            self.hparams[key] = to_plain(self.hparams[key])
+        if architecture:  # load_from_checkpoint: the architecture from the checkpoint, its weights from the state dict
+            self.model, self.image_processor, self.tokenizer = self.build_from_files(architecture)
+        else:
+            self.model, self.image_processor, self.tokenizer = self.load_pretrained_parts()
+        self.model.train()  # from_pretrained returns it in eval mode; Lightning switches modes from here on
+        self.prepare_special_tokens()
+        # Decoding settings live in the model's generation config: used by every generate call, saved with exports.
+        unused = self.model.generation_config.update(**(self.hparams.generation or {}))
+        if unused:
+            raise UserError(f"model.generation: {', '.join(sorted(unused))} are not settings of transformers' "
+                            "GenerationConfig (e.g. num_beams, max_length, min_length)")
+        if freeze_vision:
+            self.vision_tower().requires_grad_(False)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- what subclasses provide -------------------------------------------------------------------------------
+    def load_pretrained_parts(self) -> tuple[PreTrainedModel, object, object]:
+        """(model, image processor, tokenizer) from the pretrained weights the hparams name."""
+        return self.load_dir(self.hparams.pretrained)
+
+    def logits_and_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits [B, T, V] and the aligned targets [B, T] (IGNORE where no loss) of the batch's captions."""
+        raise NotImplementedError
+
+    def generate_ids(self, images: torch.Tensor) -> torch.Tensor:
+        """Generated token ids [B, T] of the captions only (no prompt)."""
+        raise NotImplementedError
+
+    def vision_tower(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def prepare_special_tokens(self) -> None:
+        """Make the model's special token ids agree with the tokenizer (where the checkpoint leaves them unset)."""
+
+    def save_processor(self, directory: Path) -> None:
+        self.image_processor.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    # -- loading and saving --------------------------------------------------------------------------------------
+    def load_dir(self, source: str | None) -> tuple[PreTrainedModel, object, object]:
+        """Model, image processor and tokenizer of one directory or cached hub id (`model.pretrained`)."""
+        if not source:
+            raise UserError("model.pretrained is not set: give a hub id in the Hugging Face cache or a local "
+                            "save_pretrained directory")
+        loaders = (self.model_class.from_pretrained, AutoImageProcessor.from_pretrained, AutoTokenizer.from_pretrained)
+        return tuple(load_pretrained(load, source, "model.pretrained", self.download_name) for load in loaders)
+
+    def architecture_files(self) -> dict[str, str]:
+        """The model config and processor files (text), without weights."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.model.config.save_pretrained(folder)
+            self.model.generation_config.save_pretrained(folder)
+            self.save_processor(Path(folder))
+            return {path.name: path.read_text(encoding="utf-8") for path in sorted(Path(folder).iterdir())}
+
+    def build_from_files(self, files: dict[str, str]) -> tuple[PreTrainedModel, object, object]:
+        with tempfile.TemporaryDirectory() as folder:
+            for name, text in files.items():
+                Path(folder, name).write_text(text, encoding="utf-8")
+            model = self.model_class._from_config(AutoConfig.from_pretrained(folder))
+            model.generation_config = model.generation_config.from_pretrained(folder)
+            return model, AutoImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["hyper_parameters"]["architecture"] = self.architecture_files()
+
+    def export(self, directory: str | os.PathLike) -> Path:
+        """A Hugging Face directory: model (safetensors) with its generation config, processor, README.md."""
+        with atomic_dir(directory) as folder:
+            self.model.save_pretrained(folder)
+            self.save_processor(folder)
+            (folder / "README.md").write_text(self.model_card(), encoding="utf-8")
+        return Path(directory)
+
+    def model_card(self) -> str:
+        logged = self.trainer.callback_metrics if self._trainer is not None else {}  # after training: test metrics
+        metrics = {name: float(value) for name, value in sorted(logged.items()) if name.startswith("test/")}
+        settings = ", ".join(f"{k}={getattr(self.model.generation_config, k)!r}" for k in GENERATION_KEYS)
+        lines = [
+            "---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [image-captioning]", "---",
+            f"# {type(self).__name__}", "",
+            f"A `{self.model_class.__name__}` image captioner fine-tuned with vlx "
+            f"(`lightning_modules/captioning/{type(self).__module__.rsplit('.', 1)[-1]}.py`) from "
+            f"`{self.hparams.pretrained or 'its encoder and decoder checkpoints'}`.", "",
+            f"Generation settings (generation_config.json): `{settings}`.", "",
+            "```python", self.usage.strip().format(prompt=self.hparams.get("prompt")), "```",
+        ]
+        if metrics:
+            lines += ["", "Test metrics of the run that produced it:", "", "| metric | value |", "| --- | --- |"]
+            lines += [f"| {name} | {value:.4f} |" for name, value in metrics.items()]
+        return "\n".join(lines) + "\n"
+
+    # -- the captioning module ---------------------------------------------------------------------------------
+    def image_transform(self) -> ImageProcessorTransform:
+        return ImageProcessorTransform(self.image_processor)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_image_transform"):
+            datamodule.set_image_transform(self.image_transform())
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Mean cross-entropy over the caption tokens of the global batch (see global_token_mean)."""
+        logits, targets = self.logits_and_targets(batch)
+        token_losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                       label_smoothing=self.hparams.label_smoothing, reduction="sum")
+        return global_token_mean(token_losses, (targets != IGNORE).sum())
+
+    def caption_texts(self, batch: dict) -> list[str]:
+        """The training caption of each item: its words as the data's tokenizer gives them (lower case, no
+        punctuation), as BLIP's `pre_caption` and the Karpathy splits prepare captions."""
+        return [" ".join(tokens) for tokens in batch["tokens"]]
+
+    @torch.no_grad()
+    def caption_batch(self, batch: dict) -> list[str]:
+        ids = self.generate_ids(batch["images"])
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def configure_optimizers(self):
+        return self.optimizers_from_config([p for p in self.trainer.model.parameters() if p.requires_grad])
