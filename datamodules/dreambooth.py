@@ -1,0 +1,398 @@
+"""Data for personalising a text-to-image model (DreamBooth, style LoRA).
+
+Readers (`source`, a Hydra `_partial_`) give the training examples, each an image and its prompt:
+- `read_instance_folder`: a folder of images of one subject, all with one instance prompt
+  ("a photo of sks dog");
+- `read_captioned_images`: per-image prompts, from `metadata.jsonl` (`{"file_name": ..., "prompt": ...}` per line)
+  or from a Hugging Face `datasets` folder written by `save_to_disk` (image and prompt columns).
+
+Each training item holds an instance example and, with prior preservation, a class example (the
+diffusers script's layout: instance halves first, class halves second, in one batch). Images are
+resized (shorter side to `resolution`), cropped (centre or random), optionally flipped; the item
+keeps the SDXL micro-conditioning inputs: the original size and the crop's top-left corner.
+With `cache_latents`, every image and its mirror image are encoded once by the model's VAE (see
+`enable_latent_cache`) and items carry the latent distribution instead of pixels.
+Validation, test and predict items are prompts with seeds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+from datamodules.images import IMAGE_SUFFIXES, load_rgb
+from framework.errors import UserError
+from framework.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileImage:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def load(self) -> Image.Image:
+        return load_rgb(self.path)
+
+    def size(self) -> tuple[int, int]:
+        """(width, height) from the file header."""
+        with Image.open(self.path) as image:
+            return image.size
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """Row `index` of a `datasets` folder written by save_to_disk (opened once per process)."""
+
+    folder: str
+    index: int
+    column: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.folder}#{self.index}"
+
+    def load(self) -> Image.Image:
+        return _open_dataset(self.folder)[self.index][self.column].convert("RGB")
+
+    def size(self) -> tuple[int, int]:
+        return self.load().size
+
+
+@dataclass(frozen=True)
+class Example:
+    image: FileImage | DatasetImage
+    prompt: str
+
+
+def read_instance_folder(folder: str | os.PathLike, prompt: str) -> list[Example]:
+    """Every image in `folder` (not recursive), each with `prompt`; other files are skipped and listed once."""
+    if not prompt or not prompt.strip():
+        raise UserError("data.source.prompt is empty: give the instance prompt, e.g. 'a photo of sks dog'")
+    return [Example(image, prompt) for image in _image_files(Path(folder), "data.source.folder")]
+
+
+def read_captioned_images(folder: str | os.PathLike, prompt_column: str = "prompt",
+                          image_column: str = "image") -> list[Example]:
+    """Images with their own prompts: `folder/metadata.jsonl` (file_name + prompt column), or a `datasets`
+    folder written by save_to_disk (image + prompt columns)."""
+    folder = Path(folder)
+    metadata = folder / "metadata.jsonl"
+    if metadata.is_file():
+        return _read_metadata(metadata, prompt_column)
+    if (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file():
+        dataset = _open_dataset(str(folder))
+        missing = {image_column, prompt_column} - set(dataset.column_names)
+        if missing:
+            raise UserError(f"the dataset in {folder} has no column(s) {sorted(missing)} (columns: "
+                            f"{dataset.column_names}); set data.source.image_column / data.source.prompt_column")
+        return [Example(DatasetImage(str(folder), i, image_column), str(prompt))
+                for i, prompt in enumerate(dataset[prompt_column])]
+    raise UserError(f"{folder} has neither metadata.jsonl nor a Hugging Face dataset saved with save_to_disk "
+                    "(data.source.folder)")
+
+
+def _read_metadata(metadata: Path, prompt_column: str) -> list[Example]:
+    examples = []
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, prompt = row["file_name"], row[prompt_column]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise UserError(f"{metadata}, line {number}: expected a JSON object with 'file_name' and "
+                            f"'{prompt_column}' (data.source.prompt_column) ({error})") from None
+        path = metadata.parent / name
+        if not path.is_file():
+            raise UserError(f"{metadata}, line {number}: image {path} does not exist")
+        examples.append(Example(FileImage(path), str(prompt)))
+    if not examples:
+        raise UserError(f"{metadata} lists no images")
+    return examples
+
+
+@functools.cache
+def _open_dataset(folder: str):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{folder} is a Hugging Face dataset folder: reading it needs `pip install datasets` "
+                        "(or convert it to images + metadata.jsonl)") from None
+    dataset = datasets.load_from_disk(folder)
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise UserError(f"the dataset in {folder} has no 'train' split (splits: {list(dataset)})")
+        dataset = dataset["train"]
+    return dataset
+
+
+def _image_files(folder: Path, key: str) -> list[FileImage]:
+    if not folder.is_dir():
+        raise UserError(f"image folder {folder} does not exist ({key})")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [FileImage(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        log.warning("skipping %d non-image file(s) in %s: %s", len(others), folder, ", ".join(others))
+    if not images:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder} ({key})")
+    return images
+
+
+def prompt_slug(prompt: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:limit] or "prompt"
+
+
+def ensure_class_images(folder: Path, prompt: str, count: int, generate: Callable[[list[str], list[int]], list],
+                        batch_size: int, seed: int = 0) -> None:
+    """Fill `folder` up to `count` images of `prompt` (prior preservation), `batch_size` at a time.
+
+    Images already there are kept and reused; each new one is written atomically, so an interrupted
+    run leaves only complete images and the next run generates the rest.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len([p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES])
+    missing = count - have
+    if missing <= 0:
+        return
+    log.info("generating %d class images of '%s' into %s", missing, prompt, folder)
+    with tqdm(total=missing, desc="class images", unit="img") as progress:
+        for start in range(have, count, batch_size):
+            seeds = [seed + i for i in range(start, min(start + batch_size, count))]
+            for index, image in zip(seeds, generate([prompt] * len(seeds), seeds)):
+                atomic_write(folder / f"class_{index:05d}.png", lambda f, im=image: im.save(f, format="PNG"), "wb")
+            progress.update(len(seeds))
+
+
+def crop_and_flip(image: Image.Image, resolution: int, top_left: tuple[int, int], flip: bool) -> dict:
+    """The cropped, optionally mirrored image in [-1, 1] with the SDXL micro-conditioning inputs.
+
+    `image` is already resized (shorter side = resolution). The crop corner of a mirrored image is
+    mirrored too, so the conditioning describes the pixels the model sees.
+    """
+    top, left = top_left
+    pixels = TF.to_tensor(image.crop((left, top, left + resolution, top + resolution)))
+    if flip:
+        pixels = pixels.flip(-1)
+        left = image.width - left - resolution
+    return {"pixels": pixels * 2 - 1, "crop_top_left": torch.tensor([top, left])}
+
+
+class TrainingImages(Dataset):
+    """Instance examples (repeated `repeats` times) paired with class examples (prior preservation).
+
+    Without a latent cache an item decodes its images, with a random or centre crop and a random
+    flip; with one (`latents`: per example, the latent distribution of the unflipped and the flipped
+    crop) it draws only the flip. The flip is drawn first in both, from Python's `random`.
+    """
+
+    def __init__(self, instances: list[Example], classes: list[Example], resolution: int, center_crop: bool,
+                 random_flip: bool, repeats: int = 1, latents: dict | None = None):
+        self.instances, self.classes = instances * repeats, classes
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.latents = latents
+
+    def __len__(self) -> int:
+        return max(len(self.instances), len(self.classes))
+
+    def __getitem__(self, index: int) -> dict:
+        item = {"instance": self.example(self.instances[index % len(self.instances)])}
+        if self.classes:
+            item["class"] = self.example(self.classes[index % len(self.classes)])
+        return item
+
+    def example(self, example: Example) -> dict:
+        flip = self.random_flip and random.random() < 0.5
+        if self.latents is not None:
+            return {**self.latents[example.image.name][flip], "prompt": example.prompt}
+        image, original_size = self.resized(example)
+        return {**crop_and_flip(image, self.resolution, self.crop_corner(image), flip),
+                "original_size": original_size, "prompt": example.prompt}
+
+    def resized(self, example: Example) -> tuple[Image.Image, torch.Tensor]:
+        image = example.image.load()
+        original_size = torch.tensor([image.height, image.width])
+        return TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BILINEAR), original_size
+
+    def crop_corner(self, image: Image.Image) -> tuple[int, int]:
+        spare_h, spare_w = image.height - self.resolution, image.width - self.resolution
+        if self.center_crop:
+            return round(spare_h / 2), round(spare_w / 2)
+        return random.randint(0, spare_h), random.randint(0, spare_w)
+
+
+def collate_training(items: list[dict]) -> dict:
+    """Instance examples first, then class examples; `num_instance` tells the loss where they split."""
+    examples = [item["instance"] for item in items] + [item["class"] for item in items if "class" in item]
+    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0] if key != "prompt"}
+    return {**batch, "prompts": [e["prompt"] for e in examples], "num_instance": len(items)}
+
+
+class PromptSet(Dataset):
+    """Every prompt with every seed: items {"prompt", "seed", "index"} (predict names its files by index)."""
+
+    def __init__(self, prompts: Sequence[str], seeds: Sequence[int]):
+        self.items = [(prompt, seed) for prompt in prompts for seed in seeds]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        prompt, seed = self.items[index]
+        return {"prompt": prompt, "seed": seed, "index": index}
+
+
+def collate_prompts(items: list[dict]) -> dict:
+    return {key: [item[key] for item in items] for key in items[0]}
+
+
+def read_prompts(prompts: str | Sequence[str] | None, key: str) -> list[str]:
+    """A list of prompts, or a text file with one prompt per line."""
+    if prompts is None:
+        return []
+    if isinstance(prompts, str):
+        path = Path(prompts)
+        if not path.is_file():
+            raise UserError(f"{key}={prompts}: give a list of prompts or a text file with one prompt per line")
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [str(p) for p in prompts]
+
+
+class DreamBoothDataModule(L.LightningDataModule):
+    """Training examples from `source`, optional class images for prior preservation, prompt sets for
+    validation (`validation_prompts`), test (`test_prompts`, mode=eval) and predict (`prompts`)."""
+
+    def __init__(self, source: Callable[[], list[Example]] | None = None, trigger_token: str | None = None,
+                 resolution: int = 1024, center_crop: bool = False, random_flip: bool = False, repeats: int = 1,
+                 batch_size: int = 1, num_workers: int = 0, cache_latents: bool = False,
+                 prior_preservation: bool = False, class_prompt: str | None = None, class_images: str | None = None,
+                 num_class_images: int = 100, class_batch_size: int = 4,
+                 validation_prompts: Sequence[str] | str | None = None, test_prompts: Sequence[str] | str | None = None,
+                 prompts: Sequence[str] | str | None = None, seeds: Sequence[int] = (0,)):
+        super().__init__()
+        if prior_preservation and not (class_prompt and class_images):
+            raise UserError("data.prior_preservation=true needs data.class_prompt (e.g. 'a photo of a dog') and "
+                            "data.class_images (a folder; missing images are generated there)")
+        self.source, self.trigger_token = source, trigger_token
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.repeats, self.batch_size, self.num_workers = repeats, batch_size, num_workers
+        self.cache_latents = cache_latents
+        self.prior_preservation, self.class_prompt = prior_preservation, class_prompt
+        self.class_images = Path(class_images) if class_images else None
+        self.num_class_images, self.class_batch_size = num_class_images, class_batch_size
+        self.prompt_sets = {"val": read_prompts(validation_prompts, "data.validation_prompts"),
+                            "test": read_prompts(test_prompts, "data.test_prompts"),
+                            "predict": read_prompts(prompts, "data.prompts")}
+        self.seeds = list(seeds)
+        self._instances: list[Example] | None = None
+        self._latents: dict | None = None
+
+    @property
+    def instances(self) -> list[Example]:
+        """The training examples, read and checked once."""
+        if self._instances is None:
+            if self.source is None:
+                raise UserError("data.source is not set: give a reader of training images (see conf/data/)")
+            self._instances = self.source()
+            self._check(self._instances)
+        return self._instances
+
+    def _check(self, examples: list[Example]) -> None:
+        small = [e.image.name for e in examples if min(e.image.size()) < self.resolution]
+        if small:
+            log.warning("%d image(s) are smaller than data.resolution=%d and will be upscaled: %s",
+                        len(small), self.resolution, ", ".join(small))
+        if self.trigger_token:
+            untriggered = sorted({e.prompt for e in examples if self.trigger_token not in e.prompt})
+            if untriggered:
+                log.warning("%d prompt(s) lack the trigger token '%s' (data.trigger_token): %s",
+                            len(untriggered), self.trigger_token, " | ".join(untriggered[:5]))
+
+    def class_examples(self) -> list[Example]:
+        if not self.prior_preservation:
+            return []
+        images = _image_files(self.class_images, "data.class_images")[: self.num_class_images]
+        return [Example(image, self.class_prompt) for image in images]
+
+    def prepare_class_images(self, generate: Callable[[list[str], list[int]], list]) -> None:
+        """Generate the class images prior preservation still lacks (`generate(prompts, seeds) -> PIL images`)."""
+        if self.prior_preservation:
+            ensure_class_images(self.class_images, self.class_prompt, self.num_class_images, generate,
+                                self.class_batch_size)
+
+    def train_prompts(self) -> set[str]:
+        return {e.prompt for e in self.instances} | ({self.class_prompt} if self.prior_preservation else set())
+
+    def reference_images(self) -> list[Image.Image]:
+        """The real instance images, for subject fidelity (CLIP-I, DINO)."""
+        return [e.image.load() for e in self.instances]
+
+    def enable_latent_cache(self, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 8) -> None:
+        """With data.cache_latents: encode every training image and its mirror image once with `encode`
+        (pixels in [-1, 1] -> latent distribution parameters); training then reads them from memory.
+
+        Each image's crop is fixed here (centre, or one random draw: as in the diffusers script).
+        """
+        if not self.cache_latents or self._latents is not None:
+            return
+        examples = list({e.image.name: e for e in self.instances + self.class_examples()}.values())
+        dataset = TrainingImages([], [], self.resolution, self.center_crop, False)
+        latents = {}
+        for start in tqdm(range(0, len(examples), batch_size), desc="caching latents", unit="batch"):
+            chunk = examples[start:start + batch_size]
+            views = []
+            for example in chunk:
+                image, original_size = dataset.resized(example)
+                corner = dataset.crop_corner(image)
+                views += [{**crop_and_flip(image, self.resolution, corner, flip), "original_size": original_size}
+                          for flip in (False, True)]
+            parameters = encode(torch.stack([v["pixels"] for v in views])).float().cpu()
+            for i, example in enumerate(chunk):
+                latents[example.image.name] = [
+                    {"latent_parameters": parameters[2 * i + flip], "crop_top_left": view["crop_top_left"],
+                     "original_size": view["original_size"]}
+                    for flip, view in enumerate(views[2 * i:2 * i + 2])]
+        self._latents = latents
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = TrainingImages(self.instances, self.class_examples(), self.resolution, self.center_crop,
+                                 self.random_flip, self.repeats, self._latents)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, collate_fn=collate_training, drop_last=False)
+
+    def _prompt_loader(self, stage: str) -> DataLoader:
+        return DataLoader(PromptSet(self.prompt_sets[stage], self.seeds), batch_size=self.batch_size,
+                          collate_fn=collate_prompts)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._prompt_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.prompt_sets["test"]:
+            log.warning("data.test_prompts is empty: no images to generate and score (set it to a list of prompts "
+                        "or a text file)")
+        return self._prompt_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        if not self.prompt_sets["predict"]:
+            raise UserError("mode=predict needs prompts: set data.prompts (a list or a text file, one per line)")
+        return self._prompt_loader("predict")

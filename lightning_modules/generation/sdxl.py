@@ -1,0 +1,101 @@
+"""Stable Diffusion XL parts: loading them from a pipeline (hub id or local folder), without downloading;
+prompt encoding with both CLIP text encoders; micro-conditioning time ids; LoRA state dicts in the
+diffusers and Kohya layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from peft.utils import get_peft_model_state_dict
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+from framework.errors import UserError
+
+COMPONENTS = {
+    "unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+    "text_encoder_2": CLIPTextModelWithProjection, "tokenizer": AutoTokenizer, "tokenizer_2": AutoTokenizer,
+    "scheduler": DDPMScheduler,
+}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# scripts/download_models.py names of the default models
+DOWNLOAD_NAMES = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base",
+                  "madebyollin/sdxl-vae-fp16-fix": "sdxl-vae-fp16",
+                  "openai/clip-vit-base-patch32": "clip-vit-b32", "facebook/dino-vits16": "dino-vits16"}
+
+
+def load_pretrained(cls, source: str, subfolder: str | None, key: str):
+    """`cls.from_pretrained` from a local folder or the local Hugging Face cache (nothing is downloaded)."""
+    local = Path(source).expanduser()
+    where = f"{source}/{subfolder}" if subfolder else source
+    if source.startswith(("/", ".", "~")) and not local.is_dir():
+        raise UserError(f"the folder {source} ({key}) does not exist")
+    if local.is_dir() and subfolder and not (local / subfolder).is_dir():
+        raise UserError(f"the pipeline folder {source} ({key}) has no '{subfolder}' component: an SDXL pipeline "
+                        f"folder needs {', '.join(COMPONENTS)} (as StableDiffusionXLPipeline.save_pretrained writes)")
+    try:
+        return cls.from_pretrained(str(local) if local.is_dir() else source, local_files_only=True,
+                                   **({"subfolder": subfolder} if subfolder else {}))
+    except (OSError, ValueError) as error:
+        hint = (f"python scripts/download_models.py {DOWNLOAD_NAMES[source]}" if source in DOWNLOAD_NAMES
+                else f"hf download {source}")
+        raise UserError(f"cannot load {where} ({key}): it is neither a local folder nor in the local Hugging Face "
+                        f"cache. On a machine with network run `{hint}` (or save the model with save_pretrained) "
+                        f"and set {key} to its folder. ({type(error).__name__}: {str(error)[:200]})") from None
+
+
+def load_sdxl(pretrained: str, vae: str | None = None) -> dict:
+    """The SDXL components by name; `vae` replaces the pipeline's VAE (e.g. an fp16-fixed one)."""
+    parts = {name: load_pretrained(cls, pretrained, name, "model.pretrained") for name, cls in COMPONENTS.items()
+             if not (name == "vae" and vae)}
+    if vae:
+        parts["vae"] = load_pretrained(AutoencoderKL, vae, None, "model.vae")
+    return parts
+
+
+def encode_prompts(tokenizers: list, text_encoders: list[torch.nn.Module], prompts: list[str]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL text conditioning: the penultimate hidden states of both encoders side by side [B, 77, d1 + d2],
+    and the pooled, projected output of the second [B, p]."""
+    hidden = []
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(encoder.device)
+        output = encoder(ids, output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), output.text_embeds
+
+
+def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: int) -> torch.Tensor:
+    """SDXL micro-conditioning per image: (original h, w, crop top, left, target h, w) [B, 6]."""
+    target = original_size.new_tensor([target_size, target_size]).expand_as(original_size)
+    return torch.cat([original_size, crop_top_left, target], dim=1)
+
+
+def lora_layers(modules: dict[str, torch.nn.Module]) -> dict:
+    """save_lora_weights arguments for the components with a trained ("default") peft adapter."""
+    layers = {}
+    for name, module in modules.items():
+        if "default" in (getattr(module, "peft_config", None) or {}):
+            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+            layers[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    return layers
+
+
+def save_lora(directory: Path, modules: dict[str, torch.nn.Module], kohya_alpha: float | None = None) -> None:
+    """pytorch_lora_weights.safetensors (diffusers layout, what StableDiffusionXLPipeline.load_lora_weights
+    reads); with `kohya_alpha`, also pytorch_lora_weights_kohya.safetensors (Kohya / WebUI / ComfyUI layout)."""
+    layers = lora_layers(modules)
+    StableDiffusionXLPipeline.save_lora_weights(directory, **layers)
+    if kohya_alpha is not None:
+        from safetensors.torch import save_file
+
+        prefixed = {f"{name[: -len('_lora_layers')]}.{key}": value.detach().float().cpu().contiguous()
+                    for name, state in layers.items() if name.endswith("_lora_layers") for key, value in state.items()}
+        kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(prefixed))
+        # convert_state_dict_to_kohya writes alpha = rank; the adapters were trained with lora_alpha.
+        kohya = {key: torch.tensor(float(kohya_alpha)) if key.endswith(".alpha") else value
+                 for key, value in kohya.items()}
+        save_file(kohya, str(directory / "pytorch_lora_weights_kohya.safetensors"))
