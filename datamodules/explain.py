@@ -1,0 +1,149 @@
+"""Data for explaining classifiers: shapes labelled by their shape class (with object boxes), plain image
+folders, and class indices (class visualisation).
+
+Images come as pixels in [0, 1] (no normalisation): the classifiers under explanation normalise inside
+(see lightning_modules/explain/classifier.py), so that attributions, attacks and epsilons live in pixel space.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from datamodules.captions import collate
+from datamodules.images import ImageFolderDataset, read_or_skip
+from datamodules.shapes import SHAPES, generate_shapes
+from framework.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+def pixel_transform(image_size: int) -> transforms.Compose:
+    """Square resize to pixels in [0, 1]."""
+    return transforms.Compose([transforms.Resize((image_size, image_size), antialias=True), transforms.ToTensor()])
+
+
+def read_shape_classes(annotations: Path) -> dict[str, list[dict]]:
+    """The single-object images of a shapes data set, per split: path, label (index into SHAPES) and box.
+
+    Two-object images are left out: their shape class would be ambiguous.
+    """
+    images = json.loads(annotations.read_text())["images"]
+    splits = {split: [] for split in SPLITS}
+    for entry in images:
+        if len(entry["objects"]) == 1:
+            (obj,) = entry["objects"]
+            splits[entry["split"]].append({"path": annotations.parent / entry["filepath"] / entry["filename"],
+                                           "label": SHAPES.index(obj["shape"]), "box": obj["box"]})
+    return splits
+
+
+class LabelledImages(Dataset):
+    """Items {"image", "label", "box" (in pixels of the resized image), "path"}."""
+
+    def __init__(self, items: list[dict], image_size: int, skip_bad_images: bool = False):
+        self.items, self.image_size, self.skip_bad_images = items, image_size, skip_bad_images
+        self.transform = pixel_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict | None:
+        item = self.items[index]
+        image = read_or_skip(item["path"], self.skip_bad_images)
+        if image is None:
+            return None
+        scale = self.image_size / image.width
+        return {"image": self.transform(image), "label": torch.tensor(item["label"]),
+                "box": torch.tensor(item["box"], dtype=torch.float32) * scale, "path": str(item["path"])}
+
+
+class ShapeClassesDataModule(L.LightningDataModule):
+    """The embedded shapes data (generated into `root` on first use) as a 4-class shape classification set.
+
+    train/val/test serve the classifier; predict serves the first `num_predict` test images (all: null)
+    with their labels and boxes (for the pointing game).
+    """
+
+    def __init__(self, root: str, seed: int = 0, num_train: int = 3000, num_val: int = 200, num_test: int = 200,
+                 image_size: int = 64, batch_size: int = 64, eval_batch_size: int | None = None,
+                 num_workers: int = 0, skip_bad_images: bool = False, num_predict: int | None = None):
+        super().__init__()
+        self.root, self.seed, self.counts = root, seed, (num_train, num_val, num_test)
+        self.image_size, self.batch_size = image_size, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers, self.skip_bad_images = num_workers, skip_bad_images
+        self.num_predict = num_predict
+        self._splits: dict[str, list[dict]] | None = None
+
+    def prepare_data(self) -> None:
+        self.splits  # noqa: B018 (generates the data set once per node)
+
+    @property
+    def splits(self) -> dict[str, list[dict]]:
+        if self._splits is None:
+            num_train, num_val, num_test = self.counts
+            annotations = generate_shapes(self.root, seed=self.seed, num_train=num_train, num_val=num_val,
+                                          num_test=num_test, image_size=self.image_size)
+            self._splits = read_shape_classes(annotations)
+        return self._splits
+
+    def model_inputs(self) -> dict:
+        return {"classes": list(SHAPES)}
+
+    def _loader(self, dataset: Dataset, train: bool = False) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collate)
+
+    def _split_loader(self, split: str, train: bool = False, limit: int | None = None) -> DataLoader:
+        items = self.splits[split][:limit]
+        if not items:
+            raise UserError(f"the shapes data set has no single-object '{split}' images (data.num_{split})")
+        return self._loader(LabelledImages(items, self.image_size, self.skip_bad_images), train)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._split_loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._split_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._split_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._split_loader("test", limit=self.num_predict)
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Every image under `images` (e.g. photos for an ImageNet classifier), resized to `image_size`."""
+
+    def __init__(self, images: str, image_size: int = 224, batch_size: int = 16, num_workers: int = 0,
+                 skip_bad_images: bool = False):
+        super().__init__()
+        self.images, self.image_size, self.batch_size = images, image_size, batch_size
+        self.num_workers, self.skip_bad_images = num_workers, skip_bad_images
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.images is None:
+            raise UserError("data.images is not set: give a folder of images to explain")
+        dataset = ImageFolderDataset(self.images, pixel_transform(self.image_size), self.skip_bad_images)
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
+
+
+class ClassTargetsDataModule(L.LightningDataModule):
+    """Class indices to visualise: `targets`, or (null) every class of the model being explained."""
+
+    def __init__(self, targets: list[int] | None = None, batch_size: int = 8):
+        super().__init__()
+        self.targets, self.batch_size = targets, batch_size
+
+    def predict_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module  # the explaining module knows the classifier's classes
+        targets = range(len(module.class_names)) if self.targets is None else self.targets
+        items = [{"target": torch.tensor(module.check_class(target, "data.targets"))} for target in targets]
+        return DataLoader(items, batch_size=self.batch_size, collate_fn=collate)

@@ -1,0 +1,1 @@
+"""Explaining classifiers: the shapes classifier, attribution maps and their measures, adversarial examples."""

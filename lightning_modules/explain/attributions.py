@@ -1,0 +1,57 @@
+"""Attribution maps through captum: vanilla gradient, SmoothGrad, Integrated Gradients and Grad-CAM."""
+
+from __future__ import annotations
+
+import torch
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
+
+from framework.errors import UserError
+from lightning_modules.explain.classifier import PixelClassifier
+
+METHODS = ("vanilla", "smoothgrad", "integrated_gradients", "gradcam")
+
+
+class Attributions:
+    """The attribution methods of one classifier.
+
+    - vanilla: |d score / d pixel| (Simonyan et al. 2014);
+    - smoothgrad: the vanilla gradient averaged over `smoothgrad_samples` copies of the image with Gaussian
+      noise of standard deviation `smoothgrad_noise` (in pixel units; Smilkov et al. 2017);
+    - integrated_gradients: from a black image, `ig_steps` Gauss-Legendre steps (Sundararajan et al. 2017);
+    - gradcam: Grad-CAM of `gradcam_layer` (Selvaraju et al. 2017), upsampled bilinearly to the image.
+
+    SmoothGrad and Integrated Gradients run their noisy / interpolated copies through the classifier in chunks of
+    about `internal_batch_size` images (memory).
+    """
+
+    def __init__(self, classifier: PixelClassifier, gradcam_layer: str, smoothgrad_samples: int = 25,
+                 smoothgrad_noise: float = 0.05, ig_steps: int = 32, internal_batch_size: int = 256):
+        saliency = Saliency(classifier)
+        smoothgrad = NoiseTunnel(saliency)
+        integrated_gradients = IntegratedGradients(classifier)
+        gradcam = LayerGradCam(classifier, classifier.layer(gradcam_layer))
+        self._methods = {
+            "vanilla": lambda x, t: saliency.attribute(x, target=t, abs=True),
+            "smoothgrad": lambda x, t: smoothgrad.attribute(
+                x, nt_type="smoothgrad", nt_samples=smoothgrad_samples, stdevs=smoothgrad_noise, target=t, abs=True,
+                nt_samples_batch_size=max(1, internal_batch_size // len(x))),
+            "integrated_gradients": lambda x, t: integrated_gradients.attribute(
+                x, baselines=0.0, target=t, n_steps=ig_steps, internal_batch_size=max(len(x), internal_batch_size)),
+            "gradcam": lambda x, t: LayerAttribution.interpolate(gradcam.attribute(x, target=t, relu_attributions=True),
+                                                                 tuple(x.shape[-2:]), "bilinear"),
+        }
+
+    @staticmethod
+    def check(methods: list[str]) -> list[str]:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise UserError(f"model.methods: {', '.join(unknown) or 'none given'}; choose from {', '.join(METHODS)}")
+        return list(methods)
+
+    def attribute(self, method: str, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """captum's attributions, [B, 3, H, W] (Grad-CAM: [B, 1, H, W]); needs gradients enabled."""
+        return self._methods[method](pixels, targets)
+
+    def maps(self, method: str, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Non-negative maps [B, H, W]: the attributions' absolute values summed over the colour channels."""
+        return self.attribute(method, pixels, targets).detach().abs().sum(1)

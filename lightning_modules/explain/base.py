@@ -1,0 +1,134 @@
+"""What the explaining tasks share: the classifier under explanation, targets, image files and the TensorBoard summary.
+
+They run in mode=predict (their task configs set it): predict_step writes each image's files as it goes
+(atomically), and save_predictions(rows, output_dir) writes predictions.json, sheets and metrics at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from datamodules.images import load_rgb
+from framework.config import to_plain
+from framework.errors import UserError
+from framework.files import atomic_write, write_json
+from lightning_modules.explain.classifier import classifier_to_explain
+
+log = logging.getLogger(__name__)
+
+
+class ExplainModule(L.LightningModule):
+    """A LightningModule around a frozen classifier (see model.classifier in conf/model/classifier_to_explain.yaml)."""
+
+    builds_from_config = True  # mode=predict builds it from cfg.model: the classifier comes from model.classifier
+
+    def __init__(self, classifier: dict, classes: list[str] | None = None):
+        """`classes`: the labels of the data (from its data module), which must be the classifier's."""
+        super().__init__()
+        self.classifier = classifier_to_explain(**to_plain(classifier)).requires_grad_(False)
+        if classes is not None and list(classes) != self.class_names:
+            raise UserError(f"the data's classes ({', '.join(classes)}) are not those of the classifier "
+                            f"({', '.join(self.class_names[:5])}, ...): explain labelled shapes data with "
+                            "model.classifier.name=shapes, or other images with data=explain_images")
+
+    @classmethod
+    def load_from_checkpoint(cls, *args, **kwargs):
+        raise UserError(f"{cls.__name__} is not trained and has no checkpoint: leave ckpt_path unset and give the "
+                        "classifier to explain as model.classifier.checkpoint=PATH")
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.classifier.class_names
+
+    def check_class(self, target: int | None, key: str) -> int | None:
+        """`target` if it is one of the classifier's classes (or None); a UserError naming `key` otherwise."""
+        if target is not None and (isinstance(target, bool) or not isinstance(target, int)
+                                   or not 0 <= target < len(self.class_names)):
+            raise UserError(f"{key}={target} is not a class of the classifier: give an index in "
+                            f"0..{len(self.class_names) - 1} ({', '.join(self.class_names[:5])}, ...)")
+        return target
+
+    def on_predict_epoch_start(self) -> None:
+        self.skipped_images = 0
+
+    def has_images(self, batch: dict) -> bool:
+        """Count the unreadable images the loader left out (data.skip_bad_images); False for an empty batch."""
+        self.skipped_images += batch["skipped"]
+        return batch["size"] > 0
+
+    def on_predict_epoch_end(self) -> None:
+        if self.skipped_images:
+            log.warning("skipped %d unreadable images (data.skip_bad_images=true)", self.skipped_images)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir)
+
+    def image_name(self, path: str) -> str:
+        """A file name for an image: its path under the data's folder (data.images), or its stem."""
+        root = getattr(self.trainer.datamodule, "images", None)
+        relative = Path(path).relative_to(root) if root and Path(path).is_relative_to(root) else Path(Path(path).name)
+        return "__".join(relative.with_suffix("").parts)
+
+
+@contextlib.contextmanager
+def gradients() -> Iterator[None]:
+    """Gradients inside the predict loop, which runs under torch.inference_mode / no_grad."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def to_rgb(pixels: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [0, 1] -> uint8 [H, W, 3]."""
+    return (pixels.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def enlarge(image: np.ndarray, size: int) -> np.ndarray:
+    """Square image scaled to at least `size` pixels (nearest neighbour: small images stay crisp)."""
+    scale = math.ceil(size / image.shape[0])
+    return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) if scale > 1 else image
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    return np.asarray(load_rgb(path))
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    atomic_write(path, lambda f: f.write(data.tobytes()), mode="wb")
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, array), mode="wb")
+
+
+def mean_metrics(rows: list[dict], prefix: str = "predict") -> dict[str, float]:
+    """The mean over rows of every numeric (or boolean) field, as `prefix/field`, plus the number of rows."""
+    keys = [key for key, value in rows[0].items() if isinstance(value, (bool, int, float))] if rows else []
+    metrics = {f"{prefix}/{key}": float(np.mean([row[key] for row in rows])) for key in keys}
+    return {f"{prefix}/images": float(len(rows)), **metrics}
+
+
+def write_summary(output_dir: Path, rows: list[dict], metrics: dict[str, float], images: dict[str, np.ndarray]) -> None:
+    """predictions.json, the images as PNG files in `output_dir` and, with the metrics, in TensorBoard."""
+    write_json(output_dir / "predictions.json", rows)
+    with SummaryWriter(str(output_dir / "tensorboard")) as board:
+        for name, value in metrics.items():
+            board.add_scalar(name, value, 0)
+        for name, image in images.items():
+            write_png(output_dir / f"{name}.png", image)
+            board.add_image(name, image, 0, dataformats="HWC")
+    log.info("wrote %d rows to %s and %s", len(rows), output_dir / "predictions.json",
+             ", ".join(f"{name}.png" for name in images))

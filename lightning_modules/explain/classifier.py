@@ -1,0 +1,173 @@
+"""Classifiers to explain: the shapes classifier we train (task=shapes_classifier) and torchvision's ImageNet models.
+
+Every classifier under explanation is a `PixelClassifier`: it takes pixels in [0, 1] and normalises inside,
+so attributions, attacks and their epsilons are all in pixel space, whatever normalisation the network needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision import models
+
+from datamodules.images import IMAGENET_MEAN, IMAGENET_STD
+from framework.config import to_plain
+from framework.errors import UserError
+from framework.files import atomic_dir
+from framework.weights import imagenet_state_dict
+from lightning_modules.captioning.nets import SmallCNN
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class PixelClassifier(nn.Module):
+    """`net` behind its input normalisation: pixels [B, 3, H, W] in [0, 1] -> logits [B, len(class_names)]."""
+
+    def __init__(self, net: nn.Module, class_names: list[str], mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.net, self.class_names = net, list(class_names)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net((pixels - self.mean) / self.std)
+
+    def layer(self, name: str, key: str = "model.gradcam_layer") -> nn.Module:
+        """The submodule of `net` called `name` (a dotted path such as layer4 or layer4.2.conv3)."""
+        try:
+            return self.net.get_submodule(name)
+        except AttributeError:
+            children = ", ".join(n for n, _ in self.net.named_children())
+            raise UserError(f"the classifier has no layer '{name}' ({key}); its top-level layers are: {children} "
+                            "(dotted paths reach inside them)") from None
+
+    def last_spatial_layer(self) -> str:
+        """The last top-level layer whose output is still a feature map larger than 1x1 (Grad-CAM's default)."""
+        shapes = {}
+        hooks = [child.register_forward_hook(lambda m, i, out, name=name: shapes.__setitem__(name, out.shape))
+                 for name, child in self.net.named_children()]
+        try:
+            with torch.no_grad():
+                self(torch.zeros(1, 3, 64, 64, device=self.mean.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        spatial = [name for name, shape in shapes.items() if len(shape) == 4 and shape[-1] * shape[-2] > 1]
+        if not spatial:
+            raise UserError("the classifier has no convolutional layer for Grad-CAM: set model.gradcam_layer")
+        return spatial[-1]
+
+    def parameterised_layers(self) -> list[str]:
+        """Top-level layers of `net` that have weights, from the input to the output."""
+        return [name for name, child in self.net.named_children() if any(True for _ in child.parameters())]
+
+
+def shapes_net(num_classes: int, width: int) -> nn.Sequential:
+    """SmallCNN's four blocks, global average pooling and a linear layer, with names that read well in configs."""
+    blocks = [(f"block{i}", block) for i, block in enumerate(SmallCNN(width))]
+    head = [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(8 * width, num_classes))]
+    return nn.Sequential(OrderedDict(blocks + head))
+
+
+class ShapesClassifier(L.LightningModule):
+    """A small CNN telling the shape of a shapes image (task=shapes_classifier); `classifier` is what is explained."""
+
+    def __init__(self, classes: list[str], optimizer: dict, scheduler: dict | None = None, width: int = 32,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        classes, optimizer, scheduler = to_plain(classes), to_plain(optimizer), to_plain(scheduler)
+        self.save_hyperparameters(logger=False)
+        self.classifier = PixelClassifier(shapes_net(len(classes), width), classes)
+        self.accuracy = nn.ModuleDict({f"{stage}_acc": MulticlassAccuracy(len(classes), average="micro")
+                                       for stage in ("train", "val", "test")})
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.classifier(pixels)
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        logits = self(batch["images"])
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        self.accuracy[f"{stage}_acc"](logits, batch["label"])
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=batch["size"], sync_dist=stage != "train")
+        self.log(f"{stage}/acc", self.accuracy[f"{stage}_acc"], prog_bar=True, batch_size=batch["size"])
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        from hydra.utils import instantiate  # here, not at the top: benchmarks import this module without Hydra
+
+        optimizer = instantiate(self.hparams.optimizer)(params=self.trainer.model.parameters())
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def ensure_shapes_classifier(cache_dir: str | Path, data_dir: str | Path, overrides: tuple[str, ...] = ()) -> Path:
+    """The best checkpoint of the shapes classifier cached in `cache_dir`; trained there first if there is none.
+
+    Training is the real task, `python run.py task=shapes_classifier [overrides]`, whose run dir becomes
+    `cache_dir` when it has finished (metrics.json there holds its accuracy). Delete the folder to retrain.
+    """
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cached_checkpoints(cache_dir):
+        raise UserError(f"{cache_dir} (model.classifier.cache_dir) holds no checkpoints/epoch_*.ckpt: remove it to "
+                        "train the shapes classifier there, or give model.classifier.checkpoint=PATH")
+    if not cache_dir.exists():
+        log.info("model.classifier.checkpoint is not set and there is no cached shapes classifier in %s: training one "
+                 "with `python run.py task=shapes_classifier` (once; later runs reuse it)", cache_dir)
+        with atomic_dir(cache_dir) as run_dir:
+            command = [sys.executable, str(ROOT / "run.py"), "task=shapes_classifier", f"paths.data_dir={data_dir}",
+                       f"hydra.run.dir={run_dir}", *overrides]
+            if subprocess.run(command, cwd=ROOT).returncode != 0 or not cached_checkpoints(run_dir):
+                raise RuntimeError(f"training the shapes classifier failed ({' '.join(command)}); see its log above")
+    checkpoint = cached_checkpoints(cache_dir)[-1]
+    log.info("model.classifier.checkpoint is not set: explaining the cached shapes classifier %s", checkpoint)
+    return checkpoint
+
+
+def cached_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoints/epoch_*.ckpt"))
+
+
+def classifier_to_explain(name: str = "shapes", checkpoint: str | None = None, pretrained: bool | str = True,
+                          cache_dir: str | None = None, data_dir: str | None = None) -> PixelClassifier:
+    """The classifier named by model.classifier: `shapes` (a ShapesClassifier checkpoint; without one, the cached
+    shapes classifier, trained on first use) or a torchvision classifier such as resnet50 (ImageNet weights
+    from the local torch cache, or from the file `pretrained` names; pretrained=false: random weights)."""
+    if name == "shapes":
+        if checkpoint is None:
+            if cache_dir is None or data_dir is None:
+                raise UserError("set model.classifier.checkpoint to a shapes classifier checkpoint")
+            checkpoint = ensure_shapes_classifier(cache_dir, data_dir)
+        if not Path(checkpoint).is_file():
+            raise UserError(f"checkpoint {checkpoint} does not exist (model.classifier.checkpoint): give a "
+                            "task=shapes_classifier run's checkpoints/epoch_*.ckpt")
+        module = ShapesClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+        return module.classifier.eval()
+    if name not in models.list_models(module=models):
+        raise UserError(f"model.classifier.name={name} is neither 'shapes' nor a torchvision classifier "
+                        "(e.g. resnet50, vgg16, densenet121)")
+    net = models.get_model(name, weights=None)
+    if pretrained:
+        net.load_state_dict(imagenet_state_dict(name, pretrained, "model.classifier.pretrained"))
+    categories = models.get_model_weights(name).DEFAULT.meta["categories"]
+    return PixelClassifier(net, categories).eval()
