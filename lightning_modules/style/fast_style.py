@@ -1,0 +1,97 @@
+"""Johnson et al. (2016), "Perceptual Losses for Real-Time Style Transfer and Super-Resolution": a feed-forward
+image transformation network trained for one style on content images, scored by VGG perceptual losses.
+
+The network is in nets.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+from framework.config import to_plain
+from framework.files import atomic_dir, write_json
+from lightning_modules.style.images import save_png, tensorboard
+from lightning_modules.style.losses import build_perceptual_loss
+from lightning_modules.style.nets import TransformerNet
+
+log = logging.getLogger(__name__)
+DEFAULT_STYLE_LAYERS = {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0, "relu4_3": 1.0}
+
+
+class FastStyle(L.LightningModule):
+    """Trains `TransformerNet` for the `style` image ([3, H, W] in [0, 1], from the data module; only needed to
+    train). The VGG loss network is not saved in checkpoints: stylising needs the transformation net only."""
+
+    def __init__(self, net: dict, vgg: dict, optimizer: dict, style: torch.Tensor | None = None,
+                 allow_random_features: bool = False, content_layers: list[str] = ("relu2_2",),
+                 style_layers: dict[str, float] | None = None, content_weight: float = 1.0,
+                 style_weight: float = 1e5, tv_weight: float = 0.0, image_every_n_steps: int = 50):
+        super().__init__()
+        net, vgg, optimizer = to_plain(net), to_plain(vgg), to_plain(optimizer)
+        content_layers, style_layers = list(to_plain(content_layers)), to_plain(style_layers) or DEFAULT_STYLE_LAYERS
+        self.save_hyperparameters(ignore=["style"], logger=False)
+        self.net = TransformerNet(**net)
+        self.loss = None
+        if style is not None:  # training
+            self.loss = build_perceptual_loss(vgg, allow_random_features, content_layers, style_layers,
+                                              content_weight, style_weight, tv_weight)
+            self.register_buffer("style", style.unsqueeze(0), persistent=False)
+            self.strict_loading = False  # resuming: the checkpoint has no loss network, this module has one
+
+    def state_dict(self, *args, **kwargs):
+        # Checkpoints hold the transformation net only (the loss network is fixed ImageNet VGG).
+        state = super().state_dict(*args, **kwargs)
+        return {key: value for key, value in state.items() if not key.startswith("loss.")}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def on_fit_start(self) -> None:
+        self.loss.set_style([self.style], [1.0])
+        log.info("fast style: VGG features %s", self.loss.features.weights)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        content = batch["image"]
+        output = self.net(content)
+        parts = self.loss(output, self.loss.content_targets(content))
+        self.log_dict({f"train/{name}": value for name, value in parts.items() if name != "loss"},
+                      batch_size=len(content))
+        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=len(content))
+        board = tensorboard(self.trainer)
+        if board is not None and self.global_step % self.hparams.image_every_n_steps == 0:
+            board.add_images("train/stylized", torch.cat([content[:4], output[:4].detach()]), self.global_step)
+        return parts["loss"]
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Stylises a batch and writes each result as PNG (atomically) under <run dir>/stylized/."""
+        folder = Path(self.trainer.default_root_dir) / "stylized"
+        rows = []
+        for image, path, name in zip(self(batch["image"]), batch["path"], batch["name"]):
+            rows.append({"image": path, "stylized": str(save_png(image, folder / name))})
+        return rows
+
+    def export(self, directory: str | Path) -> Path:
+        """TorchScript (`fast_style.pt`, `torch.jit.load(path)(images)`; scripted, so any image size works), and
+        ONNX when `onnx` is installed."""
+        net = TransformerNet(**self.hparams.net).eval()
+        net.load_state_dict(self.net.state_dict())
+        with atomic_dir(directory) as folder:
+            torch.jit.script(net).save(str(folder / "fast_style.pt"))
+            if importlib.util.find_spec("onnx") is not None:
+                torch.onnx.export(net, (torch.rand(1, 3, 64, 64),), str(folder / "fast_style.onnx"), input_names=["images"],
+                                  output_names=["stylized"], dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}})
+            else:
+                log.info("onnx is not installed: exported TorchScript only (pip install onnx for fast_style.onnx too)")
+            write_json(folder / "model.json", {"input": "RGB float [B, 3, H, W] in [0, 1]",
+                                               "output": "stylised RGB float [B, 3, H, W] in [0, 1]",
+                                               "net": self.hparams.net})
+        return Path(directory)
+
+    def configure_optimizers(self):
+        return instantiate(self.hparams.optimizer)(params=self.trainer.model.parameters())

@@ -1,0 +1,137 @@
+"""Gatys et al. (2016), "Image Style Transfer Using Convolutional Neural Networks": the image itself is the
+parameter, optimised (LBFGS or Adam) so that its VGG features match the content image's and its Gram matrices
+the style images'.
+
+Options: start from the content or from noise; luminance-only transfer (Gatys et al. 2016, "Preserving Color
+in Neural Artistic Style Transfer"): the style is transferred on the YIQ luminance, the content's chrominance is
+kept; coarse-to-fine: the first scales are optimised at a fraction of the size, then upsampled and continued.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+
+from framework.config import to_plain
+from framework.errors import UserError
+from lightning_modules.style.images import matched_luminance, rgb_to_yiq, save_png, tensorboard, yiq_to_rgb
+from lightning_modules.style.losses import build_perceptual_loss
+
+log = logging.getLogger(__name__)
+INITS = ("content", "noise")
+DEFAULT_STYLE_LAYERS = {"relu1_1": 1.0, "relu2_1": 1.0, "relu3_1": 1.0, "relu4_1": 1.0, "relu5_1": 1.0}
+
+
+class GatysStyleTransfer(L.LightningModule):
+    """`content` [3, H, W] and `styles` ([3, h, w] each, blended with `style_weights`) are RGB in [0, 1].
+
+    Each of `scales` (fractions of the content size, ascending) gets an equal share of the training steps;
+    at each new scale the image is upsampled, the targets recomputed and the optimizer started afresh. The style
+    targets are computed once per scale. After fitting, the result is written to `output` (PNG).
+    """
+
+    def __init__(self, content: torch.Tensor, styles: list[torch.Tensor], style_weights: list[float], vgg: dict,
+                 optimizer: dict, allow_random_features: bool = False, content_layers: list[str] = ("relu4_2",),
+                 style_layers: dict[str, float] | None = None, content_weight: float = 1.0,
+                 style_weight: float = 1e6, tv_weight: float = 0.0, init: str = "content",
+                 preserve_color: bool = False, scales: list[float] = (1.0,), output: str = "stylized.png",
+                 image_every_n_steps: int = 10):
+        super().__init__()
+        vgg, optimizer, scales = to_plain(vgg), to_plain(optimizer), list(to_plain(scales))
+        content_layers, style_layers = list(to_plain(content_layers)), to_plain(style_layers) or DEFAULT_STYLE_LAYERS
+        if init not in INITS:
+            raise UserError(f"model.init={init} is not one of {', '.join(INITS)}")
+        if not scales or any(s <= 0 for s in scales) or scales != sorted(scales):
+            raise UserError(f"model.scales={scales} must be positive fractions of the image size, ascending "
+                            "(e.g. [0.5, 1.0])")
+        self.save_hyperparameters(ignore=["content", "styles"], logger=False)
+        self.loss = build_perceptual_loss(vgg, allow_random_features, content_layers, style_layers, content_weight,
+                                          style_weight, tv_weight)
+        self.sizes = [(max(1, round(content.shape[1] * s)), max(1, round(content.shape[2] * s))) for s in scales]
+        if min(self.sizes[0]) < self.loss.features.min_size:
+            raise UserError(f"the image is {self.sizes[0][1]}x{self.sizes[0][0]} px at model.scales[0]={scales[0]}: "
+                            f"layer {self.loss.features.names[-1]} needs at least {self.loss.features.min_size} px "
+                            "a side; raise data.image_size or the first scale")
+        self.register_buffer("content", content.unsqueeze(0), persistent=False)
+        self.style_images = [s.unsqueeze(0) for s in styles]  # sizes differ: a list, moved when used
+        start = self.working(self.resized(self.content, 0))
+        self.image = nn.Parameter(start.clone() if init == "content" else torch.rand_like(start))
+        self.scale_index, self.content_targets = 0, {}
+
+    def resized(self, images: torch.Tensor, scale_index: int) -> torch.Tensor:
+        size = self.sizes[scale_index]
+        if tuple(images.shape[-2:]) == size:
+            return images
+        return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+    def working(self, rgb: torch.Tensor) -> torch.Tensor:
+        """What is optimised: the RGB image, or with preserve_color its luminance [B, 1, H, W]."""
+        return rgb_to_yiq(rgb)[:, :1] if self.hparams.preserve_color else rgb
+
+    @staticmethod
+    def rgb_view(images: torch.Tensor) -> torch.Tensor:
+        return images.expand(-1, 3, -1, -1)  # a luminance image as grey RGB; RGB unchanged
+
+    def style_inputs(self, scale: float) -> list[torch.Tensor]:
+        styles = [s.to(self.device) for s in self.style_images]
+        styles = [F.interpolate(s, scale_factor=scale, mode="bilinear", antialias=True) for s in styles] \
+            if scale != 1 else styles
+        if self.hparams.preserve_color:  # the style's luminance, matched to the content's mean and spread
+            return [self.rgb_view(matched_luminance(s, self.content)) for s in styles]
+        return styles
+
+    def enter_scale(self, index: int) -> None:
+        if index > 0:
+            self.image.data = self.resized(self.image.data, index)
+            self.trainer.strategy.setup_optimizers(self.trainer)  # the image changed shape: fresh optimizer state
+            log.info("scale %d/%d: %dx%d", index + 1, len(self.sizes), *self.sizes[index][::-1])
+        self.content_targets = self.loss.content_targets(self.rgb_view(self.working(self.resized(self.content, index))))
+        self.loss.set_style(self.style_inputs(self.hparams.scales[index]), self.hparams.style_weights)
+        self.scale_index = index
+
+    def on_fit_start(self) -> None:
+        log.info("Gatys style transfer at %dx%d, VGG features: %s", *self.sizes[-1][::-1], self.loss.features.weights)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        index = batch_idx * len(self.sizes) // self.trainer.num_training_batches
+        if index != self.scale_index or not self.content_targets:
+            self.enter_scale(index)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        parts = self.loss(self.rgb_view(self.image), self.content_targets)
+        self.log_dict({f"train/{name}": value for name, value in parts.items() if name != "loss"}, batch_size=1)
+        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=1)
+        return parts["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # The pixels are not clamped while optimising (that would break LBFGS's curvature pairs); the result is.
+        if self.global_step % self.hparams.image_every_n_steps == 0:
+            self.log_image("train/image")
+
+    def log_image(self, tag: str) -> None:
+        board = tensorboard(self.trainer)
+        if board is not None:
+            board.add_image(tag, self.result(), self.global_step)
+
+    @torch.no_grad()
+    def result(self) -> torch.Tensor:
+        """The stylised image [3, H, W] in [0, 1] (with preserve_color: its luminance, the content's chrominance)."""
+        image = self.image.detach().clamp(0, 1)
+        if self.hparams.preserve_color:
+            chrominance = rgb_to_yiq(self.resized(self.content, self.scale_index))[:, 1:]
+            image = yiq_to_rgb(torch.cat([image, chrominance], 1)).clamp(0, 1)
+        return image[0]
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.log_image("result")
+            log.info("wrote the stylised image to %s", save_png(self.result(), self.hparams.output))
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.trainer.model.parameters() if p.requires_grad]  # the image
+        return instantiate(self.hparams.optimizer)(params=trainable)
