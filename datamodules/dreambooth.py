@@ -35,6 +35,7 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from datamodules.images import IMAGE_SUFFIXES, load_rgb
+from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 from framework.files import atomic_write
 
@@ -376,8 +377,8 @@ class DreamBoothDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = TrainingImages(self.instances, self.class_examples(), self.resolution, self.center_crop,
                                  self.random_flip, self.repeats, self._latents)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, collate_fn=collate_training, drop_last=False)
+        return DataLoader(dataset, batch_size=per_device_batch_size(self.batch_size, self.trainer), shuffle=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collate_training, drop_last=False)
 
     def _prompt_loader(self, stage: str) -> DataLoader:
         return DataLoader(PromptSet(self.prompt_sets[stage], self.seeds), batch_size=self.batch_size,

@@ -18,6 +18,7 @@ from torchvision import transforms
 from datamodules.captions import collate
 from datamodules.images import ImageFolderDataset, read_or_skip
 from datamodules.shapes import SHAPES, generate_shapes
+from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -97,7 +98,8 @@ class ShapeClassesDataModule(L.LightningDataModule):
         return {"classes": list(SHAPES)}
 
     def _loader(self, dataset: Dataset, train: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+        batch_size = per_device_batch_size(self.batch_size, self.trainer) if train else self.eval_batch_size
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collate)
 
     def _split_loader(self, split: str, train: bool = False, limit: int | None = None) -> DataLoader:

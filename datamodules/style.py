@@ -21,6 +21,7 @@ from torchvision.transforms.functional import to_tensor
 
 from datamodules.images import list_images, load_rgb
 from framework.config import to_plain
+from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -209,8 +210,8 @@ class ContentFolderDataModule(L.LightningDataModule):
             raise UserError(f"data.images: cannot read image {source} ({error}); replace or remove it") from None
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(self.train_set, batch_size=per_device_batch_size(self.batch_size, self.trainer), shuffle=True,
+                          drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def predict_dataloader(self) -> DataLoader:
         sizes = [self._source_size(source) for source in self.predict_set.sources]
