@@ -104,15 +104,21 @@ def test_training_lowers_the_loss_and_logs_metrics_and_media(blip_run):
     assert (blip_run / "test_predictions.json").is_file()
 
 
-def test_overfitted_captions_equal_the_training_captions_in_module_export_and_pipeline(blip_run, data_dir):
+def check_module_captions(module_class, run_dir: Path, data_dir: Path) -> tuple[list, list[str]]:
+    """The run's LightningModule, from its checkpoint alone (config and processor travel in it), captions the
+    training images with their training captions; returns (images, captions) for checking the export."""
     items = train_items(data_dir)
     images = [Image.open(path).convert("RGB") for path, _ in items]
     captions = [caption for _, caption in items]
-    # The LightningModule, from the checkpoint alone (config and processor travel in it).
-    module = BLIPCaptioner.load_from_checkpoint(blip_run / "checkpoints" / "last.ckpt", map_location="cpu",
-                                                weights_only=True).eval()
+    module = module_class.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
+                                               weights_only=True).eval()
     pixels = torch.stack([module.image_transform()(image) for image in images])
     assert module.caption_batch({"images": pixels}) == captions
+    return images, captions
+
+
+def test_overfitted_captions_equal_the_training_captions_in_module_export_and_pipeline(blip_run, data_dir):
+    images, captions = check_module_captions(BLIPCaptioner, blip_run, data_dir)
     # transformers' own classes on the export.
     export = blip_run / "export"
     assert (export / "model.safetensors").is_file() and (export / "README.md").is_file()

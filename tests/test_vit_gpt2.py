@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from tokenizers import ByteLevelBPETokenizer
 from transformers import (AutoImageProcessor, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, ViTConfig,
                           ViTImageProcessor, ViTModel, VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
@@ -15,7 +14,7 @@ from framework.fsdp import layer_policy
 from framework.runner import run
 from lightning_modules.captioning.vit_gpt2 import ViTGPT2Captioner
 from tests.conftest import compose_config, read_metrics
-from tests.test_blip import IMAGE_SIZE, OVERFIT, TEST_KEYS, shapes_words, train_items
+from tests.test_blip import IMAGE_SIZE, OVERFIT, TEST_KEYS, check_module_captions, shapes_words
 
 EPOCHS = 40
 TOWER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
@@ -92,13 +91,7 @@ def test_training_lowers_the_loss_and_logs_every_metric(vit_gpt2_run):
 
 
 def test_overfitted_captions_equal_the_training_captions_in_module_and_export(vit_gpt2_run, data_dir):
-    items = train_items(data_dir)
-    images = [Image.open(path).convert("RGB") for path, _ in items]
-    captions = [caption for _, caption in items]
-    module = ViTGPT2Captioner.load_from_checkpoint(vit_gpt2_run / "checkpoints" / "last.ckpt", map_location="cpu",
-                                                   weights_only=True).eval()
-    pixels = torch.stack([module.image_transform()(image) for image in images])
-    assert module.caption_batch({"images": pixels}) == captions
+    images, captions = check_module_captions(ViTGPT2Captioner, vit_gpt2_run, data_dir)
     export = vit_gpt2_run / "export"
     model = VisionEncoderDecoderModel.from_pretrained(export)
     processor, tokenizer = AutoImageProcessor.from_pretrained(export), AutoTokenizer.from_pretrained(export)
