@@ -31,6 +31,10 @@ caption = tokenizer.decode(ids[0], skip_special_tokens=True).strip()
 
     def __init__(self, encoder_pretrained: str | None = None, decoder_pretrained: str | None = None, **kwargs):
         super().__init__(**kwargs)
+        # The decoder reads the ViT's hidden states, never its pooled output: the pooler gets no gradient, and DDP
+        # stops on parameters "not used in producing the loss" unless they are frozen.
+        if getattr(self.model.encoder, "pooler", None) is not None:
+            self.model.encoder.pooler.requires_grad_(False)
 
     def load_pretrained_parts(self):
         pretrained, encoder, decoder = (self.hparams.get(k) for k in ("pretrained", "encoder_pretrained",

@@ -53,5 +53,6 @@ class Attributions:
         return self._methods[method](pixels, targets)
 
     def maps(self, method: str, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Non-negative maps [B, H, W]: the attributions' absolute values summed over the colour channels."""
-        return self.attribute(method, pixels, targets).detach().abs().sum(1)
+        """Non-negative float32 maps [B, H, W]: the attributions' absolute values summed over the colour channels
+        (float32 also under bf16-mixed, where Grad-CAM's activations and gradients are bfloat16)."""
+        return self.attribute(method, pixels, targets).detach().float().abs().sum(1)

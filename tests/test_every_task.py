@@ -1,0 +1,89 @@
+"""Every task under the settings that take it from a laptop to a cluster: `trainer.precision=bf16-mixed` and two
+processes (`trainer=ddp_sim`, DDP over gloo).
+
+On a CPU Lightning autocasts to bfloat16 and runs DDP as it does on GPUs, so the mistakes that only show there
+fail these runs here: a bfloat16 map handed to numpy, a parameter that gets no gradient (DDP stops on it), a
+global batch that does not split over the processes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.utils import instantiate
+
+from framework.runner import run
+from lightning_modules.generation.tiny import save_tiny_sdxl
+from tests.conftest import TINY_SHAPES, compose_config, read_metrics, run_cli
+from tests.test_blip import OVERFIT, tiny_blip_dir
+from tests.test_classifier import shapes_checkpoint  # noqa: F401 (session fixture: the explaining tasks use it)
+from tests.test_dreambooth import RESOLUTION, save_images, tiny_args
+from tests.test_explain import SALIENCY
+from tests.test_fast_style import TINY_CLI
+from tests.test_style_transfer import write_image
+from tests.test_vit_gpt2 import save_tiny_vit_gpt2
+
+
+def fast_style_args(root: Path) -> list[str]:
+    (root / "content").mkdir()
+    for i in range(4):
+        write_image(root / "content" / f"c{i}.png", (48, 40), seed=i)
+    style = write_image(root / "style.png", (64, 64), seed=99)
+    return ["task=fast_style", *TINY_CLI, f"data.folder={root / 'content'}", f"data.style={style}",
+            "trainer.max_epochs=1"]
+
+
+# Each task shrunk to seconds (the tiny models its own tests build; one epoch or a few steps), with global batches
+# that two processes can share.
+TASKS = {
+    "shapes_captioning": lambda root, data: ["task=shapes_captioning", *TINY_SHAPES, "trainer.max_epochs=1"],
+    "blip_shapes": lambda root, data: ["task=blip_shapes", f"model.pretrained={tiny_blip_dir(data)}", *OVERFIT,
+                                       "trainer.max_epochs=1"],
+    "vit_gpt2_shapes": lambda root, data: ["task=vit_gpt2_shapes", f"model.pretrained={save_tiny_vit_gpt2(root / 'm')}",
+                                           *OVERFIT, "data.batch_size=2", "trainer.max_epochs=1"],
+    "sdxl_dreambooth": lambda root, data: tiny_args(save_tiny_sdxl(root / "sdxl", RESOLUTION),
+                                                    save_images(root / "dog", 2), "trainer.max_steps=2",
+                                                    "data.batch_size=2", "data.test_prompts=[]"),
+    "shapes_classifier": lambda root, data: ["task=shapes_classifier", "trainer.max_epochs=1"],
+    "saliency": lambda root, data: ["task=saliency", *SALIENCY],
+    "adversarial": lambda root, data: ["task=adversarial", "model.attack=pgd", "data.num_predict=4"],
+    "class_visualisation": lambda root, data: ["task=class_visualisation", "model.steps=5", "data.targets=[0,3]"],
+    "style_transfer": lambda root, data: ["task=style_transfer", "data.image_size=48", "data.iterations=4",
+                                          "model.image_every_n_steps=2"],
+    "fast_style": lambda root, data: fast_style_args(root),
+}
+
+
+def check_finished(run_dir: Path, **trainer: object) -> None:
+    """The run used the trainer settings and every figure it wrote is finite."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]
+    assert {key: config[key] for key in trainer} == trainer
+    metrics = read_metrics(run_dir)
+    assert metrics and all(math.isfinite(value) for value in metrics.values()), metrics
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_task_runs_in_bf16_mixed(task, tmp_path, data_dir, shapes_checkpoint):  # noqa: F811
+    # after the task's own args: tiny_args pins 32-true for the other DreamBooth tests
+    run(compose_config([*TASKS[task](tmp_path, data_dir), "trainer.precision=bf16-mixed", "logger=csv"],
+                       tmp_path / "run", data_dir))
+    check_finished(tmp_path / "run", precision="bf16-mixed")
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_task_runs_on_two_processes(task, tmp_path, data_dir, shapes_checkpoint):  # noqa: F811
+    run_cli([*TASKS[task](tmp_path, data_dir), "trainer=ddp_sim", "logger=csv"], tmp_path / "run", data_dir)
+    check_finished(tmp_path / "run", strategy="ddp", devices=2)
+
+
+@pytest.mark.parametrize("task", ["blip_shapes", "vit_gpt2_shapes", "sdxl_dreambooth"])
+def test_fsdp_units_are_layers_of_the_task_model(task, tmp_path, data_dir):
+    """Lightning's FSDP needs a GPU, so it cannot run here; what can be checked is the wrap policy trainer=fsdp
+    hands it: each class the task names in `fsdp_layers` is a layer of the task's model."""
+    cfg = compose_config([*TASKS[task](tmp_path, data_dir), "trainer=fsdp"], tmp_path / "run", data_dir)
+    policy = instantiate(cfg.trainer.strategy).kwargs["auto_wrap_policy"]
+    model = instantiate(cfg.model)
+    assert {type(module) for module in model.modules()} >= policy._module_classes
