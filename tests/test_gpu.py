@@ -1,0 +1,37 @@
+"""What only a GPU runs: every task on CUDA in bf16-mixed, and FSDP (Lightning's FSDP refuses a CPU, PyTorch's FSDP
+needs an accelerator) for the tasks with FSDP units. Skipped where no CUDA device is present, which includes CI:
+run `pytest tests/test_gpu.py` on a GPU machine. Not yet run: the GPU lent to the sessions so far was withdrawn
+before these tests existed (README, "From laptop to cluster")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+from tests.test_classifier import shapes_checkpoint  # noqa: F401 (session fixture: the explaining tasks use it)
+from tests.test_every_task import TASKS, check_finished
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_task_runs_on_a_gpu_in_bf16_mixed(task, tmp_path, data_dir, shapes_checkpoint):  # noqa: F811
+    run_cli([*TASKS[task](tmp_path, data_dir), "trainer=gpu", "trainer.precision=bf16-mixed", "logger=csv"],
+            tmp_path / "run", data_dir)
+    check_finished(tmp_path / "run", accelerator="gpu", precision="bf16-mixed")
+
+
+@pytest.mark.parametrize("task", ["blip_shapes", "vit_gpt2_shapes", "sdxl_dreambooth"])
+def test_fsdp_trains_and_its_checkpoint_exports(task, tmp_path, data_dir):
+    """FSDP on the GPUs there are (units from the task's fsdp_layers); the full checkpoint it writes exports."""
+    args = [*TASKS[task](tmp_path, data_dir), "logger=csv"]
+    devices = torch.cuda.device_count()
+    run_cli([*args, "trainer=fsdp", f"trainer.devices={devices}", "trainer.precision=bf16-mixed"], tmp_path / "run",
+            data_dir)
+    check_finished(tmp_path / "run", devices=devices, precision="bf16-mixed")
+    run_cli([*args, "trainer=gpu", "trainer.devices=1", "mode=export",
+             f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"], tmp_path / "export", data_dir)
+    weights = [load_file(path) for path in (tmp_path / "export" / "export").glob("*.safetensors")]
+    assert weights and all(tensor.isfinite().all() for file in weights for tensor in file.values())
