@@ -67,11 +67,18 @@ def blip_run_dir(data_dir: Path) -> Path:
     run_dir = data_dir.parent / "blip_run"
     if (run_dir / "metrics.json").is_file():
         return run_dir
-    run(compose_config(["task=blip_shapes", f"model.pretrained={tiny_blip_dir(data_dir)}", *OVERFIT,
-                        "model.optimizer.lr=0.006", "model.scheduler=null", "model.optimizer.weight_decay=0.0",
-                        f"trainer.max_epochs={EPOCHS}", f"trainer.check_val_every_n_epoch={EPOCHS}",
-                        f"callbacks.last_checkpoint.every_n_epochs={EPOCHS}", "trainer.log_every_n_steps=1",
-                        "callbacks.model_checkpoint=null", "logger=many"], run_dir, data_dir))
+    return overfit(["task=blip_shapes", f"model.pretrained={tiny_blip_dir(data_dir)}", "logger=many"], EPOCHS,
+                   run_dir, data_dir)
+
+
+def overfit(args: list[str], epochs: int, run_dir: Path, data_dir: Path) -> Path:
+    """Train on the four OVERFIT images for `epochs` (constant lr, no weight decay), validating and saving
+    last.ckpt only at the end; then test and export."""
+    run(compose_config([*OVERFIT, "model.optimizer.lr=0.006", "model.scheduler=null",
+                        "model.optimizer.weight_decay=0.0", f"trainer.max_epochs={epochs}",
+                        f"trainer.check_val_every_n_epoch={epochs}",
+                        f"callbacks.last_checkpoint.every_n_epochs={epochs}", "trainer.log_every_n_steps=1",
+                        "callbacks.model_checkpoint=null", *args], run_dir, data_dir))
     return run_dir
 
 

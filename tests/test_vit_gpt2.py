@@ -14,7 +14,7 @@ from framework.fsdp import layer_policy
 from framework.runner import run
 from lightning_modules.captioning.vit_gpt2 import ViTGPT2Captioner
 from tests.conftest import compose_config, read_metrics
-from tests.test_blip import IMAGE_SIZE, OVERFIT, TEST_KEYS, check_module_captions, shapes_words
+from tests.test_blip import IMAGE_SIZE, OVERFIT, TEST_KEYS, check_module_captions, overfit, shapes_words
 
 EPOCHS = 40
 TOWER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
@@ -70,12 +70,8 @@ def vit_gpt2_run_dir(data_dir: Path) -> Path:
     if (run_dir / "metrics.json").is_file():
         return run_dir
     model = save_tiny_vit_gpt2(data_dir.parent / "tiny_vit_gpt2")
-    run(compose_config(["task=vit_gpt2_shapes", f"model.pretrained={model}", *OVERFIT, "data.batch_size=2",
-                        "model.optimizer.lr=0.006", "model.scheduler=null", "model.optimizer.weight_decay=0.0",
-                        f"trainer.max_epochs={EPOCHS}", f"trainer.check_val_every_n_epoch={EPOCHS}",
-                        f"callbacks.last_checkpoint.every_n_epochs={EPOCHS}", "trainer.log_every_n_steps=1",
-                        "callbacks.model_checkpoint=null", "logger=csv"], run_dir, data_dir))
-    return run_dir
+    return overfit(["task=vit_gpt2_shapes", f"model.pretrained={model}", "data.batch_size=2", "logger=csv"], EPOCHS,
+                   run_dir, data_dir)
 
 
 @pytest.fixture(scope="session")
