@@ -33,7 +33,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import cast_training_params, compute_snr
 from lightning.pytorch.strategies import FSDPStrategy
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 
 from datamodules.dreambooth import prompt_slug
 from framework.config import to_plain
@@ -41,7 +41,8 @@ from framework.distributed import gather_objects
 from framework.errors import UserError
 from framework.files import atomic_dir, atomic_write, write_json
 from lightning_modules.generation.fidelity import Fidelity
-from lightning_modules.generation.sdxl import TEXT_ENCODERS, encode_prompts, load_sdxl, save_lora, time_ids
+from lightning_modules.generation.sdxl import (TEXT_ENCODERS, encode_prompts, load_sdxl, save_lora,
+                                                set_lora_enabled, time_ids)
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,10 @@ class DreamBoothLoRA(L.LightningModule):
         else:
             self.unet.add_adapter(self._lora_config(lora["target_modules"]))
             if train_text_encoder:
+                # With peft itself, as diffusers' add_adapter does for the UNet: transformers' add_adapter checks
+                # the peft version (5.24: peft >= 0.22, newer than any peft release). Adapter "default", as there.
                 for encoder in self.text_encoders:
-                    encoder.add_adapter(self._lora_config(text_encoder["target_modules"]))
+                    inject_adapter_in_model(self._lora_config(text_encoder["target_modules"]), encoder, "default")
                 if lora["use_dora"]:
                     log.warning("model.lora.use_dora with model.train_text_encoder: diffusers 0.42's load_lora_weights "
                                 "(with transformers 5) drops the text encoders' DoRA magnitudes, so the exported LoRA "
@@ -111,7 +114,9 @@ class DreamBoothLoRA(L.LightningModule):
             self.unet.enable_gradient_checkpointing()
             if train_text_encoder:
                 for encoder in self.text_encoders:
-                    encoder.gradient_checkpointing_enable()
+                    # Non-reentrant: the frozen embeddings' output needs no requires_grad for the adapters' gradients
+                    # (transformers 4 defaults to reentrant and only fixes that for its own add_adapter).
+                    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fidelity: Fidelity | None = None
         self._fused = False
@@ -150,14 +155,13 @@ class DreamBoothLoRA(L.LightningModule):
     @contextlib.contextmanager
     def base_model(self):
         """The adapters switched off, e.g. to generate class images with the base model after a resume."""
-        adapted = [m for m in (self.unet, *self.text_encoders) if getattr(m, "peft_config", None)]
-        for module in adapted:
-            module.disable_adapters()
+        for module in (self.unet, *self.text_encoders):
+            set_lora_enabled(module, False)
         try:
             yield
         finally:
-            for module in adapted:
-                module.enable_adapters()
+            for module in (self.unet, *self.text_encoders):
+                set_lora_enabled(module, True)
 
     @contextlib.contextmanager
     def full_precision(self):

@@ -1,6 +1,6 @@
 """Stable Diffusion XL parts: loading them from a pipeline (hub id or local folder), without downloading;
-prompt encoding with both CLIP text encoders; micro-conditioning time ids; LoRA state dicts in the
-diffusers and Kohya layouts."""
+prompt encoding with both CLIP text encoders; micro-conditioning time ids; peft LoRA adapters switched
+on and off; LoRA state dicts in the diffusers and Kohya layouts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -72,6 +73,14 @@ def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_si
     """SDXL micro-conditioning per image: (original h, w, crop top, left, target h, w) [B, 6]."""
     target = original_size.new_tensor([target_size, target_size]).expand_as(original_size)
     return torch.cat([original_size, crop_top_left, target], dim=1)
+
+
+def set_lora_enabled(module: torch.nn.Module, enabled: bool) -> None:
+    """Switch every peft adapter layer in `module` on or off (a no-op without adapters). At peft level, not with
+    the models' enable_adapters/disable_adapters: transformers' check the peft version (5.24: peft >= 0.22)."""
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(enabled)
 
 
 def lora_layers(modules: dict[str, torch.nn.Module]) -> dict:
