@@ -1,22 +1,25 @@
-# `make run` and `make test` each create .venv with pip when it is missing, then install the project.
+# `make run` and `make test` each create .venv with pip when it is missing, then install the project with the
+# pinned versions of constraints.txt.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+UPGRADE_VENV := .venv-upgrade
+FROM ?= $(VENV)
 
-.PHONY: run test install install-test clean
+.PHONY: run test install install-test constraints upgrade-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Stamps are rebuilt whenever pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --editable .
+# Stamps are rebuilt whenever pyproject.toml or constraints.txt changes.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install --quiet -c constraints.txt --editable .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --editable '.[test]'
+$(VENV)/.installed-test: pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install --quiet -c constraints.txt --editable '.[test]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -28,5 +31,24 @@ run: install
 test: install-test
 	$(PY) -m pytest $(ARGS)
 
+# Rewrites constraints.txt from the venv FROM (.venv; FROM=$(UPGRADE_VENV) after upgrade-check).
+constraints:
+	@test -x $(FROM)/bin/python || { echo "no $(FROM): run make test (or make upgrade-check) first"; exit 1; }
+	{ echo "# Every package of the tested environment, pinned: make run / make test install with -c constraints.txt."; \
+	  echo "# Generated, do not edit: regenerate with \`make constraints\` (pip freeze --exclude-editable of .venv),"; \
+	  echo "# or \`make constraints FROM=$(UPGRADE_VENV)\` after \`make upgrade-check\` passes (README, Installs)."; \
+	  $(FROM)/bin/python -m pip freeze --exclude-editable; } > constraints.txt
+
+# Not run by CI: the newest versions pyproject.toml allows in a fresh $(UPGRADE_VENV), the tests there, then the
+# versions that differ from constraints.txt.
+upgrade-check:
+	rm -rf $(UPGRADE_VENV)
+	$(PYTHON) -m venv $(UPGRADE_VENV)
+	$(UPGRADE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(UPGRADE_VENV)/bin/python -m pip install --quiet --editable '.[test]'
+	$(UPGRADE_VENV)/bin/python -m pytest $(ARGS); status=$$?; \
+	$(UPGRADE_VENV)/bin/python -m pip freeze --exclude-editable \
+	  | $(UPGRADE_VENV)/bin/python scripts/upgrade_check.py; exit $$status
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(UPGRADE_VENV) outputs
