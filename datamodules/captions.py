@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.feature_cache import CachedCaptionDataset, FeatureCache
-from datamodules.images import ImageFolderDataset, image_transform, prepared_image
+from datamodules.images import ImageFolderDataset, collate, image_transform, prepared_image
 from datamodules.items import CaptionedImage, caption_item
 from datamodules.sampling import EpochSampler, item_key
 from datamodules.shapes import generate_shapes
 from datamodules.vocabulary import Vocabulary, tokenize
+from framework.config import positive
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 
@@ -32,13 +34,16 @@ STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)
 
 
 def collect_splits(entries: Iterable[tuple[str, Path, int | str, Sequence[str]]], origin: str,
-                   skip_bad_images: bool = False) -> dict[str, list[CaptionedImage]]:
+                   skip_bad_images: bool = False, listed_in: dict[str, str] | None = None
+                   ) -> dict[str, list[CaptionedImage]]:
     """The images of each split from (split, image path, image id, raw captions) entries, as every reader yields them.
 
     Empty or whitespace-only captions are dropped (with a count), an image left without captions is
-    dropped, and images that do not exist are an error naming `origin`, or skipped with a count
-    when `skip_bad_images` is set.
+    dropped, and images that do not exist are an error naming the file that listed them (`listed_in[split]`,
+    by default `origin`), or skipped with a count when `skip_bad_images` is set. Each split's images and
+    captions are logged, and images with fewer captions than most are counted in one warning.
     """
+    listed_in = listed_in or {}
     splits: dict[str, list[CaptionedImage]] = {split: [] for split in SPLITS}
     empty_captions, missing = 0, []
     for split, path, image_id, raws in entries:
@@ -50,18 +55,43 @@ def collect_splits(entries: Iterable[tuple[str, Path, int | str, Sequence[str]]]
         if split not in splits or not kept:
             continue
         if not path.is_file():
-            missing.append(path)
+            missing.append((path, listed_in.get(split, origin)))
             continue
         splits[split].append(CaptionedImage(image_id, path, tuple(r for r, _ in kept), tuple(t for _, t in kept)))
     if empty_captions:
         log.warning("%s: dropped %d empty captions", origin, empty_captions)
     if missing:
-        listed = ", ".join(str(p) for p in missing[:3])
+        sources = ", ".join(dict.fromkeys(source for _, source in missing))
+        listed = ", ".join(str(path) for path, _ in missing[:3])
         if not skip_bad_images:
-            raise UserError(f"{len(missing)} images listed in {origin} are missing (e.g. {listed}); "
+            raise UserError(f"{len(missing)} images listed in {sources} are missing (e.g. {listed}); "
                             "fix the image folder or set data.skip_bad_images=true to skip them")
-        log.warning("skipping %d images listed in %s but missing (e.g. %s)", len(missing), origin, listed)
+        log.warning("skipping %d images listed in %s but missing (e.g. %s)", len(missing), sources, listed)
+    for split, images in splits.items():
+        log.info("%s split: %d images, %d captions (%s)", split, len(images),
+                 sum(len(image.captions) for image in images), listed_in.get(split, origin))
+    _warn_few_captions(splits, origin)
     return splits
+
+
+def _warn_few_captions(splits: dict[str, list[CaptionedImage]], origin: str) -> None:
+    """Count, in one warning, the images with fewer captions than most images of the data set have.
+
+    COCO and Flickr8k give (about) 5 captions an image, generated or own data sets any fixed number: the most
+    common count is the norm, so no count is hard-coded. Fewer is worth knowing (lost or empty caption lines);
+    more is not: some COCO images have 6 or 7 captions by design.
+    """
+    counts = Counter(len(image.captions) for images in splits.values() for image in images)
+    if not counts:
+        return
+    usual = counts.most_common(1)[0][0]
+    few = {split: [image for image in images if len(image.captions) < usual] for split, images in splits.items()}
+    total = sum(len(images) for images in few.values())
+    if total:
+        per_split = ", ".join(f"{len(images)} {split}" for split, images in few.items() if images)
+        example = next(image for images in few.values() for image in images)
+        log.warning("%s: %d images have fewer than the usual %d captions (%s; e.g. %s has %d)", origin, total, usual,
+                    per_split, example.path.name, len(example.captions))
 
 
 def read_karpathy(annotations: str | os.PathLike, image_root: str | os.PathLike | None = None,
@@ -109,20 +139,6 @@ class CaptionDataset(Dataset):
         return None if image is None else {"image": image, **caption_item(item, item_seed)}
 
 
-def collate(samples: list[dict | None]) -> dict:
-    """Stack tensors ("image" -> "images", "features"), keep the rest as lists ("image_id" -> "image_ids", ...).
-
-    `size` counts the samples in the batch, `skipped` the unreadable images left out of it.
-    """
-    kept = [s for s in samples if s is not None]
-    batch = {"size": len(kept), "skipped": len(samples) - len(kept)}
-    for key in kept[0] if kept else ():
-        values = [s[key] for s in kept]
-        name = {"image": "images", "image_id": "image_ids", "path": "paths"}.get(key, key)
-        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return batch
-
-
 class CaptionDataModule(L.LightningDataModule):
     """Captioned images with train/val/test splits, plus a folder of images for predict mode.
 
@@ -137,7 +153,9 @@ class CaptionDataModule(L.LightningDataModule):
                  feature_cache: str | None = None):
         super().__init__()
         self.source, self.images, self.feature_cache, self.image_size = source, images, feature_cache, image_size
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.batch_size = positive(batch_size, "data.batch_size", integer=True)
+        self.eval_batch_size = (self.batch_size if eval_batch_size is None
+                                else positive(eval_batch_size, "data.eval_batch_size", integer=True))
         self.num_workers, self.vocab_min_count, self.skip_bad_images = num_workers, vocab_min_count, skip_bad_images
         self.transform = image_transform(image_size)
         self._splits: dict[str, list[CaptionedImage]] | None = None

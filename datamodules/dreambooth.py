@@ -34,10 +34,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from datamodules.images import IMAGE_SUFFIXES, load_rgb
+from datamodules.images import IMAGE_ERRORS, IMAGE_SUFFIXES, bad_image, keep_readable, load_rgb
+from framework.config import positive
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
-from framework.files import atomic_write
+from framework.files import atomic_write, writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,10 @@ class DatasetImage:
         return f"{self.folder}#{self.index}"
 
     def load(self) -> Image.Image:
-        return _open_dataset(self.folder)[self.index][self.column].convert("RGB")
+        try:  # the datasets library decodes the image when the row is read
+            return _open_dataset(self.folder)[self.index][self.column].convert("RGB")
+        except IMAGE_ERRORS as error:
+            raise bad_image(self.name, error) from error
 
     def size(self) -> tuple[int, int]:
         return self.load().size
@@ -170,7 +174,7 @@ def ensure_class_images(folder: Path, prompt: str, count: int, generate: Callabl
     Images already there are kept and reused; each new one is written atomically, so an interrupted
     run leaves only complete images and the next run generates the rest.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    writable_dir(folder, "data.class_images")
     have = len([p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES])
     missing = count - have
     if missing <= 0:
@@ -284,7 +288,7 @@ class DreamBoothDataModule(L.LightningDataModule):
 
     def __init__(self, source: Callable[[], list[Example]] | None = None, trigger_token: str | None = None,
                  resolution: int = 1024, center_crop: bool = False, random_flip: bool = False, repeats: int = 1,
-                 batch_size: int = 1, num_workers: int = 0, cache_latents: bool = False,
+                 batch_size: int = 1, num_workers: int = 0, skip_bad_images: bool = False, cache_latents: bool = False,
                  prior_preservation: bool = False, class_prompt: str | None = None, class_images: str | None = None,
                  num_class_images: int = 100, class_batch_size: int = 4,
                  validation_prompts: Sequence[str] | str | None = None, test_prompts: Sequence[str] | str | None = None,
@@ -295,27 +299,34 @@ class DreamBoothDataModule(L.LightningDataModule):
                             "data.class_images (a folder; missing images are generated there)")
         self.source, self.trigger_token = source, trigger_token
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.repeats, self.batch_size, self.num_workers = repeats, batch_size, num_workers
-        self.cache_latents = cache_latents
+        self.repeats, self.num_workers = repeats, num_workers
+        self.batch_size = positive(batch_size, "data.batch_size", integer=True)
+        self.skip_bad_images, self.cache_latents = skip_bad_images, cache_latents
         self.prior_preservation, self.class_prompt = prior_preservation, class_prompt
         self.class_images = Path(class_images) if class_images else None
-        self.num_class_images, self.class_batch_size = num_class_images, class_batch_size
+        self.num_class_images = num_class_images
+        self.class_batch_size = positive(class_batch_size, "data.class_batch_size", integer=True)
         self.prompt_sets = {"val": read_prompts(validation_prompts, "data.validation_prompts"),
                             "test": read_prompts(test_prompts, "data.test_prompts"),
                             "predict": read_prompts(prompts, "data.prompts")}
         self.seeds = list(seeds)
         self._instances: list[Example] | None = None
+        self._classes: list[Example] | None = None
         self._latents: dict | None = None
 
     @property
     def instances(self) -> list[Example]:
-        """The training examples, read and checked once."""
+        """The training examples, read and checked once (every image decoded: an unreadable one stops the run
+        here, or is left out with data.skip_bad_images=true, rather than in the middle of training)."""
         if self._instances is None:
             if self.source is None:
                 raise UserError("data.source is not set: give a reader of training images (see conf/data/)")
-            self._instances = self.source()
+            self._instances = self._readable(self.source(), "data.source")
             self._check(self._instances)
         return self._instances
+
+    def _readable(self, examples: list[Example], what: str) -> list[Example]:
+        return keep_readable(examples, lambda e: e.image.load(), self.skip_bad_images, what, lambda e: e.image.name)
 
     def _check(self, examples: list[Example]) -> None:
         small = [e.image.name for e in examples if min(e.image.size()) < self.resolution]
@@ -329,14 +340,18 @@ class DreamBoothDataModule(L.LightningDataModule):
                             len(untriggered), self.trigger_token, " | ".join(untriggered[:5]))
 
     def class_examples(self) -> list[Example]:
+        """The class images of prior preservation, read and checked once (after `prepare_class_images`)."""
         if not self.prior_preservation:
             return []
-        images = _image_files(self.class_images, "data.class_images")[: self.num_class_images]
-        return [Example(image, self.class_prompt) for image in images]
+        if self._classes is None:
+            images = _image_files(self.class_images, "data.class_images")[: self.num_class_images]
+            self._classes = self._readable([Example(image, self.class_prompt) for image in images], "data.class_images")
+        return self._classes
 
     def prepare_class_images(self, generate: Callable[[list[str], list[int]], list]) -> None:
         """Generate the class images prior preservation still lacks (`generate(prompts, seeds) -> PIL images`)."""
         if self.prior_preservation:
+            self._classes = None  # read again once complete
             ensure_class_images(self.class_images, self.class_prompt, self.num_class_images, generate,
                                 self.class_batch_size)
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from datamodules.captions import collate
-from datamodules.images import ImageFolderDataset, read_or_skip
+from datamodules.images import IMAGE_ERRORS, ImageFolderDataset, collate, list_images, read_or_skip
 from datamodules.shapes import SHAPES, generate_shapes
+from framework.config import positive
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 
@@ -76,8 +77,9 @@ class ShapeClassesDataModule(L.LightningDataModule):
                  num_workers: int = 0, skip_bad_images: bool = False, num_predict: int | None = None):
         super().__init__()
         self.root, self.seed, self.counts = root, seed, (num_train, num_val, num_test)
-        self.image_size, self.batch_size = image_size, batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.image_size, self.batch_size = image_size, positive(batch_size, "data.batch_size", integer=True)
+        self.eval_batch_size = (self.batch_size if eval_batch_size is None
+                                else positive(eval_batch_size, "data.eval_batch_size", integer=True))
         self.num_workers, self.skip_bad_images = num_workers, skip_bad_images
         self.num_predict = num_predict
         self._splits: dict[str, list[dict]] | None = None
@@ -95,7 +97,9 @@ class ShapeClassesDataModule(L.LightningDataModule):
         return self._splits
 
     def model_inputs(self) -> dict:
-        return {"classes": list(SHAPES)}
+        """The labels, and the image size: a shapes classifier records the size it was trained on, an explaining
+        module checks that the classifier's size is the data's."""
+        return {"classes": list(SHAPES), "image_size": self.image_size}
 
     def _loader(self, dataset: Dataset, train: bool = False) -> DataLoader:
         batch_size = per_device_batch_size(self.batch_size, self.trainer) if train else self.eval_batch_size
@@ -127,13 +131,29 @@ class ImageFolderDataModule(L.LightningDataModule):
     def __init__(self, images: str, image_size: int = 224, batch_size: int = 16, num_workers: int = 0,
                  skip_bad_images: bool = False):
         super().__init__()
-        self.images, self.image_size, self.batch_size = images, image_size, batch_size
+        self.images, self.image_size = images, image_size
+        self.batch_size = positive(batch_size, "data.batch_size", integer=True)
         self.num_workers, self.skip_bad_images = num_workers, skip_bad_images
 
-    def predict_dataloader(self) -> DataLoader:
+    def model_inputs(self) -> dict:
+        """No classes (the images are unlabelled), the size they are resized to, and the size they all have (None
+        if they differ; unreadable ones are left to the loader): the explaining module checks them."""
+        sizes = set()
+        for path in list_images(self._folder()):
+            try:
+                with Image.open(path) as image:  # the header only
+                    sizes.add(image.size)
+            except IMAGE_ERRORS:
+                pass
+        return {"image_size": self.image_size, "source_size": list(sizes.pop()) if len(sizes) == 1 else None}
+
+    def _folder(self) -> str:
         if self.images is None:
             raise UserError("data.images is not set: give a folder of images to explain")
-        dataset = ImageFolderDataset(self.images, pixel_transform(self.image_size), self.skip_bad_images)
+        return self.images
+
+    def predict_dataloader(self) -> DataLoader:
+        dataset = ImageFolderDataset(self._folder(), pixel_transform(self.image_size), self.skip_bad_images)
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
 
 
@@ -142,7 +162,7 @@ class ClassTargetsDataModule(L.LightningDataModule):
 
     def __init__(self, targets: list[int] | None = None, batch_size: int = 8):
         super().__init__()
-        self.targets, self.batch_size = targets, batch_size
+        self.targets, self.batch_size = targets, positive(batch_size, "data.batch_size", integer=True)
 
     def predict_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module  # the explaining module knows the classifier's classes

@@ -27,6 +27,7 @@ from datamodules.images import read_or_skip
 from datamodules.items import CaptionedImage, caption_item
 from datamodules.sampling import item_key
 from framework.errors import UserError
+from framework.files import writable_dir
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -59,7 +60,7 @@ class FeatureCache:
         """Encode the images into the cache unless it exists; return its directory. The encoder is left as it was."""
         if self.directory.is_dir():
             return self.directory
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        writable_dir(self.directory.parent, "data.feature_cache")
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.tmp-", dir=self.directory.parent))
         try:
             os.chmod(tmp, 0o755)

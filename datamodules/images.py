@@ -1,35 +1,59 @@
-"""Plain folders of images: reading any image as RGB, and a Dataset over a folder (predict mode)."""
+"""Reading images, and what every data module does with an unreadable one; a Dataset over a folder (predict mode).
+
+An unreadable image (missing, empty, truncated, not an image) is one UserError naming the file, unless
+`data.skip_bad_images=true`: then it is left out and counted, in one warning per stage. Large data sets skip lazily:
+an item is None (`read_or_skip`), `collate` drops it and counts it in the batch, and the LightningModule's
+`SkippedImages` adds the counts up. Small sets read up front (DreamBooth, style images) skip with `keep_readable`.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
 from framework.errors import UserError
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image as 8-bit RGB (grayscale, palette, CMYK, RGBA and 16-bit are converted)."""
+# What PIL raises for a missing, empty, truncated or foreign file (UnidentifiedImageError is an OSError).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
+
+
+def bad_image(name: str, error: Exception, key: str | None = None, skippable: bool = True) -> UserError:
+    """The message for an unreadable image: which file, why, and what to do (`key`: the config key that named it)."""
+    where = f"{key}: " if key else ""
+    fix = ("Replace or remove the file, or set data.skip_bad_images=true to skip unreadable images" if skippable
+           else "Replace it with a readable PNG or JPEG file (the run needs this image: it cannot be skipped)")
+    return UserError(f"{where}cannot read image {name}: {error}. {fix}.")
+
+
+def load_rgb(path: str | os.PathLike, key: str | None = None, skippable: bool = True) -> Image.Image:
+    """Decode an image as 8-bit RGB (grayscale, palette, CMYK, RGBA and 16-bit are converted); a `bad_image` error
+    naming the file if it cannot."""
     try:
         with Image.open(path) as image:
             image.load()
             if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: keep the high byte
                 image = Image.fromarray((np.asarray(image, dtype=np.int64) // 257).clip(0, 255).astype(np.uint8))
             return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:
-        raise UserError(
-            f"cannot read image {path}: {error}. Replace or remove the file, "
-            "or set data.skip_bad_images=true to skip unreadable images."
-        ) from error
+    except IMAGE_ERRORS as error:
+        raise bad_image(str(path), error, key, skippable) from error
 
 
 def image_transform(image_size: int) -> transforms.Compose:
@@ -82,11 +106,68 @@ def prepared_image(path: Path, transform, skip_bad_images: bool):
         raise RuntimeError(f"preparing image {path} failed: {type(error).__name__}: {error}") from error
 
 
-def read_or_skip(path: Path, skip_bad_images: bool) -> Image.Image | None:
-    """The decoded image, or None for an unreadable one when skipping is on."""
+def read_or_skip(source, skip_bad_images: bool, read: Callable[..., Image.Image] = load_rgb) -> Image.Image | None:
+    """`read(source)`, the decoded image, or None for an unreadable one when skipping is on."""
     try:
-        return load_rgb(path)
+        return read(source)
     except UserError:
         if skip_bad_images:
             return None
         raise
+
+
+def collate(samples: list[dict | None]) -> dict:
+    """Stack tensors ("image" -> "images", "features"), keep the rest as lists ("image_id" -> "image_ids", ...).
+
+    `size` counts the samples in the batch, `skipped` the unreadable images left out of it.
+    """
+    kept = [s for s in samples if s is not None]
+    batch = {"size": len(kept), "skipped": len(samples) - len(kept)}
+    for key in kept[0] if kept else ():
+        values = [s[key] for s in kept]
+        name = {"image": "images", "image_id": "image_ids", "path": "paths"}.get(key, key)
+        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
+
+
+class SkippedImages:
+    """Adds up, per stage, the unreadable images `collate` left out of the batches (data.skip_bad_images=true);
+    a LightningModule reports each stage's count in one warning at the stage's end."""
+
+    def __init__(self):
+        self.counts = Counter()
+
+    def has_images(self, batch: dict, stage: str) -> bool:
+        """Count the batch's skipped images; False when nothing is left of the batch."""
+        self.counts[stage] += batch["skipped"]
+        return batch["size"] > 0
+
+    def report(self, stage: str) -> None:
+        if self.counts[stage]:
+            log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true)", stage, self.counts.pop(stage))
+
+
+def keep_readable(items: Sequence[T], read: Callable[[T], object], skip_bad_images: bool, what: str,
+                  name: Callable[[T], str] = str) -> list[T]:
+    """The `items` whose image `read(item)` decodes, for small sets read up front (`what` names the set).
+
+    An unreadable image is read's UserError, or with `skip_bad_images` left out, all of them in one warning;
+    a set with no readable image left is an error.
+    """
+    kept, skipped, first_error = [], [], None
+    for item in items:
+        try:
+            read(item)
+        except UserError as error:
+            if not skip_bad_images:
+                raise
+            skipped.append(name(item))
+            first_error = first_error or error
+        else:
+            kept.append(item)
+    if skipped and not kept:
+        raise UserError(f"{what}: none of the {len(skipped)} images can be read ({first_error})")
+    if skipped:
+        log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true): %s%s", what, len(skipped),
+                    ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
+    return kept

@@ -80,6 +80,7 @@ def read_coco(train: str, val: str, train_images: str, val_images: str, test: st
     """
     train_root = _existing_dir(train_images, "data.source.train_images")
     val_root = _existing_dir(val_images, "data.source.val_images")
+    listed_in = {"train": str(train), "val": str(val), "test": str(test or val)}
     entries = [("train", train_root / name, image_id, captions)
                for image_id, name, captions in _coco_images(train, "data.source.train")]
     val_entries = _coco_images(val, "data.source.val")
@@ -96,7 +97,7 @@ def read_coco(train: str, val: str, train_images: str, val_images: str, test: st
         entries += [("test", test_root / name, image_id, captions)
                     for image_id, name, captions in _coco_images(test, "data.source.test")]
     return collect_splits(entries, f"the COCO caption files {train}, {val}" + (f", {test}" if test else ""),
-                          skip_bad_images)
+                          skip_bad_images, listed_in)
 
 
 # Flickr8k ---------------------------------------------------------------------------------------------
@@ -117,10 +118,11 @@ def read_flickr8k(token_file: str, image_dir: str, train_list: str, val_list: st
             raise UserError(f"{token_path}, line {number}: expected '<image>.jpg#<n><TAB><caption>', got {line[:80]!r} "
                             "(data.source.token_file should be Flickr8k.token.txt)")
         captions.setdefault(match["image"].strip(), []).append(match["caption"])
-    entries, uncaptioned = [], []
+    entries, uncaptioned, listed_in = [], [], {}
     for split, listing, key in (("train", train_list, "train_list"), ("val", val_list, "val_list"),
                                 ("test", test_list, "test_list")):
         list_path = _existing_file(listing, f"data.source.{key}", "Flickr8k image list")
+        listed_in[split] = str(list_path)
         for _, name in _lines(list_path, f"data.source.{key}"):
             name = name.strip()
             if name in captions:
@@ -133,7 +135,7 @@ def read_flickr8k(token_file: str, image_dir: str, train_list: str, val_list: st
         if not skip_bad_images:
             raise UserError(f"{message}; fix the lists or set data.skip_bad_images=true to skip them")
         log.warning("skipping %s", message)
-    return collect_splits(entries, str(token_path), skip_bad_images)
+    return collect_splits(entries, str(token_path), skip_bad_images, listed_in)
 
 
 # Captioned folders (Hugging Face imagefolder) -----------------------------------------------------------

@@ -36,7 +36,8 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, done = self.position()
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # Modulo 2**63: unseeded (seed=null), torch's initial seed is any 64-bit number, too large for manual_seed.
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
         order = torch.randperm(len(self.dataset), generator=generator)
         item_seeds = torch.randint(2**31 - 1, (len(self.dataset),), generator=generator)
         order = torch.cat([order, order[: self.total_size - len(order)]])  # pad to an even shard size

@@ -39,6 +39,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from framework.files import writable_dir
+
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {
     "red": (220, 30, 30),
@@ -100,7 +102,7 @@ def generate_shapes(
     if json_path.exists():
         return json_path
 
-    root.mkdir(parents=True, exist_ok=True)
+    writable_dir(root, "paths.data_dir (data.root)")
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
         os.chmod(tmp, 0o755)

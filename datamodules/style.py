@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms.functional import to_tensor
 
-from datamodules.images import list_images, load_rgb
-from framework.config import to_plain
+from datamodules.images import IMAGE_ERRORS, bad_image, collate, keep_readable, list_images, load_rgb, read_or_skip
+from framework.config import positive, to_plain
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 
@@ -32,8 +32,9 @@ SAMPLE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble_de
 SIZE_RATIO_NOTICE = 2.0  # a style this many times larger or smaller than the content is resized with a notice
 
 
-def read_image(source: str, key: str) -> Image.Image:
-    """An RGB image from a file or `skimage:NAME`; a UserError naming `key` when it is missing or unreadable."""
+def read_image(source: str, key: str, skippable: bool = True) -> Image.Image:
+    """An RGB image from a file or `skimage:NAME`; a UserError naming `key` when it is missing or unreadable
+    (`skippable`: whether its message may offer data.skip_bad_images)."""
     source = str(source)
     if source.startswith(f"{SAMPLES}:"):
         import skimage.data
@@ -47,11 +48,7 @@ def read_image(source: str, key: str) -> Image.Image:
     path = Path(source).expanduser()
     if not path.is_file():
         raise UserError(f"{key}: image {path} does not exist (a PNG/JPEG file, or {SAMPLES}:NAME for a sample photo)")
-    try:
-        return load_rgb(path)
-    except UserError as error:
-        raise UserError(f"{key}: cannot read image {path} ({error.__cause__}); replace it with a PNG or JPEG file") \
-            from None
+    return load_rgb(path, key, skippable)
 
 
 def list_sources(folder: str, key: str) -> list[str]:
@@ -71,12 +68,6 @@ def longer_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize(scaled_size(image.size, size), Image.LANCZOS)
 
 
-def positive(value, key: str):
-    if value is None or not value > 0:
-        raise UserError(f"{key}={value} must be positive")
-    return value
-
-
 class StyleImagesDataModule(L.LightningDataModule):
     """One content image and one or more style images (blended with `style_weights`) for Gatys et al.
 
@@ -85,7 +76,9 @@ class StyleImagesDataModule(L.LightningDataModule):
     """
 
     def __init__(self, content: str, style: str | list[str], style_weights: list[float] | None = None,
-                 image_size: int | None = 256, style_scale: float = 1.0, iterations: int = 300):
+                 image_size: int | None = 256, style_scale: float = 1.0, iterations: int = 300,
+                 skip_bad_images: bool = False):
+        """`skip_bad_images`: leave unreadable style images (and their weights) out; the content cannot be skipped."""
         super().__init__()
         styles = to_plain(style)
         self.content, self.styles = content, [styles] if isinstance(styles, str) else list(styles or [])
@@ -95,18 +88,20 @@ class StyleImagesDataModule(L.LightningDataModule):
         if len(weights) != len(self.styles):
             raise UserError(f"data.style_weights has {len(weights)} weights for {len(self.styles)} style images")
         self.style_weights = [positive(w, f"data.style_weights[{i}]") for i, w in enumerate(weights)]
-        self.image_size = image_size and positive(image_size, "data.image_size")
+        self.image_size = image_size and positive(image_size, "data.image_size", integer=True)
         self.style_scale = positive(style_scale, "data.style_scale")
-        self.iterations = positive(iterations, "data.iterations")
+        self.iterations = positive(iterations, "data.iterations", integer=True)
+        self.skip_bad_images = skip_bad_images
 
     def model_inputs(self) -> dict:
-        content = read_image(self.content, "data.content")
+        content = read_image(self.content, "data.content", skippable=False)
         if self.image_size:
             content = longer_side(content, self.image_size)
-        styles = [self._style(read_image(path, f"data.style[{i}]"), path, content)
-                  for i, path in enumerate(self.styles)]
+        kept = keep_readable(range(len(self.styles)), lambda i: read_image(self.styles[i], f"data.style[{i}]"),
+                             self.skip_bad_images, "data.style", lambda i: self.styles[i])
+        styles = [self._style(read_image(self.styles[i], f"data.style[{i}]"), self.styles[i], content) for i in kept]
         return {"content": to_tensor(content), "styles": [to_tensor(s) for s in styles],
-                "style_weights": self.style_weights}
+                "style_weights": [self.style_weights[i] for i in kept]}
 
     def _style(self, style: Image.Image, path: str, content: Image.Image) -> Image.Image:
         size = round(self.style_scale * max(content.size))
@@ -124,16 +119,19 @@ class StyleImagesDataModule(L.LightningDataModule):
 class ContentImages(Dataset):
     """Images (files or samples) under `root` as {"image": [3, H, W] in [0, 1], "path", "name"}."""
 
-    def __init__(self, sources: list[str], transform, key: str, root: str):
+    def __init__(self, sources: list[str], transform, key: str, root: str, skip_bad_images: bool = False):
         self.sources, self.transform, self.key, self.root = sources, transform, key, root
+        self.skip_bad_images = skip_bad_images
 
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict | None:
         source = self.sources[index]
-        image = self.transform(read_image(source, self.key))
-        return {"image": image, "path": source, "name": self.output_name(source)}
+        image = read_or_skip(source, self.skip_bad_images, lambda s: read_image(s, self.key))
+        if image is None:
+            return None
+        return {"image": self.transform(image), "path": source, "name": self.output_name(source)}
 
     def output_name(self, source: str) -> str:
         """The stylised file's path relative to the output folder: the source's, as PNG."""
@@ -168,30 +166,32 @@ class ContentFolderDataModule(L.LightningDataModule):
 
     def __init__(self, folder: str, style: str, image_size: int = 256, style_size: int | None = None,
                  batch_size: int = 4, num_workers: int = 2, images: str | None = None, max_size: int | None = None,
-                 predict_batch_size: int = 8):
+                 predict_batch_size: int = 8, skip_bad_images: bool = False):
         super().__init__()
         self.folder, self.style, self.images = folder, style, images
-        self.image_size = positive(image_size, "data.image_size")
-        self.style_size = positive(style_size or image_size, "data.style_size")
-        self.batch_size = positive(batch_size, "data.batch_size")
-        self.predict_batch_size = positive(predict_batch_size, "data.predict_batch_size")
-        self.max_size = max_size and positive(max_size, "data.max_size")
-        self.num_workers = num_workers
+        self.image_size = positive(image_size, "data.image_size", integer=True)
+        self.style_size = positive(style_size or image_size, "data.style_size", integer=True)
+        self.batch_size = positive(batch_size, "data.batch_size", integer=True)
+        self.predict_batch_size = positive(predict_batch_size, "data.predict_batch_size", integer=True)
+        self.max_size = max_size and positive(max_size, "data.max_size", integer=True)
+        self.num_workers, self.skip_bad_images = num_workers, skip_bad_images
 
     def model_inputs(self) -> dict:
-        return {"style": to_tensor(longer_side(read_image(self.style, "data.style"), self.style_size))}
+        style = read_image(self.style, "data.style", skippable=False)
+        return {"style": to_tensor(longer_side(style, self.style_size))}
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
             crop = transforms.Compose([transforms.Resize(self.image_size), transforms.RandomCrop(self.image_size),
                                        transforms.ToTensor()])
-            self.train_set = ContentImages(list_sources(self.folder, "data.folder"), crop, "data.folder", self.folder)
+            self.train_set = ContentImages(list_sources(self.folder, "data.folder"), crop, "data.folder", self.folder,
+                                           self.skip_bad_images)
         if stage == "predict":
             if not self.images:
                 raise UserError("mode=predict needs data.images=path/to/folder (the images to stylise)")
             resize = transforms.Compose([transforms.Lambda(self._shrink), transforms.ToTensor()])
             self.predict_set = ContentImages(list_sources(self.images, "data.images"), resize, "data.images",
-                                             root=self.images)
+                                             self.images, self.skip_bad_images)
 
     def _predict_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return scaled_size(size, self.max_size) if self.max_size and max(size) > self.max_size else size
@@ -200,20 +200,24 @@ class ContentFolderDataModule(L.LightningDataModule):
         size = self._predict_size(image.size)
         return image if size == image.size else image.resize(size, Image.LANCZOS)
 
-    def _source_size(self, source: str) -> tuple[int, int]:
+    def _source_size(self, source: str) -> tuple[int, int] | None:
+        """The size the image is stylised at; None for an unreadable image that is skipped (its item is None too)."""
         if source.startswith(f"{SAMPLES}:"):
             return self._predict_size(read_image(source, "data.images").size)
         try:
             with Image.open(source) as image:  # reads the header only
                 return self._predict_size(image.size)
-        except OSError as error:
-            raise UserError(f"data.images: cannot read image {source} ({error}); replace or remove it") from None
+        except IMAGE_ERRORS as error:
+            if self.skip_bad_images:
+                return None
+            raise bad_image(source, error, "data.images") from None
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=per_device_batch_size(self.batch_size, self.trainer), shuffle=True,
-                          drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          collate_fn=collate)
 
     def predict_dataloader(self) -> DataLoader:
         sizes = [self._source_size(source) for source in self.predict_set.sources]
         return DataLoader(self.predict_set, batch_sampler=SameSizeBatches(sizes, self.predict_batch_size),
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, collate_fn=collate)

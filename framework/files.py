@@ -1,4 +1,4 @@
-"""Writing outputs atomically: a temporary name in the same folder, then a rename."""
+"""Writing outputs atomically (a temporary name in the same folder, then a rename), and into folders checked first."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from framework.errors import UserError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], mode: str = "w") -> Path:
@@ -28,6 +30,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], mode: str 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def writable_dir(path: str | os.PathLike, key: str) -> Path:
+    """`path`, created if missing, once a file could be written there; a UserError naming `key` otherwise (a path
+    under /proc, a read-only mount, a file in the way)."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise UserError(f"{key}: {path} must be a writable folder (writing there failed: "
+                        f"{error.strerror or error})") from None
     return path
 
 

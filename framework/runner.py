@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
+from framework.checkpoints import check_checkpoint
 from framework.config import flatten
 from framework.distributed import gather_objects
 from framework.errors import UserError
@@ -94,8 +95,7 @@ def load_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None)
         return instantiate(cfg.model, **model_inputs(datamodule))
     if not ckpt_path:
         raise UserError(f"mode={cfg.mode} needs ckpt_path=path/to/checkpoint.ckpt (e.g. a run's checkpoints/last.ckpt)")
-    if not Path(ckpt_path).is_file():
-        raise UserError(f"checkpoint {ckpt_path} does not exist (ckpt_path)")
+    check_checkpoint(ckpt_path, module_class, cfg.task_name)
     overrides = {key: cfg.model[key] for key in getattr(module_class, "inference_hparams", ()) if key in cfg.model}
     return module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
 
@@ -115,15 +115,19 @@ def final_metrics(trainer: L.Trainer) -> dict[str, float]:
 
 
 def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
-    """ckpt_path, or with resume=auto this run dir's last.ckpt (saved every epoch and on SIGTERM/SIGUSR1)."""
+    """ckpt_path, or with resume=auto this run dir's last.ckpt (saved every epoch and on SIGTERM/SIGUSR1), checked to
+    be a checkpoint of this task."""
     resume = cfg.get("resume")
     if resume not in (None, "auto"):
         raise UserError(f"resume={resume} is not supported: use resume=auto, or ckpt_path=PATH for a given checkpoint")
     last = output_dir / "checkpoints" / "last.ckpt"
-    if resume == "auto" and not cfg.get("ckpt_path") and last.is_file():
+    path = cfg.get("ckpt_path")
+    if resume == "auto" and not path and last.is_file():
         log.info("resume=auto: continuing from %s", last)
-        return str(last)
-    return cfg.get("ckpt_path")
+        path = str(last)
+    if path:
+        check_checkpoint(path, hydra.utils.get_class(cfg.model._target_), cfg.task_name)
+    return path
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:

@@ -71,7 +71,7 @@ def test_missing_images_are_an_error_or_skipped_with_a_count(tmp_path, caplog):
     paths = flickr8k_tree(tmp_path)
     for name in (FLICKR8K / LISTS["val_list"]).read_text().split()[:2]:
         (Path(paths["image_dir"]) / name).unlink()
-    with pytest.raises(UserError, match=r"2 images listed in .*Flickr8k.token.txt are missing .*data.skip_bad_images"):
+    with pytest.raises(UserError, match=r"2 images listed in .*Flickr_8k.devImages.txt are missing .*skip_bad_images"):
         read_flickr8k(**paths)
     with caplog.at_level(logging.WARNING):
         splits = read_flickr8k(**paths, skip_bad_images=True)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
 from functools import cache
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 
+from datamodules.images import SkippedImages
 from framework.distributed import gather_objects
 from framework.errors import UserError
 from lightning_modules.captioning.metrics import CaptionMetrics
-
-log = logging.getLogger(__name__)
 
 
 @cache
@@ -35,7 +32,7 @@ class CaptioningModule(L.LightningModule):
         super().__init__()
         self.spice = spice
         self.predictions: dict[str, dict] = {"val": {}, "test": {}}  # image_id -> caption, references, path
-        self.skipped_images = Counter()  # stage -> unreadable images the loader dropped (data.skip_bad_images)
+        self.skipped_images = SkippedImages()
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Cross-entropy of the batch's captions (also logged as val/loss and test/loss)."""
@@ -67,25 +64,15 @@ class CaptioningModule(L.LightningModule):
         scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
-    def _count_skipped(self, batch: dict, stage: str) -> bool:
-        """Count unreadable images dropped by the loader; False when nothing is left of the batch."""
-        self.skipped_images[stage] += batch["skipped"]
-        return batch["size"] > 0
-
-    def _report_skipped(self, stage: str) -> None:
-        if self.skipped_images[stage]:
-            log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true)", stage,
-                        self.skipped_images.pop(stage))
-
     def training_step(self, batch: dict, batch_idx: int):
-        if not self._count_skipped(batch, "train"):
+        if not self.skipped_images.has_images(batch, "train"):
             return None
         loss = self.training_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["size"])
         return loss
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:
-        if not self._count_skipped(batch, stage):
+        if not self.skipped_images.has_images(batch, stage):
             return
         self.log(f"{stage}/loss", self.loss(batch), batch_size=batch["size"], sync_dist=True)
         captions = self.caption_batch(batch)
@@ -112,13 +99,13 @@ class CaptioningModule(L.LightningModule):
         self._score("test")
 
     def on_train_epoch_end(self) -> None:
-        self._report_skipped("train")
+        self.skipped_images.report("train")
 
     def on_predict_epoch_end(self) -> None:
-        self._report_skipped("predict")
+        self.skipped_images.report("predict")
 
     def _score(self, stage: str) -> None:
-        self._report_skipped(stage)
+        self.skipped_images.report(stage)
         merged = {}
         for part in gather_objects(self.predictions[stage]):
             merged.update(part)
@@ -132,7 +119,7 @@ class CaptioningModule(L.LightningModule):
             self.log_dict({f"{stage}/{name}": float(value) for name, value in scores.items()})
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        if not self._count_skipped(batch, "predict"):
+        if not self.skipped_images.has_images(batch, "predict"):
             return []
         return [{"image": path, "caption": caption}
                 for path, caption in zip(batch["paths"], self.caption_batch(batch))]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from datamodules.images import image_transform
 from datamodules.vocabulary import Vocabulary, tokenize
-from framework.config import to_plain
+from framework.config import positive, to_plain
 from framework.distributed import global_token_mean
 from framework.errors import UserError
 from lightning_modules.captioning.base import CaptioningModule
@@ -44,6 +44,8 @@ class CNNRNNCaptioner(CaptioningModule):
         if scst["baseline"] not in SCST_BASELINES or scst["num_samples"] < (2 if scst["baseline"] == "mean" else 1):
             raise UserError(f"model.scst.baseline must be one of {', '.join(SCST_BASELINES)} (got {scst['baseline']}) "
                             "and model.scst.num_samples at least 1 (2 for the mean baseline)")
+        positive(max_len, "model.max_len", integer=True)
+        positive(beam_size, "model.beam_size", integer=True)
         self.save_hyperparameters(logger=False)
         self.cider_d: CiderD | None = None
         self.vocab = Vocabulary(vocab)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
-from framework.config import to_plain
+from framework.config import positive, to_plain
 from framework.distributed import global_token_mean
 from framework.errors import UserError
 from framework.files import atomic_dir
@@ -31,6 +31,7 @@ from lightning_modules.captioning.base import CaptioningModule
 
 IGNORE = -100  # target id that cross-entropy skips (prompt, padding)
 GENERATION_KEYS = ("num_beams", "max_length", "min_length")  # shown in the model card
+GENERATION_LENGTHS = ("num_beams", "max_length", "max_new_tokens")  # GenerationConfig fields that must be positive
 
 
 class ImageProcessorTransform:
@@ -81,6 +82,10 @@ class HFCaptioner(CaptioningModule):
         self.save_hyperparameters(logger=False, ignore=["architecture"])
         for key in ("optimizer", "scheduler", "generation"):
             self.hparams[key] = to_plain(self.hparams[key])
+        positive(max_caption_tokens, "model.max_caption_tokens", integer=True)
+        for key in GENERATION_LENGTHS:  # transformers would fail later, or generate empty captions
+            if (self.hparams.generation or {}).get(key) is not None:
+                positive(self.hparams.generation[key], f"model.generation.{key}", integer=True)
         if architecture:  # load_from_checkpoint: the architecture from the checkpoint, its weights from the state dict
             self.model, self.image_processor, self.tokenizer = self.build_from_files(architecture)
         else:

@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datamodules.images import load_rgb
+from framework.checkpoints import read_checkpoint
 from framework.errors import UserError
 from lightning_modules.captioning.base import CaptioningModule
 from lightning_modules.captioning.blip import BLIPCaptioner
@@ -52,12 +53,9 @@ class Captioner:
                 raise UserError(f"{path} is not a Hugging Face export of a captioner we know (config.json model_type "
                                 f"{model_type!r}; known: {', '.join(EXPORT_CLASSES)})")
             return cls(EXPORT_CLASSES[model_type](pretrained=str(path), **overrides), device)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"{path} does not exist: give an export directory or a .ckpt file")
-        try:
-            name = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("captioner")
-        except Exception as error:
-            raise UserError(f"{path} is not a checkpoint ({type(error).__name__}: {error})") from None
+        name = read_checkpoint(path, key=None).get("captioner")
         if name not in CHECKPOINT_CLASSES:
             raise UserError(f"{path} is not a captioner checkpoint of this project (it names {name!r})")
         module = CHECKPOINT_CLASSES[name].load_from_checkpoint(path, map_location="cpu", weights_only=True,

@@ -58,8 +58,9 @@ class AdversarialModule(ExplainModule):
     """Adversarial examples of `attack` for each image; see the module docstring."""
 
     def __init__(self, classifier: dict, attack: str = "pgd", target: int | None = None, epsilon: float = 8 / 255,
-                 step_size: float | None = None, steps: int | None = None, classes: list[str] | None = None):
-        super().__init__(classifier, classes)
+                 step_size: float | None = None, steps: int | None = None, classes: list[str] | None = None,
+                 image_size: int | None = None, source_size: list[int] | None = None):
+        super().__init__(classifier, classes, image_size, source_size)
         if attack not in ATTACKS:
             raise UserError(f"model.attack={attack} is not one of {', '.join(ATTACKS)}")
         step_size = DEFAULT_STEP_SIZE[attack] if step_size is None else step_size

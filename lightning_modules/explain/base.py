@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from datamodules.images import load_rgb
+from datamodules.images import SkippedImages, load_rgb
 from framework.config import to_plain
 from framework.errors import UserError
 from framework.files import atomic_write, write_json
@@ -32,14 +32,40 @@ class ExplainModule(L.LightningModule):
 
     builds_from_config = True  # mode=predict builds it from cfg.model: the classifier comes from model.classifier
 
-    def __init__(self, classifier: dict, classes: list[str] | None = None):
-        """`classes`: the labels of the data (from its data module), which must be the classifier's."""
+    def __init__(self, classifier: dict, classes: list[str] | None = None, image_size: int | None = None,
+                 source_size: list[int] | None = None):
+        """From the data module: `classes`, the labels of the data, which must be the classifier's; `image_size`, the
+        size its images are resized to (None: the data has no images); for a folder of unlabelled images, the size
+        they all have (`source_size`, None if they differ). The shapes classifier explains only its own kind of
+        image: the synthetic shapes, square and of the size it was trained on, at that size."""
         super().__init__()
-        self.classifier = classifier_to_explain(**to_plain(classifier)).requires_grad_(False)
+        classifier = to_plain(classifier)
+        folder_of_shapes = classifier.get("name", "shapes") == "shapes" and classes is None and image_size is not None
+        if folder_of_shapes:  # checked before a shapes classifier is loaded or trained: shapes images are square
+            self.check_shapes_images(source_size)
+        self.classifier = classifier_to_explain(**classifier).requires_grad_(False)
         if classes is not None and list(classes) != self.class_names:
             raise UserError(f"the data's classes ({', '.join(classes)}) are not those of the classifier "
                             f"({', '.join(self.class_names[:5])}, ...): explain labelled shapes data with "
                             "model.classifier.name=shapes, or other images with data=explain_images")
+        if folder_of_shapes:
+            self.check_shapes_images(source_size, self.classifier.image_size)
+        self.check_image_size(image_size, "data.image_size")
+        self.skipped_images = SkippedImages()
+
+    @staticmethod
+    def check_shapes_images(source_size: list[int] | None, trained: int | None = None) -> None:
+        """A UserError unless the folder's images are square, of one size, and (where known) the trained size."""
+        if source_size is not None and source_size[0] == source_size[1] and trained in (None, source_size[0]):
+            return
+        found = "of several sizes" if source_size is None else "{}x{} px".format(*source_size)
+        wanted = f"{trained}x{trained} px" if trained else "square"
+        raise UserError(
+            f"the images of data.images are {found}, not the {wanted} synthetic shapes images that "
+            "model.classifier.name=shapes (the shapes classifier) was trained on: it would label a photo of a bird "
+            "as a circle. Explain photos with an ImageNet classifier: model.classifier.name=resnet50 "
+            "data.image_size=224 (its weights in the torch cache: python scripts/download_models.py resnet50), and "
+            "shapes with data=shape_classes")
 
     @classmethod
     def load_from_checkpoint(cls, *args, **kwargs):
@@ -58,17 +84,22 @@ class ExplainModule(L.LightningModule):
                             f"0..{len(self.class_names) - 1} ({', '.join(self.class_names[:5])}, ...)")
         return target
 
-    def on_predict_epoch_start(self) -> None:
-        self.skipped_images = 0
+    def check_image_size(self, image_size: int | None, key: str) -> None:
+        """A UserError naming `key` when the classifier was trained on images of one size (the shapes classifier)
+        and `image_size` is another: its shapes would be drawn at a scale it never saw."""
+        trained = self.classifier.image_size
+        if image_size is not None and trained is not None and image_size != trained:
+            raise UserError(f"{key}={image_size}, but the classifier (model.classifier.name=shapes) was trained on "
+                            f"{trained} px images: set {key}={trained}, or train a shapes classifier at {image_size} "
+                            f"px (python run.py task=shapes_classifier data.image_size={image_size}) and give it as "
+                            "model.classifier.checkpoint")
 
     def has_images(self, batch: dict) -> bool:
         """Count the unreadable images the loader left out (data.skip_bad_images); False for an empty batch."""
-        self.skipped_images += batch["skipped"]
-        return batch["size"] > 0
+        return self.skipped_images.has_images(batch, "predict")
 
     def on_predict_epoch_end(self) -> None:
-        if self.skipped_images:
-            log.warning("skipped %d unreadable images (data.skip_bad_images=true)", self.skipped_images)
+        self.skipped_images.report("predict")
 
     @property
     def output_dir(self) -> Path:

@@ -26,6 +26,7 @@ class ClassVisualisationModule(ExplainModule):
                  l2: float = 0.01, jitter: int = 4, blur_every: int = 4, blur_sigma: float = 1.0, seed: int = 0,
                  columns: int = 8):
         super().__init__(classifier)
+        self.check_image_size(image_size, "model.image_size")
         self.save_hyperparameters(logger=False)
 
     def visualise(self, targets: torch.Tensor) -> torch.Tensor:

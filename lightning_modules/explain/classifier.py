@@ -20,9 +20,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision import models
 
 from datamodules.images import IMAGENET_MEAN, IMAGENET_STD
+from framework.checkpoints import check_checkpoint
 from framework.config import to_plain
 from framework.errors import UserError
-from framework.files import atomic_dir
+from framework.files import atomic_dir, writable_dir
 from framework.weights import imagenet_state_dict
 from lightning_modules.captioning.nets import SmallCNN
 
@@ -33,9 +34,11 @@ ROOT = Path(__file__).resolve().parents[2]
 class PixelClassifier(nn.Module):
     """`net` behind its input normalisation: pixels [B, 3, H, W] in [0, 1] -> logits [B, len(class_names)]."""
 
-    def __init__(self, net: nn.Module, class_names: list[str], mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, net: nn.Module, class_names: list[str], mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 image_size: int | None = None):
+        """`image_size`: the only input size the classifier knows (the shapes classifier); None: any size."""
         super().__init__()
-        self.net, self.class_names = net, list(class_names)
+        self.net, self.class_names, self.image_size = net, list(class_names), image_size
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -83,11 +86,12 @@ class ShapesClassifier(L.LightningModule):
     """A small CNN telling the shape of a shapes image (task=shapes_classifier); `classifier` is what is explained."""
 
     def __init__(self, classes: list[str], optimizer: dict, scheduler: dict | None = None, width: int = 32,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, image_size: int | None = None):
+        """`image_size`: of the training images (from the data; None in checkpoints written before it was kept)."""
         super().__init__()
         classes, optimizer, scheduler = to_plain(classes), to_plain(optimizer), to_plain(scheduler)
         self.save_hyperparameters(logger=False)
-        self.classifier = PixelClassifier(shapes_net(len(classes), width), classes)
+        self.classifier = PixelClassifier(shapes_net(len(classes), width), classes, image_size=image_size)
         self.accuracy = nn.ModuleDict({f"{stage}_acc": MulticlassAccuracy(len(classes), average="micro")
                                        for stage in ("train", "val", "test")})
 
@@ -132,6 +136,7 @@ def ensure_shapes_classifier(cache_dir: str | Path, data_dir: str | Path, overri
         raise UserError(f"{cache_dir} (model.classifier.cache_dir) holds no checkpoints/epoch_*.ckpt: remove it to "
                         "train the shapes classifier there, or give model.classifier.checkpoint=PATH")
     if not cache_dir.exists():
+        writable_dir(cache_dir.parent, "model.classifier.cache_dir (by default under paths.data_dir)")
         log.info("model.classifier.checkpoint is not set and there is no cached shapes classifier in %s: training one "
                  "with `python run.py task=shapes_classifier` (once; later runs reuse it)", cache_dir)
         with atomic_dir(cache_dir) as run_dir:
@@ -158,9 +163,7 @@ def classifier_to_explain(name: str = "shapes", checkpoint: str | None = None, p
             if cache_dir is None or data_dir is None:
                 raise UserError("set model.classifier.checkpoint to a shapes classifier checkpoint")
             checkpoint = ensure_shapes_classifier(cache_dir, data_dir)
-        if not Path(checkpoint).is_file():
-            raise UserError(f"checkpoint {checkpoint} does not exist (model.classifier.checkpoint): give a "
-                            "task=shapes_classifier run's checkpoints/epoch_*.ckpt")
+        check_checkpoint(checkpoint, ShapesClassifier, "shapes_classifier", "model.classifier.checkpoint")
         module = ShapesClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
         return module.classifier.eval()
     if name not in models.list_models(module=models):

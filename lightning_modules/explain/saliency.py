@@ -38,8 +38,9 @@ class SaliencyModule(ExplainModule):
                  gradcam_layer: str | None = None, smoothgrad_samples: int = 25, smoothgrad_noise: float = 0.05,
                  ig_steps: int = 32, internal_batch_size: int = 256, deletion_steps: int = 20,
                  pointing_tolerance: float = 15 / 224, randomisation: bool = True, seed: int = 0,
-                 contact_sheet_images: int = 16, contact_sheet_columns: int = 8, classes: list[str] | None = None):
-        super().__init__(classifier, classes)
+                 contact_sheet_images: int = 16, contact_sheet_columns: int = 8, classes: list[str] | None = None,
+                 image_size: int | None = None, source_size: list[int] | None = None):
+        super().__init__(classifier, classes, image_size, source_size)
         self.save_hyperparameters(logger=False)
         self.methods = Attributions.check(list(methods))
         self.target = self.check_class(target, "model.target")

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 
+from datamodules.images import SkippedImages
 from framework.config import to_plain
 from framework.files import atomic_dir, write_json
 from lightning_modules.style.images import save_png, tensorboard
@@ -37,6 +38,7 @@ class FastStyle(L.LightningModule):
         content_layers, style_layers = list(to_plain(content_layers)), to_plain(style_layers) or DEFAULT_STYLE_LAYERS
         self.save_hyperparameters(ignore=["style"], logger=False)
         self.net = TransformerNet(**net)
+        self.skipped_images = SkippedImages()
         self.loss = None
         if style is not None:  # training
             self.loss = build_perceptual_loss(vgg, allow_random_features, content_layers, style_layers,
@@ -56,8 +58,10 @@ class FastStyle(L.LightningModule):
         self.loss.set_style([self.style], [1.0])
         log.info("fast style: VGG features %s", self.loss.features.weights)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        content = batch["image"]
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if not self.skipped_images.has_images(batch, "train"):
+            return None
+        content = batch["images"]
         output = self.net(content)
         parts = self.loss(output, self.loss.content_targets(content))
         self.log_dict({f"train/{name}": value for name, value in parts.items() if name != "loss"},
@@ -70,11 +74,19 @@ class FastStyle(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Stylises a batch and writes each result as PNG (atomically) under <run dir>/stylized/."""
+        if not self.skipped_images.has_images(batch, "predict"):
+            return []
         folder = Path(self.trainer.default_root_dir) / "stylized"
         rows = []
-        for image, path, name in zip(self(batch["image"]), batch["path"], batch["name"]):
+        for image, path, name in zip(self(batch["images"]), batch["paths"], batch["name"]):
             rows.append({"image": path, "stylized": str(save_png(image, folder / name))})
         return rows
+
+    def on_train_epoch_end(self) -> None:
+        self.skipped_images.report("train")
+
+    def on_predict_epoch_end(self) -> None:
+        self.skipped_images.report("predict")
 
     def export(self, directory: str | Path) -> Path:
         """TorchScript (`fast_style.pt`, `torch.jit.load(path)(images)`; scripted, so any image size works), and

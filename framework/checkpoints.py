@@ -1,0 +1,104 @@
+"""Checkpoints checked before Lightning loads them (eval/predict/export, resuming, a classifier to explain).
+
+A missing file, a file that is no checkpoint, a truncated one or one of another task is one UserError naming the
+file and what to do, instead of whatever breaks inside torch.load or the module's __init__.
+
+Checkpoints record the task and the module class that wrote them (`TaskRecord`, in every callbacks config that
+saves checkpoints). For a checkpoint without that record (written before it existed, or with callbacks=none), the
+module's required __init__ arguments are looked for in the checkpoint's hyperparameters instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from framework.errors import UserError
+
+RECORD = "task"  # checkpoint[RECORD] = {"name": task_name, "module": "package.module.Class"}
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives
+
+
+class TaskRecord(L.Callback):
+    """Writes the task name and the LightningModule's class into every checkpoint."""
+
+    def __init__(self, task_name: str):
+        self.task_name = task_name
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        module = type(pl_module)
+        checkpoint[RECORD] = {"name": self.task_name, "module": f"{module.__module__}.{module.__qualname__}"}
+
+
+def read_checkpoint(path: str | os.PathLike, key: str | None = "ckpt_path") -> dict:
+    """A Lightning checkpoint's contents, its tensors memory-mapped (so reading it before Lightning does costs little
+    even for big files); a UserError naming the file (and the config `key` that gave it) when it cannot be one."""
+    path = Path(path)
+    named = f"{path} ({key})" if key else str(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {named} does not exist{_alternatives(path)}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(f"{named} holds Python objects besides tensors and plain values, which are not loaded "
+                        f"(weights_only): it is not a checkpoint of this project ({str(error).splitlines()[0]})"
+                        f"{_alternatives(path)}") from None
+    except Exception as error:  # noqa: BLE001 - torch.load's errors for bad files are RuntimeError, EOFError, ...
+        with open(path, "rb") as file:
+            if file.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+                raise UserError(f"{named} is not a checkpoint (torch.save did not write it: a text file? "
+                                f"{path.stat().st_size} bytes){_alternatives(path)}") from None
+        reason = str(error).splitlines()[0].split(". ")[0]  # torch's first sentence; the rest is advice
+        raise UserError(f"checkpoint {named} is corrupt or truncated (an interrupted copy or save?): "
+                        f"{reason}{_alternatives(path)}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        keys = [str(name) for name in checkpoint] if isinstance(checkpoint, dict) else []
+        held = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "") if keys else type(checkpoint).__name__
+        raise UserError(f"{named} is not a Lightning checkpoint: it has no state_dict (it holds {held}; plain "
+                        f"weights, or an export?){_alternatives(path)}")
+    return checkpoint
+
+
+def check_checkpoint(path: str | os.PathLike, module_class: type, task_name: str, key: str = "ckpt_path") -> None:
+    """A UserError unless `path` is a readable checkpoint that `module_class` (task `task_name`'s module) can load."""
+    checkpoint = read_checkpoint(path, key)
+    record = checkpoint.get(RECORD) or {}
+    # Captioners also name their class under "captioner" (CaptioningModule.on_save_checkpoint), records or not.
+    writer = record.get("module", "").rsplit(".", 1)[-1] or checkpoint.get("captioner")
+    if writer and writer != module_class.__name__:
+        owner = f"task {record['name']} (its module class {writer})" if record.get("name") else f"module class {writer}"
+        fix = f"give a checkpoint of a task={task_name} run"
+        if record.get("name") and key == "ckpt_path":
+            fix = f"run with task={record['name']}, or {fix}"
+        raise UserError(f"checkpoint {path} ({key}) belongs to {owner}, not to task={task_name} "
+                        f"({module_class.__name__}): {fix}")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    missing = [] if writer else [name for name in required_arguments(module_class) if name not in hparams]
+    if missing:
+        raise UserError(f"{path} ({key}) is not a checkpoint of task={task_name}: its module class "
+                        f"{module_class.__name__} needs {', '.join(missing)}, which the checkpoint does not hold "
+                        f"(its hyperparameters: {', '.join(hparams) or 'none'}); give a checkpoint of a "
+                        f"task={task_name} run")
+
+
+def required_arguments(module_class: type) -> list[str]:
+    """The __init__ arguments without a default (what load_from_checkpoint must find in the hyperparameters)."""
+    parameters = list(inspect.signature(module_class.__init__).parameters.values())[1:]  # without self
+    return [p.name for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _alternatives(path: Path) -> str:
+    """What to give instead: the other checkpoints next to `path` (last.ckpt first), or where runs keep theirs."""
+    try:
+        others = sorted((p.name for p in path.parent.glob("*.ckpt") if p.name != path.name),
+                        key=lambda name: (name != "last.ckpt", name))
+    except OSError:  # a folder we may not list
+        others = []
+    if others:
+        return f"; other checkpoints in {path.parent}: {', '.join(others[:4])}"
+    return "; give a run's checkpoints/last.ckpt (or checkpoints/epoch_*.ckpt)"
