@@ -29,6 +29,8 @@ from framework.config import flatten
 from framework.distributed import gather_objects
 from framework.errors import UserError
 from framework.files import atomic_write, write_json
+from framework.hardware import resolve_trainer
+from framework.launch import isolated_job
 
 log = logging.getLogger(__name__)
 MODES = ("train", "eval", "predict", "export")
@@ -43,10 +45,12 @@ def run(cfg: DictConfig) -> float | None:
     try:
         if cfg.mode not in MODES:
             raise UserError(f"mode={cfg.mode} is not one of {', '.join(MODES)}")
+        resolve_trainer(cfg.trainer)
         if cfg.get("seed") is not None:
             L.seed_everything(cfg.seed, workers=True)
         save_config(cfg, output_dir)
-        metrics = {"train": train, "eval": evaluate, "predict": predict, "export": export}[cfg.mode](cfg, output_dir)
+        with isolated_job():
+            metrics = {"train": train, "eval": evaluate, "predict": predict, "export": export}[cfg.mode](cfg, output_dir)
         if rank_zero_only.rank == 0:
             write_json(output_dir / "metrics.json", metrics)
         print_summary(cfg, output_dir, metrics)

@@ -52,3 +52,10 @@ def run_cli(args: list[str], run_dir: Path, data_dir: Path, multirun: bool = Fal
 
 def read_metrics(run_dir: Path) -> dict[str, float]:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many README commands tests/test_readme_commands.py ran as typed and how many it only composed."""
+    readme_test = next((m for name, m in sys.modules.items() if name.endswith("test_readme_commands")), None)
+    if readme_test is not None:
+        terminalreporter.write_line(readme_test.coverage_line())

@@ -4,6 +4,7 @@ import pytest
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
+from framework.hardware import resolve_trainer
 from tests.conftest import CONF, compose_config
 
 
@@ -17,7 +18,7 @@ def test_every_task_composes_and_instantiates(task, tmp_path, data_dir):
     assert cfg.task_name == task
     assert get_class(cfg.model._target_)
     instantiate(cfg.data)
-    instantiate(cfg.trainer)
+    instantiate(resolve_trainer(cfg.trainer))
 
 
 @pytest.mark.parametrize("group", ["trainer", "logger", "callbacks", "debug", "experiment", "hparams_search", "data"])
@@ -30,7 +31,7 @@ def test_every_group_option_composes(group, tmp_path, data_dir):
 def test_default_is_shapes_captioning_on_cpu(tmp_path, data_dir):
     cfg = compose_config([], tmp_path, data_dir)
     assert cfg.task_name == "shapes_captioning"
-    assert cfg.trainer.accelerator == "cpu"
+    assert cfg.trainer.accelerator == "auto" and cfg.trainer.precision == "auto"  # tests/test_hardware.py
     assert cfg.callbacks.model_checkpoint.monitor == "val/CIDEr"
     assert cfg.callbacks.last_checkpoint.filename == "last"
 

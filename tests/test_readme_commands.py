@@ -1,0 +1,296 @@
+"""Every `python run.py ...` command in README.md, as a user types it.
+
+Commands that run on a CPU without downloads run in a copy of the repository, from its root, through a shell-free
+`python run.py ARGS`, with only shrinking overrides appended (epochs, batch limits, image counts and sizes). The
+files the README names (`path/to/folder`, `photo.jpg`, ...) are made in that copy; `<time>` and `...` in a path
+are the run dir that the README command before it (`after`) printed. Commands that need a GPU, downloaded weights or
+a real data set are composed with Hydra's compose API, their sweeps expanded, every interpolation resolved and the
+trainer resolved for a faked machine with 8 bf16 GPUs. A README command missing from COMMANDS, or an entry of
+COMMANDS the README no longer shows, fails `test_every_readme_command_is_covered`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_class
+from omegaconf import OmegaConf, read_write
+from PIL import Image
+
+from framework.hardware import resolve_trainer
+from tests.conftest import CONF, ROOT
+from tests.test_hardware import fake_gpus
+
+
+@dataclass(frozen=True)
+class Run:
+    """Run on the CPU: `shrink` is appended; `after` is the README command whose run dir fills `<time>` / `...`."""
+    shrink: tuple[str, ...] = ()
+    after: str | None = None
+
+
+@dataclass(frozen=True)
+class Compose:
+    """Only composed and resolved: `needs` says why it cannot run here (a GPU, weights, a data set)."""
+    needs: str
+
+
+CAPTION_DATA = ("data.num_train=64", "data.num_val=16", "data.num_test=16")
+ONE_EPOCH = ("trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+             "trainer.limit_test_batches=1")
+SHAPES = (*ONE_EPOCH, *CAPTION_DATA, "data.batch_size=16")
+EXPLAIN = ("data.num_train=64", "data.num_val=16", "data.num_test=64", "data.num_predict=4")
+STYLE = ("data.iterations=3", "data.image_size=96")
+DEFAULT = ""  # `python run.py`
+
+COMMANDS: dict[str, Run | Compose] = {
+    # Running tasks, captioning
+    DEFAULT: Run(SHAPES),
+    "task=shapes_captioning": Run(SHAPES),
+    "mode=eval ckpt_path=outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt":
+        Run(("trainer.limit_test_batches=1", *CAPTION_DATA), after=DEFAULT),
+    "mode=predict ckpt_path=.../last.ckpt data.images=path/to/folder": Run(CAPTION_DATA, after=DEFAULT),
+    "ckpt_path=.../last.ckpt trainer.max_epochs=20": Run((*SHAPES, "trainer.max_epochs=2"), after=DEFAULT),
+    "-m seed=1,2,3 model.decoder.rnn=lstm,gru": Run(SHAPES),
+    "-m hparams_search=shapes_optuna hydra.sweeper.n_trials=20": Run((*SHAPES, "hydra.sweeper.n_trials=2")),
+    "debug=fdr": Run(CAPTION_DATA),
+    "task=shapes_captioning data=caption_folder data.source.folder=path/to/folder": Run(ONE_EPOCH),
+    "experiment=shapes_scst": Run(SHAPES),
+    "experiment=shapes_scst ckpt_path=outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt":
+        Run((*SHAPES, "trainer.max_epochs=2"), after=DEFAULT),
+    "trainer=cpu": Run(SHAPES),
+    "-m trainer=ddp_sim seed=1,2": Run(SHAPES),
+    "-m hydra/launcher=submitit_local trainer=ddp_sim seed=1,2": Run(SHAPES),
+    "trainer.devices=4": Compose("4 GPUs"),
+    "task=blip_coco trainer.devices=4": Compose("BLIP weights, COCO, 4 GPUs"),
+    "trainer=gpu trainer.precision=bf16-mixed": Compose("a GPU"),
+    "trainer=ddp trainer.devices=4": Compose("4 GPUs"),
+    "trainer=ddp trainer.devices=4 trainer.precision=bf16-mixed": Compose("4 GPUs"),
+    "-m hydra/launcher=submitit_slurm task=shapes_captioning trainer=ddp trainer.devices=4 trainer.num_nodes=2 "
+    "hydra.launcher.partition=gpu": Compose("a SLURM cluster"),
+    "... resume=auto": Compose("a run to resume (any command plus resume=auto)"),
+    "task=cnn_rnn_coco trainer=gpu": Compose("COCO and ImageNet ResNet-50 weights, a GPU"),
+    "task=cnn_rnn_coco data=coco trainer=gpu": Compose("COCO and ImageNet ResNet-50 weights, a GPU"),
+    "task=cnn_rnn_flickr8k trainer=gpu": Compose("Flickr8k and ImageNet ResNet-50 weights, a GPU"),
+    "task=cnn_rnn_flickr8k data=flickr8k_karpathy trainer=gpu": Compose("Flickr8k and ResNet-50 weights, a GPU"),
+    # BLIP and ViT-GPT2: pretrained weights from the hub and COCO
+    "task=blip_coco mode=export ckpt_path=.../last.ckpt": Compose("BLIP weights"),
+    "task=blip_coco mode=export ckpt_path=outputs/blip_coco/runs/<time>/checkpoints/epoch_004.ckpt":
+        Compose("BLIP weights"),
+    "task=blip_coco mode=export": Compose("BLIP weights"),
+    "task=blip_coco mode=eval trainer=gpu trainer.precision=bf16-mixed": Compose("BLIP weights, COCO, a GPU"),
+    "task=blip_coco mode=predict ckpt_path=.../last.ckpt data.images=path/to/folder": Compose("BLIP weights"),
+    "task=blip_coco mode=eval ckpt_path=.../last.ckpt model.generation.num_beams=5": Compose("BLIP weights, COCO"),
+    "experiment=blip_coco_paper": Compose("BLIP weights, COCO, GPUs"),
+    "experiment=blip_coco_paper trainer.devices=4 trainer.accumulate_grad_batches=2": Compose("BLIP, COCO, 4 GPUs"),
+    "-m task=blip_coco hparams_search=blip_optuna": Compose("BLIP weights, COCO, GPUs"),
+    "task=vit_gpt2_coco trainer=gpu trainer.precision=bf16-mixed": Compose("ViT-GPT2 weights, COCO, a GPU"),
+    "task=vit_gpt2_coco model.pretrained=null model.encoder_pretrained=google/vit-base-patch16-224-in21k "
+    "model.decoder_pretrained=openai-community/gpt2 model.optimizer.lr=1e-4 trainer=gpu":
+        Compose("ViT and GPT-2 weights, COCO, a GPU"),
+    # SDXL DreamBooth: SDXL weights and a GPU
+    "task=sdxl_dreambooth trainer=gpu data.source.folder=path/to/dog": Compose("SDXL weights, a GPU"),
+    "experiment=sdxl_dreambooth_prior trainer=gpu data.source.folder=path/to/dog": Compose("SDXL weights, a GPU"),
+    "experiment=sdxl_fast trainer=gpu data.source.folder=path/to/dog": Compose("SDXL weights, a GPU"),
+    "task=sdxl_lora_3d_icons trainer=gpu data.source.folder=path/to/3d_icon": Compose("SDXL weights, a GPU"),
+    "mode=predict task=sdxl_dreambooth trainer=gpu ckpt_path=outputs/sdxl_dreambooth/runs/<time>/checkpoints/"
+    "last.ckpt data.prompts=[\"a photo of sks dog on the moon\",\"a sks dog in a bucket\"] model.fuse_lora=true":
+        Compose("SDXL weights, a GPU"),
+    "mode=predict task=sdxl_dreambooth trainer=gpu model.lora_weights=outputs/sdxl_dreambooth/runs/<time>/export":
+        Compose("SDXL weights, a GPU"),
+    "mode=eval task=sdxl_dreambooth trainer=gpu ckpt_path=.../last.ckpt data.test_prompts=prompts.txt":
+        Compose("SDXL, CLIP and DINO weights, a GPU"),
+    "mode=eval task=sdxl_dreambooth trainer=gpu data.test_prompts=prompts.txt": Compose("SDXL weights, a GPU"),
+    "mode=export task=sdxl_dreambooth ckpt_path=...": Compose("SDXL weights"),
+    # Explaining classifiers
+    "task=shapes_classifier": Run((*ONE_EPOCH, *EXPLAIN)),
+    "task=saliency": Run(EXPLAIN),
+    "task=saliency model.pointing_tolerance=0": Run(EXPLAIN),
+    "task=saliency model.contact_sheet_images=8": Run(EXPLAIN),
+    "task=adversarial": Run(EXPLAIN),
+    "task=adversarial model.attack=fgsm": Run(EXPLAIN),
+    "task=adversarial model.attack=fooling": Run(EXPLAIN),
+    "task=class_visualisation": Run(("model.steps=5",)),
+    "task=saliency model.classifier.name=resnet50 data=explain_images data.images=path/to/photos trainer=gpu":
+        Compose("ImageNet ResNet-50 weights, a GPU"),
+    "task=adversarial model.classifier.name=resnet50 data=explain_images data.images=path/to/photos "
+    "model.target=963": Compose("ImageNet ResNet-50 weights"),
+    "task=class_visualisation model.classifier.name=resnet50 model.image_size=224 data.targets=[1,130,945]":
+        Compose("ImageNet ResNet-50 weights"),
+    # Style transfer (random VGG features where the ImageNet weights are not in the torch cache)
+    "task=style_transfer": Run(STYLE),
+    "task=style_transfer data.image_size=192 data.iterations=150 model.content_weight=20": Run(STYLE),
+    "task=style_transfer data.content=photo.jpg data.style=painting.jpg data.image_size=512": Run(STYLE),
+    "task=style_transfer data.style=[a.jpg,b.jpg] data.style_weights=[0.7,0.3]": Run(STYLE),
+    "task=style_transfer model.preserve_color=true": Run(STYLE),
+    "task=style_transfer model.scales=[0.25,0.5,1.0] data.image_size=1024": Run(("data.iterations=3",
+                                                                                   "data.image_size=128")),
+    "task=style_transfer ~model.optimizer +model.optimizer={_target_: torch.optim.Adam, _partial_: true, lr: 0.02}":
+        Run(STYLE),
+    "task=fast_style": Run(("trainer.max_epochs=1", "data.image_size=64")),
+    "task=fast_style mode=predict ckpt_path=outputs/fast_style/runs/<time>/checkpoints/last.ckpt "
+    "data.images=path/to/photos data.max_size=1024": Run(("data.max_size=64",), after="task=fast_style"),
+    "task=fast_style mode=export ckpt_path=.../last.ckpt": Run(after="task=fast_style"),
+    "task=fast_style data.folder=data/coco/train2014 data.style=painting.jpg data.image_size=256 trainer=gpu "
+    "trainer.max_epochs=2": Compose("COCO, a GPU"),
+}
+
+
+def readme_commands() -> dict[str, list[str]]:
+    """The arguments after `python run.py` of every such command in README.md, as the shell splits them, by their
+    space-joined text: lines of its code blocks (continuations joined, comments dropped) and inline code."""
+    text = (ROOT / "README.md").read_text()
+    lines = [line for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M)
+             for line in block.replace("\\\n", " ").splitlines() if line.strip().startswith("python run.py")]
+    spans = re.findall(r"`(python run\.py[^`]*)`", text)
+    commands = [shlex.split(command, comments=True)[2:] for command in lines + spans]
+    return {" ".join(args): args for args in commands}
+
+
+README = readme_commands()
+
+
+def coverage_line() -> str:
+    ran = sum(isinstance(spec, Run) for spec in COMMANDS.values())
+    return f"README commands: {len(COMMANDS)}: {ran} run as typed, {len(COMMANDS) - ran} composed"
+
+
+def test_every_readme_command_is_covered():
+    assert [c for c in README if c not in COMMANDS] == [], "README commands missing from COMMANDS: add them"
+    assert [c for c in COMMANDS if c not in README] == [], "COMMANDS the README no longer shows: remove them"
+
+
+# ----------------------------------------------------------------------------------------------- composed
+@pytest.mark.parametrize("command", [c for c, spec in COMMANDS.items() if isinstance(spec, Compose)])
+def test_command_composes_and_resolves(command, tmp_path):
+    args = [arg.replace("<time>", "2026-11-30_12-00-00") for arg in README[command]]  # a run dir's name for <time>
+    multirun = args[:1] == ["-m"]
+    overrides = [a for a in args[multirun:] if a != "..."]
+    if multirun:  # the jobs of the sweep, as Hydra's basic sweeper makes them
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    else:
+        jobs = [overrides]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for number, job in enumerate(jobs):
+            cfg = compose("config", overrides=job, return_hydra_config=True)
+            with read_write(cfg.hydra):  # what Hydra sets when the job starts
+                cfg.hydra.runtime.output_dir, cfg.hydra.job.num = str(tmp_path), number
+            HydraConfig.instance().set_config(cfg)
+            cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+            with fake_gpus(8):
+                resolve_trainer(cfg.trainer)
+            assert get_class(cfg.model._target_) and get_class(cfg.data._target_)
+            assert cfg.trainer.accelerator in ("gpu", "cpu") and cfg.trainer.precision != "auto"
+
+
+# ---------------------------------------------------------------------------------------------------- run
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A copy of the repository (its tracked and unignored files) with the files the README's commands name."""
+    copy = tmp_path_factory.mktemp("repository")
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, copy / name)
+    make_user_files(copy)
+    return copy
+
+
+def make_user_files(root: Path) -> None:
+    """A captioned folder (images + metadata.jsonl), a folder of photos, and single photos and paintings."""
+    rng = np.random.default_rng(0)
+
+    def picture(path: Path, size=(80, 64)) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        smooth = rng.random((size[1] // 8, size[0] // 8, 3))
+        Image.fromarray((smooth * 255).astype(np.uint8)).resize(size, Image.BICUBIC).save(path)
+
+    captions = []
+    for i in range(40):  # enough for the hash split to give val and test images
+        picture(root / "path/to/folder" / f"{i}.jpg")
+        colour = ["red", "green", "blue"][i % 3]
+        captions.append({"file_name": f"{i}.jpg", "text": [f"a {colour} picture", f"some {colour} noise"]})
+    (root / "path/to/folder/metadata.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
+    for i in range(3):
+        picture(root / "path/to/photos" / f"photo_{i}.jpg", size=(96, 72))
+    for name in ("photo.jpg", "painting.jpg", "a.jpg", "b.jpg"):
+        picture(root / name, size=(96, 96))
+
+
+class Runs:
+    """Runs README commands in the workspace, each once, and remembers the dir each one printed."""
+
+    def __init__(self, workspace: Path):
+        self.workspace, self.dirs = workspace, {}
+
+    def __call__(self, command: str) -> Path:
+        if command not in self.dirs:
+            spec = COMMANDS[command]
+            args = README[command]
+            if spec.after is not None:
+                produced = self(spec.after)
+                args = [arg.replace("outputs/fast_style/runs/<time>", str(produced))
+                        .replace("outputs/shapes_captioning/runs/<time>", str(produced))
+                        .replace(".../", f"{produced}/checkpoints/") for arg in args]
+            env = {k: v for k, v in os.environ.items() if k != "PROJECT_ROOT"} | {"HYDRA_FULL_ERROR": "1"}
+            result = subprocess.run([sys.executable, "run.py", *args, *spec.shrink], cwd=self.workspace, env=env,
+                                    capture_output=True, text=True, timeout=900)
+            assert result.returncode == 0, f"python run.py {command} failed:\n{result.stdout[-3000:]}\n" \
+                                           f"{result.stderr[-5000:]}"
+            printed = re.findall(r"^(?:run|sweep) dir: (.+)$", result.stdout, re.M)
+            assert printed, f"python run.py {command} printed no run dir:\n{result.stdout[-2000:]}"
+            self.dirs[command] = Path(printed[-1])
+        return self.dirs[command]
+
+
+@pytest.fixture(scope="module")
+def runs(workspace) -> Runs:
+    return Runs(workspace)
+
+
+def expected_jobs(args: list[str]) -> int:
+    """Jobs a multirun makes: the product of the grid's choices, or the Optuna sweep's n_trials."""
+    trials = [int(a.split("=", 1)[1]) for a in args if a.startswith("hydra.sweeper.n_trials=")]
+    if trials:
+        return trials[-1]
+    return math.prod(len(a.split("=", 1)[1].split(",")) for a in args if "=" in a and "," in a.split("=", 1)[1])
+
+
+@pytest.mark.parametrize("command", [c for c, spec in COMMANDS.items() if isinstance(spec, Run)])
+def test_command_runs_as_typed(command, runs, workspace):
+    run_dir = runs(command)
+    spec = COMMANDS[command]
+    assert run_dir.is_relative_to(workspace / "outputs"), "runs go to the repository's outputs/"
+    args = [*README[command], *spec.shrink]
+    if args[0] == "-m":
+        with open(run_dir / "summary.csv") as f:
+            rows = f.read().splitlines()[1:]
+        assert len(rows) == expected_jobs(args) and all(",ok," in row for row in rows)
+        job_dirs = [run_dir / str(job) for job in range(len(rows))]
+    else:
+        job_dirs = [run_dir]
+    for job_dir in job_dirs:
+        metrics = json.loads((job_dir / "metrics.json").read_text())
+        assert all(math.isfinite(value) for value in metrics.values()), metrics
+        config = OmegaConf.load(job_dir / "config.yaml")
+        assert config.trainer.accelerator == "cpu" and config.trainer.precision != "auto"
+        if "trainer=ddp_sim" in args:  # the job's second rank wrote into the job's own dir
+            assert (job_dir / "run_rank_1.log").is_file(), sorted(p.name for p in job_dir.iterdir())
