@@ -7,6 +7,7 @@ from functools import cache
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 
 from datamodules.images import SkippedImages
 from framework.distributed import gather_objects
@@ -115,8 +116,18 @@ class CaptioningModule(L.LightningModule):
             scores = shared_metrics(self.spice)({i: p["references"] for i, p in merged.items()},
                                    {i: p["caption"] for i, p in merged.items()})
         scores = self.trainer.strategy.broadcast(scores)
-        if scores:
-            self.log_dict({f"{stage}/{name}": float(value) for name, value in scores.items()})
+        if not scores:
+            return
+        scores = {f"{stage}/{name}": float(value) for name, value in scores.items()}
+        if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            scores = self.after_validation(scores)
+        self.log_dict(scores)
+
+    def after_validation(self, scores: dict[str, float]) -> dict[str, float]:
+        """Each validation of fit, with its corpus scores (`val/CIDEr`, ...) before they are logged: returns what
+        to log. A subclass that replaces its weights here returns the scores of the weights it holds afterwards, so
+        that ModelCheckpoint files those weights under their own score."""
+        return scores
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         if not self.skipped_images.has_images(batch, "predict"):

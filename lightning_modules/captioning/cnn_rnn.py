@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +18,10 @@ from lightning_modules.captioning.decoding import beam_search, greedy_decode, sa
 from lightning_modules.captioning.nets import ImageEncoder, RNNDecoder
 
 
-SCST_DEFAULTS = {"start_epoch": None, "num_samples": 5, "baseline": "greedy", "lr": 5e-5}
+log = logging.getLogger(__name__)
+
+SCST_KEYS = ("start", "start_epoch", "patience", "num_samples", "baseline", "lr")  # defaults: conf/model/cnn_rnn.yaml
+SCST_STARTS = ("epoch", "plateau")
 SCST_BASELINES = ("greedy", "mean")
 
 
@@ -24,10 +29,18 @@ class CNNRNNCaptioner(CaptioningModule):
     """Everything needed to rebuild the model (vocabulary included) is in its hyperparameters,
     so `CNNRNNCaptioner.load_from_checkpoint(path)` needs no config and no data.
 
-    Training is cross-entropy with teacher forcing, then, from epoch `scst.start_epoch` on,
-    self-critical sequence training (Rennie et al. 2017): `scst.num_samples` sampled captions per
-    image, rewarded by CIDEr-D against the training references, minus a baseline (the greedy
-    caption's reward, or the mean reward of the image's other samples), at learning rate `scst.lr`.
+    Training is cross-entropy with teacher forcing, then self-critical sequence training (Rennie et al. 2017):
+    `scst.num_samples` sampled captions per image, rewarded by CIDEr-D against the training references, minus a
+    baseline (the greedy caption's reward, or the mean reward of the image's other samples), at learning rate
+    `scst.lr`. SCST starts at epoch `scst.start_epoch` from the weights training has reached (`scst.start=epoch`),
+    or, once val CIDEr has not improved for `scst.patience` validations, from the best cross-entropy weights
+    (`scst.start=plateau`).
+
+    The guard: the module keeps the weights of the best cross-entropy validation (in checkpoints too, so that a
+    resumed or continued run keeps them). When SCST holds val CIDEr below that validation's for `scst.patience`
+    validations in a row, it puts those weights back and stops training (a resumed run stays stopped): the run ends
+    with the cross-entropy model, which the runner's test stage then gets as the best checkpoint. Stopping, not
+    more cross-entropy: cross-entropy had reached its planned epochs or its plateau before SCST started.
     """
 
     # Hyperparameters that may change between training and evaluation (mode=eval passes them on).
@@ -40,10 +53,7 @@ class CNNRNNCaptioner(CaptioningModule):
         super().__init__(spice=spice)
         vocab, encoder, decoder = to_plain(vocab), to_plain(encoder), to_plain(decoder)
         optimizer, scheduler = to_plain(optimizer), to_plain(scheduler)
-        scst = {**SCST_DEFAULTS, **(to_plain(scst) or {})}
-        if scst["baseline"] not in SCST_BASELINES or scst["num_samples"] < (2 if scst["baseline"] == "mean" else 1):
-            raise UserError(f"model.scst.baseline must be one of {', '.join(SCST_BASELINES)} (got {scst['baseline']}) "
-                            "and model.scst.num_samples at least 1 (2 for the mean baseline)")
+        scst = to_plain(scst)  # None: cross-entropy only; checked when training starts (setup)
         positive(max_len, "model.max_len", integer=True)
         positive(beam_size, "model.beam_size", integer=True)
         self.save_hyperparameters(logger=False)
@@ -51,20 +61,39 @@ class CNNRNNCaptioner(CaptioningModule):
         self.vocab = Vocabulary(vocab)
         self.encoder = ImageEncoder(**encoder)
         self.decoder = RNNDecoder(len(self.vocab), self.encoder.out_channels, **decoder)
+        # phase: ce -> scst -> stopped (the guard put the cross-entropy weights back after epoch stopped_epoch).
+        # best_*: the best cross-entropy validation (its val/* scores, epoch and trainable weights); stale: validations
+        # in a row without a new best (ce) or below it (scst).
+        self.scst_state = {"phase": "ce", "best_scores": None, "best_epoch": None, "best_state": None, "stale": 0,
+                           "stopped_epoch": None}
 
     def setup(self, stage: str) -> None:
         # A frozen encoder gives the same features every epoch: let the data module cache them.
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.encoder.finetune == "none" and hasattr(datamodule, "enable_feature_cache"):
             datamodule.enable_feature_cache(self.encoder)
-        if stage == "fit" and self.hparams.scst["start_epoch"] is not None:
+        if stage == "fit" and self.scst_planned():
             # CIDEr-D document frequencies come from the training references, as in Rennie et al.
             self.cider_d = CiderD(item.tokens for item in datamodule.splits["train"])
 
+    def scst_planned(self) -> bool:
+        """Whether this run's config asks for SCST (checked here: only training reads model.scst)."""
+        scst = self.hparams.scst
+        if scst is None:
+            return False
+        if missing := [key for key in SCST_KEYS if key not in scst]:
+            raise UserError(f"model.scst lacks {', '.join(missing)} (see conf/model/cnn_rnn.yaml)")
+        if scst["start"] not in SCST_STARTS:
+            raise UserError(f"model.scst.start must be one of {', '.join(SCST_STARTS)} (got {scst['start']})")
+        if scst["baseline"] not in SCST_BASELINES or scst["num_samples"] < (2 if scst["baseline"] == "mean" else 1):
+            raise UserError(f"model.scst.baseline must be one of {', '.join(SCST_BASELINES)} (got {scst['baseline']}) "
+                            "and model.scst.num_samples at least 1 (2 for the mean baseline)")
+        positive(scst["patience"], "model.scst.patience", integer=True)
+        return scst["start"] == "plateau" or scst["start_epoch"] is not None
+
     @property
     def self_critical(self) -> bool:
-        start = self.hparams.scst["start_epoch"]
-        return start is not None and self.current_epoch >= start
+        return self.scst_state["phase"] == "scst"
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encoder grid as a sequence [B, h*w, C], and (h, w)."""
@@ -123,11 +152,93 @@ class CNNRNNCaptioner(CaptioningModule):
         words = [self.vocab.decode(row).split() for row in tokens.tolist()]
         return torch.tensor([self.cider_d.score(w, refs) for w, refs in zip(words, references)], device=self.device)
 
+    def on_fit_start(self) -> None:
+        if self.scst_state["phase"] == "stopped":  # resumed (resume=auto after a preemption): the guard's stop holds
+            self.trainer.should_stop = True
+            if self.trainer.is_global_zero:
+                log.warning("the SCST guard stopped this run after epoch %d: nothing left to train",
+                            self.scst_state["stopped_epoch"])
+
     def on_train_epoch_start(self) -> None:
-        if self.self_critical:  # SCST runs at its own constant learning rate, whatever the CE schedule says
+        scst = self.hparams.scst
+        if (self.scst_state["phase"] == "ce" and scst and scst["start"] == "epoch" and scst["start_epoch"] is not None
+                and self.current_epoch >= scst["start_epoch"]):
+            self.start_self_critical(f"epoch {self.current_epoch}, model.scst.start_epoch={scst['start_epoch']}")
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # SCST runs at its own constant learning rate, whatever the CE schedule says (set per step: a plateau
+        # start may come from a validation in the middle of an epoch).
+        if self.self_critical:
             for optimizer in self.trainer.optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = self.hparams.scst["lr"]
+
+    def start_self_critical(self, reason: str) -> None:
+        state = self.scst_state
+        state.update(phase="scst", stale=0)
+        if not self.trainer.is_global_zero:
+            return
+        if state["best_scores"] is None:
+            log.warning("self-critical training starts (%s) without the guard: this run and its checkpoint hold no "
+                        "cross-entropy validation to fall back on", reason)
+            return
+        log.info("self-critical training starts (%s); the guard restores the cross-entropy weights of epoch %d "
+                 "(val CIDEr %.4f) if val CIDEr stays below that for %d validation(s)", reason, state["best_epoch"],
+                 state["best_scores"]["val/CIDEr"], self.hparams.scst["patience"])
+
+    def after_validation(self, scores: dict[str, float]) -> dict[str, float]:
+        """Keeps the best cross-entropy weights, starts SCST at a plateau, and restores those weights (then stops
+        training) when SCST stays below them: see the class docstring."""
+        state, scst = self.scst_state, self.hparams.scst
+        if scst is None:
+            return scores
+        cider = scores["val/CIDEr"]
+        best = None if state["best_scores"] is None else state["best_scores"]["val/CIDEr"]
+        if state["phase"] == "ce":
+            if best is None or cider > best:
+                state.update(best_scores=scores, best_epoch=self.current_epoch, best_state=self.trainable_state(),
+                             stale=0)
+                return scores
+            state["stale"] += 1
+            if scst["start"] == "plateau" and state["stale"] >= scst["patience"]:
+                # The validations since the best were no better: SCST starts from the best cross-entropy weights.
+                self.start_self_critical(f"after epoch {self.current_epoch}: val CIDEr {cider:.4f}, no better than "
+                                         f"epoch {state['best_epoch']}'s {best:.4f} for {state['stale']} validation(s)")
+                return self.restore_best_cross_entropy()
+        elif state["phase"] == "scst" and best is not None:
+            state["stale"] = state["stale"] + 1 if cider < best else 0
+            if state["stale"] >= scst["patience"]:
+                if self.trainer.is_global_zero:
+                    log.warning("SCST guard: val CIDEr %.4f below the best cross-entropy value %.4f (epoch %d) for %d "
+                                "validation(s): restored the cross-entropy weights of epoch %d and stopped training",
+                                cider, best, state["best_epoch"], state["stale"], state["best_epoch"])
+                state.update(phase="stopped", stopped_epoch=self.current_epoch)
+                self.trainer.should_stop = True
+                return self.restore_best_cross_entropy()
+        return scores
+
+    @torch.no_grad()
+    def restore_best_cross_entropy(self) -> dict[str, float]:
+        """Puts the best cross-entropy weights back; returns their val scores, to be logged for the weights now held."""
+        saved = self.scst_state["best_state"]
+        for name, tensor in self.state_dict().items():  # the state dict's tensors share the parameters' storage
+            if name in saved:
+                tensor.copy_(saved[name])
+        return self.scst_state["best_scores"]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of what training can change: the state dict less frozen parameters (a frozen ResNet-50)."""
+        frozen = {name for name, parameter in self.named_parameters() if not parameter.requires_grad}
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.state_dict().items()
+                if name not in frozen}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["scst"] = self.scst_state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "scst" in checkpoint:  # absent from checkpoints written before the guard
+            self.scst_state = checkpoint["scst"]
 
     def decode_tokens(self, features: torch.Tensor, beam_size: int | None = None) -> torch.Tensor:
         """Best captions [B, T] for encoder features [B, h*w, C] (greedy for beam size 1)."""
