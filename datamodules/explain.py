@@ -1,5 +1,5 @@
-"""Data for explaining classifiers: shapes labelled by their shape class (with object boxes), plain image
-folders, and class indices (class visualisation).
+"""Data for explaining classifiers and captioners: shapes labelled by their shape class (with object boxes), shapes
+with every object (captioners), plain image folders, and class indices (class visualisation).
 
 Images come as pixels in [0, 1] (no normalisation): the classifiers under explanation normalise inside
 (see lightning_modules/explain/classifier.py), so that attributions, attacks and epsilons live in pixel space.
@@ -45,6 +45,15 @@ def read_shape_classes(annotations: Path) -> dict[str, list[dict]]:
     return splits
 
 
+def read_shape_objects(annotations: Path) -> dict[str, list[dict]]:
+    """Every image of a shapes data set, per split: path and objects (shape, colour, size and box of each)."""
+    splits = {split: [] for split in SPLITS}
+    for entry in json.loads(annotations.read_text())["images"]:
+        splits[entry["split"]].append({"path": annotations.parent / entry["filepath"] / entry["filename"],
+                                       "objects": entry["objects"]})
+    return splits
+
+
 class LabelledImages(Dataset):
     """Items {"image", "label", "box" (in pixels of the resized image), "path"}."""
 
@@ -61,6 +70,9 @@ class LabelledImages(Dataset):
         if image is None:
             return None
         scale = self.image_size / image.width
+        if "objects" in item:  # boxes kept as lists: images hold one or two objects
+            objects = [{**obj, "box": [v * scale for v in obj["box"]]} for obj in item["objects"]]
+            return {"image": self.transform(image), "objects": objects, "path": str(item["path"])}
         return {"image": self.transform(image), "label": torch.tensor(item["label"]),
                 "box": torch.tensor(item["box"], dtype=torch.float32) * scale, "path": str(item["path"])}
 
@@ -93,8 +105,12 @@ class ShapeClassesDataModule(L.LightningDataModule):
             num_train, num_val, num_test = self.counts
             annotations = generate_shapes(self.root, seed=self.seed, num_train=num_train, num_val=num_val,
                                           num_test=num_test, image_size=self.image_size)
-            self._splits = read_shape_classes(annotations)
+            self._splits = self.read(annotations)
         return self._splits
+
+    read = staticmethod(read_shape_classes)
+
+    kind = "single-object"  # the images it reads
 
     def model_inputs(self) -> dict:
         """The labels, and the image size: a shapes classifier records the size it was trained on, an explaining
@@ -109,7 +125,7 @@ class ShapeClassesDataModule(L.LightningDataModule):
     def _split_loader(self, split: str, train: bool = False, limit: int | None = None) -> DataLoader:
         items = self.splits[split][:limit]
         if not items:
-            raise UserError(f"the shapes data set has no single-object '{split}' images (data.num_{split})")
+            raise UserError(f"the shapes data set has no {self.kind} '{split}' images (data.num_{split})")
         return self._loader(LabelledImages(items, self.image_size, self.skip_bad_images), train)
 
     def train_dataloader(self) -> DataLoader:
@@ -123,6 +139,32 @@ class ShapeClassesDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._split_loader("test", limit=self.num_predict)
+
+
+class ShapeObjectsDataModule(ShapeClassesDataModule):
+    """The embedded shapes data with every image's objects (one or two; their shape, colour, size and box), for
+    explaining captioners: predict serves the first `num_predict` test images, or with `images` a folder of images
+    (no objects)."""
+
+    read = staticmethod(read_shape_objects)
+    kind = "captioned"
+
+    def __init__(self, *args, images: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.images = images
+
+    def model_inputs(self) -> dict:
+        return {"image_size": self.image_size}
+
+    def prepare_data(self) -> None:
+        if self.images is None:
+            super().prepare_data()
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.images is None:
+            return super().predict_dataloader()
+        dataset = ImageFolderDataset(self.images, pixel_transform(self.image_size), self.skip_bad_images)
+        return self._loader(dataset)
 
 
 class ImageFolderDataModule(L.LightningDataModule):

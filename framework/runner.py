@@ -3,7 +3,8 @@
 What a task's LightningModule may add to take part (all optional):
 - `inference_hparams`: hparams that eval/predict/export may override from cfg.model (beam size, ...);
 - `builds_from_config = True`: eval/predict/export without ckpt_path use the model built from cfg.model
-  (e.g. pretrained weights named there);
+  (e.g. pretrained weights named there); with `explains_ckpt_path = True` also with one: ckpt_path then names the
+  model the module explains (its config reads it as ${ckpt_path}), not a checkpoint of the module;
 - `save_predictions(rows, output_dir) -> metrics`: writes what predict produced (default: predictions.json/.csv);
 - `export(directory) -> Path`: writes the format its ecosystem loads; run by mode=export and after training.
 predict_step returns a list of dicts, each with a unique "image" key.
@@ -95,7 +96,8 @@ def load_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None)
     or, without ckpt_path, the model cfg.model builds where the module allows it (`builds_from_config`)."""
     module_class = hydra.utils.get_class(cfg.model._target_)
     ckpt_path = cfg.get("ckpt_path")
-    if not ckpt_path and getattr(module_class, "builds_from_config", False):
+    if getattr(module_class, "builds_from_config", False) and (
+            not ckpt_path or getattr(module_class, "explains_ckpt_path", False)):
         return instantiate(cfg.model, **model_inputs(datamodule))
     if not ckpt_path:
         raise UserError(f"mode={cfg.mode} needs ckpt_path=path/to/checkpoint.ckpt (e.g. a run's checkpoints/last.ckpt)")

@@ -55,6 +55,8 @@ ONE_EPOCH = ("trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.l
              "trainer.limit_test_batches=1")
 SHAPES = (*ONE_EPOCH, *CAPTION_DATA, "data.batch_size=16")
 EXPLAIN = ("data.num_train=64", "data.num_val=16", "data.num_test=64", "data.num_predict=4")
+CAPTION_EXPLAIN = (*CAPTION_DATA, "data.num_predict=2", "model.ig_steps=4", "model.deletion_steps=2",
+                   "model.randomisation=false")
 STYLE = ("data.iterations=3", "data.image_size=96")
 DEFAULT = ""  # `python run.py`
 
@@ -132,6 +134,10 @@ COMMANDS: dict[str, Run | Compose] = {
     "model.target=963": Compose("ImageNet ResNet-50 weights"),
     "task=class_visualisation model.classifier.name=resnet50 model.image_size=224 data.targets=[1,130,945]":
         Compose("ImageNet ResNet-50 weights"),
+    # Explaining captioners
+    "task=caption_explain ckpt_path=outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt":
+        Run(CAPTION_EXPLAIN, after=DEFAULT),
+    "task=caption_explain ckpt_path=.../last.ckpt data.images=path/to/folder": Run(CAPTION_EXPLAIN, after=DEFAULT),
     # Style transfer (random VGG features where the ImageNet weights are not in the torch cache)
     "task=style_transfer": Run(STYLE),
     "task=style_transfer data.image_size=192 data.iterations=150 model.content_weight=20": Run(STYLE),

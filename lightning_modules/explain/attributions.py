@@ -22,6 +22,10 @@ class Attributions:
 
     SmoothGrad and Integrated Gradients run their noisy / interpolated copies through the classifier in chunks of
     about `internal_batch_size` images (memory).
+
+    The classifier may be any module with a `layer(name)` lookup whose forward takes the pixels first: `forward_args`
+    of `attribute` / `maps` are passed on after them, per image (captum expands them with the pixels), e.g. the
+    caption a word of which is explained (see caption_words.py).
     """
 
     def __init__(self, classifier: PixelClassifier, gradcam_layer: str, smoothgrad_samples: int = 25,
@@ -31,14 +35,16 @@ class Attributions:
         integrated_gradients = IntegratedGradients(classifier)
         gradcam = LayerGradCam(classifier, classifier.layer(gradcam_layer))
         self._methods = {
-            "vanilla": lambda x, t: saliency.attribute(x, target=t, abs=True),
-            "smoothgrad": lambda x, t: smoothgrad.attribute(
+            "vanilla": lambda x, t, a: saliency.attribute(x, target=t, abs=True, additional_forward_args=a),
+            "smoothgrad": lambda x, t, a: smoothgrad.attribute(
                 x, nt_type="smoothgrad", nt_samples=smoothgrad_samples, stdevs=smoothgrad_noise, target=t, abs=True,
-                nt_samples_batch_size=max(1, internal_batch_size // len(x))),
-            "integrated_gradients": lambda x, t: integrated_gradients.attribute(
-                x, baselines=0.0, target=t, n_steps=ig_steps, internal_batch_size=max(len(x), internal_batch_size)),
-            "gradcam": lambda x, t: LayerAttribution.interpolate(gradcam.attribute(x, target=t, relu_attributions=True),
-                                                                 tuple(x.shape[-2:]), "bilinear"),
+                nt_samples_batch_size=max(1, internal_batch_size // len(x)), additional_forward_args=a),
+            "integrated_gradients": lambda x, t, a: integrated_gradients.attribute(
+                x, baselines=0.0, target=t, n_steps=ig_steps, internal_batch_size=max(len(x), internal_batch_size),
+                additional_forward_args=a),
+            "gradcam": lambda x, t, a: LayerAttribution.interpolate(
+                gradcam.attribute(x, target=t, relu_attributions=True, additional_forward_args=a),
+                tuple(x.shape[-2:]), "bilinear"),
         }
 
     @staticmethod
@@ -48,11 +54,17 @@ class Attributions:
             raise UserError(f"model.methods: {', '.join(unknown) or 'none given'}; choose from {', '.join(METHODS)}")
         return list(methods)
 
-    def attribute(self, method: str, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def attribute(self, method: str, pixels: torch.Tensor, targets: torch.Tensor,
+                  forward_args: tuple | None = None) -> torch.Tensor:
         """captum's attributions, [B, 3, H, W] (Grad-CAM: [B, 1, H, W]); needs gradients enabled."""
-        return self._methods[method](pixels, targets)
+        return self._methods[method](pixels, targets, forward_args)
 
-    def maps(self, method: str, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Non-negative float32 maps [B, H, W]: the attributions' absolute values summed over the colour channels
-        (float32 also under bf16-mixed, where Grad-CAM's activations and gradients are bfloat16)."""
-        return self.attribute(method, pixels, targets).detach().float().abs().sum(1)
+    def maps(self, method: str, pixels: torch.Tensor, targets: torch.Tensor,
+             forward_args: tuple | None = None) -> torch.Tensor:
+        return to_maps(self.attribute(method, pixels, targets, forward_args))
+
+
+def to_maps(attributions: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32 maps [B, H, W]: the attributions' absolute values summed over the colour channels
+    (float32 also under bf16-mixed, where Grad-CAM's activations and gradients are bfloat16)."""
+    return attributions.detach().float().abs().sum(1)

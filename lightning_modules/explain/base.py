@@ -27,10 +27,35 @@ from lightning_modules.explain.classifier import classifier_to_explain
 log = logging.getLogger(__name__)
 
 
-class ExplainModule(L.LightningModule):
-    """A LightningModule around a frozen classifier (see model.classifier in conf/model/classifier_to_explain.yaml)."""
+class ExplainBase(L.LightningModule):
+    """What every explaining module does in the predict loop: count skipped images, name and place its files."""
 
-    builds_from_config = True  # mode=predict builds it from cfg.model: the classifier comes from model.classifier
+    builds_from_config = True  # mode=predict builds it from cfg.model, which names the model under explanation
+
+    def __init__(self):
+        super().__init__()
+        self.skipped_images = SkippedImages()
+
+    def has_images(self, batch: dict) -> bool:
+        """Count the unreadable images the loader left out (data.skip_bad_images); False for an empty batch."""
+        return self.skipped_images.has_images(batch, "predict")
+
+    def on_predict_epoch_end(self) -> None:
+        self.skipped_images.report("predict")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir)
+
+    def image_name(self, path: str) -> str:
+        """A file name for an image: its path under the data's folder (data.images), or its stem."""
+        root = getattr(self.trainer.datamodule, "images", None)
+        relative = Path(path).relative_to(root) if root and Path(path).is_relative_to(root) else Path(Path(path).name)
+        return "__".join(relative.with_suffix("").parts)
+
+
+class ExplainModule(ExplainBase):
+    """A LightningModule around a frozen classifier (see model.classifier in conf/model/classifier_to_explain.yaml)."""
 
     def __init__(self, classifier: dict, classes: list[str] | None = None, image_size: int | None = None,
                  source_size: list[int] | None = None):
@@ -51,7 +76,6 @@ class ExplainModule(L.LightningModule):
         if folder_of_shapes:
             self.check_shapes_images(source_size, self.classifier.image_size)
         self.check_image_size(image_size, "data.image_size")
-        self.skipped_images = SkippedImages()
 
     @staticmethod
     def check_shapes_images(source_size: list[int] | None, trained: int | None = None) -> None:
@@ -93,24 +117,6 @@ class ExplainModule(L.LightningModule):
                             f"{trained} px images: set {key}={trained}, or train a shapes classifier at {image_size} "
                             f"px (python run.py task=shapes_classifier data.image_size={image_size}) and give it as "
                             "model.classifier.checkpoint")
-
-    def has_images(self, batch: dict) -> bool:
-        """Count the unreadable images the loader left out (data.skip_bad_images); False for an empty batch."""
-        return self.skipped_images.has_images(batch, "predict")
-
-    def on_predict_epoch_end(self) -> None:
-        self.skipped_images.report("predict")
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.trainer.default_root_dir)
-
-    def image_name(self, path: str) -> str:
-        """A file name for an image: its path under the data's folder (data.images), or its stem."""
-        root = getattr(self.trainer.datamodule, "images", None)
-        relative = Path(path).relative_to(root) if root and Path(path).is_relative_to(root) else Path(Path(path).name)
-        return "__".join(relative.with_suffix("").parts)
-
 
 @contextlib.contextmanager
 def gradients() -> Iterator[None]:
