@@ -33,6 +33,7 @@ from torch import nn
 from callbacks.caption_media import attention_overlay, grid, with_caption
 from framework.checkpoints import read_checkpoint
 from framework.errors import UserError
+from lightning_modules.captioning.base import CaptioningModule
 from lightning_modules.captioning.inference import Captioner
 from lightning_modules.explain.attributions import METHODS, Attributions, to_maps
 from lightning_modules.explain.base import (ExplainBase, enlarge, gradients, read_rgb, to_rgb, write_npy, write_png,
@@ -66,13 +67,13 @@ class CaptionExplainModule(ExplainBase):
 
     explains_ckpt_path = True  # ckpt_path is the captioner under explanation, not a checkpoint of this module
 
-    def __init__(self, captioner: str | None, methods: list[str], words: list[int] | None = None,
+    def __init__(self, captioner: str | CaptioningModule | None, methods: list[str], words: list[int] | None = None,
                  function_words: list[str] = (), gradcam_layer: str = "encoder", ig_steps: int = 32,
                  internal_batch_size: int = 256, deletion_steps: int = 20, pointing_tolerance: float = 15 / 224,
                  randomisation: bool = True, seed: int = 0, contact_sheet_images: int = 8,
                  image_size: int | None = None):
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(ignore=["captioner"] if isinstance(captioner, nn.Module) else None, logger=False)
         unknown = [m for m in methods if m not in CAPTION_METHODS]
         if unknown or not methods:
             raise UserError(f"model.methods: {', '.join(unknown) or 'none given'}; choose from "
@@ -96,7 +97,10 @@ class CaptionExplainModule(ExplainBase):
         self.randomised_attributions = [Attributions(model, **settings) for model in self.randomised]
 
     @staticmethod
-    def load_captioner(path: str | None):
+    def load_captioner(path: str | CaptioningModule | None) -> CaptioningModule:
+        """The captioner at `path` (a checkpoint, or an export directory), or the module itself (benchmarks)."""
+        if isinstance(path, CaptioningModule):
+            return path
         if not path:
             raise UserError("task=caption_explain needs ckpt_path=CAPTIONER, the captioner to explain: a CNN-RNN "
                             "checkpoint such as outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt")

@@ -1,0 +1,85 @@
+"""Words explained per second (as task=caption_explain computes the maps) for a batch of images against one image
+at a time.
+
+    python benchmarks/caption_explain.py                 # shapes-sized CNN-RNN (conf/model/cnn_rnn.yaml), 64 px, CPU
+    python benchmarks/caption_explain.py --device cuda --images 64 --batch-size 64
+
+Weights are random (speed does not depend on them; nothing is downloaded); captions are the greedy ones of those
+weights, `--max-len` words at most. Ends with one line per method:
+`ratio: caption_explain_batching_<method> = <time one image at a time / time batched>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from datamodules.shapes import COLOURS, SHAPES, SIZES
+from datamodules.vocabulary import Vocabulary
+from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
+from lightning_modules.explain.caption_explain import CAPTION_METHODS, CaptionExplainModule
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+DEFAULT_METHODS = ("integrated_gradients", "gradcam", "attention")  # conf/model/caption_explain.yaml's
+
+
+def timed(function, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-len", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=CAPTION_METHODS)
+    parser.add_argument("--repeats", type=int, default=3, help="the best of this many timings counts")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "cnn_rnn.yaml"))
+    vocab = [*Vocabulary.SPECIALS, *SHAPES, *COLOURS, *SIZES, "a", "the", "of", "is", "left", "right", "above"]
+    captioner = CNNRNNCaptioner(vocab, config["encoder"], config["decoder"], optimizer={}, max_len=args.max_len,
+                                image_size=args.image_size)
+    module = CaptionExplainModule(captioner, list(args.methods), randomisation=False).to(device).eval()
+    pixels = torch.rand(args.images, 3, args.image_size, args.image_size, device=device)
+
+    def explain(method: str, batch_size: int) -> int:
+        """The maps of every word of every image, `batch_size` images at a time; the number of words."""
+        explained = 0
+        for start in range(0, args.images, batch_size):
+            batch = pixels[start:start + batch_size]
+            tokens, captions = module.scorer.generate(batch)
+            rows = [{"image": str(i), "caption": " ".join(words)} for i, words in enumerate(captions)]
+            words = module._words(batch, tokens, captions, rows)
+            module._maps(method, module.scorer, module.attributions, batch, tokens, words)
+            explained += len(words.positions)
+        return explained
+
+    print(f"CNN-RNN {args.image_size}px, {args.images} images, device {device}, torch {torch.__version__}")
+    ratios = {}
+    for method in args.methods:
+        count = explain(method, args.batch_size)  # warm-up, and the number of words
+        batched = min(timed(lambda: explain(method, args.batch_size), device) for _ in range(args.repeats))
+        single = min(timed(lambda: explain(method, 1), device) for _ in range(args.repeats))
+        ratios[method] = single / batched
+        print(f"{method:22s} {count} words  batched ({args.batch_size}): {count / batched:8.1f} words/s   "
+              f"one image at a time: {count / single:8.1f} words/s")
+    for method, ratio in ratios.items():
+        print(f"ratio: caption_explain_batching_{method} = {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
