@@ -166,14 +166,6 @@ def test_predict_captions_a_folder(trained, image_folder, tmp_path, data_dir):
         assert [row["caption"] for row in csv.DictReader(f)] == [r["caption"] for r in rows]
 
 
-def test_two_job_multirun(tmp_path, data_dir):
-    run_cli(["seed=1,2", "trainer.fast_dev_run=true", "data.num_train=16", "data.num_val=8", "data.num_test=8",
-             "data.num_workers=0", "data.batch_size=4"], tmp_path, data_dir, multirun=True)
-    for job in ("0", "1"):
-        assert "test/CIDEr" in read_metrics(tmp_path / job)
-    assert "seed: 2" in (tmp_path / "1" / "config.yaml").read_text()
-
-
 def test_a_failing_run_exits_non_zero_and_names_the_run_dir(tmp_path, data_dir):
     result = run_cli(["mode=eval"], tmp_path, data_dir, check=False)
     assert result.returncode != 0
