@@ -61,10 +61,10 @@ def main() -> None:
         explained = 0
         for start in range(0, args.images, batch_size):
             batch = pixels[start:start + batch_size]
-            tokens, captions = module.scorer.generate(batch)
-            rows = [{"image": str(i), "caption": " ".join(words)} for i, words in enumerate(captions)]
-            words = module._words(batch, tokens, captions, rows)
-            module._maps(method, module.scorer, module.attributions, batch, tokens, words)
+            generated = module.scorer.generate(batch)
+            rows = [{"image": str(i), "caption": " ".join(words)} for i, words in enumerate(generated.words)]
+            words = module._words(batch, generated, rows)
+            module._maps(method, module.scorer, module.attributions, batch, generated.tokens, words)
             explained += len(words.positions)
         return explained
 

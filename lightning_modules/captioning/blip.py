@@ -59,9 +59,19 @@ caption = pipe(image, text={prompt!r}, return_full_text=False,
                             attention_mask=text.attention_mask).logits
         return logits[:, :-1], targets[:, 1:]  # position t predicts token t + 1
 
-    def generate_ids(self, images: torch.Tensor) -> torch.Tensor:
+    def generate_ids(self, images: torch.Tensor, generation_config=None) -> torch.Tensor:
         prompt = self.prompt_ids(len(images))
         # BLIP's generate drops the prompt's [SEP] and sets BOS; the output starts with those prompt tokens.
         # Its text decoder has a generation config of its own: the model's is passed on explicitly.
-        ids = self.model.generate(pixel_values=images, input_ids=prompt, generation_config=self.model.generation_config)
+        ids = self.model.generate(pixel_values=images, input_ids=prompt,
+                                  generation_config=generation_config or self.model.generation_config)
         return ids[:, prompt.shape[1] - 1:]
+
+    def decoder_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """BOS and the prompt's words (what generate starts from: [CLS] made BOS, [SEP] dropped), then `ids`."""
+        prefix = self.prompt_ids(len(ids))[:, :-1].to(ids.device)
+        prefix[:, 0] = self.model.config.text_config.bos_token_id
+        return torch.cat([prefix, ids], 1), prefix.shape[1]
+
+    def decoder_logits(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images, input_ids=ids).logits

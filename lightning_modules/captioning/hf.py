@@ -66,7 +66,8 @@ def load_pretrained(load, source: str, config_key: str, download_name: str):
 
 class HFCaptioner(CaptioningModule):
     """A transformers image-to-text model as a captioner. Subclasses set `model_class` and implement
-    `logits_and_targets`, `generate_ids` and `vision_tower`."""
+    `logits_and_targets`, `generate_ids`, `vision_tower`, and for task=caption_explain `decoder_inputs` and
+    `decoder_logits`."""
 
     builds_from_config = True  # mode=eval/predict/export work on `pretrained` without a checkpoint
     inference_hparams = ("generation", "spice")
@@ -111,8 +112,18 @@ class HFCaptioner(CaptioningModule):
         """Next-token logits [B, T, V] and the aligned targets [B, T] (IGNORE where no loss) of the batch's captions."""
         raise NotImplementedError
 
-    def generate_ids(self, images: torch.Tensor) -> torch.Tensor:
-        """Generated token ids [B, T] of the captions only (no prompt)."""
+    def generate_ids(self, images: torch.Tensor, generation_config=None) -> torch.Tensor:
+        """Generated token ids [B, T] of the captions only (no prompt), with the model's generation config or
+        `generation_config`."""
+        raise NotImplementedError
+
+    def decoder_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The token ids the text decoder reads to score captions `ids` (from generate_ids) teacher-forced, and
+        where the captions start in them (task=caption_explain)."""
+        raise NotImplementedError
+
+    def decoder_logits(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, T, V] of the text decoder reading `ids` [B, T] (position t predicts token t + 1)."""
         raise NotImplementedError
 
     def vision_tower(self) -> torch.nn.Module:

@@ -83,5 +83,13 @@ caption = tokenizer.decode(ids[0], skip_special_tokens=True).strip()
         logits = self.model(pixel_values=batch["images"], decoder_input_ids=decoder_input_ids).logits
         return logits, targets  # the decoder inputs are the targets shifted right: already aligned
 
-    def generate_ids(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.generate(pixel_values=images, generation_config=self.model.generation_config)
+    def generate_ids(self, images: torch.Tensor, generation_config=None) -> torch.Tensor:
+        return self.model.generate(pixel_values=images,
+                                   generation_config=generation_config or self.model.generation_config)
+
+    def decoder_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """`ids` as generate returns them: the decoder's start token, then the caption."""
+        return ids, 1
+
+    def decoder_logits(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images, decoder_input_ids=ids).logits

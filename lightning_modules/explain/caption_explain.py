@@ -1,10 +1,12 @@
 """task=caption_explain: which pixels made a captioner say each word of its caption, and is that answer right?
 
+Captioners: CNN-RNN, BLIP and ViT-GPT2 (checkpoints or export directories; caption_words.py adapts each kind).
 For each image of a batch the captioner's greedy caption is generated; then every word of it (or the words at
-`words`) is explained: the word's log-probability, teacher-forced on the generated caption, is attributed to the
-pixels by captum, for all (image, word) pairs of the batch at once (words as rows). Methods (`methods`): those of
-task=saliency (Attributions: integrated_gradients, gradcam on the encoder's output, vanilla, smoothgrad) and
-`attention`, the decoder's soft attention while it reads the caption, upsampled to the image.
+`words`) is explained: the word's log-probability, teacher-forced on the generated caption (the sum over its
+tokens), is attributed to the pixels by captum, for all (image, word) pairs of the batch at once (words as rows).
+Methods (`methods`): those of task=saliency (Attributions: integrated_gradients, gradcam on the image encoder's
+output grid - a vision transformer's patch tokens as a grid -, vanilla, smoothgrad) and `attention` (CNN-RNN),
+the decoder's soft attention while it reads the caption, upsampled to the image.
 
 Outputs, as task=saliency writes them (its overlays, .npy files and summary): caption_explain/input/<image>.png;
 caption_explain/<method>/<image>.npy, the maps [words, H, W]; caption_explain/<image>.png, a sheet with a row per
@@ -38,7 +40,7 @@ from lightning_modules.captioning.inference import Captioner
 from lightning_modules.explain.attributions import METHODS, Attributions, to_maps
 from lightning_modules.explain.base import (ExplainBase, enlarge, gradients, read_rgb, to_rgb, write_npy, write_png,
                                             write_summary)
-from lightning_modules.explain.caption_words import CaptionWordScorer, check_captioner, ground_words
+from lightning_modules.explain.caption_words import CaptionWordScorer, Generated, ground_words, word_scorer
 from lightning_modules.explain.measures import (cascading_randomisations, deletion_insertion, pointing_chance,
                                                 pointing_game, spearman)
 
@@ -54,12 +56,18 @@ class Words:
     images: torch.Tensor  # [R] index into the batch
     positions: torch.Tensor  # [R] the word's index in its caption
     pixels: torch.Tensor  # [R, 3, H, W]
-    tokens: torch.Tensor  # [R, T] the image's caption, <bos> words <eos>
-    targets: torch.Tensor  # [R] the word's token id
+    tokens: torch.Tensor  # [R, T] the image's caption as its decoder reads it (e.g. <bos> words <eos>)
+    starts: torch.Tensor  # [R] the word's first token in `tokens`
+    ends: torch.Tensor  # [R] one past its last token
 
     @property
-    def forward_args(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tokens, self.positions
+    def targets(self) -> torch.Tensor:
+        """The scorer's output column of the word (0; 1 is every other word)."""
+        return torch.zeros_like(self.positions)
+
+    @property
+    def forward_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.tokens, self.starts, self.ends
 
 
 class CaptionExplainModule(ExplainBase):
@@ -82,13 +90,14 @@ class CaptionExplainModule(ExplainBase):
             raise UserError(f"model.words={list(words)}: give word indices (0: a caption's first word), or null for "
                             "every word")
         self.methods, self.words, self.function_words = list(methods), words, set(function_words)
-        self.scorer = CaptionWordScorer(check_captioner(self.load_captioner(captioner))).requires_grad_(False)
+        self.scorer: CaptionWordScorer = word_scorer(self.load_captioner(captioner)).requires_grad_(False)
         if "attention" in self.methods and not self.scorer.has_attention:
-            raise UserError("model.methods: the captioner's decoder has no attention (model.decoder.attention=false "
-                            "when it was trained): leave 'attention' out")
+            others = ",".join(m for m in self.methods if m != "attention") or "integrated_gradients,gradcam"
+            raise UserError(f"model.methods: {self.scorer.attention_missing}: leave 'attention' out "
+                            f"(model.methods=[{others}])")
         if image_size is not None and self.scorer.image_size not in (None, image_size):
-            raise UserError(f"data.image_size={image_size}, but the captioner was trained on {self.scorer.image_size} "
-                            f"px images: set data.image_size={self.scorer.image_size}")
+            raise UserError(f"data.image_size={image_size}, but the captioner takes {self.scorer.image_size} px "
+                            f"images: set data.image_size={self.scorer.image_size}")
         settings = dict(gradcam_layer=gradcam_layer, ig_steps=ig_steps, internal_batch_size=internal_batch_size)
         self.attributions = Attributions(self.scorer, **settings)
         randomised = cascading_randomisations(self.scorer, seed) if randomisation else []
@@ -102,8 +111,9 @@ class CaptionExplainModule(ExplainBase):
         if isinstance(path, CaptioningModule):
             return path
         if not path:
-            raise UserError("task=caption_explain needs ckpt_path=CAPTIONER, the captioner to explain: a CNN-RNN "
-                            "checkpoint such as outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt")
+            raise UserError("task=caption_explain needs ckpt_path=CAPTIONER, the captioner to explain: a checkpoint "
+                            "such as outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt (CNN-RNN, BLIP or "
+                            "ViT-GPT2), or a BLIP / ViT-GPT2 export directory")
         if not Path(path).is_dir():
             read_checkpoint(path)  # a missing or broken file: one error naming ckpt_path
         return Captioner.from_pretrained(path).module
@@ -118,9 +128,10 @@ class CaptionExplainModule(ExplainBase):
             return []
         with gradients():  # every tensor made here is a normal one, not an inference tensor of the predict loop
             pixels = batch["images"].clone()
-            tokens, captions = self.scorer.generate(pixels)
+            generated = self.scorer.generate(pixels)
+            tokens, captions = generated.tokens, generated.words
             rows = [{"image": path, "caption": " ".join(words)} for path, words in zip(batch["paths"], captions)]
-            words = self._words(pixels, tokens, captions, rows)
+            words = self._words(pixels, generated, rows)
             records = [{"word": captions[i][t], "position": t} for i, t in zip(words.images.tolist(),
                                                                               words.positions.tolist())]
             self._describe(records, words, captions, batch.get("objects"), pixels)
@@ -132,20 +143,21 @@ class CaptionExplainModule(ExplainBase):
             self._write(row, pixels[i], {method: m[mine] for method, m in maps.items()})
         return rows
 
-    def _words(self, pixels: torch.Tensor, tokens: torch.Tensor, captions: list[list[str]], rows) -> Words:
+    def _words(self, pixels: torch.Tensor, generated: Generated, rows) -> Words:
         """The rows to explain: every word of every caption, or the words at model.words."""
         pairs = []
-        for i, caption in enumerate(captions):
+        for i, caption in enumerate(generated.words):
             chosen = range(len(caption)) if self.words is None else self.words
             outside = [t for t in chosen if t >= len(caption)]
             if outside:
                 raise UserError(f"model.words={list(self.words)}: the caption of {rows[i]['image']} "
                                 f"('{rows[i]['caption']}') has {len(caption)} words (indices 0..{len(caption) - 1}); "
                                 "give smaller indices, or model.words=null for every word")
-            pairs += [(i, t) for t in chosen]
-        images, positions = (torch.tensor(column, dtype=torch.long, device=pixels.device).view(-1)
-                             for column in zip(*pairs)) if pairs else (pixels.new_zeros(0, dtype=torch.long),) * 2
-        return Words(images, positions, pixels[images], tokens[images], tokens[images, positions + 1])
+            pairs += [(i, t, *generated.spans[i][t]) for t in chosen]
+        images, positions, starts, ends = (
+            (torch.tensor(column, dtype=torch.long, device=pixels.device).view(-1) for column in zip(*pairs))
+            if pairs else (pixels.new_zeros(0, dtype=torch.long),) * 4)
+        return Words(images, positions, pixels[images], generated.tokens[images], starts, ends)
 
     def _describe(self, records: list[dict], words: Words, captions: list[list[str]],
                   objects: list[list[dict]] | None, pixels: torch.Tensor) -> None:
@@ -171,8 +183,11 @@ class CaptionExplainModule(ExplainBase):
               tokens: torch.Tensor, words: Words, records: list[dict] | None = None) -> torch.Tensor:
         """One map [H, W] per row; for integrated_gradients also each row's gap and completeness delta (into
         `records`)."""
-        if method == "attention":
-            attention = scorer.attention(pixels, tokens)[words.images, words.positions]
+        if method == "attention":  # a word's map: the mean over the steps predicting its tokens
+            attention = scorer.attention(pixels, tokens)[words.images]  # [R, T - 1, h, w]
+            steps = torch.arange(1, attention.shape[1] + 1, device=attention.device)
+            inside = ((steps >= words.starts[:, None]) & (steps < words.ends[:, None])).to(attention)
+            attention = (attention * inside[..., None, None]).sum(1) / inside.sum(1)[:, None, None]
             return F.interpolate(attention[:, None], size=pixels.shape[-2:], mode="bilinear")[:, 0]
         inputs = words.pixels.clone().requires_grad_()
         attributed = attributions.attribute(method, inputs, words.targets, words.forward_args)

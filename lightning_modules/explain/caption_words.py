@@ -1,14 +1,29 @@
-"""A captioner seen word by word, for captum: pixels in [0, 1] -> the log-probabilities of one word of a caption.
+"""A captioner seen word by word, for captum: pixels in [0, 1] -> the log-probability of one word of a caption.
 
-`CaptionWordScorer` wraps a CNN-RNN captioner so that the explaining code treats it as it treats a classifier
-(`PixelClassifier`): normalisation inside, `layer(name)` for Grad-CAM, `net` and `parameterised_layers()` for the
-cascading randomisation check. Its forward takes, besides the pixels, the caption (token ids) and which word of it
-to score, one of each per row: a batch of rows is every (image, word) pair of a batch of images.
+`CaptionWordScorer` is what the explaining code sees, whatever the captioner: like a classifier (`PixelClassifier`)
+it normalises inside, has `layer(name)` for Grad-CAM and `net` and `parameterised_layers()` for the cascading
+randomisation check. Its forward takes, besides the pixels, the caption (token ids) and where the word is in it
+(its tokens [start, end)), one of each per row: a batch of rows is every (image, word) pair of a batch of images.
+It returns two columns, log p(word) and log p(any other word), so that the word is captum's target 0 and the
+softmax of a row is the word's probability (deletion / insertion curves). A word's log-probability, teacher-forced
+on the caption, is the sum of its tokens' (a transformers tokenizer may split a word).
+
+One subclass per kind of captioner (`word_scorer` picks it) provides the rest: `logits` (the decoder read
+teacher-forced), `generate` (the greedy caption, its words and their tokens), the layers, and `attention` where the
+decoder has one.
+
+- `CNNRNNScorer`: CNN-RNN captioners (a word is a token); Grad-CAM on the encoder's grid; the decoder's attention.
+- `HFScorer`: BLIP and ViT-GPT2 (lightning_modules/captioning/hf.py); words as the tokenizer decodes the caption;
+  Grad-CAM on a layer of the vision transformer, its patch tokens as a grid (the CLS token left out); no attention.
 
 `ground_words` finds, on the shapes data, the object each word of a caption speaks of (pointing game).
 """
 
 from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,39 +33,96 @@ from datamodules.shapes import COLOURS, SHAPES, SIZES
 from framework.errors import UserError
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.captioning.decoding import greedy_decode
+from lightning_modules.captioning.hf import HFCaptioner
+
+
+@dataclass
+class Generated:
+    """Greedy captions of a batch of images."""
+
+    tokens: torch.Tensor  # [B, T] what the decoder reads teacher-forced: its start (<bos>, a prompt), caption, end
+    words: list[list[str]]  # the words of each caption
+    spans: list[list[tuple[int, int]]]  # each word's tokens: tokens[b, start:end]
 
 
 class CaptionWordScorer(nn.Module):
-    """log p(word | image, the caption's words before it), teacher-forced, of a CNN-RNN captioner."""
+    """log p(word | image, the caption's words before it), teacher-forced; subclasses adapt one kind of captioner."""
 
-    def __init__(self, captioner: CNNRNNCaptioner):
+    image_size: int | None = None  # the size of the images the captioner takes (None: any)
+    attention_missing: str | None = None  # why method 'attention' is not available (None: it is)
+
+    def __init__(self, mean, std):
         super().__init__()
-        self.vocab, self.max_len = captioner.vocab, captioner.hparams.max_len
-        self.image_size = captioner.hparams.image_size
-        self.net = nn.ModuleDict({"encoder": captioner.encoder, "decoder": captioner.decoder})
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     @property
     def has_attention(self) -> bool:
-        return self.net.decoder.attention is not None
+        return self.attention_missing is None
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean) / self.std
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor,
+                ends: torch.Tensor) -> torch.Tensor:
+        """[N, 2]: log p(word n), log p(not word n), where word n is tokens[n, starts[n]:ends[n]] of caption
+        `tokens[n]`, given the image and the tokens before it."""
+        steps = int(ends.max())  # no need to read past the last token scored
+        logits = self.logits(pixels, tokens[:, : steps - 1]).float()  # logits[:, t] predicts token t + 1
+        token_log_probs = logits.log_softmax(-1).gather(2, tokens[:, 1:steps, None])[..., 0]
+        index = torch.arange(1, steps, device=tokens.device)
+        inside = (index >= starts[:, None]) & (index < ends[:, None])
+        word = torch.where(inside, token_log_probs, 0.0).sum(1)
+        # log(1 - p), stable; no gradient (captum's target is column 0; at p = 1 it is -inf)
+        with torch.no_grad():
+            other = torch.where(word > -math.log(2), torch.log(-torch.expm1(word)), torch.log1p(-torch.exp(word)))
+        return torch.stack([word, other], 1)
+
+    # -- what subclasses provide -------------------------------------------------------------------------------
+    def logits(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [N, T, V] of the decoder reading `tokens` [N, T] teacher-forced (t predicts t + 1)."""
+        raise NotImplementedError
+
+    def generate(self, pixels: torch.Tensor) -> Generated:
+        """The greedy captions of pixels in [0, 1]."""
+        raise NotImplementedError
+
+    def attention(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder's attention while reading `tokens` [B, T]: [B, T - 1, h, w] (the map at t: predicting
+        token t + 1)."""
+        raise NotImplementedError
+
+    def layer(self, name: str, key: str = "model.gradcam_layer") -> nn.Module:
+        """The module whose output [N, C, h, w] Grad-CAM reads; a UserError naming `key` for an unknown name."""
+        raise NotImplementedError
+
+    def parameterised_layers(self) -> list[str]:
+        """Submodules of `net`, from the input to the output, for the cascading randomisation."""
+        raise NotImplementedError
+
+
+class CNNRNNScorer(CaptionWordScorer):
+    """A CNN-RNN captioner: a word is one token (<bos> words <eos>: word t is token t + 1)."""
+
+    def __init__(self, captioner: CNNRNNCaptioner):
+        super().__init__(IMAGENET_MEAN, IMAGENET_STD)
+        self.vocab, self.max_len = captioner.vocab, captioner.hparams.max_len
+        self.image_size = captioner.hparams.image_size
+        self.net = nn.ModuleDict({"encoder": captioner.encoder, "decoder": captioner.decoder})
+        if self.net.decoder.attention is None:
+            self.attention_missing = ("the captioner's decoder has no attention (model.decoder.attention=false when "
+                                      "it was trained)")
 
     def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encoder features [B, h*w, C] of pixels in [0, 1], and the grid (h, w)."""
-        grid = self.net.encoder((pixels - self.mean) / self.std)
+        grid = self.net.encoder(self.normalise(pixels))
         return grid.flatten(2).transpose(1, 2), tuple(grid.shape[-2:])
 
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities over the vocabulary [N, V] of word `positions[n]` (0: the first word) of caption
-        `tokens[n]` (<bos> words <eos>), given the image and the words before it."""
-        features, _ = self.features(pixels)
-        steps = int(positions.max()) + 1  # no need to decode past the last word scored
-        logits, _ = self.net.decoder(features, tokens[:, :steps])
-        return logits[torch.arange(len(positions), device=logits.device), positions].float().log_softmax(-1)
+    def logits(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net.decoder(self.features(pixels)[0], tokens)[0]
 
     @torch.no_grad()
-    def generate(self, pixels: torch.Tensor) -> tuple[torch.Tensor, list[list[str]]]:
-        """Greedy captions: token ids [B, T] (<bos> words <eos>, padded) and the words of each."""
+    def generate(self, pixels: torch.Tensor) -> Generated:
         tokens = greedy_decode(self.net.decoder, self.features(pixels)[0], self.vocab.bos, self.vocab.eos,
                                self.max_len)[0]
         # Word t is token t + 1 (after <bos>); every token up to <eos> counts, <unk> too, to keep them aligned.
@@ -58,11 +130,10 @@ class CaptionWordScorer(nn.Module):
         words = [[self.vocab.words[i] for i in row[: row.index(eos) if eos in row else len(row)]]
                  for row in tokens.tolist()]
         bos = torch.full_like(tokens[:, :1], self.vocab.bos)
-        return torch.cat([bos, tokens], 1), words
+        return Generated(torch.cat([bos, tokens], 1), words, [[(t + 1, t + 2) for t in range(len(w))] for w in words])
 
     @torch.no_grad()
     def attention(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The decoder's soft attention while reading caption `tokens` [B, T]: [B, T - 1, h, w] (word t's map at t)."""
         features, grid = self.features(pixels)
         _, alphas = self.net.decoder(features, tokens[:, :-1])
         return alphas.float().unflatten(-1, grid)
@@ -81,6 +152,123 @@ class CaptionWordScorer(nn.Module):
         blocks = [f"encoder.body.{name}" for name, block in self.net.encoder.body.named_children()
                   if any(True for _ in block.parameters())]
         return [*blocks, "decoder"]
+
+
+class PatchGrid(nn.Module):
+    """Hooked onto a vision transformer layer: the layer's patch tokens pass through this module's forward as a
+    grid [B, C, h, w] (an identity), so that Grad-CAM reads them as it reads a CNN's feature map. The CLS token
+    goes round it."""
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return grid
+
+    def hook(self, module: nn.Module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        side = math.isqrt(hidden.shape[1] - 1)  # square images: (1 + side * side) tokens
+        patches = self(hidden[:, 1:].transpose(1, 2).unflatten(2, (side, side)))
+        hidden = torch.cat([hidden[:, :1], patches.flatten(2).transpose(1, 2)], 1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class HFScorer(CaptionWordScorer):
+    """A transformers captioner (BLIP, ViT-GPT2): the words are those of the caption as its tokenizer decodes it,
+    a word's tokens those that add it. Grad-CAM layers: `encoder` (the vision transformer's last layer) or any of
+    its layers by name (`layer_names`)."""
+
+    attention_missing = ("BLIP and ViT-GPT2 captioners have no attention method here (their cross-attention is "
+                         "not explained)")
+
+    def __init__(self, captioner: HFCaptioner):
+        processor = captioner.image_processor
+        normalised = getattr(processor, "do_normalize", True)
+        super().__init__(processor.image_mean if normalised else [0.0] * 3,
+                         processor.image_std if normalised else [1.0] * 3)
+        self.captioner = captioner  # its model, tokenizer and prompt; copied with it by the randomisation check
+        self.image_size = image_side(processor.size)
+        tower = captioner.vision_tower()
+        self.net = nn.ModuleDict({"encoder": tower, "decoder": nn.ModuleList(
+            [child for child in captioner.model.children() if child is not tower])})
+        path, layers = next((name, module) for name, module in tower.named_modules()
+                            if isinstance(module, nn.ModuleList))
+        self.layers_path = path
+        self.layer_names = [f"encoder.{path}.{i}" for i in range(len(layers))]
+        self.grids = nn.ModuleList(PatchGrid() for _ in layers)
+        for layer, grid in zip(layers, self.grids):
+            layer.register_forward_hook(grid.hook)  # a bound method: deep copies hook their own grid
+        settings = copy.deepcopy(captioner.model.generation_config)
+        settings.num_beams, settings.do_sample = 1, False  # greedy, as for the CNN-RNN
+        self.generation_config = settings
+
+    def logits(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.captioner.decoder_logits(self.normalise(pixels), tokens)
+
+    @torch.no_grad()
+    def generate(self, pixels: torch.Tensor) -> Generated:
+        ids = self.captioner.generate_ids(self.normalise(pixels), self.generation_config)
+        tokens, start = self.captioner.decoder_inputs(ids)
+        tokenizer = self.captioner.tokenizer
+        ends = {tokenizer.eos_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id} - {None}
+        words, spans = [], []
+        for row in tokens[:, start:].tolist():
+            caption = row[: next((i for i, t in enumerate(row) if t in ends), len(row))]
+            row_words, row_spans = split_words(tokenizer, caption)
+            words.append(row_words)
+            spans.append([(start + a, start + b) for a, b in row_spans])
+        return Generated(tokens, words, spans)
+
+    def layer(self, name: str, key: str = "model.gradcam_layer") -> nn.Module:
+        names = {"encoder": len(self.grids) - 1, **{n: i for i, n in enumerate(self.layer_names)}}
+        if name not in names:
+            raise UserError(f"the captioner has no layer '{name}' ({key}); its vision transformer's layers are: "
+                            f"encoder (the last), {', '.join(self.layer_names)}")
+        return self.grids[names[name]]
+
+    def parameterised_layers(self) -> list[str]:
+        """The vision transformer's embeddings, each of its layers, its final norm, then the decoder as one unit."""
+        container = self.layers_path.split(".")[0]
+        names = []
+        for name, child in self.net.encoder.named_children():
+            if name == container:
+                names += self.layer_names
+            elif name != "pooler" and any(True for _ in child.parameters()):  # the pooler: unused by the decoder
+                names.append(f"encoder.{name}")
+        return [*names, "decoder"]
+
+
+def image_side(size) -> int | None:
+    """The height images are resized to by a transformers image processor (its `size`), if it says."""
+    try:
+        return int(size["height"])
+    except (KeyError, TypeError):
+        return None
+
+
+def split_words(tokenizer, ids: list[int]) -> tuple[list[str], list[tuple[int, int]]]:
+    """The words of a caption's token ids, as the tokenizer decodes them, and each word's tokens [start, end): a
+    token starts a word when decoding up to it gives one word more. Tokens that decode to nothing (special ones)
+    join the word before them (before the first word: none)."""
+    spans, count = [], 0
+    for i in range(len(ids)):
+        now = len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True).split())
+        if now > count:
+            spans.append([i, i + 1])
+        elif spans:
+            spans[-1][1] = i + 1
+        count = max(count, now)
+    words = tokenizer.decode(ids, skip_special_tokens=True).split()
+    if len(words) != len(spans):  # a token that decodes to several words: they count as one
+        words = [tokenizer.decode(ids[a:b], skip_special_tokens=True).strip() for a, b in spans]
+    return words, [(a, b) for a, b in spans]
+
+
+def word_scorer(captioner) -> CaptionWordScorer:
+    """The scorer of a captioner that caption_explain explains; a UserError naming ckpt_path otherwise."""
+    if isinstance(captioner, CNNRNNCaptioner):
+        return CNNRNNScorer(captioner)
+    if isinstance(captioner, HFCaptioner):
+        return HFScorer(captioner)
+    raise UserError(f"ckpt_path: task=caption_explain explains CNN-RNN, BLIP and ViT-GPT2 captioners; this one is a "
+                    f"{type(captioner).__name__}")
 
 
 def ground_words(words: list[str], objects: list[dict]) -> list[int | None]:
@@ -108,12 +296,3 @@ def ground_words(words: list[str], objects: list[dict]) -> list[int | None]:
         true = obj is not None and (word not in attribute or objects[obj][attribute[word]] == word)
         grounded.append(obj if true else None)
     return grounded
-
-
-def check_captioner(module) -> CNNRNNCaptioner:
-    """The captioner, if caption_explain explains its kind (CNN-RNN); a UserError naming ckpt_path otherwise."""
-    if not isinstance(module, CNNRNNCaptioner):
-        raise UserError(f"ckpt_path: task=caption_explain explains CNN-RNN captioners (task=shapes_captioning, "
-                        f"cnn_rnn_coco, cnn_rnn_flickr8k checkpoints); this one is a {type(module).__name__}")
-    return module
-
