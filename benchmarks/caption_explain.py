@@ -12,7 +12,6 @@ weights, `--max-len` words at most. Ends with one line per method:
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -22,19 +21,10 @@ from datamodules.shapes import COLOURS, SHAPES, SIZES
 from datamodules.vocabulary import Vocabulary
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.explain.caption_explain import CAPTION_METHODS, CaptionExplainModule
+from saliency import timed  # benchmarks/saliency.py, next to this script
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_METHODS = ("integrated_gradients", "gradcam", "attention")  # conf/model/caption_explain.yaml's
-
-
-def timed(function, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
