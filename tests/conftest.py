@@ -6,9 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -52,6 +55,16 @@ def run_cli(args: list[str], run_dir: Path, data_dir: Path, multirun: bool = Fal
 
 def read_metrics(run_dir: Path) -> dict[str, float]:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+@contextmanager
+def fake_gpus(count: int, bf16: bool = True):
+    """A machine with `count` CUDA GPUs (with or without bfloat16) as torch and Lightning see it."""
+    with mock.patch.object(torch.cuda, "device_count", return_value=count), \
+         mock.patch.object(torch.cuda, "is_available", return_value=count > 0), \
+         mock.patch.object(torch.cuda, "is_bf16_supported", return_value=bf16), \
+         mock.patch("lightning.fabric.accelerators.cuda.num_cuda_devices", return_value=count):
+        yield
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -3,26 +3,13 @@
 Machines with GPUs are faked (torch's and Lightning's CUDA device counts), so CI shows what a 4-GPU node gets.
 """
 
-from contextlib import contextmanager
-from unittest import mock
-
 import pytest
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from framework.errors import UserError
 from framework.hardware import resolve_trainer
-from tests.conftest import compose_config, run_cli
-
-
-@contextmanager
-def fake_gpus(count: int, bf16: bool = True):
-    with mock.patch.object(torch.cuda, "device_count", return_value=count), \
-         mock.patch.object(torch.cuda, "is_available", return_value=count > 0), \
-         mock.patch.object(torch.cuda, "is_bf16_supported", return_value=bf16), \
-         mock.patch("lightning.fabric.accelerators.cuda.num_cuda_devices", return_value=count):
-        yield
+from tests.conftest import compose_config, fake_gpus, run_cli
 
 
 def trainer_for(overrides, tmp_path, data_dir, gpus: int, bf16: bool = True):

@@ -33,8 +33,7 @@ from omegaconf import OmegaConf, read_write
 from PIL import Image
 
 from framework.hardware import resolve_trainer
-from tests.conftest import CONF, ROOT
-from tests.test_hardware import fake_gpus
+from tests.conftest import CONF, ROOT, fake_gpus
 
 
 @dataclass(frozen=True)
