@@ -7,7 +7,7 @@ ARGS ?=
 UPGRADE_VENV := .venv-upgrade
 FROM ?= $(VENV)
 
-.PHONY: run test install install-test constraints upgrade-check clean
+.PHONY: run test format install install-test constraints upgrade-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,15 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(PY) run.py $(ARGS)
 
+# Lint and format check first (ruff, configured in pyproject.toml): `make format` fixes what it can.
 test: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(ARGS)
+
+format: install-test
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # Rewrites constraints.txt from the venv FROM (.venv; FROM=$(UPGRADE_VENV) after upgrade-check).
 constraints:

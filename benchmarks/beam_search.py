@@ -39,8 +39,9 @@ def shapes_decoder(images: int, ckpt: str | None) -> tuple[RNNDecoder, torch.Ten
     else:
         cfg = OmegaConf.load(ROOT / "conf" / "model" / "cnn_rnn.yaml")
         vocab = ["<pad>", "<bos>", "<eos>", "<unk>", *(f"w{i}" for i in range(SHAPES_VOCAB - 4))]
-        model = CNNRNNCaptioner(vocab=vocab, encoder=cfg.encoder, decoder=cfg.decoder, optimizer={},
-                                max_len=cfg.max_len)
+        model = CNNRNNCaptioner(
+            vocab=vocab, encoder=cfg.encoder, decoder=cfg.decoder, optimizer={}, max_len=cfg.max_len
+        )
     model.eval()
     with torch.no_grad():
         features, _ = model.encode(torch.randn(images, 3, 64, 64))
@@ -87,8 +88,10 @@ def main() -> None:
             batched_time, batched = fastest(lambda: decode(features), args.repeats)
             single_time, single = fastest(lambda: [decode(f[None])[0] for f in features], args.repeats)
             same = sum(trim(a) == trim(b) for a, b in zip(batched, single))
-            print(f"{name:>16} beam {beam}: batched {args.images / batched_time:8.1f} images/s | "
-                  f"one at a time {args.images / single_time:8.1f} images/s | same captions {same}/{args.images}")
+            print(
+                f"{name:>16} beam {beam}: batched {args.images / batched_time:8.1f} images/s | "
+                f"one at a time {args.images / single_time:8.1f} images/s | same captions {same}/{args.images}"
+            )
             if same != args.images:
                 raise SystemExit(f"{name} beam {beam}: batched and one-at-a-time decoding disagree")
             ratios[f"{name}_beam{beam}_batched_vs_one_at_a_time"] = single_time / batched_time

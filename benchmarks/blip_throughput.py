@@ -30,8 +30,11 @@ PROMPT_TOKENS, CAPTION_TOKENS = 4, 16  # "[DEC] a picture of" + a caption of 16 
 def blip_base() -> BlipForConditionalGeneration:
     config = BlipConfig(
         text_config={**BASE_TOWER, "vocab_size": 30524, "max_position_embeddings": 512, "label_smoothing": 0.1},
-        vision_config={**BASE_TOWER, "image_size": 384, "patch_size": 16}, projection_dim=512,
-        image_text_hidden_size=256, label_smoothing=0.1)
+        vision_config={**BASE_TOWER, "image_size": 384, "patch_size": 16},
+        projection_dim=512,
+        image_text_hidden_size=256,
+        label_smoothing=0.1,
+    )
     return BlipForConditionalGeneration(config)
 
 
@@ -40,8 +43,11 @@ def batch(size: int, device: torch.device) -> dict[str, torch.Tensor]:
     input_ids = torch.randint(1000, 30000, (size, PROMPT_TOKENS + CAPTION_TOKENS), generator=generator)
     labels = input_ids.clone()
     labels[:, :PROMPT_TOKENS] = -100
-    return {"pixel_values": torch.randn(size, 3, 384, 384, generator=generator).to(device),
-            "input_ids": input_ids.to(device), "labels": labels.to(device)}
+    return {
+        "pixel_values": torch.randn(size, 3, 384, 384, generator=generator).to(device),
+        "input_ids": input_ids.to(device),
+        "labels": labels.to(device),
+    }
 
 
 def images_per_second(model, inputs: dict, precision: str, checkpointing: bool, steps: int) -> tuple[float, float]:
@@ -53,8 +59,9 @@ def images_per_second(model, inputs: dict, precision: str, checkpointing: bool, 
         model.gradient_checkpointing_disable()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    )
 
     def step():
         with autocast:
@@ -74,7 +81,6 @@ def images_per_second(model, inputs: dict, precision: str, checkpointing: bool, 
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    del optimizer
     return len(inputs["pixel_values"]) * steps / elapsed, peak
 
 
@@ -91,8 +97,10 @@ def main() -> None:
     model = blip_base().to(device)
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"BLIP-base-sized ({parameters:.0f}M parameters, random weights), 384 px, batch {batch_size}, "
-          f"{steps} timed steps, {name}, torch {torch.__version__}")
+    print(
+        f"BLIP-base-sized ({parameters:.0f}M parameters, random weights), 384 px, batch {batch_size}, "
+        f"{steps} timed steps, {name}, torch {torch.__version__}"
+    )
 
     speed = {}
     for precision in ("32-true", "bf16-mixed"):
@@ -100,13 +108,14 @@ def main() -> None:
             rate, peak = images_per_second(model, batch(batch_size, device), precision, checkpointing, steps)
             speed[precision, checkpointing] = rate
             memory = "" if on_cpu else f", peak memory {peak:.1f} GiB"
-            print(f"{precision:>10}, gradient checkpointing {'on ' if checkpointing else 'off'}: "
-                  f"{rate:7.2f} images/s{memory}")
+            print(
+                f"{precision:>10}, gradient checkpointing {'on ' if checkpointing else 'off'}: "
+                f"{rate:7.2f} images/s{memory}"
+            )
     # Times are per image, so baseline time / ours = our images/s / baseline images/s.
     print(f"ratio: bf16_mixed_vs_fp32 = {speed['bf16-mixed', False] / speed['32-true', False]:.2f}")
     for precision, label in (("32-true", "fp32"), ("bf16-mixed", "bf16_mixed")):
-        print(f"ratio: gradient_checkpointing_vs_none_{label} = "
-              f"{speed[precision, True] / speed[precision, False]:.2f}")
+        print(f"ratio: gradient_checkpointing_vs_none_{label} = {speed[precision, True] / speed[precision, False]:.2f}")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from saliency import timed  # benchmarks/saliency.py, next to this script
 
 from datamodules.shapes import COLOURS, SHAPES, SIZES
 from datamodules.vocabulary import Vocabulary
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.explain.caption_explain import CAPTION_METHODS, CaptionExplainModule
-from saliency import timed  # benchmarks/saliency.py, next to this script
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_METHODS = ("integrated_gradients", "gradcam", "attention")  # conf/model/caption_explain.yaml's
@@ -41,8 +41,9 @@ def main() -> None:
     torch.manual_seed(0)
     config = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "cnn_rnn.yaml"))
     vocab = [*Vocabulary.SPECIALS, *SHAPES, *COLOURS, *SIZES, "a", "the", "of", "is", "left", "right", "above"]
-    captioner = CNNRNNCaptioner(vocab, config["encoder"], config["decoder"], optimizer={}, max_len=args.max_len,
-                                image_size=args.image_size)
+    captioner = CNNRNNCaptioner(
+        vocab, config["encoder"], config["decoder"], optimizer={}, max_len=args.max_len, image_size=args.image_size
+    )
     module = CaptionExplainModule(captioner, list(args.methods), randomisation=False).to(device).eval()
     pixels = torch.rand(args.images, 3, args.image_size, args.image_size, device=device)
 
@@ -50,7 +51,7 @@ def main() -> None:
         """The maps of every word of every image, `batch_size` images at a time; the number of words."""
         explained = 0
         for start in range(0, args.images, batch_size):
-            batch = pixels[start:start + batch_size]
+            batch = pixels[start : start + batch_size]
             generated = module.scorer.generate(batch)
             rows = [{"image": str(i), "caption": " ".join(words)} for i, words in enumerate(generated.words)]
             words = module._words(batch, generated, rows)
@@ -65,8 +66,10 @@ def main() -> None:
         batched = min(timed(lambda: explain(method, args.batch_size), device) for _ in range(args.repeats))
         single = min(timed(lambda: explain(method, 1), device) for _ in range(args.repeats))
         ratios[method] = single / batched
-        print(f"{method:22s} {count} words  batched ({args.batch_size}): {count / batched:8.1f} words/s   "
-              f"one image at a time: {count / single:8.1f} words/s")
+        print(
+            f"{method:22s} {count} words  batched ({args.batch_size}): {count / batched:8.1f} words/s   "
+            f"one image at a time: {count / single:8.1f} words/s"
+        )
     for method, ratio in ratios.items():
         print(f"ratio: caption_explain_batching_{method} = {ratio:.2f}")
 

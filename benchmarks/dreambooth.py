@@ -32,13 +32,29 @@ import torch
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
 SDXL_UNET = dict(
-    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], center_input_sample=False,
-    cross_attention_dim=2048, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
-    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4,
-    projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280],
+    center_input_sample=False,
+    cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-5,
+    norm_num_groups=32,
+    out_channels=4,
+    projection_class_embeddings_input_dim=2816,
+    sample_size=128,
+    transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    use_linear_projection=True,
 )
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -84,17 +100,25 @@ def cache_benchmark(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = save_tiny_sdxl(Path(tmp) / "pipeline", args.resolution)
         images = save_instance_images(Path(tmp) / "images", args.images, args.resolution)
-        print(f"tiny SDXL pipeline on {args.device}, {args.images} instance images at {args.resolution} px, "
-              f"batch {args.batch_size}, {args.steps} timed steps, {torch.get_num_threads()} threads")
+        print(
+            f"tiny SDXL pipeline on {args.device}, {args.images} instance images at {args.resolution} px, "
+            f"batch {args.batch_size}, {args.steps} timed steps, {torch.get_num_threads()} threads"
+        )
         results = {}
         for cached in (False, True):
             torch.manual_seed(0)
             random.seed(0)
-            model = DreamBoothLoRA(pretrained=str(pipeline), resolution=args.resolution, fidelity=None,
-                                   cache_prompt_embeddings=cached)
-            data = DreamBoothDataModule(source=partial(read_instance_folder, images, "a photo of sks dog"),
-                                        resolution=args.resolution, center_crop=True, random_flip=True,
-                                        batch_size=args.batch_size, cache_latents=cached)
+            model = DreamBoothLoRA(
+                pretrained=str(pipeline), resolution=args.resolution, fidelity=None, cache_prompt_embeddings=cached
+            )
+            data = DreamBoothDataModule(
+                source=partial(read_instance_folder, images, "a photo of sks dog"),
+                resolution=args.resolution,
+                center_crop=True,
+                random_flip=True,
+                batch_size=args.batch_size,
+                cache_latents=cached,
+            )
             model.to(args.device)
             if cached:
                 start = time.perf_counter()
@@ -103,8 +127,10 @@ def cache_benchmark(args) -> None:
             random.seed(0)
             results[cached] = train_steps(model, data.train_dataloader(), args.steps, args.device)
             name = "cached" if cached else "uncached"
-            print(f"{name:>8}: first-step loss {results[cached][0]:.6f}, {1 / results[cached][1]:.2f} steps/s "
-                  f"({results[cached][1] * 1000:.1f} ms/step)")
+            print(
+                f"{name:>8}: first-step loss {results[cached][0]:.6f}, {1 / results[cached][1]:.2f} steps/s "
+                f"({results[cached][1] * 1000:.1f} ms/step)"
+            )
         print(f"ratio: dreambooth_cache_step_speedup = {results[False][1] / results[True][1]:.2f}")
 
 
@@ -127,8 +153,10 @@ def sdxl_unet_step(gradient_checkpointing: bool, batch_size: int, steps: int, de
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     latents = torch.randn(batch_size, 4, 128, 128, device=device)
     hidden = torch.randn(batch_size, 77, 2048, device=device)
-    conditioning = {"text_embeds": torch.randn(batch_size, 1280, device=device),
-                    "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch_size, device=device)}
+    conditioning = {
+        "text_embeds": torch.randn(batch_size, 1280, device=device),
+        "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch_size, device=device),
+    }
     timesteps = torch.randint(0, 1000, (batch_size,), device=device)
 
     def step() -> None:
@@ -148,22 +176,24 @@ def sdxl_unet_step(gradient_checkpointing: bool, batch_size: int, steps: int, de
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30
-    del unet, optimizer
-    torch.cuda.empty_cache()
     return seconds, peak
 
 
 def sdxl_benchmark(args) -> None:
     if not args.device.startswith("cuda") or not torch.cuda.is_available():
         raise SystemExit("--sdxl-unet needs --device cuda and a CUDA GPU")
-    print(f"SDXL UNet (random weights), LoRA rank 4, 1024 px, batch {args.batch_size}, bf16, "
-          f"{torch.cuda.get_device_name()}")
+    print(
+        f"SDXL UNet (random weights), LoRA rank 4, 1024 px, batch {args.batch_size}, bf16, "
+        f"{torch.cuda.get_device_name()}"
+    )
     results = {}
     for checkpointing in (False, True):
         results[checkpointing] = sdxl_unet_step(checkpointing, args.batch_size, args.steps, args.device)
         seconds, peak = results[checkpointing]
-        print(f"gradient checkpointing {'on ' if checkpointing else 'off'}: {seconds * 1000:.0f} ms/step, "
-              f"peak memory {peak:.2f} GiB")
+        print(
+            f"gradient checkpointing {'on ' if checkpointing else 'off'}: {seconds * 1000:.0f} ms/step, "
+            f"peak memory {peak:.2f} GiB"
+        )
     print(f"ratio: sdxl_checkpointing_step_time = {results[False][0] / results[True][0]:.2f}")
     print(f"ratio: sdxl_checkpointing_peak_memory = {results[False][1] / results[True][1]:.2f}")
 

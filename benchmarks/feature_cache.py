@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def frozen_resnet50_captioner(vocab: list[str]) -> CNNRNNCaptioner:
     cfg = OmegaConf.load(ROOT / "conf" / "model" / "cnn_rnn.yaml")
     encoder = {**cfg.encoder, "name": "resnet50", "finetune": "none"}
-    return CNNRNNCaptioner(vocab=vocab, encoder=encoder, decoder=cfg.decoder, optimizer=cfg.optimizer,
-                           max_len=cfg.max_len)
+    return CNNRNNCaptioner(
+        vocab=vocab, encoder=encoder, decoder=cfg.decoder, optimizer=cfg.optimizer, max_len=cfg.max_len
+    )
 
 
 def train(model: CNNRNNCaptioner, loader: DataLoader, epochs: int) -> tuple[float, list[float]]:
@@ -64,21 +65,32 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as run.py does
     with tempfile.TemporaryDirectory() as tmp:
-        data = {"root": tmp, "num_train": args.images, "num_val": 0, "num_test": 0, "image_size": 224,
-                "batch_size": args.batch_size, "num_workers": 0}
+        data = {
+            "root": tmp,
+            "num_train": args.images,
+            "num_val": 0,
+            "num_test": 0,
+            "image_size": 224,
+            "batch_size": args.batch_size,
+            "num_workers": 0,
+        }
         from_images = ShapesDataModule(**data)
         from_cache = ShapesDataModule(**data, feature_cache=f"{tmp}/cache")
         torch.manual_seed(0)
         model = frozen_resnet50_captioner(from_images.model_inputs()["vocab"])
         cached_model = copy.deepcopy(model)
-        print(f"{args.images} shapes images at 224 px, batch {args.batch_size}, frozen ResNet-50, "
-              f"{torch.get_num_threads()} threads")
+        print(
+            f"{args.images} shapes images at 224 px, batch {args.batch_size}, frozen ResNet-50, "
+            f"{torch.get_num_threads()} threads"
+        )
 
         start = time.perf_counter()
         from_cache.enable_feature_cache(cached_model.encoder)
         print(f"cache build: {time.perf_counter() - start:.2f} s")
-        runs = {"images": train(model, from_images.train_dataloader(), args.epochs),
-                "cache": train(cached_model, from_cache.train_dataloader(), args.epochs)}
+        runs = {
+            "images": train(model, from_images.train_dataloader(), args.epochs),
+            "cache": train(cached_model, from_cache.train_dataloader(), args.epochs),
+        }
     for name, (first_loss, times) in runs.items():
         epochs = ", ".join(f"{t:.2f}" for t in times)
         print(f"from {name:>6}: epochs {epochs} s | first-step loss {first_loss:.6f}")

@@ -52,10 +52,21 @@ class EpochTimer(L.Callback):
 def last_epoch(overrides: list[str], precision: str, epochs: int, workdir: Path) -> tuple[float, int, int]:
     """(seconds, batches, global batch size) of the last of `epochs` training epochs at `precision`."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"paths.root_dir={ROOT}", f"paths.log_dir={workdir}", f"paths.output_dir={workdir}", "callbacks=none",
-            f"trainer.precision={precision}", f"trainer.max_epochs={epochs}", "trainer.limit_val_batches=0",
-            "+trainer.enable_checkpointing=false", "+trainer.enable_progress_bar=false", *overrides])
+        cfg = compose(
+            "config",
+            overrides=[
+                f"paths.root_dir={ROOT}",
+                f"paths.log_dir={workdir}",
+                f"paths.output_dir={workdir}",
+                "callbacks=none",
+                f"trainer.precision={precision}",
+                f"trainer.max_epochs={epochs}",
+                "trainer.limit_val_batches=0",
+                "+trainer.enable_checkpointing=false",
+                "+trainer.enable_progress_bar=false",
+                *overrides,
+            ],
+        )
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model, **model_inputs(datamodule))
@@ -78,8 +89,10 @@ def main() -> None:
         for precision in ("32-true", "bf16-mixed"):
             seconds, batches, batch_size = last_epoch(args.overrides, precision, args.epochs, Path(workdir))
             times[precision] = seconds
-            print(f"{precision:>10}: {batches} steps of {batch_size} images in {seconds:.2f} s = "
-                  f"{batches * batch_size / seconds:.1f} images/s")
+            print(
+                f"{precision:>10}: {batches} steps of {batch_size} images in {seconds:.2f} s = "
+                f"{batches * batch_size / seconds:.1f} images/s"
+            )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {device}; overrides: {' '.join(args.overrides) or '(none)'}")
     print(f"ratio: bf16_mixed_speedup = {times['32-true'] / times['bf16-mixed']:.2f}")

@@ -52,8 +52,9 @@ def main() -> None:
 
     def run(method: str, batch_size: int) -> None:
         for start in range(0, args.images, batch_size):
-            attributions.maps(method, pixels[start:start + batch_size].clone().requires_grad_(),
-                              targets[start:start + batch_size])
+            attributions.maps(
+                method, pixels[start : start + batch_size].clone().requires_grad_(), targets[start : start + batch_size]
+            )
 
     print(f"{args.model} {args.image_size}px, {args.images} images, device {device}, torch {torch.__version__}")
     ratios = {}
@@ -62,8 +63,10 @@ def main() -> None:
         batched = min(timed(lambda: run(method, args.batch_size), device) for _ in range(args.repeats))
         single = min(timed(lambda: run(method, 1), device) for _ in range(args.repeats))
         ratios[method] = single / batched
-        print(f"{method:22s} batched ({args.batch_size}): {args.images / batched:8.1f} images/s   "
-              f"one at a time: {args.images / single:8.1f} images/s")
+        print(
+            f"{method:22s} batched ({args.batch_size}): {args.images / batched:8.1f} images/s   "
+            f"one at a time: {args.images / single:8.1f} images/s"
+        )
     for method, ratio in ratios.items():
         print(f"ratio: {method} = {ratio:.2f}")
 

@@ -6,7 +6,8 @@ style relu1_1..relu5_1), the same random-weight VGG19 for both:
   image every iteration, and the style image goes through it again every iteration to recompute its Grams
   (VGG weights frozen in both, so neither builds a graph for the style pass);
 - ours: `PerceptualLoss` as GatysStyleTransfer uses it: VGG19 cut after relu5_1, style Grams computed once.
-Both compute the same loss (checked); glibc keeps freed memory for both, as run.py sets it. Then fast style inference (Johnson et al.'s TransformerNet, 256 px):
+Both compute the same loss (checked); glibc keeps freed memory for both, as run.py sets it.
+Then fast style inference (Johnson et al.'s TransformerNet, 256 px):
 images/s one image at a time against batches.
 
 Prints the times, then `ratio: gatys_iteration = baseline / ours` and
@@ -96,15 +97,18 @@ def gatys(size: int, iterations: int, device: torch.device) -> float:
     baseline = BaselineGatys(features, content, style)
 
     images = {name: content.clone().requires_grad_(True) for name in ("baseline", "ours")}
-    losses = {"baseline": lambda: baseline.loss(images["baseline"]),
-              "ours": lambda: ours(images["ours"], targets)["loss"]}
+    losses = {
+        "baseline": lambda: baseline.loss(images["baseline"]),
+        "ours": lambda: ours(images["ours"], targets)["loss"],
+    }
     start = {name: loss().item() for name, loss in losses.items()}
     assert abs(start["ours"] - start["baseline"]) <= 1e-3 * abs(start["baseline"]), start
     print(f"gatys loss at the start: ours {start['ours']:.6g}, baseline {start['baseline']:.6g}")
 
     optimizers = {name: torch.optim.Adam([image], lr=0.01) for name, image in images.items()}
-    results = timed({name: lambda name=name: adam_step(optimizers[name], losses[name]) for name in losses},
-                    iterations, device)
+    results = timed(
+        {name: lambda name=name: adam_step(optimizers[name], losses[name]) for name in losses}, iterations, device
+    )
     for name, seconds in results.items():
         print(f"gatys iteration at {size} px, {name}: {seconds * 1000:.1f} ms")
     return results["baseline"] / results["ours"]
@@ -115,11 +119,19 @@ def fast_style(size: int, images: int, batch: int, device: torch.device) -> floa
     torch.manual_seed(0)
     net = TransformerNet().to(device).eval()
     pictures = torch.rand(images, 3, size, size, device=device)
-    results = timed({"one": lambda: [net(p[None]) for p in pictures],
-                     "batched": lambda: [net(pictures[i:i + batch]) for i in range(0, images, batch)]}, 3, device)
+    results = timed(
+        {
+            "one": lambda: [net(p[None]) for p in pictures],
+            "batched": lambda: [net(pictures[i : i + batch]) for i in range(0, images, batch)],
+        },
+        3,
+        device,
+    )
     one, batched = results["one"] / images, results["batched"] / images
-    print(f"fast style inference at {size} px: one at a time {1 / one:.1f} images/s, "
-          f"batches of {batch} {1 / batched:.1f} images/s")
+    print(
+        f"fast style inference at {size} px: one at a time {1 / one:.1f} images/s, "
+        f"batches of {batch} {1 / batched:.1f} images/s"
+    )
     return one / batched
 
 

@@ -40,7 +40,7 @@ def with_caption(image: np.ndarray, text: str) -> np.ndarray:
 
 
 def grid(panels: list[np.ndarray], columns: int) -> np.ndarray:
-    rows = [panels[i:i + columns] for i in range(0, len(panels), columns)]
+    rows = [panels[i : i + columns] for i in range(0, len(panels), columns)]
     blank = np.full_like(panels[0], 255)
     return np.concatenate([np.concatenate(row + [blank] * (columns - len(row)), axis=1) for row in rows], axis=0)
 
@@ -67,8 +67,9 @@ class CaptionMedia(L.Callback):
             return
         step = trainer.global_step
         table = ["| image | prediction | references |", "|---|---|---|"]
-        table += [f"| {p['path'].rsplit('/', 1)[-1]} | {p['caption']} | {' / '.join(p['references'])} |"
-                  for p in predictions]
+        table += [
+            f"| {p['path'].rsplit('/', 1)[-1]} | {p['caption']} | {' / '.join(p['references'])} |" for p in predictions
+        ]
         board.add_text("val/predictions", "\n".join(table), step)
         panels = [with_caption(_tile(p["path"]), p["caption"]) for p in predictions]
         board.add_image("val/captions", grid(panels, self.columns), step, dataformats="HWC")

@@ -24,8 +24,10 @@ class CaptionPredictions(L.Callback):
         predictions = getattr(pl_module, "predictions", {}).get("test")
         if not trainer.is_global_zero or not predictions:
             return
-        write_json(self.output_dir / "test_predictions.json",
-                   [{"image_id": image_id, "caption": p["caption"]} for image_id, p in predictions.items()])
+        write_json(
+            self.output_dir / "test_predictions.json",
+            [{"image_id": image_id, "caption": p["caption"]} for image_id, p in predictions.items()],
+        )
 
         def write_rows(file):
             writer = csv.writer(file)

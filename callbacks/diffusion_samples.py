@@ -30,5 +30,6 @@ class DiffusionSamples(L.Callback):
         for row in sorted(rows, key=lambda r: r["seed"]):
             by_prompt.setdefault(row["prompt"], []).append(np.asarray(row["image"].resize((self.tile, self.tile))))
         for prompt, images in by_prompt.items():
-            board.add_image(f"{stage}/samples/{prompt}", np.concatenate(images, axis=1), trainer.global_step,
-                            dataformats="HWC")
+            board.add_image(
+                f"{stage}/samples/{prompt}", np.concatenate(images, axis=1), trainer.global_step, dataformats="HWC"
+            )

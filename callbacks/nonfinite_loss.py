@@ -17,4 +17,5 @@ class NonFiniteLossGuard(L.Callback):
                 f"train/loss is {loss.detach().float().cpu().item()} at global step {trainer.global_step} "
                 f"(epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx}); the run stopped "
                 "before the weights changed. Lower model.optimizer.lr, set trainer.gradient_clip_val, "
-                "or check that batch's data.")
+                "or check that batch's data."
+            )

@@ -33,9 +33,12 @@ SPLITS = ("train", "val", "test")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
 
 
-def collect_splits(entries: Iterable[tuple[str, Path, int | str, Sequence[str]]], origin: str,
-                   skip_bad_images: bool = False, listed_in: dict[str, str] | None = None
-                   ) -> dict[str, list[CaptionedImage]]:
+def collect_splits(
+    entries: Iterable[tuple[str, Path, int | str, Sequence[str]]],
+    origin: str,
+    skip_bad_images: bool = False,
+    listed_in: dict[str, str] | None = None,
+) -> dict[str, list[CaptionedImage]]:
     """The images of each split from (split, image path, image id, raw captions) entries, as every reader yields them.
 
     Empty or whitespace-only captions are dropped (with a count), an image left without captions is
@@ -64,12 +67,19 @@ def collect_splits(entries: Iterable[tuple[str, Path, int | str, Sequence[str]]]
         sources = ", ".join(dict.fromkeys(source for _, source in missing))
         listed = ", ".join(str(path) for path, _ in missing[:3])
         if not skip_bad_images:
-            raise UserError(f"{len(missing)} images listed in {sources} are missing (e.g. {listed}); "
-                            "fix the image folder or set data.skip_bad_images=true to skip them")
+            raise UserError(
+                f"{len(missing)} images listed in {sources} are missing (e.g. {listed}); "
+                "fix the image folder or set data.skip_bad_images=true to skip them"
+            )
         log.warning("skipping %d images listed in %s but missing (e.g. %s)", len(missing), sources, listed)
     for split, images in splits.items():
-        log.info("%s split: %d images, %d captions (%s)", split, len(images),
-                 sum(len(image.captions) for image in images), listed_in.get(split, origin))
+        log.info(
+            "%s split: %d images, %d captions (%s)",
+            split,
+            len(images),
+            sum(len(image.captions) for image in images),
+            listed_in.get(split, origin),
+        )
     _warn_few_captions(splits, origin)
     return splits
 
@@ -90,35 +100,53 @@ def _warn_few_captions(splits: dict[str, list[CaptionedImage]], origin: str) -> 
     if total:
         per_split = ", ".join(f"{len(images)} {split}" for split, images in few.items() if images)
         example = next(image for images in few.values() for image in images)
-        log.warning("%s: %d images have fewer than the usual %d captions (%s; e.g. %s has %d)", origin, total, usual,
-                    per_split, example.path.name, len(example.captions))
+        log.warning(
+            "%s: %d images have fewer than the usual %d captions (%s; e.g. %s has %d)",
+            origin,
+            total,
+            usual,
+            per_split,
+            example.path.name,
+            len(example.captions),
+        )
 
 
-def read_karpathy(annotations: str | os.PathLike, image_root: str | os.PathLike | None = None,
-                  skip_bad_images: bool = False) -> dict[str, list[CaptionedImage]]:
+def read_karpathy(
+    annotations: str | os.PathLike, image_root: str | os.PathLike | None = None, skip_bad_images: bool = False
+) -> dict[str, list[CaptionedImage]]:
     """A Karpathy split JSON: "restval" counts as train; images live at image_root/filepath/filename."""
     annotations = Path(annotations)
     if not annotations.is_file():
-        raise UserError(f"caption file {annotations} does not exist (data.source.annotations): "
-                        "point it at a Karpathy split JSON such as dataset_coco.json")
+        raise UserError(
+            f"caption file {annotations} does not exist (data.source.annotations): "
+            "point it at a Karpathy split JSON such as dataset_coco.json"
+        )
     root = Path(image_root) if image_root is not None else annotations.parent
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist (data.source.image_root)")
     try:
         images = json.loads(annotations.read_text(encoding="utf-8"))["images"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserError(f"{annotations} is not a Karpathy split JSON ({type(error).__name__}: {error}); "
-                        "expected {\"images\": [{\"filename\", \"split\", \"sentences\": [{\"raw\"}]}]}") from error
+        raise UserError(
+            f"{annotations} is not a Karpathy split JSON ({type(error).__name__}: {error}); "
+            'expected {"images": [{"filename", "split", "sentences": [{"raw"}]}]}'
+        ) from error
 
     def entries():
         for position, entry in enumerate(images):
             try:
                 split = "train" if entry["split"] == "restval" else entry["split"]
-                yield (split, root / entry.get("filepath", "") / entry["filename"],
-                       entry.get("cocoid", entry.get("imgid", entry["filename"])), [s["raw"] for s in entry["sentences"]])
+                yield (
+                    split,
+                    root / entry.get("filepath", "") / entry["filename"],
+                    entry.get("cocoid", entry.get("imgid", entry["filename"])),
+                    [s["raw"] for s in entry["sentences"]],
+                )
             except (KeyError, TypeError, AttributeError) as error:
-                raise UserError(f"{annotations}: images[{position}] lacks {error} "
-                                "(each image needs filename, split and sentences[].raw)") from error
+                raise UserError(
+                    f"{annotations}: images[{position}] lacks {error} "
+                    "(each image needs filename, split and sentences[].raw)"
+                ) from error
 
     return collect_splits(entries(), str(annotations), skip_bad_images)
 
@@ -147,15 +175,26 @@ class CaptionDataModule(L.LightningDataModule):
     encoder's features are computed once and train/val/test items carry them (see `enable_feature_cache`).
     """
 
-    def __init__(self, source: Callable[..., dict[str, list[CaptionedImage]]] | None = None, image_size: int = 224,
-                 batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
-                 vocab_min_count: int | None = 1, skip_bad_images: bool = False, images: str | None = None,
-                 feature_cache: str | None = None):
+    def __init__(
+        self,
+        source: Callable[..., dict[str, list[CaptionedImage]]] | None = None,
+        image_size: int = 224,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        vocab_min_count: int | None = 1,
+        skip_bad_images: bool = False,
+        images: str | None = None,
+        feature_cache: str | None = None,
+    ):
         super().__init__()
         self.source, self.images, self.feature_cache, self.image_size = source, images, feature_cache, image_size
         self.batch_size = positive(batch_size, "data.batch_size", integer=True)
-        self.eval_batch_size = (self.batch_size if eval_batch_size is None
-                                else positive(eval_batch_size, "data.eval_batch_size", integer=True))
+        self.eval_batch_size = (
+            self.batch_size
+            if eval_batch_size is None
+            else positive(eval_batch_size, "data.eval_batch_size", integer=True)
+        )
         self.num_workers, self.vocab_min_count, self.skip_bad_images = num_workers, vocab_min_count, skip_bad_images
         self.transform = image_transform(image_size)
         self._splits: dict[str, list[CaptionedImage]] | None = None
@@ -199,9 +238,15 @@ class CaptionDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         # The loader's own generator keeps its worker seeding off the global RNG, which after a resume
         # must continue exactly where the interrupted run left it (dropout, sampling).
-        return DataLoader(dataset, batch_size=self.train_batch_size if train else self.eval_batch_size,
-                          sampler=self._train_sampler(len(dataset)) if train else None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, collate_fn=collate, generator=torch.Generator())
+        return DataLoader(
+            dataset,
+            batch_size=self.train_batch_size if train else self.eval_batch_size,
+            sampler=self._train_sampler(len(dataset)) if train else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
+            generator=torch.Generator(),
+        )
 
     def _train_sampler(self, length: int) -> EpochSampler:
         trainer = self.trainer
@@ -237,10 +282,12 @@ class CaptionDataModule(L.LightningDataModule):
             device = strategy.root_device if strategy is not None else torch.device("cpu")
             for split in splits:
                 if self.splits[split]:
-                    cache = FeatureCache(self.feature_cache, [item.path for item in self.splits[split]],
-                                         self.transform, encoder)
-                    cache_dirs[split] = cache.build(device, self.eval_batch_size, self.num_workers,
-                                                    self.skip_bad_images)
+                    cache = FeatureCache(
+                        self.feature_cache, [item.path for item in self.splits[split]], self.transform, encoder
+                    )
+                    cache_dirs[split] = cache.build(
+                        device, self.eval_batch_size, self.num_workers, self.skip_bad_images
+                    )
         if strategy is not None:
             # The other ranks wait here for rank zero's directories (their own encoder weights may
             # differ from rank zero's until DDP syncs them).
@@ -270,9 +317,26 @@ class CaptionDataModule(L.LightningDataModule):
 class ShapesDataModule(CaptionDataModule):
     """The embedded synthetic data set, generated into `root` on first use (see datamodules/shapes.py)."""
 
-    def __init__(self, root: str, seed: int = 0, num_train: int = 3000, num_val: int = 200, num_test: int = 200,
-                 image_size: int = 64, captions_per_image: int = 5, **kwargs):
+    def __init__(
+        self,
+        root: str,
+        seed: int = 0,
+        num_train: int = 3000,
+        num_val: int = 200,
+        num_test: int = 200,
+        image_size: int = 64,
+        captions_per_image: int = 5,
+        **kwargs,
+    ):
         super().__init__(image_size=image_size, **kwargs)
-        generate = partial(generate_shapes, root, seed=seed, num_train=num_train, num_val=num_val,
-                           num_test=num_test, image_size=image_size, captions_per_image=captions_per_image)
+        generate = partial(
+            generate_shapes,
+            root,
+            seed=seed,
+            num_train=num_train,
+            num_val=num_val,
+            num_test=num_test,
+            image_size=image_size,
+            captions_per_image=captions_per_image,
+        )
         self.source = lambda skip_bad_images: read_karpathy(generate(), skip_bad_images=skip_bad_images)

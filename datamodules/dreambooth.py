@@ -95,8 +95,9 @@ def read_instance_folder(folder: str | os.PathLike, prompt: str) -> list[Example
     return [Example(image, prompt) for image in _image_files(Path(folder), "data.source.folder")]
 
 
-def read_captioned_images(folder: str | os.PathLike, prompt_column: str = "prompt",
-                          image_column: str = "image") -> list[Example]:
+def read_captioned_images(
+    folder: str | os.PathLike, prompt_column: str = "prompt", image_column: str = "image"
+) -> list[Example]:
     """Images with their own prompts: `folder/metadata.jsonl` (file_name + prompt column), or a `datasets`
     folder written by save_to_disk (image + prompt columns)."""
     folder = Path(folder)
@@ -107,12 +108,17 @@ def read_captioned_images(folder: str | os.PathLike, prompt_column: str = "promp
         dataset = _open_dataset(str(folder))
         missing = {image_column, prompt_column} - set(dataset.column_names)
         if missing:
-            raise UserError(f"the dataset in {folder} has no column(s) {sorted(missing)} (columns: "
-                            f"{dataset.column_names}); set data.source.image_column / data.source.prompt_column")
-        return [Example(DatasetImage(str(folder), i, image_column), str(prompt))
-                for i, prompt in enumerate(dataset[prompt_column])]
-    raise UserError(f"{folder} has neither metadata.jsonl nor a Hugging Face dataset saved with save_to_disk "
-                    "(data.source.folder)")
+            raise UserError(
+                f"the dataset in {folder} has no column(s) {sorted(missing)} (columns: "
+                f"{dataset.column_names}); set data.source.image_column / data.source.prompt_column"
+            )
+        return [
+            Example(DatasetImage(str(folder), i, image_column), str(prompt))
+            for i, prompt in enumerate(dataset[prompt_column])
+        ]
+    raise UserError(
+        f"{folder} has neither metadata.jsonl nor a Hugging Face dataset saved with save_to_disk (data.source.folder)"
+    )
 
 
 def _read_metadata(metadata: Path, prompt_column: str) -> list[Example]:
@@ -124,8 +130,10 @@ def _read_metadata(metadata: Path, prompt_column: str) -> list[Example]:
             row = json.loads(line)
             name, prompt = row["file_name"], row[prompt_column]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise UserError(f"{metadata}, line {number}: expected a JSON object with 'file_name' and "
-                            f"'{prompt_column}' (data.source.prompt_column) ({error})") from None
+            raise UserError(
+                f"{metadata}, line {number}: expected a JSON object with 'file_name' and "
+                f"'{prompt_column}' (data.source.prompt_column) ({error})"
+            ) from None
         path = metadata.parent / name
         if not path.is_file():
             raise UserError(f"{metadata}, line {number}: image {path} does not exist")
@@ -140,8 +148,10 @@ def _open_dataset(folder: str):
     try:
         import datasets
     except ImportError:
-        raise UserError(f"{folder} is a Hugging Face dataset folder: reading it needs `pip install datasets` "
-                        "(or convert it to images + metadata.jsonl)") from None
+        raise UserError(
+            f"{folder} is a Hugging Face dataset folder: reading it needs `pip install datasets` "
+            "(or convert it to images + metadata.jsonl)"
+        ) from None
     dataset = datasets.load_from_disk(folder)
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
@@ -167,8 +177,14 @@ def prompt_slug(prompt: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:limit] or "prompt"
 
 
-def ensure_class_images(folder: Path, prompt: str, count: int, generate: Callable[[list[str], list[int]], list],
-                        batch_size: int, seed: int = 0) -> None:
+def ensure_class_images(
+    folder: Path,
+    prompt: str,
+    count: int,
+    generate: Callable[[list[str], list[int]], list],
+    batch_size: int,
+    seed: int = 0,
+) -> None:
     """Fill `folder` up to `count` images of `prompt` (prior preservation), `batch_size` at a time.
 
     Images already there are kept and reused; each new one is written atomically, so an interrupted
@@ -210,8 +226,16 @@ class TrainingImages(Dataset):
     crop) it draws only the flip. The flip is drawn first in both, from Python's `random`.
     """
 
-    def __init__(self, instances: list[Example], classes: list[Example], resolution: int, center_crop: bool,
-                 random_flip: bool, repeats: int = 1, latents: dict | None = None):
+    def __init__(
+        self,
+        instances: list[Example],
+        classes: list[Example],
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        repeats: int = 1,
+        latents: dict | None = None,
+    ):
         self.instances, self.classes = instances * repeats, classes
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.latents = latents
@@ -230,8 +254,11 @@ class TrainingImages(Dataset):
         if self.latents is not None:
             return {**self.latents[example.image.name][flip], "prompt": example.prompt}
         image, original_size = self.resized(example)
-        return {**crop_and_flip(image, self.resolution, self.crop_corner(image), flip),
-                "original_size": original_size, "prompt": example.prompt}
+        return {
+            **crop_and_flip(image, self.resolution, self.crop_corner(image), flip),
+            "original_size": original_size,
+            "prompt": example.prompt,
+        }
 
     def resized(self, example: Example) -> tuple[Image.Image, torch.Tensor]:
         image = example.image.load()
@@ -286,17 +313,34 @@ class DreamBoothDataModule(L.LightningDataModule):
     """Training examples from `source`, optional class images for prior preservation, prompt sets for
     validation (`validation_prompts`), test (`test_prompts`, mode=eval) and predict (`prompts`)."""
 
-    def __init__(self, source: Callable[[], list[Example]] | None = None, trigger_token: str | None = None,
-                 resolution: int = 1024, center_crop: bool = False, random_flip: bool = False, repeats: int = 1,
-                 batch_size: int = 1, num_workers: int = 0, skip_bad_images: bool = False, cache_latents: bool = False,
-                 prior_preservation: bool = False, class_prompt: str | None = None, class_images: str | None = None,
-                 num_class_images: int = 100, class_batch_size: int = 4,
-                 validation_prompts: Sequence[str] | str | None = None, test_prompts: Sequence[str] | str | None = None,
-                 prompts: Sequence[str] | str | None = None, seeds: Sequence[int] = (0,)):
+    def __init__(
+        self,
+        source: Callable[[], list[Example]] | None = None,
+        trigger_token: str | None = None,
+        resolution: int = 1024,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        repeats: int = 1,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        skip_bad_images: bool = False,
+        cache_latents: bool = False,
+        prior_preservation: bool = False,
+        class_prompt: str | None = None,
+        class_images: str | None = None,
+        num_class_images: int = 100,
+        class_batch_size: int = 4,
+        validation_prompts: Sequence[str] | str | None = None,
+        test_prompts: Sequence[str] | str | None = None,
+        prompts: Sequence[str] | str | None = None,
+        seeds: Sequence[int] = (0,),
+    ):
         super().__init__()
         if prior_preservation and not (class_prompt and class_images):
-            raise UserError("data.prior_preservation=true needs data.class_prompt (e.g. 'a photo of a dog') and "
-                            "data.class_images (a folder; missing images are generated there)")
+            raise UserError(
+                "data.prior_preservation=true needs data.class_prompt (e.g. 'a photo of a dog') and "
+                "data.class_images (a folder; missing images are generated there)"
+            )
         self.source, self.trigger_token = source, trigger_token
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.repeats, self.num_workers = repeats, num_workers
@@ -306,9 +350,11 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.class_images = Path(class_images) if class_images else None
         self.num_class_images = num_class_images
         self.class_batch_size = positive(class_batch_size, "data.class_batch_size", integer=True)
-        self.prompt_sets = {"val": read_prompts(validation_prompts, "data.validation_prompts"),
-                            "test": read_prompts(test_prompts, "data.test_prompts"),
-                            "predict": read_prompts(prompts, "data.prompts")}
+        self.prompt_sets = {
+            "val": read_prompts(validation_prompts, "data.validation_prompts"),
+            "test": read_prompts(test_prompts, "data.test_prompts"),
+            "predict": read_prompts(prompts, "data.prompts"),
+        }
         self.seeds = list(seeds)
         self._instances: list[Example] | None = None
         self._classes: list[Example] | None = None
@@ -331,13 +377,21 @@ class DreamBoothDataModule(L.LightningDataModule):
     def _check(self, examples: list[Example]) -> None:
         small = [e.image.name for e in examples if min(e.image.size()) < self.resolution]
         if small:
-            log.warning("%d image(s) are smaller than data.resolution=%d and will be upscaled: %s",
-                        len(small), self.resolution, ", ".join(small))
+            log.warning(
+                "%d image(s) are smaller than data.resolution=%d and will be upscaled: %s",
+                len(small),
+                self.resolution,
+                ", ".join(small),
+            )
         if self.trigger_token:
             untriggered = sorted({e.prompt for e in examples if self.trigger_token not in e.prompt})
             if untriggered:
-                log.warning("%d prompt(s) lack the trigger token '%s' (data.trigger_token): %s",
-                            len(untriggered), self.trigger_token, " | ".join(untriggered[:5]))
+                log.warning(
+                    "%d prompt(s) lack the trigger token '%s' (data.trigger_token): %s",
+                    len(untriggered),
+                    self.trigger_token,
+                    " | ".join(untriggered[:5]),
+                )
 
     def class_examples(self) -> list[Example]:
         """The class images of prior preservation, read and checked once (after `prepare_class_images`)."""
@@ -352,8 +406,9 @@ class DreamBoothDataModule(L.LightningDataModule):
         """Generate the class images prior preservation still lacks (`generate(prompts, seeds) -> PIL images`)."""
         if self.prior_preservation:
             self._classes = None  # read again once complete
-            ensure_class_images(self.class_images, self.class_prompt, self.num_class_images, generate,
-                                self.class_batch_size)
+            ensure_class_images(
+                self.class_images, self.class_prompt, self.num_class_images, generate, self.class_batch_size
+            )
 
     def train_prompts(self) -> set[str]:
         return {e.prompt for e in self.instances} | ({self.class_prompt} if self.prior_preservation else set())
@@ -374,38 +429,61 @@ class DreamBoothDataModule(L.LightningDataModule):
         dataset = TrainingImages([], [], self.resolution, self.center_crop, False)
         latents = {}
         for start in tqdm(range(0, len(examples), batch_size), desc="caching latents", unit="batch"):
-            chunk = examples[start:start + batch_size]
+            chunk = examples[start : start + batch_size]
             views = []
             for example in chunk:
                 image, original_size = dataset.resized(example)
                 corner = dataset.crop_corner(image)
-                views += [{**crop_and_flip(image, self.resolution, corner, flip), "original_size": original_size}
-                          for flip in (False, True)]
+                views += [
+                    {**crop_and_flip(image, self.resolution, corner, flip), "original_size": original_size}
+                    for flip in (False, True)
+                ]
             parameters = encode(torch.stack([v["pixels"] for v in views])).float().cpu()
             for i, example in enumerate(chunk):
                 latents[example.image.name] = [
-                    {"latent_parameters": parameters[2 * i + flip], "crop_top_left": view["crop_top_left"],
-                     "original_size": view["original_size"]}
-                    for flip, view in enumerate(views[2 * i:2 * i + 2])]
+                    {
+                        "latent_parameters": parameters[2 * i + flip],
+                        "crop_top_left": view["crop_top_left"],
+                        "original_size": view["original_size"],
+                    }
+                    for flip, view in enumerate(views[2 * i : 2 * i + 2])
+                ]
         self._latents = latents
 
     def train_dataloader(self) -> DataLoader:
-        dataset = TrainingImages(self.instances, self.class_examples(), self.resolution, self.center_crop,
-                                 self.random_flip, self.repeats, self._latents)
-        return DataLoader(dataset, batch_size=per_device_batch_size(self.batch_size, self.trainer), shuffle=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collate_training, drop_last=False)
+        dataset = TrainingImages(
+            self.instances,
+            self.class_examples(),
+            self.resolution,
+            self.center_crop,
+            self.random_flip,
+            self.repeats,
+            self._latents,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=per_device_batch_size(self.batch_size, self.trainer),
+            shuffle=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_training,
+            drop_last=False,
+        )
 
     def _prompt_loader(self, stage: str) -> DataLoader:
-        return DataLoader(PromptSet(self.prompt_sets[stage], self.seeds), batch_size=self.batch_size,
-                          collate_fn=collate_prompts)
+        return DataLoader(
+            PromptSet(self.prompt_sets[stage], self.seeds), batch_size=self.batch_size, collate_fn=collate_prompts
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._prompt_loader("val")
 
     def test_dataloader(self) -> DataLoader:
         if not self.prompt_sets["test"]:
-            log.warning("data.test_prompts is empty: no images to generate and score (set it to a list of prompts "
-                        "or a text file)")
+            log.warning(
+                "data.test_prompts is empty: no images to generate and score (set it to a list of prompts "
+                "or a text file)"
+            )
         return self._prompt_loader("test")
 
     def predict_dataloader(self) -> DataLoader:

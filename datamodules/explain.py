@@ -40,8 +40,13 @@ def read_shape_classes(annotations: Path) -> dict[str, list[dict]]:
     for entry in images:
         if len(entry["objects"]) == 1:
             (obj,) = entry["objects"]
-            splits[entry["split"]].append({"path": annotations.parent / entry["filepath"] / entry["filename"],
-                                           "label": SHAPES.index(obj["shape"]), "box": obj["box"]})
+            splits[entry["split"]].append(
+                {
+                    "path": annotations.parent / entry["filepath"] / entry["filename"],
+                    "label": SHAPES.index(obj["shape"]),
+                    "box": obj["box"],
+                }
+            )
     return splits
 
 
@@ -49,8 +54,9 @@ def read_shape_objects(annotations: Path) -> dict[str, list[dict]]:
     """Every image of a shapes data set, per split: path and objects (shape, colour, size and box of each)."""
     splits = {split: [] for split in SPLITS}
     for entry in json.loads(annotations.read_text())["images"]:
-        splits[entry["split"]].append({"path": annotations.parent / entry["filepath"] / entry["filename"],
-                                       "objects": entry["objects"]})
+        splits[entry["split"]].append(
+            {"path": annotations.parent / entry["filepath"] / entry["filename"], "objects": entry["objects"]}
+        )
     return splits
 
 
@@ -73,8 +79,12 @@ class LabelledImages(Dataset):
         if "objects" in item:  # boxes kept as lists: images hold one or two objects
             objects = [{**obj, "box": [v * scale for v in obj["box"]]} for obj in item["objects"]]
             return {"image": self.transform(image), "objects": objects, "path": str(item["path"])}
-        return {"image": self.transform(image), "label": torch.tensor(item["label"]),
-                "box": torch.tensor(item["box"], dtype=torch.float32) * scale, "path": str(item["path"])}
+        return {
+            "image": self.transform(image),
+            "label": torch.tensor(item["label"]),
+            "box": torch.tensor(item["box"], dtype=torch.float32) * scale,
+            "path": str(item["path"]),
+        }
 
 
 class ShapeClassesDataModule(L.LightningDataModule):
@@ -84,14 +94,28 @@ class ShapeClassesDataModule(L.LightningDataModule):
     with their labels and boxes (for the pointing game).
     """
 
-    def __init__(self, root: str, seed: int = 0, num_train: int = 3000, num_val: int = 200, num_test: int = 200,
-                 image_size: int = 64, batch_size: int = 64, eval_batch_size: int | None = None,
-                 num_workers: int = 0, skip_bad_images: bool = False, num_predict: int | None = None):
+    def __init__(
+        self,
+        root: str,
+        seed: int = 0,
+        num_train: int = 3000,
+        num_val: int = 200,
+        num_test: int = 200,
+        image_size: int = 64,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        skip_bad_images: bool = False,
+        num_predict: int | None = None,
+    ):
         super().__init__()
         self.root, self.seed, self.counts = root, seed, (num_train, num_val, num_test)
         self.image_size, self.batch_size = image_size, positive(batch_size, "data.batch_size", integer=True)
-        self.eval_batch_size = (self.batch_size if eval_batch_size is None
-                                else positive(eval_batch_size, "data.eval_batch_size", integer=True))
+        self.eval_batch_size = (
+            self.batch_size
+            if eval_batch_size is None
+            else positive(eval_batch_size, "data.eval_batch_size", integer=True)
+        )
         self.num_workers, self.skip_bad_images = num_workers, skip_bad_images
         self.num_predict = num_predict
         self._splits: dict[str, list[dict]] | None = None
@@ -103,8 +127,14 @@ class ShapeClassesDataModule(L.LightningDataModule):
     def splits(self) -> dict[str, list[dict]]:
         if self._splits is None:
             num_train, num_val, num_test = self.counts
-            annotations = generate_shapes(self.root, seed=self.seed, num_train=num_train, num_val=num_val,
-                                          num_test=num_test, image_size=self.image_size)
+            annotations = generate_shapes(
+                self.root,
+                seed=self.seed,
+                num_train=num_train,
+                num_val=num_val,
+                num_test=num_test,
+                image_size=self.image_size,
+            )
             self._splits = self.read(annotations)
         return self._splits
 
@@ -119,8 +149,14 @@ class ShapeClassesDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, train: bool = False) -> DataLoader:
         batch_size = per_device_batch_size(self.batch_size, self.trainer) if train else self.eval_batch_size
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collate)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
+        )
 
     def _split_loader(self, split: str, train: bool = False, limit: int | None = None) -> DataLoader:
         items = self.splits[split][:limit]
@@ -170,8 +206,14 @@ class ShapeObjectsDataModule(ShapeClassesDataModule):
 class ImageFolderDataModule(L.LightningDataModule):
     """Every image under `images` (e.g. photos for an ImageNet classifier), resized to `image_size`."""
 
-    def __init__(self, images: str, image_size: int = 224, batch_size: int = 16, num_workers: int = 0,
-                 skip_bad_images: bool = False):
+    def __init__(
+        self,
+        images: str,
+        image_size: int = 224,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        skip_bad_images: bool = False,
+    ):
         super().__init__()
         self.images, self.image_size = images, image_size
         self.batch_size = positive(batch_size, "data.batch_size", integer=True)

@@ -43,20 +43,29 @@ def weights_digest(module: torch.nn.Module) -> str:
 class FeatureCache:
     """The encoder feature maps of a list of images, cached under `root/<short hash of the key>/`."""
 
-    def __init__(self, root: str | os.PathLike, paths: Sequence[str | os.PathLike], transform,
-                 encoder: torch.nn.Module):
+    def __init__(
+        self, root: str | os.PathLike, paths: Sequence[str | os.PathLike], transform, encoder: torch.nn.Module
+    ):
         self.paths = [Path(p) for p in paths]
         self.transform, self.encoder = transform, encoder
         stats = [p.stat() for p in self.paths]
         images = [[str(p), stat.st_size, stat.st_mtime_ns] for p, stat in zip(self.paths, stats)]
         encoder_class = f"{type(encoder).__module__}.{type(encoder).__qualname__}"
-        self.key = {"images": images, "transform": repr(transform),
-                    "encoder": {"class": encoder_class, "sha256": weights_digest(encoder)}}
+        self.key = {
+            "images": images,
+            "transform": repr(transform),
+            "encoder": {"class": encoder_class, "sha256": weights_digest(encoder)},
+        }
         name = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.directory = Path(root) / name
 
-    def build(self, device: torch.device | str = "cpu", batch_size: int = 64, num_workers: int = 0,
-              skip_bad_images: bool = False) -> Path:
+    def build(
+        self,
+        device: torch.device | str = "cpu",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        skip_bad_images: bool = False,
+    ) -> Path:
         """Encode the images into the cache unless it exists; return its directory. The encoder is left as it was."""
         if self.directory.is_dir():
             return self.directory
@@ -75,10 +84,15 @@ class FeatureCache:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.directory
 
-    def _encode(self, out: Path, device: torch.device, batch_size: int, num_workers: int,
-                skip_bad_images: bool) -> None:
-        loader = DataLoader(_Images(self.paths, self.transform, skip_bad_images), batch_size=batch_size,
-                            num_workers=num_workers, collate_fn=_collate)
+    def _encode(
+        self, out: Path, device: torch.device, batch_size: int, num_workers: int, skip_bad_images: bool
+    ) -> None:
+        loader = DataLoader(
+            _Images(self.paths, self.transform, skip_bad_images),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+        )
         parameter = next(self.encoder.parameters())
         was_training, was_on = self.encoder.training, parameter.device
         features, written = None, np.zeros(len(self.paths), dtype=bool)
@@ -90,8 +104,9 @@ class FeatureCache:
                         continue
                     maps = self.encoder(images.to(device, parameter.dtype)).to(torch.float16).cpu().numpy()
                     if features is None:
-                        features = open_memmap(out / "features.npy", mode="w+", dtype=np.float16,
-                                               shape=(len(self.paths), *maps.shape[1:]))
+                        features = open_memmap(
+                            out / "features.npy", mode="w+", dtype=np.float16, shape=(len(self.paths), *maps.shape[1:])
+                        )
                     features[indices] = maps
                     written[indices] = True
         finally:

@@ -38,8 +38,11 @@ IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
 def bad_image(name: str, error: Exception, key: str | None = None, skippable: bool = True) -> UserError:
     """The message for an unreadable image: which file, why, and what to do (`key`: the config key that named it)."""
     where = f"{key}: " if key else ""
-    fix = ("Replace or remove the file, or set data.skip_bad_images=true to skip unreadable images" if skippable
-           else "Replace it with a readable PNG or JPEG file (the run needs this image: it cannot be skipped)")
+    fix = (
+        "Replace or remove the file, or set data.skip_bad_images=true to skip unreadable images"
+        if skippable
+        else "Replace it with a readable PNG or JPEG file (the run needs this image: it cannot be skipped)"
+    )
     return UserError(f"{where}cannot read image {name}: {error}. {fix}.")
 
 
@@ -58,11 +61,13 @@ def load_rgb(path: str | os.PathLike, key: str | None = None, skippable: bool = 
 
 def image_transform(image_size: int) -> transforms.Compose:
     """Square resize and ImageNet normalisation (no flips: they would swap 'left' and 'right' in captions)."""
-    return transforms.Compose([
-        transforms.Resize((image_size, image_size), antialias=True),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize((image_size, image_size), antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def list_images(folder: str | os.PathLike, key: str = "data.images") -> list[Path]:
@@ -147,8 +152,9 @@ class SkippedImages:
             log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true)", stage, self.counts.pop(stage))
 
 
-def keep_readable(items: Sequence[T], read: Callable[[T], object], skip_bad_images: bool, what: str,
-                  name: Callable[[T], str] = str) -> list[T]:
+def keep_readable(
+    items: Sequence[T], read: Callable[[T], object], skip_bad_images: bool, what: str, name: Callable[[T], str] = str
+) -> list[T]:
     """The `items` whose image `read(item)` decodes, for small sets read up front (`what` names the set).
 
     An unreadable image is read's UserError, or with `skip_bad_images` left out, all of them in one warning;
@@ -168,6 +174,11 @@ def keep_readable(items: Sequence[T], read: Callable[[T], object], skip_bad_imag
     if skipped and not kept:
         raise UserError(f"{what}: none of the {len(skipped)} images can be read ({first_error})")
     if skipped:
-        log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true): %s%s", what, len(skipped),
-                    ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
+        log.warning(
+            "%s: skipped %d unreadable images (data.skip_bad_images=true): %s%s",
+            what,
+            len(skipped),
+            ", ".join(skipped[:5]),
+            ", ..." if len(skipped) > 5 else "",
+        )
     return kept

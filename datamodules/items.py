@@ -18,5 +18,9 @@ def caption_item(item: CaptionedImage, item_seed: int | None) -> dict:
     """An item's fields besides its pixels: all references, and as `tokens` the caption to train on
     (picked by the training sampler's per-item seed; the first one in evaluation)."""
     pick = item_seed % len(item.tokens) if item_seed is not None else 0
-    return {"image_id": item.image_id, "path": str(item.path), "references": list(item.captions),
-            "tokens": list(item.tokens[pick])}
+    return {
+        "image_id": item.image_id,
+        "path": str(item.path),
+        "references": list(item.captions),
+        "tokens": list(item.tokens[pick]),
+    }

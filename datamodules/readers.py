@@ -42,13 +42,15 @@ def _lines(path: Path, key: str) -> Iterator[tuple[int, str]]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise UserError(f"{path}, line {number}: not UTF-8 text ({error}); "
-                            f"re-save the file as UTF-8 ({key})") from error
+            raise UserError(
+                f"{path}, line {number}: not UTF-8 text ({error}); re-save the file as UTF-8 ({key})"
+            ) from error
         if line.strip():
             yield number, line
 
 
 # MS COCO ----------------------------------------------------------------------------------------------
+
 
 def _coco_images(path: str, key: str) -> list[tuple[int, str, list[str]]]:
     """(id, file_name, captions) of an official COCO caption file, sorted by id."""
@@ -58,20 +60,32 @@ def _coco_images(path: str, key: str) -> list[tuple[int, str, list[str]]]:
         images = {image["id"]: (image["file_name"], []) for image in data["images"]}
         annotations = data["annotations"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserError(f"{path} is not a COCO caption file ({type(error).__name__}: {error}); expected "
-                        '{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]} '
-                        f"such as captions_train2014.json ({key})") from error
+        raise UserError(
+            f"{path} is not a COCO caption file ({type(error).__name__}: {error}); expected "
+            '{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]} '
+            f"such as captions_train2014.json ({key})"
+        ) from error
     for position, annotation in enumerate(annotations):
         try:
             images[annotation["image_id"]][1].append(annotation["caption"])
         except (KeyError, TypeError) as error:
-            raise UserError(f"{path}: annotations[{position}] has no image_id of the images list or no caption "
-                            f"({type(error).__name__}: {error}) ({key})") from error
+            raise UserError(
+                f"{path}: annotations[{position}] has no image_id of the images list or no caption "
+                f"({type(error).__name__}: {error}) ({key})"
+            ) from error
     return [(image_id, name, captions) for image_id, (name, captions) in sorted(images.items())]
 
 
-def read_coco(train: str, val: str, train_images: str, val_images: str, test: str | None = None,
-              test_images: str | None = None, val_size: int | None = None, skip_bad_images: bool = False) -> Splits:
+def read_coco(
+    train: str,
+    val: str,
+    train_images: str,
+    val_images: str,
+    test: str | None = None,
+    test_images: str | None = None,
+    val_size: int | None = None,
+    skip_bad_images: bool = False,
+) -> Splits:
     """The official MS COCO caption annotations (captions_{train,val}2014.json or 2017) and image folders.
 
     The official test images have no public captions, so without a `test` file the val file is divided:
@@ -81,29 +95,40 @@ def read_coco(train: str, val: str, train_images: str, val_images: str, test: st
     train_root = _existing_dir(train_images, "data.source.train_images")
     val_root = _existing_dir(val_images, "data.source.val_images")
     listed_in = {"train": str(train), "val": str(val), "test": str(test or val)}
-    entries = [("train", train_root / name, image_id, captions)
-               for image_id, name, captions in _coco_images(train, "data.source.train")]
+    entries = [
+        ("train", train_root / name, image_id, captions)
+        for image_id, name, captions in _coco_images(train, "data.source.train")
+    ]
     val_entries = _coco_images(val, "data.source.val")
     if test is None:
         size = len(val_entries) // 2 if val_size is None else val_size
         if not 0 <= size <= len(val_entries):
-            raise UserError(f"val_size={val_size} is not between 0 and the {len(val_entries)} images of {val} "
-                            "(data.source.val_size)")
-        entries += [("val" if i < size else "test", val_root / name, image_id, captions)
-                    for i, (image_id, name, captions) in enumerate(val_entries)]
+            raise UserError(
+                f"val_size={val_size} is not between 0 and the {len(val_entries)} images of {val} "
+                "(data.source.val_size)"
+            )
+        entries += [
+            ("val" if i < size else "test", val_root / name, image_id, captions)
+            for i, (image_id, name, captions) in enumerate(val_entries)
+        ]
     else:
         test_root = _existing_dir(test_images or val_images, "data.source.test_images")
         entries += [("val", val_root / name, image_id, captions) for image_id, name, captions in val_entries]
-        entries += [("test", test_root / name, image_id, captions)
-                    for image_id, name, captions in _coco_images(test, "data.source.test")]
-    return collect_splits(entries, f"the COCO caption files {train}, {val}" + (f", {test}" if test else ""),
-                          skip_bad_images, listed_in)
+        entries += [
+            ("test", test_root / name, image_id, captions)
+            for image_id, name, captions in _coco_images(test, "data.source.test")
+        ]
+    return collect_splits(
+        entries, f"the COCO caption files {train}, {val}" + (f", {test}" if test else ""), skip_bad_images, listed_in
+    )
 
 
 # Flickr8k ---------------------------------------------------------------------------------------------
 
-def read_flickr8k(token_file: str, image_dir: str, train_list: str, val_list: str, test_list: str,
-                  skip_bad_images: bool = False) -> Splits:
+
+def read_flickr8k(
+    token_file: str, image_dir: str, train_list: str, val_list: str, test_list: str, skip_bad_images: bool = False
+) -> Splits:
     """The Flickr8k text release: Flickr8k.token.txt (`<image>#<n><TAB><caption>`) and the three image lists.
 
     Images of the token file in no list are ignored; listed images without captions are an error, or
@@ -115,12 +140,17 @@ def read_flickr8k(token_file: str, image_dir: str, train_list: str, val_list: st
     for number, line in _lines(token_path, "data.source.token_file"):
         match = _TOKEN_LINE.fullmatch(line)
         if match is None:
-            raise UserError(f"{token_path}, line {number}: expected '<image>.jpg#<n><TAB><caption>', got {line[:80]!r} "
-                            "(data.source.token_file should be Flickr8k.token.txt)")
+            raise UserError(
+                f"{token_path}, line {number}: expected '<image>.jpg#<n><TAB><caption>', got {line[:80]!r} "
+                "(data.source.token_file should be Flickr8k.token.txt)"
+            )
         captions.setdefault(match["image"].strip(), []).append(match["caption"])
     entries, uncaptioned, listed_in = [], [], {}
-    for split, listing, key in (("train", train_list, "train_list"), ("val", val_list, "val_list"),
-                                ("test", test_list, "test_list")):
+    for split, listing, key in (
+        ("train", train_list, "train_list"),
+        ("val", val_list, "val_list"),
+        ("test", test_list, "test_list"),
+    ):
         list_path = _existing_file(listing, f"data.source.{key}", "Flickr8k image list")
         listed_in[split] = str(list_path)
         for _, name in _lines(list_path, f"data.source.{key}"):
@@ -152,13 +182,14 @@ def _read_metadata(path: Path) -> dict[str, tuple[str | None, list[str]]]:
             record = json.loads(line)
             name, text, split = record["file_name"], record["text"], record.get("split")
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-            raise UserError(f"{where}: expected a JSON object with \"file_name\" and \"text\" "
-                            f"({type(error).__name__}: {error})") from error
+            raise UserError(
+                f'{where}: expected a JSON object with "file_name" and "text" ({type(error).__name__}: {error})'
+            ) from error
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise UserError(f"{where}: \"text\" must be a caption or a list of captions, got {text!r}")
+            raise UserError(f'{where}: "text" must be a caption or a list of captions, got {text!r}')
         if split is not None and split not in _SPLIT_NAMES:
-            raise UserError(f"{where}: \"split\" must be one of {', '.join(_SPLIT_NAMES)}, got {split!r}")
+            raise UserError(f'{where}: "split" must be one of {", ".join(_SPLIT_NAMES)}, got {split!r}')
         previous_split, captions = images.setdefault(name, (None, []))
         images[name] = (_SPLIT_NAMES[split] if split else previous_split, captions + texts)
     return images
@@ -170,8 +201,13 @@ def _hashed_split(file_name: str, val_fraction: float, test_fraction: float) -> 
     return "val" if position < val_fraction else "test" if position < val_fraction + test_fraction else "train"
 
 
-def read_caption_folder(folder: str, metadata: str = "metadata.jsonl", val_fraction: float = 0.1,
-                        test_fraction: float = 0.1, skip_bad_images: bool = False) -> Splits:
+def read_caption_folder(
+    folder: str,
+    metadata: str = "metadata.jsonl",
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    skip_bad_images: bool = False,
+) -> Splits:
     """A folder of images with `metadata.jsonl` lines {"file_name": "a.jpg", "text": "caption" or [captions]}.
 
     With train/ and validation/ (or val/) and optionally test/ subfolders, each with its own metadata file,
@@ -188,13 +224,18 @@ def read_caption_folder(folder: str, metadata: str = "metadata.jsonl", val_fract
         for split, base in (("train", root / "train"), ("val", validation), ("test", root / "test")):
             if base.is_dir():
                 path = _existing_file(base / metadata, "data.source.metadata", "caption metadata file", metadata_hint)
-                entries += [(split, base / name, name, captions)
-                            for name, (_, captions) in _read_metadata(path).items()]
+                entries += [
+                    (split, base / name, name, captions) for name, (_, captions) in _read_metadata(path).items()
+                ]
     else:
         if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-            raise UserError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to "
-                            "less than 1 (data.source.val_fraction, data.source.test_fraction)")
+            raise UserError(
+                f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to "
+                "less than 1 (data.source.val_fraction, data.source.test_fraction)"
+            )
         path = _existing_file(root / metadata, "data.source.metadata", "caption metadata file", metadata_hint)
-        entries = [(split or _hashed_split(name, val_fraction, test_fraction), root / name, name, captions)
-                   for name, (split, captions) in _read_metadata(path).items()]
+        entries = [
+            (split or _hashed_split(name, val_fraction, test_fraction), root / name, name, captions)
+            for name, (split, captions) in _read_metadata(path).items()
+        ]
     return collect_splits(entries, f"the metadata of {root}", skip_bad_images)

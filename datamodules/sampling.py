@@ -29,8 +29,14 @@ class EpochSampler(DistributedSampler):
     comes from `set_epoch` and nothing is skipped.
     """
 
-    def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0,
-                 position: Callable[[], tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        length: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        position: Callable[[], tuple[int, int]] | None = None,
+    ):
         super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.position = position or (lambda: (self.epoch, 0))
 
@@ -41,5 +47,5 @@ class EpochSampler(DistributedSampler):
         order = torch.randperm(len(self.dataset), generator=generator)
         item_seeds = torch.randint(2**31 - 1, (len(self.dataset),), generator=generator)
         order = torch.cat([order, order[: self.total_size - len(order)]])  # pad to an even shard size
-        shard = order[self.rank:self.total_size:self.num_replicas][done:]
+        shard = order[self.rank : self.total_size : self.num_replicas][done:]
         return iter([(int(i), int(item_seeds[i])) for i in shard])

@@ -87,7 +87,10 @@ def generate_shapes(
     image_size: int = 64,
     captions_per_image: int = 5,
 ) -> pathlib.Path:
-    """Make the data set under root/<name> unless it is already complete there; return the path of its Karpathy JSON file."""
+    """Make the data set under root/<name> unless it is already complete there.
+
+    Returns the path of its Karpathy JSON file.
+    """
     if not 1 <= captions_per_image <= MAX_CAPTIONS:
         raise ValueError(f"captions_per_image must be in [1, {MAX_CAPTIONS}], got {captions_per_image}")
     if image_size < 32:
@@ -125,22 +128,28 @@ def _build(out: pathlib.Path, seed: int, counts: tuple[int, int, int], size: int
     for imgid, split in enumerate(tqdm(splits, desc="generating shapes", unit="img")):
         objects, relation = _sample_scene(rng, size)
         filename = f"{imgid:06d}.png"
-        if not cv2.imwrite(str(out / "images" / filename), cv2.cvtColor(_render(rng, objects, size), cv2.COLOR_RGB2BGR)):
+        if not cv2.imwrite(
+            str(out / "images" / filename), cv2.cvtColor(_render(rng, objects, size), cv2.COLOR_RGB2BGR)
+        ):
             raise OSError(f"could not write {out / 'images' / filename}")
         sentences = []
         for raw in _captions(rng, objects, relation, n_captions):
             sentid = imgid * n_captions + len(sentences)
-            sentences.append({"raw": raw, "tokens": re.findall(r"[a-z]+", raw.lower()), "imgid": imgid, "sentid": sentid})
-        images.append({
-            "filepath": "images",
-            "filename": filename,
-            "imgid": imgid,
-            "cocoid": imgid,
-            "split": split,
-            "sentids": [s["sentid"] for s in sentences],
-            "sentences": sentences,
-            "objects": [{k: o[k] for k in ("shape", "colour", "size", "box")} for o in objects],
-        })
+            sentences.append(
+                {"raw": raw, "tokens": re.findall(r"[a-z]+", raw.lower()), "imgid": imgid, "sentid": sentid}
+            )
+        images.append(
+            {
+                "filepath": "images",
+                "filename": filename,
+                "imgid": imgid,
+                "cocoid": imgid,
+                "split": split,
+                "sentids": [s["sentid"] for s in sentences],
+                "sentences": sentences,
+                "objects": [{k: o[k] for k in ("shape", "colour", "size", "box")} for o in objects],
+            }
+        )
     with open(out / "dataset_shapes.json", "w") as f:
         json.dump({"dataset": "shapes", "images": images}, f)
 
@@ -229,7 +238,6 @@ def _captions(rng: np.random.Generator, objects: list[dict], relation: str | Non
         for first, rel, second in ((a, relation, b), (b, RELATIONS[relation][2], a)):
             rel_phrase, rel_is, _ = RELATIONS[rel]
             pool += [
-                t.format(a=_describe(first), rel=rel_phrase, rel_is=rel_is, b=_describe(second))
-                for t in PAIR_TEMPLATES
+                t.format(a=_describe(first), rel=rel_phrase, rel_is=rel_is, b=_describe(second)) for t in PAIR_TEMPLATES
             ]
     return [pool[i] for i in rng.choice(len(pool), size=n, replace=False)]

@@ -27,8 +27,17 @@ from framework.errors import UserError
 log = logging.getLogger(__name__)
 
 SAMPLES = "skimage"
-SAMPLE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble_deep_field",
-                 "immunohistochemistry", "moon", "rocket")
+SAMPLE_PHOTOS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "coins",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "rocket",
+)
 SIZE_RATIO_NOTICE = 2.0  # a style this many times larger or smaller than the content is resized with a notice
 
 
@@ -41,8 +50,9 @@ def read_image(source: str, key: str, skippable: bool = True) -> Image.Image:
 
         name = source.removeprefix(f"{SAMPLES}:")
         if name not in SAMPLE_PHOTOS:
-            raise UserError(f"{key}={source}: unknown sample; choose one of "
-                            + ", ".join(f"{SAMPLES}:{n}" for n in SAMPLE_PHOTOS))
+            raise UserError(
+                f"{key}={source}: unknown sample; choose one of " + ", ".join(f"{SAMPLES}:{n}" for n in SAMPLE_PHOTOS)
+            )
         pixels = np.asarray(getattr(skimage.data, name)())
         return Image.fromarray(np.stack([pixels] * 3, -1) if pixels.ndim == 2 else pixels[..., :3])
     path = Path(source).expanduser()
@@ -75,9 +85,16 @@ class StyleImagesDataModule(L.LightningDataModule):
     `style_scale` times the content's. Training batches are step numbers only: one per optimizer step.
     """
 
-    def __init__(self, content: str, style: str | list[str], style_weights: list[float] | None = None,
-                 image_size: int | None = 256, style_scale: float = 1.0, iterations: int = 300,
-                 skip_bad_images: bool = False):
+    def __init__(
+        self,
+        content: str,
+        style: str | list[str],
+        style_weights: list[float] | None = None,
+        image_size: int | None = 256,
+        style_scale: float = 1.0,
+        iterations: int = 300,
+        skip_bad_images: bool = False,
+    ):
         """`skip_bad_images`: leave unreadable style images (and their weights) out; the content cannot be skipped."""
         super().__init__()
         styles = to_plain(style)
@@ -97,19 +114,33 @@ class StyleImagesDataModule(L.LightningDataModule):
         content = read_image(self.content, "data.content", skippable=False)
         if self.image_size:
             content = longer_side(content, self.image_size)
-        kept = keep_readable(range(len(self.styles)), lambda i: read_image(self.styles[i], f"data.style[{i}]"),
-                             self.skip_bad_images, "data.style", lambda i: self.styles[i])
+        kept = keep_readable(
+            range(len(self.styles)),
+            lambda i: read_image(self.styles[i], f"data.style[{i}]"),
+            self.skip_bad_images,
+            "data.style",
+            lambda i: self.styles[i],
+        )
         styles = [self._style(read_image(self.styles[i], f"data.style[{i}]"), self.styles[i], content) for i in kept]
-        return {"content": to_tensor(content), "styles": [to_tensor(s) for s in styles],
-                "style_weights": [self.style_weights[i] for i in kept]}
+        return {
+            "content": to_tensor(content),
+            "styles": [to_tensor(s) for s in styles],
+            "style_weights": [self.style_weights[i] for i in kept],
+        }
 
     def _style(self, style: Image.Image, path: str, content: Image.Image) -> Image.Image:
         size = round(self.style_scale * max(content.size))
         ratio = max(style.size) / size
         if not 1 / SIZE_RATIO_NOTICE <= ratio <= SIZE_RATIO_NOTICE:
-            log.warning("style image %s is %dx%d, the content %dx%d: resizing the style to a longer side of %d px "
-                        "(data.style_scale=%s times the content's; it sets the size of the style's brush strokes)",
-                        path, *style.size, *content.size, size, self.style_scale)
+            log.warning(
+                "style image %s is %dx%d, the content %dx%d: resizing the style to a longer side of %d px "
+                "(data.style_scale=%s times the content's; it sets the size of the style's brush strokes)",
+                path,
+                *style.size,
+                *content.size,
+                size,
+                self.style_scale,
+            )
         return longer_side(style, size)
 
     def train_dataloader(self) -> DataLoader:
@@ -147,7 +178,9 @@ class SameSizeBatches(Sampler[list[int]]):
         groups = defaultdict(list)
         for index, size in enumerate(sizes):
             groups[size].append(index)
-        self.batches = [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+        self.batches = [
+            group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)
+        ]
 
     def __iter__(self):
         return iter(self.batches)
@@ -164,9 +197,19 @@ class ContentFolderDataModule(L.LightningDataModule):
     with images of the same size.
     """
 
-    def __init__(self, folder: str, style: str, image_size: int = 256, style_size: int | None = None,
-                 batch_size: int = 4, num_workers: int = 2, images: str | None = None, max_size: int | None = None,
-                 predict_batch_size: int = 8, skip_bad_images: bool = False):
+    def __init__(
+        self,
+        folder: str,
+        style: str,
+        image_size: int = 256,
+        style_size: int | None = None,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        images: str | None = None,
+        max_size: int | None = None,
+        predict_batch_size: int = 8,
+        skip_bad_images: bool = False,
+    ):
         super().__init__()
         self.folder, self.style, self.images = folder, style, images
         self.image_size = positive(image_size, "data.image_size", integer=True)
@@ -182,16 +225,19 @@ class ContentFolderDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            crop = transforms.Compose([transforms.Resize(self.image_size), transforms.RandomCrop(self.image_size),
-                                       transforms.ToTensor()])
-            self.train_set = ContentImages(list_sources(self.folder, "data.folder"), crop, "data.folder", self.folder,
-                                           self.skip_bad_images)
+            crop = transforms.Compose(
+                [transforms.Resize(self.image_size), transforms.RandomCrop(self.image_size), transforms.ToTensor()]
+            )
+            self.train_set = ContentImages(
+                list_sources(self.folder, "data.folder"), crop, "data.folder", self.folder, self.skip_bad_images
+            )
         if stage == "predict":
             if not self.images:
                 raise UserError("mode=predict needs data.images=path/to/folder (the images to stylise)")
             resize = transforms.Compose([transforms.Lambda(self._shrink), transforms.ToTensor()])
-            self.predict_set = ContentImages(list_sources(self.images, "data.images"), resize, "data.images",
-                                             self.images, self.skip_bad_images)
+            self.predict_set = ContentImages(
+                list_sources(self.images, "data.images"), resize, "data.images", self.images, self.skip_bad_images
+            )
 
     def _predict_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return scaled_size(size, self.max_size) if self.max_size and max(size) > self.max_size else size
@@ -213,11 +259,21 @@ class ContentFolderDataModule(L.LightningDataModule):
             raise bad_image(source, error, "data.images") from None
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=per_device_batch_size(self.batch_size, self.trainer), shuffle=True,
-                          drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=collate)
+        return DataLoader(
+            self.train_set,
+            batch_size=per_device_batch_size(self.batch_size, self.trainer),
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
+        )
 
     def predict_dataloader(self) -> DataLoader:
         sizes = [self._source_size(source) for source in self.predict_set.sources]
-        return DataLoader(self.predict_set, batch_sampler=SameSizeBatches(sizes, self.predict_batch_size),
-                          num_workers=self.num_workers, collate_fn=collate)
+        return DataLoader(
+            self.predict_set,
+            batch_sampler=SameSizeBatches(sizes, self.predict_batch_size),
+            num_workers=self.num_workers,
+            collate_fn=collate,
+        )

@@ -31,8 +31,9 @@ class Vocabulary:
     def build(cls, captions: Iterable[Sequence[str]], min_count: int = 1) -> Vocabulary:
         """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
         counts = Counter(word for tokens in captions for word in tokens)
-        kept = sorted((w for w, c in counts.items() if c >= min_count and w not in cls.SPECIALS),
-                      key=lambda w: (-counts[w], w))
+        kept = sorted(
+            (w for w, c in counts.items() if c >= min_count and w not in cls.SPECIALS), key=lambda w: (-counts[w], w)
+        )
         return cls([*cls.SPECIALS, *kept])
 
     def __len__(self) -> int:

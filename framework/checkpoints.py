@@ -45,22 +45,29 @@ def read_checkpoint(path: str | os.PathLike, key: str | None = "ckpt_path") -> d
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as error:
-        raise UserError(f"{named} holds Python objects besides tensors and plain values, which are not loaded "
-                        f"(weights_only): it is not a checkpoint of this project ({str(error).splitlines()[0]})"
-                        f"{_alternatives(path)}") from None
+        raise UserError(
+            f"{named} holds Python objects besides tensors and plain values, which are not loaded "
+            f"(weights_only): it is not a checkpoint of this project ({str(error).splitlines()[0]})"
+            f"{_alternatives(path)}"
+        ) from None
     except Exception as error:  # noqa: BLE001 - torch.load's errors for bad files are RuntimeError, EOFError, ...
         with open(path, "rb") as file:
             if file.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
-                raise UserError(f"{named} is not a checkpoint (torch.save did not write it: a text file? "
-                                f"{path.stat().st_size} bytes){_alternatives(path)}") from None
+                raise UserError(
+                    f"{named} is not a checkpoint (torch.save did not write it: a text file? "
+                    f"{path.stat().st_size} bytes){_alternatives(path)}"
+                ) from None
         reason = str(error).splitlines()[0].split(". ")[0]  # torch's first sentence; the rest is advice
-        raise UserError(f"checkpoint {named} is corrupt or truncated (an interrupted copy or save?): "
-                        f"{reason}{_alternatives(path)}") from None
+        raise UserError(
+            f"checkpoint {named} is corrupt or truncated (an interrupted copy or save?): {reason}{_alternatives(path)}"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         keys = [str(name) for name in checkpoint] if isinstance(checkpoint, dict) else []
         held = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "") if keys else type(checkpoint).__name__
-        raise UserError(f"{named} is not a Lightning checkpoint: it has no state_dict (it holds {held}; plain "
-                        f"weights, or an export?){_alternatives(path)}")
+        raise UserError(
+            f"{named} is not a Lightning checkpoint: it has no state_dict (it holds {held}; plain "
+            f"weights, or an export?){_alternatives(path)}"
+        )
     return checkpoint
 
 
@@ -75,15 +82,18 @@ def check_checkpoint(path: str | os.PathLike, module_class: type, task_name: str
         fix = f"give a checkpoint of a task={task_name} run"
         if record.get("name") and key == "ckpt_path":
             fix = f"run with task={record['name']}, or {fix}"
-        raise UserError(f"checkpoint {path} ({key}) belongs to {owner}, not to task={task_name} "
-                        f"({module_class.__name__}): {fix}")
+        raise UserError(
+            f"checkpoint {path} ({key}) belongs to {owner}, not to task={task_name} ({module_class.__name__}): {fix}"
+        )
     hparams = checkpoint.get("hyper_parameters") or {}
     missing = [] if writer else [name for name in required_arguments(module_class) if name not in hparams]
     if missing:
-        raise UserError(f"{path} ({key}) is not a checkpoint of task={task_name}: its module class "
-                        f"{module_class.__name__} needs {', '.join(missing)}, which the checkpoint does not hold "
-                        f"(its hyperparameters: {', '.join(hparams) or 'none'}); give a checkpoint of a "
-                        f"task={task_name} run")
+        raise UserError(
+            f"{path} ({key}) is not a checkpoint of task={task_name}: its module class "
+            f"{module_class.__name__} needs {', '.join(missing)}, which the checkpoint does not hold "
+            f"(its hyperparameters: {', '.join(hparams) or 'none'}); give a checkpoint of a "
+            f"task={task_name} run"
+        )
 
 
 def required_arguments(module_class: type) -> list[str]:
@@ -95,8 +105,10 @@ def required_arguments(module_class: type) -> list[str]:
 def _alternatives(path: Path) -> str:
     """What to give instead: the other checkpoints next to `path` (last.ckpt first), or where runs keep theirs."""
     try:
-        others = sorted((p.name for p in path.parent.glob("*.ckpt") if p.name != path.name),
-                        key=lambda name: (name != "last.ckpt", name))
+        others = sorted(
+            (p.name for p in path.parent.glob("*.ckpt") if p.name != path.name),
+            key=lambda name: (name != "last.ckpt", name),
+        )
     except OSError:  # a folder we may not list
         others = []
     if others:

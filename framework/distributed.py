@@ -35,6 +35,8 @@ def per_device_batch_size(batch_size: int, trainer, key: str = "data.batch_size"
         return batch_size
     parts = trainer.world_size * trainer.accumulate_grad_batches
     if batch_size % parts:
-        raise UserError(f"{key}={batch_size} is the global batch and must be divisible by world size x "
-                        f"trainer.accumulate_grad_batches = {trainer.world_size} x {trainer.accumulate_grad_batches}")
+        raise UserError(
+            f"{key}={batch_size} is the global batch and must be divisible by world size x "
+            f"trainer.accumulate_grad_batches = {trainer.world_size} x {trainer.accumulate_grad_batches}"
+        )
     return batch_size // parts

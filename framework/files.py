@@ -41,8 +41,9 @@ def writable_dir(path: str | os.PathLike, key: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as error:
-        raise UserError(f"{key}: {path} must be a writable folder (writing there failed: "
-                        f"{error.strerror or error})") from None
+        raise UserError(
+            f"{key}: {path} must be a writable folder (writing there failed: {error.strerror or error})"
+        ) from None
     return path
 
 

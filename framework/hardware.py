@@ -1,4 +1,5 @@
-"""The machine a run gets: `trainer.accelerator: auto` and `trainer.precision: auto` made concrete, device counts checked.
+"""The machine a run gets: `trainer.accelerator: auto` and `trainer.precision: auto` made
+concrete, device counts checked.
 
     accelerator: auto  ->  gpu when CUDA has a device, else cpu
     precision:   auto  ->  bf16-mixed on GPUs with bfloat16 (Ampere and newer), else 32-true
@@ -23,8 +24,16 @@ from framework.errors import UserError
 log = logging.getLogger(__name__)
 
 # Trainer keys that must be whole numbers (null allowed), with their smallest meaningful value.
-WHOLE_NUMBERS = {"max_epochs": -1, "min_epochs": 0, "max_steps": -1, "num_nodes": 1, "accumulate_grad_batches": 1,
-                 "check_val_every_n_epoch": 1, "log_every_n_steps": 1, "num_sanity_val_steps": -1}
+WHOLE_NUMBERS = {
+    "max_epochs": -1,
+    "min_epochs": 0,
+    "max_steps": -1,
+    "num_nodes": 1,
+    "accumulate_grad_batches": 1,
+    "check_val_every_n_epoch": 1,
+    "log_every_n_steps": 1,
+    "num_sanity_val_steps": -1,
+}
 GPU_NAMES = ("gpu", "cuda")
 
 
@@ -37,8 +46,10 @@ def resolve_trainer(trainer: DictConfig, cuda_devices: int | None = None, bf16: 
     if requested == "auto":
         trainer.accelerator = "gpu" if cuda_devices else "cpu"
         if not cuda_devices and wanted_devices(trainer.get("devices", 1)) > 1:
-            raise UserError(f"trainer.devices={trainer.devices} asks for {trainer.devices} GPUs, but this machine has "
-                            "no CUDA GPU: for several CPU processes use trainer=ddp_sim (or trainer.accelerator=cpu)")
+            raise UserError(
+                f"trainer.devices={trainer.devices} asks for {trainer.devices} GPUs, but this machine has "
+                "no CUDA GPU: for several CPU processes use trainer=ddp_sim (or trainer.accelerator=cpu)"
+            )
     if trainer.accelerator in GPU_NAMES:
         check_gpus(trainer, cuda_devices)
     if str(trainer.get("precision", "auto")) == "auto":
@@ -46,26 +57,36 @@ def resolve_trainer(trainer: DictConfig, cuda_devices: int | None = None, bf16: 
         if on_gpu and bf16 is None:
             bf16 = torch.cuda.is_bf16_supported()
         trainer.precision = "bf16-mixed" if on_gpu and bf16 else "32-true"
-    log.info("trainer: accelerator=%s devices=%s precision=%s", trainer.accelerator, trainer.get("devices"),
-             trainer.precision)
+    log.info(
+        "trainer: accelerator=%s devices=%s precision=%s",
+        trainer.accelerator,
+        trainer.get("devices"),
+        trainer.precision,
+    )
     return trainer
 
 
 def check_gpus(trainer: DictConfig, cuda_devices: int) -> None:
     if not cuda_devices:
-        raise UserError(f"trainer.accelerator={trainer.accelerator} (trainer=gpu, ddp or fsdp) but this machine has no "
-                        "CUDA GPU (torch.cuda.device_count() is 0): drop trainer=gpu/ddp/fsdp to run on the CPU "
-                        "(trainer.accelerator=auto picks a GPU when there is one), or use trainer=ddp_sim for "
-                        "several CPU processes")
+        raise UserError(
+            f"trainer.accelerator={trainer.accelerator} (trainer=gpu, ddp or fsdp) but this machine has no "
+            "CUDA GPU (torch.cuda.device_count() is 0): drop trainer=gpu/ddp/fsdp to run on the CPU "
+            "(trainer.accelerator=auto picks a GPU when there is one), or use trainer=ddp_sim for "
+            "several CPU processes"
+        )
     devices = trainer.get("devices", 1)
     if isinstance(devices, (list, ListConfig)):
         too_high = [index for index in devices if int(index) >= cuda_devices]
         if too_high:
-            raise UserError(f"trainer.devices={list(devices)} names GPU {too_high[0]}, but this machine has "
-                            f"{cuda_devices} (indices 0..{cuda_devices - 1})")
+            raise UserError(
+                f"trainer.devices={list(devices)} names GPU {too_high[0]}, but this machine has "
+                f"{cuda_devices} (indices 0..{cuda_devices - 1})"
+            )
     elif wanted_devices(devices) > cuda_devices:
-        raise UserError(f"trainer.devices={devices} asks for more GPUs than this machine has ({cuda_devices}): "
-                        f"use trainer.devices={cuda_devices} (or -1 for all), or trainer.num_nodes for more machines")
+        raise UserError(
+            f"trainer.devices={devices} asks for more GPUs than this machine has ({cuda_devices}): "
+            f"use trainer.devices={cuda_devices} (or -1 for all), or trainer.num_nodes for more machines"
+        )
 
 
 def wanted_devices(devices) -> int:

@@ -29,10 +29,14 @@ def job_command(local_rank: int) -> tuple[Sequence[str], str]:
     from hydra.utils import get_original_cwd
 
     hydra = HydraConfig.get()
-    command = [sys.executable, str(ENTRY_POINT), *hydra.overrides.task,
-               f'hydra.run.dir="{hydra.runtime.output_dir}"',  # quoted: Hydra's override grammar
-               f"hydra.job.name={hydra.job.name}_rank_{local_rank}",
-               "hydra.output_subdir=null"]  # rank 0 alone writes .hydra/
+    command = [
+        sys.executable,
+        str(ENTRY_POINT),
+        *hydra.overrides.task,
+        f'hydra.run.dir="{hydra.runtime.output_dir}"',  # quoted: Hydra's override grammar
+        f"hydra.job.name={hydra.job.name}_rank_{local_rank}",
+        "hydra.output_subdir=null",
+    ]  # rank 0 alone writes .hydra/
     return command, get_original_cwd()
 
 

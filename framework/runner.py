@@ -51,7 +51,9 @@ def run(cfg: DictConfig) -> float | None:
             L.seed_everything(cfg.seed, workers=True)
         save_config(cfg, output_dir)
         with isolated_job():
-            metrics = {"train": train, "eval": evaluate, "predict": predict, "export": export}[cfg.mode](cfg, output_dir)
+            metrics = {"train": train, "eval": evaluate, "predict": predict, "export": export}[cfg.mode](
+                cfg, output_dir
+            )
         if rank_zero_only.rank == 0:
             write_json(output_dir / "metrics.json", metrics)
         print_summary(cfg, output_dir, metrics)
@@ -97,7 +99,8 @@ def load_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None)
     module_class = hydra.utils.get_class(cfg.model._target_)
     ckpt_path = cfg.get("ckpt_path")
     if getattr(module_class, "builds_from_config", False) and (
-            not ckpt_path or getattr(module_class, "explains_ckpt_path", False)):
+        not ckpt_path or getattr(module_class, "explains_ckpt_path", False)
+    ):
         return instantiate(cfg.model, **model_inputs(datamodule))
     if not ckpt_path:
         raise UserError(f"mode={cfg.mode} needs ckpt_path=path/to/checkpoint.ckpt (e.g. a run's checkpoints/last.ckpt)")
@@ -116,8 +119,9 @@ def model_inputs(datamodule: L.LightningDataModule | None) -> dict:
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
     """`stage/name` metrics the run ended with (learning rates from LearningRateMonitor are left out)."""
-    return {name: float(value) for name, value in sorted(trainer.callback_metrics.items())
-            if not name.startswith("lr-")}
+    return {
+        name: float(value) for name, value in sorted(trainer.callback_metrics.items()) if not name.startswith("lr-")
+    }
 
 
 def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:

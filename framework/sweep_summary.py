@@ -30,14 +30,21 @@ class SweepSummary(Callback):
 def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job dir (named by job number): job, overrides, status and the job's metrics."""
     rows = []
-    for job_dir in sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()),
-                          key=lambda d: int(d.name)):
+    for job_dir in sorted(
+        (d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)
+    ):
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
         metrics_file = job_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        rows.append({"job": int(job_dir.name), "overrides": " ".join(overrides),
-                     "status": "ok" if metrics_file.is_file() else "failed", **metrics})
+        rows.append(
+            {
+                "job": int(job_dir.name),
+                "overrides": " ".join(overrides),
+                "status": "ok" if metrics_file.is_file() else "failed",
+                **metrics,
+            }
+        )
     return rows
 
 

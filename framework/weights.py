@@ -28,7 +28,7 @@ def imagenet_state_dict(name: str, pretrained: bool | str, config_key: str) -> d
         if not path.is_file():
             raise UserError(
                 f"ImageNet weights for {name} are not in the local torch cache ({path}). On a machine with network run "
-                f"`python scripts/download_models.py {name}` (or `python -c \"import torchvision; "
+                f'`python scripts/download_models.py {name}` (or `python -c "import torchvision; '
                 f"torchvision.models.{name}(weights='DEFAULT')\"`) and copy the file there, or set "
                 f"{config_key}=/path/to/file.pth."
             )

@@ -31,16 +31,24 @@ class Weights:
 
 MODELS = {
     "blip-base": Weights("hub", "Salesforce/blip-image-captioning-base", "task=blip_coco/blip_flickr8k (default)"),
-    "blip-large": Weights("hub", "Salesforce/blip-image-captioning-large",
-                          "task=blip_* model.pretrained=Salesforce/blip-image-captioning-large"),
+    "blip-large": Weights(
+        "hub",
+        "Salesforce/blip-image-captioning-large",
+        "task=blip_* model.pretrained=Salesforce/blip-image-captioning-large",
+    ),
     "vit-gpt2": Weights("hub", "nlpconnect/vit-gpt2-image-captioning", "task=vit_gpt2_coco (default)"),
     "vit-base": Weights("hub", "google/vit-base-patch16-224-in21k", "task=vit_gpt2_coco model.encoder_pretrained"),
     "gpt2": Weights("hub", "openai-community/gpt2", "task=vit_gpt2_coco model.decoder_pretrained"),
-    "sdxl-base": Weights("hub", "stabilityai/stable-diffusion-xl-base-1.0", "SDXL DreamBooth LoRA (fp32 weights)",
-                         allow=("*.json", "*.txt", "*/model.safetensors", "*/diffusion_pytorch_model.safetensors")),
+    "sdxl-base": Weights(
+        "hub",
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "SDXL DreamBooth LoRA (fp32 weights)",
+        allow=("*.json", "*.txt", "*/model.safetensors", "*/diffusion_pytorch_model.safetensors"),
+    ),
     "sdxl-vae-fp16": Weights("hub", "madebyollin/sdxl-vae-fp16-fix", "SDXL: a VAE that runs in fp16"),
-    "clip-vit-b32": Weights("hub", "openai/clip-vit-base-patch32",
-                            "SDXL DreamBooth fidelity: CLIP-T, CLIP-I (model.fidelity.clip)"),
+    "clip-vit-b32": Weights(
+        "hub", "openai/clip-vit-base-patch32", "SDXL DreamBooth fidelity: CLIP-T, CLIP-I (model.fidelity.clip)"
+    ),
     "dino-vits16": Weights("hub", "facebook/dino-vits16", "SDXL DreamBooth fidelity: DINO (model.fidelity.dino)"),
     "resnet50": Weights("torchvision", "resnet50", "CNN-RNN encoder (model.encoder.pretrained=true), saliency"),
     "densenet201": Weights("torchvision", "densenet201", "CNN-RNN encoder (model.encoder.name=densenet201)"),
@@ -69,8 +77,9 @@ def fetch_hub(weights: Weights) -> str:
     ignore = list(OTHER_FORMATS)
     if weights.allow is None and any(f.endswith(".safetensors") for f in HfApi().list_repo_files(weights.name)):
         ignore.append("*.bin")  # the safetensors copy is what transformers loads
-    return snapshot_download(weights.name, allow_patterns=list(weights.allow) if weights.allow else None,
-                             ignore_patterns=ignore)
+    return snapshot_download(
+        weights.name, allow_patterns=list(weights.allow) if weights.allow else None, ignore_patterns=ignore
+    )
 
 
 def fetch_torchvision(weights: Weights) -> str:
@@ -99,8 +108,9 @@ def listing() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("names", nargs="*", help=f"models to fetch ({', '.join(MODELS)}) or 'all'")
     parser.add_argument("--list", action="store_true", help="list the models and exit")
     args = parser.parse_args(argv)
@@ -114,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = fetch(names)
     except Offline as error:
-        print(f"error: {error}: nothing was downloaded. Run this on a machine with network access and copy "
-              "~/.cache/huggingface (HF_HOME) and ~/.cache/torch (TORCH_HOME) here, or point the task at local "
-              "files (model.pretrained=/path/to/dir, model.encoder.pretrained=/path/to/weights.pth).",
-              file=sys.stderr)
+        print(
+            f"error: {error}: nothing was downloaded. Run this on a machine with network access and copy "
+            "~/.cache/huggingface (HF_HOME) and ~/.cache/torch (TORCH_HOME) here, or point the task at local "
+            "files (model.pretrained=/path/to/dir, model.encoder.pretrained=/path/to/weights.pth).",
+            file=sys.stderr,
+        )
         return 1
     for name, path in zip(names, paths):
         print(f"{name}: {path}")

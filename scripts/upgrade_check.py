@@ -1,6 +1,6 @@
 """The packages whose versions differ between constraints.txt and a `pip freeze` on stdin (make upgrade-check).
 
-    .venv-upgrade/bin/python -m pip freeze --exclude-editable | python scripts/upgrade_check.py
+.venv-upgrade/bin/python -m pip freeze --exclude-editable | python scripts/upgrade_check.py
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ def pins(lines) -> dict[str, str]:
 def main() -> None:
     pinned = pins(Path(__file__).resolve().parent.parent.joinpath("constraints.txt").read_text().splitlines())
     newest = pins(sys.stdin)
-    changed = {name: (pinned.get(name, "-"), newest.get(name, "-")) for name in sorted(pinned.keys() | newest.keys())
-               if pinned.get(name) != newest.get(name)}
+    changed = {
+        name: (pinned.get(name, "-"), newest.get(name, "-"))
+        for name in sorted(pinned.keys() | newest.keys())
+        if pinned.get(name) != newest.get(name)
+    }
     print(f"{len(changed)} packages differ from constraints.txt (pinned -> newest allowed; - = absent):")
     for name, (old, new) in changed.items():
         print(f"  {name:32} {old:>16} -> {new}")

@@ -19,10 +19,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 # A captioner and a shapes set small enough for seconds on a CPU.
-TINY_MODEL = ["model.encoder.width=8", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=32",
-              "model.decoder.attention_dim=16", "model.max_len=16"]
-TINY_SHAPES = [*TINY_MODEL, "data.num_train=48", "data.num_val=16", "data.num_test=16", "data.image_size=32",
-               "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0"]
+TINY_MODEL = [
+    "model.encoder.width=8",
+    "model.decoder.embed_dim=16",
+    "model.decoder.hidden_dim=32",
+    "model.decoder.attention_dim=16",
+    "model.max_len=16",
+]
+TINY_SHAPES = [
+    *TINY_MODEL,
+    "data.num_train=48",
+    "data.num_val=16",
+    "data.num_test=16",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+    "data.num_workers=0",
+]
 
 
 @pytest.fixture(scope="session")
@@ -34,18 +47,31 @@ def data_dir(tmp_path_factory) -> Path:
 def compose_config(overrides: list[str], output_dir: Path, data_dir: Path) -> DictConfig:
     """The real config tree, composed as run.py would, with paths pointed at temporary folders."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=[
-            f"paths.root_dir={ROOT}", f"paths.data_dir={data_dir}", f"paths.log_dir={output_dir}",
-            f"paths.output_dir={output_dir}", *overrides,
-        ])
+        return compose(
+            "config",
+            overrides=[
+                f"paths.root_dir={ROOT}",
+                f"paths.data_dir={data_dir}",
+                f"paths.log_dir={output_dir}",
+                f"paths.output_dir={output_dir}",
+                *overrides,
+            ],
+        )
 
 
-def run_cli(args: list[str], run_dir: Path, data_dir: Path, multirun: bool = False, check: bool = True,
-            timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], run_dir: Path, data_dir: Path, multirun: bool = False, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """`python run.py ARGS` in a subprocess, its run dir (or sweep dir) at `run_dir`."""
     where = [f"hydra.sweep.dir={run_dir}"] if multirun else [f"hydra.run.dir={run_dir}"]
-    command = [sys.executable, str(ROOT / "run.py"), *(["-m"] if multirun else []),
-               f"paths.data_dir={data_dir}", *where, *args]
+    command = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        *(["-m"] if multirun else []),
+        f"paths.data_dir={data_dir}",
+        *where,
+        *args,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -60,10 +86,12 @@ def read_metrics(run_dir: Path) -> dict[str, float]:
 @contextmanager
 def fake_gpus(count: int, bf16: bool = True):
     """A machine with `count` CUDA GPUs (with or without bfloat16) as torch and Lightning see it."""
-    with mock.patch.object(torch.cuda, "device_count", return_value=count), \
-         mock.patch.object(torch.cuda, "is_available", return_value=count > 0), \
-         mock.patch.object(torch.cuda, "is_bf16_supported", return_value=bf16), \
-         mock.patch("lightning.fabric.accelerators.cuda.num_cuda_devices", return_value=count):
+    with (
+        mock.patch.object(torch.cuda, "device_count", return_value=count),
+        mock.patch.object(torch.cuda, "is_available", return_value=count > 0),
+        mock.patch.object(torch.cuda, "is_bf16_supported", return_value=bf16),
+        mock.patch("lightning.fabric.accelerators.cuda.num_cuda_devices", return_value=count),
+    ):
         yield
 
 

@@ -22,8 +22,14 @@ def pixels(data_dir, shapes_checkpoint) -> torch.Tensor:
 
 def test_pgd_stays_in_the_epsilon_ball_and_the_pixel_range(shapes_checkpoint, pixels):
     for epsilon, targeted in ((8 / 255, False), (0.3, True)):  # 0.3: clipping to [0, 1] is needed
-        module = AdversarialModule({"checkpoint": str(shapes_checkpoint)}, attack="pgd", epsilon=epsilon,
-                                   step_size=epsilon / 3, steps=6, target=1 if targeted else None)
+        module = AdversarialModule(
+            {"checkpoint": str(shapes_checkpoint)},
+            attack="pgd",
+            epsilon=epsilon,
+            step_size=epsilon / 3,
+            steps=6,
+            target=1 if targeted else None,
+        )
         result = module.attack(pixels)
         change = (result["images"] - pixels).abs()
         assert change.max() <= epsilon + 1e-6 and change.max() > epsilon / 2
@@ -39,8 +45,10 @@ def test_fooling_images_reach_their_target_within_100_steps(shapes_checkpoint, p
     assert (result["fooled"] == result["targets"]).all() and (result["targets"] != result["predicted"]).all()
     assert result["iterations"].max() <= 100 and result["success"].all()
     change = (result["images"] - pixels).flatten(1)
-    print(f"\nfooling: steps {result['iterations'].tolist()}, L2 {change.norm(dim=1).mean():.3f}, "
-          f"Linf {change.abs().max(1).values.mean():.3f}")
+    print(
+        f"\nfooling: steps {result['iterations'].tolist()}, L2 {change.norm(dim=1).mean():.3f}, "
+        f"Linf {change.abs().max(1).values.mean():.3f}"
+    )
     # the loop stops each image once fooled: a target already predicted takes no step
     images, iterations = fooling_images(module.classifier, pixels, result["predicted"], 0.5, 100)
     assert iterations.sum() == 0 and torch.equal(images, pixels)
@@ -48,8 +56,7 @@ def test_fooling_images_reach_their_target_within_100_steps(shapes_checkpoint, p
 
 def test_adversarial_run_writes_side_by_side_images_and_metrics(tmp_path, data_dir, shapes_checkpoint):
     run_dir = tmp_path / "run"
-    run_cli(["task=adversarial", "model.attack=fgsm", "model.epsilon=0.1", "data.num_predict=6"],
-            run_dir, data_dir)
+    run_cli(["task=adversarial", "model.attack=fgsm", "model.epsilon=0.1", "data.num_predict=6"], run_dir, data_dir)
     rows = json.loads((run_dir / "predictions.json").read_text())
     metrics = read_metrics(run_dir)
     assert len(rows) == 6 and metrics["predict/images"] == 6
@@ -67,8 +74,10 @@ def test_class_visualisation_raises_the_class_probability(tmp_path, data_dir, sh
     rows = json.loads((run_dir / "predictions.json").read_text())
     assert [row["class"] for row in rows] == ["circle", "diamond"]
     assert all(row["probability"] > 0.5 for row in rows), rows  # from noise, where no class is favoured
-    assert sorted(p.name for p in (run_dir / "class_visualisation").glob("*.png")) == ["0000_circle.png",
-                                                                                       "0003_diamond.png"]
+    assert sorted(p.name for p in (run_dir / "class_visualisation").glob("*.png")) == [
+        "0000_circle.png",
+        "0003_diamond.png",
+    ]
     assert (run_dir / "class_visualisation.png").is_file()
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from datamodules.captions import CaptionDataModule
 from datamodules.dreambooth import DreamBoothDataModule, read_instance_folder
 from datamodules.explain import ImageFolderDataModule
-from datamodules.images import SkippedImages, collate, image_transform, ImageFolderDataset
+from datamodules.images import ImageFolderDataset, SkippedImages, collate, image_transform
 from datamodules.readers import read_caption_folder, read_coco, read_flickr8k
 from datamodules.shapes import SHAPES
 from datamodules.style import ContentFolderDataModule, StyleImagesDataModule
@@ -44,11 +44,22 @@ def output(result) -> str:
 # ------------------------------------------------------------------------------------- explaining photos
 def shapes_classifier_checkpoint(path: Path, image_size: int | None = 64) -> Path:
     """A (random) shapes classifier saved as Lightning saves it, recording the image size it was trained on."""
-    module = ShapesClassifier(list(SHAPES), optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
-                              width=4, image_size=image_size)
+    module = ShapesClassifier(
+        list(SHAPES),
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+        width=4,
+        image_size=image_size,
+    )
     record = {"name": "shapes_classifier", "module": "lightning_modules.explain.classifier.ShapesClassifier"}
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": L.__version__, "task": record}, path)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+            "task": record,
+        },
+        path,
+    )
     return path
 
 
@@ -59,9 +70,12 @@ def test_the_shapes_classifier_refuses_a_folder_of_photos_before_it_is_loaded_or
     untrained = {"name": "shapes", "checkpoint": None, "cache_dir": None}  # loading it would fail: it is not tried
     for build in (partial(SaliencyModule, methods=["vanilla"]), AdversarialModule):
         for source_size, found in ((None, "of several sizes"), ([300, 200], "300x200 px")):
-            with pytest.raises(UserError, match=rf"the images of data.images are {found}, not the square synthetic "
-                                                r"shapes images that model.classifier.name=shapes .* "
-                                                r"model.classifier.name=resnet50 data.image_size=224"):
+            with pytest.raises(
+                UserError,
+                match=rf"the images of data.images are {found}, not the square synthetic "
+                r"shapes images that model.classifier.name=shapes .* "
+                r"model.classifier.name=resnet50 data.image_size=224",
+            ):
                 build(untrained, image_size=224, source_size=source_size)
 
 
@@ -73,8 +87,11 @@ def test_the_shapes_classifier_explains_only_shapes_of_its_own_size(tmp_path):
     saliency = partial(SaliencyModule, classifier, methods=["vanilla"], randomisation=False)
     with pytest.raises(UserError, match=r"the images of data.images are 512x512 px, not the 64x64 px synthetic"):
         saliency(image_size=64, source_size=[512, 512])
-    with pytest.raises(UserError, match=r"data.image_size=128, but the classifier .* trained on 64 px images: "
-                                        r"set data.image_size=64"):
+    with pytest.raises(
+        UserError,
+        match=r"data.image_size=128, but the classifier .* trained on 64 px images: "
+        r"set data.image_size=64",
+    ):
         saliency(classes=list(SHAPES), image_size=128)
     with pytest.raises(UserError, match=r"model.image_size=224, but the classifier"):
         ClassVisualisationModule(classifier, image_size=224)
@@ -88,11 +105,14 @@ def test_cli_saliency_of_photos_with_the_shapes_classifier(tmp_path, data_dir):
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (300, 200), (90, 140, 60)).save(photos / "bird.jpg")
-    result = run_cli(["task=saliency", "data=explain_images", f"data.images={photos}"], tmp_path / "run", data_dir,
-                     check=False)
+    result = run_cli(
+        ["task=saliency", "data=explain_images", f"data.images={photos}"], tmp_path / "run", data_dir, check=False
+    )
     assert result.returncode != 0
-    assert ("the images of data.images are 300x200 px, not the square synthetic shapes images that "
-            "model.classifier.name=shapes (the shapes classifier) was trained on") in output(result)
+    assert (
+        "the images of data.images are 300x200 px, not the square synthetic shapes images that "
+        "model.classifier.name=shapes (the shapes classifier) was trained on"
+    ) in output(result)
     assert "model.classifier.name=resnet50" in output(result)
 
 
@@ -135,36 +155,46 @@ def caption_predict_folder(folder: Path, skip: bool) -> int:
 
 
 def caption_training_folder(folder: Path, skip: bool) -> int:
-    lines = [{"file_name": p.name, "text": "a picture", "split": "train"} for p in sorted(folder.iterdir())
-             if p.suffix != ".jsonl"]
+    lines = [
+        {"file_name": p.name, "text": "a picture", "split": "train"}
+        for p in sorted(folder.iterdir())
+        if p.suffix != ".jsonl"
+    ]
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    data = CaptionDataModule(partial(read_caption_folder, str(folder)), image_size=16, batch_size=8,
-                             skip_bad_images=skip)
+    data = CaptionDataModule(
+        partial(read_caption_folder, str(folder)), image_size=16, batch_size=8, skip_bad_images=skip
+    )
     return served(data.train_dataloader(), SkippedImages())
 
 
 def dreambooth_instances(folder: Path, skip: bool) -> int:
-    data = DreamBoothDataModule(lambda: read_instance_folder(folder, "a photo of sks dog"), resolution=16,
-                                skip_bad_images=skip)
+    data = DreamBoothDataModule(
+        lambda: read_instance_folder(folder, "a photo of sks dog"), resolution=16, skip_bad_images=skip
+    )
     return len(data.instances)
 
 
 def dreambooth_class_images(folder: Path, skip: bool) -> int:
-    data = DreamBoothDataModule(prior_preservation=True, class_prompt="a photo of a dog", class_images=str(folder),
-                                num_class_images=10, skip_bad_images=skip)
+    data = DreamBoothDataModule(
+        prior_preservation=True,
+        class_prompt="a photo of a dog",
+        class_images=str(folder),
+        num_class_images=10,
+        skip_bad_images=skip,
+    )
     return len(data.class_examples())
 
 
 def content_folder(folder: Path, skip: bool) -> int:
-    data = ContentFolderDataModule(str(folder), "skimage:coffee", image_size=16, batch_size=1, num_workers=0,
-                                   skip_bad_images=skip)
+    data = ContentFolderDataModule(
+        str(folder), "skimage:coffee", image_size=16, batch_size=1, num_workers=0, skip_bad_images=skip
+    )
     data.setup("fit")
     return served(data.train_dataloader(), SkippedImages())
 
 
 def images_to_stylise(folder: Path, skip: bool) -> int:
-    data = ContentFolderDataModule("skimage", "skimage:coffee", images=str(folder), num_workers=0,
-                                   skip_bad_images=skip)
+    data = ContentFolderDataModule("skimage", "skimage:coffee", images=str(folder), num_workers=0, skip_bad_images=skip)
     data.setup("predict")
     return served(data.predict_dataloader(), SkippedImages())
 
@@ -178,9 +208,19 @@ def style_images(folder: Path, skip: bool) -> int:
 
 
 @pytest.mark.parametrize("kind", BAD_NAMES)
-@pytest.mark.parametrize("read", [explain_folder, caption_predict_folder, caption_training_folder,
-                                  dreambooth_instances, dreambooth_class_images, content_folder, images_to_stylise,
-                                  style_images])
+@pytest.mark.parametrize(
+    "read",
+    [
+        explain_folder,
+        caption_predict_folder,
+        caption_training_folder,
+        dreambooth_instances,
+        dreambooth_class_images,
+        content_folder,
+        images_to_stylise,
+        style_images,
+    ],
+)
 def test_an_unreadable_image_names_the_file_or_is_skipped_with_one_warning(read, kind, tmp_path, caplog):
     folder = tmp_path / "images"
     write_png(folder / "a.png", 1)
@@ -208,8 +248,9 @@ def test_images_a_run_cannot_do_without_are_not_skipped(tmp_path):
 def test_an_unreadable_image_in_a_loader_worker_is_still_one_message(tmp_path):
     write_png(tmp_path / "a.png")
     bad = write_bad(tmp_path / "b.jpg", "empty")
-    loader = DataLoader(ImageFolderDataset(tmp_path, image_transform(16)), batch_size=2, num_workers=1,
-                        collate_fn=collate)
+    loader = DataLoader(
+        ImageFolderDataset(tmp_path, image_transform(16)), batch_size=2, num_workers=1, collate_fn=collate
+    )
     with pytest.raises(UserError) as error:
         next(iter(loader))
     assert str(error.value).startswith(f"cannot read image {bad}: ") and "\n" not in str(error.value)
@@ -222,9 +263,17 @@ def test_cli_unreadable_training_image(tmp_path, data_dir):
         if split == "train":
             names.append(write_bad(folder / split / "empty.jpg", "empty").name)
         (folder / split / "metadata.jsonl").write_text(
-            "\n".join(json.dumps({"file_name": name, "text": "a red circle"}) for name in names))
-    args = ["data=caption_folder", f"data.source.folder={folder}", "data.image_size=32", "data.batch_size=4",
-            "data.num_workers=1", "trainer.fast_dev_run=true", *TINY_MODEL]
+            "\n".join(json.dumps({"file_name": name, "text": "a red circle"}) for name in names)
+        )
+    args = [
+        "data=caption_folder",
+        f"data.source.folder={folder}",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.num_workers=1",
+        "trainer.fast_dev_run=true",
+        *TINY_MODEL,
+    ]
     result = run_cli(args, tmp_path / "run", data_dir, check=False)
     assert result.returncode != 0
     assert f"cannot read image {folder / 'train' / 'empty.jpg'}: " in output(result)
@@ -269,35 +318,62 @@ def test_coco_counts_per_split_and_only_fewer_captions_than_usual(tmp_path, capl
 
 
 # ----------------------------------------------------------------------------------------- config values
-@pytest.mark.parametrize("override, message", [
-    ("model.beam_size=0", "model.beam_size=0 must be positive"),
-    ("model.max_len=0", "model.max_len=0 must be positive"),
-    ("model.beam_size=1.5", "model.beam_size=1.5 must be a positive whole number"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.beam_size=0", "model.beam_size=0 must be positive"),
+        ("model.max_len=0", "model.max_len=0 must be positive"),
+        ("model.beam_size=1.5", "model.beam_size=1.5 must be a positive whole number"),
+    ],
+)
 def test_cnn_rnn_decoding_settings(override, message, tmp_path, data_dir):
     cfg = compose_config([*TINY_MODEL, override], tmp_path, data_dir)
     with pytest.raises(UserError, match=message):
         instantiate(cfg.model, vocab=["a", "circle"])
 
 
-@pytest.mark.parametrize("task, override, message", [
-    ("blip_shapes", "model.generation.num_beams=0", "model.generation.num_beams=0 must be positive"),
-    ("vit_gpt2_shapes", "model.generation.max_length=0", "model.generation.max_length=0 must be positive"),
-    ("blip_shapes", "model.max_caption_tokens=0", "model.max_caption_tokens=0 must be positive"),
-])
-def test_hugging_face_captioner_decoding_settings_are_checked_before_loading(task, override, message, tmp_path,
-                                                                             data_dir):
+@pytest.mark.parametrize(
+    "task, override, message",
+    [
+        ("blip_shapes", "model.generation.num_beams=0", "model.generation.num_beams=0 must be positive"),
+        ("vit_gpt2_shapes", "model.generation.max_length=0", "model.generation.max_length=0 must be positive"),
+        ("blip_shapes", "model.max_caption_tokens=0", "model.max_caption_tokens=0 must be positive"),
+    ],
+)
+def test_hugging_face_captioner_decoding_settings_are_checked_before_loading(
+    task, override, message, tmp_path, data_dir
+):
     cfg = compose_config([f"task={task}", "model.pretrained=/nonexistent", override], tmp_path, data_dir)
     with pytest.raises(UserError, match=message):
         instantiate(cfg.model)
 
 
-@pytest.mark.parametrize("data, key", [
-    (data, "batch_size") for data in ("shapes", "coco", "flickr8k", "karpathy", "caption_folder", "shape_classes",
-                                      "explain_images", "class_targets", "dreambooth_folder", "captioned_images",
-                                      "content_folder")
-] + [("shapes", "eval_batch_size"), ("coco_karpathy", "eval_batch_size"), ("shape_classes", "eval_batch_size"),
-     ("dreambooth_folder", "class_batch_size"), ("content_folder", "predict_batch_size")])
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        (data, "batch_size")
+        for data in (
+            "shapes",
+            "coco",
+            "flickr8k",
+            "karpathy",
+            "caption_folder",
+            "shape_classes",
+            "explain_images",
+            "class_targets",
+            "dreambooth_folder",
+            "captioned_images",
+            "content_folder",
+        )
+    ]
+    + [
+        ("shapes", "eval_batch_size"),
+        ("coco_karpathy", "eval_batch_size"),
+        ("shape_classes", "eval_batch_size"),
+        ("dreambooth_folder", "class_batch_size"),
+        ("content_folder", "predict_batch_size"),
+    ],
+)
 def test_batch_sizes(data, key, tmp_path, data_dir):
     cfg = compose_config([f"data={data}", f"data.{key}=0"], tmp_path, data_dir)
     with pytest.raises(UserError, match=rf"data.{key}=0 must be positive"):
@@ -317,18 +393,27 @@ def test_files_that_are_no_checkpoint(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, run_dir / "last.ckpt")
     text = run_dir / "notes.txt"
     text.write_text("epoch 3: val/CIDEr 0.6\n")
-    with pytest.raises(UserError, match=rf"{text} \(ckpt_path\) is not a checkpoint \(torch.save did not write it: "
-                                        r"a text file\? \d+ bytes\); other checkpoints in .*: last.ckpt"):
+    with pytest.raises(
+        UserError,
+        match=rf"{text} \(ckpt_path\) is not a checkpoint \(torch.save did not write it: "
+        r"a text file\? \d+ bytes\); other checkpoints in .*: last.ckpt",
+    ):
         read_checkpoint(text)
     truncated = run_dir / "epoch_003.ckpt"
     truncated.write_bytes((run_dir / "last.ckpt").read_bytes()[:700])
-    with pytest.raises(UserError, match=rf"checkpoint {truncated} \(ckpt_path\) is corrupt or truncated .*"
-                                        r"other checkpoints in .*: last.ckpt"):
+    with pytest.raises(
+        UserError,
+        match=rf"checkpoint {truncated} \(ckpt_path\) is corrupt or truncated .*"
+        r"other checkpoints in .*: last.ckpt",
+    ):
         read_checkpoint(truncated)
     weights = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, weights)
-    with pytest.raises(UserError, match=rf"{weights} \(ckpt_path\) is not a Lightning checkpoint: it has no state_dict "
-                                        r"\(it holds conv1.weight.*\); give a run's checkpoints/last.ckpt"):
+    with pytest.raises(
+        UserError,
+        match=rf"{weights} \(ckpt_path\) is not a Lightning checkpoint: it has no state_dict "
+        r"\(it holds conv1.weight.*\); give a run's checkpoints/last.ckpt",
+    ):
         read_checkpoint(weights)
     pickled = tmp_path / "pickled.ckpt"
     torch.save({"state_dict": {}, "where": Path("x")}, pickled)
@@ -340,17 +425,23 @@ def test_files_that_are_no_checkpoint(tmp_path):
 
 def test_checkpoints_of_another_module_class(tmp_path):
     classifier = shapes_classifier_checkpoint(tmp_path / "classifier.ckpt")
-    with pytest.raises(UserError, match=r"belongs to task shapes_classifier \(its module class ShapesClassifier\), "
-                                        r"not to task=shapes_captioning \(CNNRNNCaptioner\): run with "
-                                        r"task=shapes_classifier"):
+    with pytest.raises(
+        UserError,
+        match=r"belongs to task shapes_classifier \(its module class ShapesClassifier\), "
+        r"not to task=shapes_captioning \(CNNRNNCaptioner\): run with "
+        r"task=shapes_classifier",
+    ):
         check_checkpoint(classifier, CNNRNNCaptioner, "shapes_captioning")
     check_checkpoint(classifier, ShapesClassifier, "shapes_classifier")
     # Written before checkpoints recorded their task: the module's required arguments are looked for.
     legacy = tmp_path / "legacy.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"classes": list(SHAPES), "optimizer": {}}}, legacy)
-    with pytest.raises(UserError, match=r"legacy.ckpt \(ckpt_path\) is not a checkpoint of task=shapes_captioning: "
-                                        r"its module class CNNRNNCaptioner needs vocab, encoder, decoder, which the "
-                                        r"checkpoint does not hold \(its hyperparameters: classes, optimizer\)"):
+    with pytest.raises(
+        UserError,
+        match=r"legacy.ckpt \(ckpt_path\) is not a checkpoint of task=shapes_captioning: "
+        r"its module class CNNRNNCaptioner needs vocab, encoder, decoder, which the "
+        r"checkpoint does not hold \(its hyperparameters: classes, optimizer\)",
+    ):
         check_checkpoint(legacy, CNNRNNCaptioner, "shapes_captioning")
     check_checkpoint(legacy, ShapesClassifier, "shapes_classifier")
     captioner = tmp_path / "captioner.ckpt"
@@ -359,8 +450,11 @@ def test_checkpoints_of_another_module_class(tmp_path):
         check_checkpoint(captioner, CNNRNNCaptioner, "shapes_captioning")
     from lightning_modules.explain.saliency import SaliencyModule
 
-    with pytest.raises(UserError, match=r"captioner.ckpt \(model.classifier.checkpoint\) belongs to module class "
-                                        r"BLIPCaptioner, not to task=shapes_classifier"):
+    with pytest.raises(
+        UserError,
+        match=r"captioner.ckpt \(model.classifier.checkpoint\) belongs to module class "
+        r"BLIPCaptioner, not to task=shapes_classifier",
+    ):
         SaliencyModule({"name": "shapes", "checkpoint": str(captioner)}, methods=["vanilla"], classes=list(SHAPES))
 
 
@@ -368,19 +462,44 @@ def test_checkpoints_of_another_module_class(tmp_path):
 def classifier_run(tmp_path_factory, data_dir) -> Path:
     """A tiny task=shapes_classifier run (one epoch of a few batches) with its checkpoints."""
     run_dir = tmp_path_factory.mktemp("classifier_run")
-    run(compose_config(["task=shapes_classifier", "data.num_train=32", "data.num_val=16", "data.num_test=16",
-                        "data.image_size=32", "data.batch_size=8", "model.width=4", "trainer.max_epochs=1",
-                        "logger=csv", "export_after_train=false"], run_dir, data_dir))
+    run(
+        compose_config(
+            [
+                "task=shapes_classifier",
+                "data.num_train=32",
+                "data.num_val=16",
+                "data.num_test=16",
+                "data.image_size=32",
+                "data.batch_size=8",
+                "model.width=4",
+                "trainer.max_epochs=1",
+                "logger=csv",
+                "export_after_train=false",
+            ],
+            run_dir,
+            data_dir,
+        )
+    )
     return run_dir
 
 
 def test_checkpoints_record_their_task_and_the_classifier_its_image_size(classifier_run, data_dir):
     checkpoint = torch.load(classifier_run / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
-    assert checkpoint["task"] == {"name": "shapes_classifier",
-                                  "module": "lightning_modules.explain.classifier.ShapesClassifier"}
+    assert checkpoint["task"] == {
+        "name": "shapes_classifier",
+        "module": "lightning_modules.explain.classifier.ShapesClassifier",
+    }
     assert checkpoint["hyper_parameters"]["image_size"] == 32
-    overrides = ["task=shapes_classifier", "mode=eval", "data.num_train=32", "data.num_val=16", "data.num_test=16",
-                 "data.image_size=32", "logger=csv", f"ckpt_path={classifier_run / 'checkpoints' / 'last.ckpt'}"]
+    overrides = [
+        "task=shapes_classifier",
+        "mode=eval",
+        "data.num_train=32",
+        "data.num_val=16",
+        "data.num_test=16",
+        "data.image_size=32",
+        "logger=csv",
+        f"ckpt_path={classifier_run / 'checkpoints' / 'last.ckpt'}",
+    ]
     run(compose_config(overrides, classifier_run / "eval", data_dir))  # the checkpoint's own task loads it
 
 
@@ -395,15 +514,25 @@ def test_resuming_from_a_truncated_checkpoint(classifier_run, tmp_path, data_dir
 
 def test_cli_eval_with_a_checkpoint_of_another_task_or_a_text_file(classifier_run, tmp_path, data_dir):
     checkpoint = classifier_run / "checkpoints" / "last.ckpt"
-    result = run_cli(["task=shapes_captioning", "mode=eval", f"ckpt_path={checkpoint}", *TINY_SHAPES],
-                     tmp_path / "run", data_dir, check=False)
+    result = run_cli(
+        ["task=shapes_captioning", "mode=eval", f"ckpt_path={checkpoint}", *TINY_SHAPES],
+        tmp_path / "run",
+        data_dir,
+        check=False,
+    )
     assert result.returncode != 0
-    assert (f"checkpoint {checkpoint} (ckpt_path) belongs to task shapes_classifier (its module class "
-            "ShapesClassifier), not to task=shapes_captioning (CNNRNNCaptioner): run with task=shapes_classifier, "
-            "or give a checkpoint of a task=shapes_captioning run") in output(result)
+    assert (
+        f"checkpoint {checkpoint} (ckpt_path) belongs to task shapes_classifier (its module class "
+        "ShapesClassifier), not to task=shapes_captioning (CNNRNNCaptioner): run with task=shapes_classifier, "
+        "or give a checkpoint of a task=shapes_captioning run"
+    ) in output(result)
     notes = tmp_path / "notes.txt"
     notes.write_text("best epoch: 3\n")
-    result = run_cli(["mode=predict", f"ckpt_path={notes}", f"data.images={tmp_path}", *TINY_SHAPES],
-                     tmp_path / "run2", data_dir, check=False)
+    result = run_cli(
+        ["mode=predict", f"ckpt_path={notes}", f"data.images={tmp_path}", *TINY_SHAPES],
+        tmp_path / "run2",
+        data_dir,
+        check=False,
+    )
     assert result.returncode != 0
     assert f"{notes} (ckpt_path) is not a checkpoint (torch.save did not write it" in output(result)

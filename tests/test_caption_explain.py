@@ -25,18 +25,38 @@ from tests.test_vit_gpt2 import gpt2_tokenizer, save_tiny_vit_gpt2
 # A shapes set and captioner small enough to train in a minute, but trained enough to name colours and shapes; at
 # 64 px (an 8x8 encoder grid) its attention learns where they are.
 SHAPES = ["data.num_train=240", "data.num_val=8", "data.num_test=16", "data.image_size=64"]
-EXPLAIN = [*SHAPES, "data.num_predict=6", "data.eval_batch_size=6", "model.deletion_steps=5",
-           "model.contact_sheet_images=2"]
+EXPLAIN = [
+    *SHAPES,
+    "data.num_predict=6",
+    "data.eval_batch_size=6",
+    "model.deletion_steps=5",
+    "model.contact_sheet_images=2",
+]
 METHODS = ("integrated_gradients", "gradcam", "attention")
 
 
 @pytest.fixture(scope="module")
 def captioner(tmp_path_factory, data_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("captioner")
-    run(compose_config([*TINY_MODEL, *SHAPES, "model.decoder.hidden_dim=64", "model.decoder.attention_dim=32",
-                        "data.batch_size=16", "data.num_workers=0", "trainer.max_epochs=4", "model.optimizer.lr=0.01",
-                        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "logger=csv"],
-                       run_dir, data_dir))
+    run(
+        compose_config(
+            [
+                *TINY_MODEL,
+                *SHAPES,
+                "model.decoder.hidden_dim=64",
+                "model.decoder.attention_dim=32",
+                "data.batch_size=16",
+                "data.num_workers=0",
+                "trainer.max_epochs=4",
+                "model.optimizer.lr=0.01",
+                "trainer.limit_val_batches=1",
+                "trainer.limit_test_batches=1",
+                "logger=csv",
+            ],
+            run_dir,
+            data_dir,
+        )
+    )
     return run_dir / "checkpoints" / "last.ckpt"
 
 
@@ -68,8 +88,10 @@ def test_pointing_game_of_colour_and_shape_words_is_above_chance(explained):
     """A colour or shape word's map peaks on the object it names more often than a random peak would."""
     metrics = read_metrics(explained)
     chance = metrics["predict/pointing_game_chance_content_words"]
-    print(f"\npointing game of content words (chance {chance:.3f}): " + ", ".join(
-        f"{m} {metrics[f'predict/{m}/pointing_game_content_words']:.3f}" for m in METHODS))
+    print(
+        f"\npointing game of content words (chance {chance:.3f}): "
+        + ", ".join(f"{m} {metrics[f'predict/{m}/pointing_game_content_words']:.3f}" for m in METHODS)
+    )
     for method in ("integrated_gradients", "attention"):
         assert metrics[f"predict/{method}/pointing_game_content_words"] > chance
     for key in ("deletion_auc", "insertion_auc", "spearman_decoder", "spearman_encoder.body.0"):
@@ -80,8 +102,13 @@ def test_integrated_gradients_are_complete_per_word(captioner, data_dir):
     """Each word's attributions sum to log p(word | image) - log p(word | black image), within 2% (at 128 steps; the
     run's 32 leave a few words at 2-10%), for words whose gap is over 0.05 nats (below, 2% is float noise)."""
     module = CaptionExplainModule(str(captioner), ["integrated_gradients"], ig_steps=128, randomisation=False)
-    batch = next(iter(ShapeObjectsDataModule(str(data_dir), num_train=240, num_val=8, num_test=16, num_predict=2,
-                                             eval_batch_size=2).predict_dataloader()))
+    batch = next(
+        iter(
+            ShapeObjectsDataModule(
+                str(data_dir), num_train=240, num_val=8, num_test=16, num_predict=2, eval_batch_size=2
+            ).predict_dataloader()
+        )
+    )
     check_completeness(module, batch["images"], batch["paths"])
 
 
@@ -94,14 +121,18 @@ def check_completeness(module: CaptionExplainModule, pixels: torch.Tensor, paths
     records = [{} for _ in words.positions]
     module._maps("integrated_gradients", module.scorer, module.attributions, pixels, generated.tokens, words, records)
     errors = [completeness_error(word) for word in records if abs(word["integrated_gradients/gap"]) > 0.05]
-    print(f"\nIntegrated Gradients completeness: {len(errors)} of {len(records)} words, largest relative error "
-          f"{max(errors):.2e}")
+    print(
+        f"\nIntegrated Gradients completeness: {len(errors)} of {len(records)} words, largest relative error "
+        f"{max(errors):.2e}"
+    )
     assert len(errors) >= len(records) / 2 and max(errors) < 0.02
 
 
 def test_words_are_grounded_in_the_object_their_phrase_names():
-    objects = [{"shape": "circle", "colour": "red", "size": "large"},
-               {"shape": "square", "colour": "blue", "size": "small"}]
+    objects = [
+        {"shape": "circle", "colour": "red", "size": "large"},
+        {"shape": "square", "colour": "blue", "size": "small"},
+    ]
     caption = "a small blue square to the left of a large green circle in the picture".split()
     assert ground_words(caption, objects) == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, None, 0, 0, 0, 0]  # green is wrong
 
@@ -132,12 +163,15 @@ def hf_export(request, tmp_path_factory, data_dir) -> Path:
     folder = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
     module = module_class(pretrained=str(save(folder / "random")), generation={"num_beams": 1, "max_length": 12})
-    batch = next(iter(ShapeObjectsDataModule(str(data_dir), **HF_DATA, num_predict=8,
-                                             eval_batch_size=8).predict_dataloader()))
+    batch = next(
+        iter(ShapeObjectsDataModule(str(data_dir), **HF_DATA, num_predict=8, eval_batch_size=8).predict_dataloader())
+    )
     processor = module.image_processor
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (processor.image_mean, processor.image_std))
-    data = {"images": (batch["images"] - mean) / std,
-            "tokens": [[o["size"], o["colour"], o["shape"]] for o in (objects[0] for objects in batch["objects"])]}
+    data = {
+        "images": (batch["images"] - mean) / std,
+        "tokens": [[o["size"], o["colour"], o["shape"]] for o in (objects[0] for objects in batch["objects"])],
+    }
     # A small learning rate: enough to name the object, while the word's log-probability stays smooth enough along
     # Integrated Gradients' path (at lr 0.006 some words' fall by 8 nats within 0.2% of it: 128 steps miss that).
     optimizer = torch.optim.Adam(module.model.parameters(), lr=0.002)
@@ -151,10 +185,23 @@ def hf_export(request, tmp_path_factory, data_dir) -> Path:
 def test_hf_captioner_every_word_has_a_finite_map(hf_export, tmp_path, data_dir):
     """Through the runner, ckpt_path an export directory: a finite Integrated Gradients and Grad-CAM map per word,
     the randomisation check down the vision transformer's layers."""
-    run(compose_config(["task=caption_explain", f"ckpt_path={hf_export}", *HF_SHAPES, "data.num_predict=4",
-                        "data.eval_batch_size=4", "model.methods=[integrated_gradients,gradcam]",
-                        "model.deletion_steps=5", "model.contact_sheet_images=1", "model.ig_steps=16"],
-                       tmp_path, data_dir))
+    run(
+        compose_config(
+            [
+                "task=caption_explain",
+                f"ckpt_path={hf_export}",
+                *HF_SHAPES,
+                "data.num_predict=4",
+                "data.eval_batch_size=4",
+                "model.methods=[integrated_gradients,gradcam]",
+                "model.deletion_steps=5",
+                "model.contact_sheet_images=1",
+                "model.ig_steps=16",
+            ],
+            tmp_path,
+            data_dir,
+        )
+    )
     rows = json.loads((tmp_path / "predictions.json").read_text())
     assert len(rows) == 4 and all(row["caption"] for row in rows)
     for row in rows:
@@ -171,8 +218,9 @@ def test_hf_captioner_every_word_has_a_finite_map(hf_export, tmp_path, data_dir)
 
 def test_hf_captioner_integrated_gradients_are_complete_per_word(hf_export, data_dir):
     module = CaptionExplainModule(str(hf_export), ["integrated_gradients"], ig_steps=128, randomisation=False)
-    batch = next(iter(ShapeObjectsDataModule(str(data_dir), **HF_DATA, num_predict=2,
-                                             eval_batch_size=2).predict_dataloader()))
+    batch = next(
+        iter(ShapeObjectsDataModule(str(data_dir), **HF_DATA, num_predict=2, eval_batch_size=2).predict_dataloader())
+    )
     check_completeness(module, batch["images"], batch["paths"])
 
 

@@ -16,9 +16,20 @@ from tests.conftest import TINY_MODEL, TINY_SHAPES, compose_config
 @pytest.mark.parametrize("rnn", ["lstm", "gru"])
 @pytest.mark.parametrize("encoder", ["small_cnn", "resnet50", "densenet201"])
 def test_fast_dev_run_every_architecture(encoder, rnn, attention, tmp_path, data_dir):
-    cfg = compose_config([*TINY_SHAPES, "trainer.fast_dev_run=true", "data.batch_size=2", "data.eval_batch_size=4",
-                          f"model.encoder.name={encoder}", f"model.decoder.rnn={rnn}",
-                          f"model.decoder.attention={attention}", "model.beam_size=2"], tmp_path, data_dir)
+    cfg = compose_config(
+        [
+            *TINY_SHAPES,
+            "trainer.fast_dev_run=true",
+            "data.batch_size=2",
+            "data.eval_batch_size=4",
+            f"model.encoder.name={encoder}",
+            f"model.decoder.rnn={rnn}",
+            f"model.decoder.attention={attention}",
+            "model.beam_size=2",
+        ],
+        tmp_path,
+        data_dir,
+    )
     run(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert {"train/loss", "val/CIDEr", "test/CIDEr", "test/BLEU-4", "test/METEOR", "test/ROUGE-L"} <= set(metrics)
@@ -32,8 +43,10 @@ def fdr(overrides, tmp_path, data_dir):
 
 
 def karpathy_json(tmp_path, filenames):
-    images = [{"filename": name, "split": split, "sentences": [{"raw": f"a photo number {i}"}, {"raw": "a photo"}]}
-              for i, (name, split) in enumerate(zip(filenames, ["train", "train", "val", "test"] * len(filenames)))]
+    images = [
+        {"filename": name, "split": split, "sentences": [{"raw": f"a photo number {i}"}, {"raw": "a photo"}]}
+        for i, (name, split) in enumerate(zip(filenames, ["train", "train", "val", "test"] * len(filenames)))
+    ]
     path = tmp_path / "dataset.json"
     path.write_text(json.dumps({"images": images}))
     return path
@@ -41,23 +54,31 @@ def karpathy_json(tmp_path, filenames):
 
 def test_missing_data_dir_names_the_file(tmp_path, data_dir):
     cfg = fdr(["data=karpathy", f"data.source.annotations={tmp_path}/nowhere/dataset.json"], tmp_path, data_dir)
-    with pytest.raises(UserError, match=r"caption file .*nowhere/dataset.json does not exist \(data.source.annotations\)"):
+    with pytest.raises(
+        UserError, match=r"caption file .*nowhere/dataset.json does not exist \(data.source.annotations\)"
+    ):
         run(cfg)
 
 
 def test_missing_image_folder_names_the_key(tmp_path, data_dir):
     annotations = karpathy_json(tmp_path, ["a.png"])
-    cfg = fdr(["data=karpathy", f"data.source.annotations={annotations}", f"data.source.image_root={tmp_path}/no_images"],
-              tmp_path, data_dir)
+    cfg = fdr(
+        ["data=karpathy", f"data.source.annotations={annotations}", f"data.source.image_root={tmp_path}/no_images"],
+        tmp_path,
+        data_dir,
+    )
     with pytest.raises(UserError, match=r"image folder .*no_images does not exist \(data.source.image_root\)"):
         run(cfg)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "is not a Karpathy split JSON"),
-    ('{"annotations": []}', "is not a Karpathy split JSON"),
-    ('{"images": [{"filename": "a.png", "sentences": [{"raw": "x"}]}]}', r"images\[0\] lacks 'split'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "is not a Karpathy split JSON"),
+        ('{"annotations": []}', "is not a Karpathy split JSON"),
+        ('{"images": [{"filename": "a.png", "sentences": [{"raw": "x"}]}]}', r"images\[0\] lacks 'split'"),
+    ],
+)
 def test_caption_file_in_the_wrong_format(content, message, tmp_path, data_dir):
     annotations = tmp_path / "captions.json"
     annotations.write_text(content)
@@ -76,17 +97,39 @@ def folder_with_a_corrupt_image(tmp_path):
 
 def test_corrupt_image_names_the_file(tmp_path, data_dir):
     annotations = folder_with_a_corrupt_image(tmp_path)
-    cfg = fdr(["data=karpathy", f"data.source.annotations={annotations}", "data.num_workers=0", "data.batch_size=8",
-               "data.image_size=32", "trainer.fast_dev_run=false", "trainer.max_epochs=1"], tmp_path, data_dir)
+    cfg = fdr(
+        [
+            "data=karpathy",
+            f"data.source.annotations={annotations}",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "data.image_size=32",
+            "trainer.fast_dev_run=false",
+            "trainer.max_epochs=1",
+        ],
+        tmp_path,
+        data_dir,
+    )
     with pytest.raises(UserError, match=r"cannot read image .*4\.png.*data.skip_bad_images=true"):
         run(cfg)
 
 
 def test_skip_bad_images_skips_and_counts(tmp_path, data_dir, caplog):
     annotations = folder_with_a_corrupt_image(tmp_path)
-    cfg = fdr(["data=karpathy", f"data.source.annotations={annotations}", "data.num_workers=0", "data.batch_size=8",
-               "data.image_size=32", "data.skip_bad_images=true", "trainer.fast_dev_run=false",
-               "trainer.max_epochs=1"], tmp_path, data_dir)
+    cfg = fdr(
+        [
+            "data=karpathy",
+            f"data.source.annotations={annotations}",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "data.image_size=32",
+            "data.skip_bad_images=true",
+            "trainer.fast_dev_run=false",
+            "trainer.max_epochs=1",
+        ],
+        tmp_path,
+        data_dir,
+    )
     with caplog.at_level(logging.WARNING):
         run(cfg)
     assert "train: skipped 1 unreadable images" in caplog.text

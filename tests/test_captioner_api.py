@@ -34,9 +34,20 @@ def test_generation_settings_come_from_the_export_or_overrides(blip_run, data_di
 @pytest.fixture(scope="module")
 def cnn_rnn_checkpoint(tmp_path_factory, data_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("cnn_rnn")
-    run(compose_config([*TINY_SHAPES, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "logger=csv"],
-                       run_dir, data_dir))
+    run(
+        compose_config(
+            [
+                *TINY_SHAPES,
+                "trainer.max_epochs=1",
+                "trainer.limit_train_batches=2",
+                "trainer.limit_val_batches=1",
+                "trainer.limit_test_batches=1",
+                "logger=csv",
+            ],
+            run_dir,
+            data_dir,
+        )
+    )
     return run_dir / "checkpoints" / "last.ckpt"
 
 

@@ -12,8 +12,12 @@ import torch
 
 from datamodules.explain import ShapeClassesDataModule
 from framework.errors import UserError
-from lightning_modules.explain.classifier import (PixelClassifier, ShapesClassifier, classifier_to_explain,
-                                                  ensure_shapes_classifier)
+from lightning_modules.explain.classifier import (
+    PixelClassifier,
+    ShapesClassifier,
+    classifier_to_explain,
+    ensure_shapes_classifier,
+)
 from tests.conftest import read_metrics
 
 # The default shapes data (3,000 / 200 / 200 images, about half with one object) and fewer epochs.

@@ -25,8 +25,16 @@ def trim(row: torch.Tensor) -> list[int]:
 def decoder(request):
     torch.manual_seed(0)
     rnn, attention = request.param
-    return RNNDecoder(vocab_size=12, feature_dim=8, rnn=rnn, attention=attention, embed_dim=8, hidden_dim=16,
-                      attention_dim=8, dropout=0.0).eval()
+    return RNNDecoder(
+        vocab_size=12,
+        feature_dim=8,
+        rnn=rnn,
+        attention=attention,
+        embed_dim=8,
+        hidden_dim=16,
+        attention_dim=8,
+        dropout=0.0,
+    ).eval()
 
 
 def test_beam_size_one_equals_greedy(decoder):
@@ -41,7 +49,7 @@ def test_batched_beam_equals_one_image_at_a_time(decoder, beam_size):
     features = torch.randn(6, 5, 8)
     batched = beam_search(decoder, features, BOS, EOS, max_len=10, beam_size=beam_size)
     for i in range(len(features)):
-        alone = beam_search(decoder, features[i:i + 1], BOS, EOS, max_len=10, beam_size=beam_size)
+        alone = beam_search(decoder, features[i : i + 1], BOS, EOS, max_len=10, beam_size=beam_size)
         assert trim(batched[i]) == trim(alone[0])
 
 
@@ -63,13 +71,15 @@ def test_wide_beam_finds_the_most_likely_caption(decoder):
     candidates = [[*c, EOS] for n in range(max_len + 1) for c in itertools.product(words, repeat=n)]
     candidates += [list(c) for c in itertools.product(words, repeat=max_len + 1)]  # cut at max_len, no <eos>
     best = max(candidates, key=lambda c: sequence_log_prob(decoder, features, c))
-    found = beam_search(decoder, features, BOS, EOS, max_len=max_len, beam_size=vocab ** 2)
+    found = beam_search(decoder, features, BOS, EOS, max_len=max_len, beam_size=vocab**2)
     assert trim(found[0]) == best
 
 
 def test_greedy_returns_attention_per_step():
     torch.manual_seed(0)
-    decoder = RNNDecoder(vocab_size=12, feature_dim=8, attention=True, embed_dim=8, hidden_dim=16, attention_dim=8).eval()
+    decoder = RNNDecoder(
+        vocab_size=12, feature_dim=8, attention=True, embed_dim=8, hidden_dim=16, attention_dim=8
+    ).eval()
     tokens, alphas = greedy_decode(decoder, torch.randn(3, 5, 8), BOS, EOS, max_len=4)
     assert alphas.shape == (3, tokens.shape[1], 5)
     assert torch.allclose(alphas.sum(-1), torch.ones(3, tokens.shape[1]))

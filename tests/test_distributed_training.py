@@ -11,8 +11,15 @@ from tests.conftest import TINY_SHAPES, read_metrics, run_cli
 
 # Dropout masks and BatchNorm batch statistics are drawn per process, so they are switched off here: a frozen
 # (BatchNorm in eval mode) encoder and no decoder dropout; everything else trains as usual.
-SAME_IN_BOTH = [*TINY_SHAPES, "data.num_train=96", "data.batch_size=16", "trainer.max_epochs=3",
-                "model.encoder.finetune=none", "model.decoder.dropout=0", "logger=csv"]
+SAME_IN_BOTH = [
+    *TINY_SHAPES,
+    "data.num_train=96",
+    "data.batch_size=16",
+    "trainer.max_epochs=3",
+    "model.encoder.finetune=none",
+    "model.decoder.dropout=0",
+    "logger=csv",
+]
 CAPTION_METRICS = ["test/BLEU-1", "test/BLEU-4", "test/METEOR", "test/ROUGE-L", "test/CIDEr"]
 
 

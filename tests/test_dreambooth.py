@@ -23,7 +23,7 @@ def save_images(folder: Path, count: int, size: int = RESOLUTION, seed: int = 0)
     for i in range(count):
         image = np.full((size, size + 8, 3), rng.integers(0, 255, 3), np.uint8)
         top, left = rng.integers(0, size // 2, 2)
-        image[top:top + size // 2, left:left + size // 2] = rng.integers(0, 255, 3)
+        image[top : top + size // 2, left : left + size // 2] = rng.integers(0, 255, 3)
         Image.fromarray(image).save(folder / f"img_{i}.png")
     return folder
 
@@ -35,11 +35,18 @@ def save_tiny_clip(folder: Path, image_size: int = 32) -> Path:
     torch.manual_seed(0)
     tokenizer = clip_tokenizer(folder.parent / f"{folder.name}_tokenizer")
     text = clip_text_config(tokenizer).to_dict()
-    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "image_size": image_size, "patch_size": 8}
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": 8,
+    }
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
 
@@ -49,8 +56,17 @@ def save_tiny_vit(folder: Path, image_size: int = 32) -> Path:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                       image_size=image_size, patch_size=8), add_pooling_layer=False).save_pretrained(folder)
+    ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            image_size=image_size,
+            patch_size=8,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(folder)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder
 
@@ -73,10 +89,23 @@ def dog(tmp_path_factory) -> Path:
 
 def tiny_args(pipeline: Path, instance: Path, *extra: str) -> list[str]:
     """task=sdxl_dreambooth shrunk to the tiny pipeline: CPU, fp32, 64 px, two inference steps, no fidelity models."""
-    return ["task=sdxl_dreambooth", f"model.pretrained={pipeline}", "model.vae=null", "model.fidelity.clip=null",
-            "model.fidelity.dino=null", "model.inference.num_inference_steps=2", "trainer.precision=32-true",
-            f"data.source.folder={instance}", f"data.resolution={RESOLUTION}", "data.center_crop=true",
-            "data.seeds=[0]", "trainer.log_every_n_steps=1", "~callbacks.model_summary", "logger=csv", *extra]
+    return [
+        "task=sdxl_dreambooth",
+        f"model.pretrained={pipeline}",
+        "model.vae=null",
+        "model.fidelity.clip=null",
+        "model.fidelity.dino=null",
+        "model.inference.num_inference_steps=2",
+        "trainer.precision=32-true",
+        f"data.source.folder={instance}",
+        f"data.resolution={RESOLUTION}",
+        "data.center_crop=true",
+        "data.seeds=[0]",
+        "trainer.log_every_n_steps=1",
+        "~callbacks.model_summary",
+        "logger=csv",
+        *extra,
+    ]
 
 
 def run_here(run_dir: Path, data_dir: Path, args: list[str]) -> dict[str, float]:
@@ -94,8 +123,14 @@ def lora_keys(path: Path) -> list[str]:
 
 
 def generate(pipeline, prompt: str = "a photo of sks dog", seed: int = 0) -> np.ndarray:
-    return pipeline(prompt, num_inference_steps=2, height=RESOLUTION, width=RESOLUTION, output_type="np",
-                    generator=torch.Generator().manual_seed(seed)).images[0]
+    return pipeline(
+        prompt,
+        num_inference_steps=2,
+        height=RESOLUTION,
+        width=RESOLUTION,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -104,10 +139,22 @@ def trained(tiny_sdxl, dog, fidelity_models, tmp_path_factory, data_dir) -> Path
     """python run.py task=sdxl_dreambooth: text-encoder LoRA, Kohya export, validation with fidelity every 2 steps."""
     run_dir = tmp_path_factory.mktemp("dreambooth") / "train"
     clip, dino = fidelity_models
-    args = tiny_args(tiny_sdxl, dog, "trainer.max_steps=4", "trainer.val_check_interval=2", "logger=tensorboard",
-                     f"model.fidelity.clip={clip}", f"model.fidelity.dino={dino}",
-                     "model.train_text_encoder=true", "model.text_encoder.lr=1e-3", "model.optimizer.lr=1e-2",
-                     "model.kohya=true", "model.snr_gamma=5.0", "model.noise_offset=0.05", "data.random_flip=true")
+    args = tiny_args(
+        tiny_sdxl,
+        dog,
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "logger=tensorboard",
+        f"model.fidelity.clip={clip}",
+        f"model.fidelity.dino={dino}",
+        "model.train_text_encoder=true",
+        "model.text_encoder.lr=1e-3",
+        "model.optimizer.lr=1e-2",
+        "model.kohya=true",
+        "model.snr_gamma=5.0",
+        "model.noise_offset=0.05",
+        "data.random_flip=true",
+    )
     run_cli(args, run_dir, data_dir)
     return run_dir
 
@@ -119,8 +166,12 @@ def test_export_loads_in_diffusers_and_changes_the_images(trained, tiny_sdxl):
     keys = lora_keys(export / "pytorch_lora_weights.safetensors")
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
     # the diffusers layout: <component>.<module path>.lora[_linear_layer].down/up.weight, nothing else
-    assert all(k.endswith((".lora.down.weight", ".lora.up.weight", ".lora_linear_layer.down.weight",
-                           ".lora_linear_layer.up.weight")) for k in keys), keys[:5]
+    assert all(
+        k.endswith(
+            (".lora.down.weight", ".lora.up.weight", ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")
+        )
+        for k in keys
+    ), keys[:5]
     kohya = lora_keys(export / "pytorch_lora_weights_kohya.safetensors")
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"} and any(k.endswith(".alpha") for k in kohya)
     card = (export / "README.md").read_text()
@@ -152,18 +203,29 @@ def test_resume_continues_from_the_checkpoint(trained, tiny_sdxl, dog, tmp_path,
     checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4
     assert checkpoint["state_dict"] and all("lora" in k for k in checkpoint["state_dict"])  # adapters only
-    args = tiny_args(tiny_sdxl, dog, "trainer.max_steps=6", "trainer.val_check_interval=2",
-                     "model.train_text_encoder=true",
-                     f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "export_after_train=false",
-                     "data.test_prompts=[]")
+    args = tiny_args(
+        tiny_sdxl,
+        dog,
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=2",
+        "model.train_text_encoder=true",
+        f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}",
+        "export_after_train=false",
+        "data.test_prompts=[]",
+    )
     run_here(tmp_path, data_dir, args)
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 6
     changed = [k for k, v in resumed["state_dict"].items() if not torch.equal(v, checkpoint["state_dict"][k])]
     assert changed
 
-    export_args = tiny_args(tiny_sdxl, dog, "mode=export", "model.train_text_encoder=true",
-                            f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}")
+    export_args = tiny_args(
+        tiny_sdxl,
+        dog,
+        "mode=export",
+        "model.train_text_encoder=true",
+        f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}",
+    )
     run_here(tmp_path / "exported", data_dir, export_args)
     assert "| training steps | 6 |" in (tmp_path / "exported" / "export" / "README.md").read_text()
 
@@ -186,10 +248,14 @@ def test_dora_adapters_load_in_diffusers_exactly(tiny_sdxl, tmp_path):
     np.testing.assert_allclose(generate(pipeline), generate(model.pipeline()), atol=1e-5)
 
 
-def test_predict_with_checkpoint_or_exported_lora_gives_the_same_images(trained, tiny_sdxl, dog, tmp_path,
-                                                                          data_dir):
-    common = tiny_args(tiny_sdxl, dog, "mode=predict", "data.prompts=[a photo of sks dog,sks dog on a beach]",
-                       "model.train_text_encoder=true")
+def test_predict_with_checkpoint_or_exported_lora_gives_the_same_images(trained, tiny_sdxl, dog, tmp_path, data_dir):
+    common = tiny_args(
+        tiny_sdxl,
+        dog,
+        "mode=predict",
+        "data.prompts=[a photo of sks dog,sks dog on a beach]",
+        "model.train_text_encoder=true",
+    )
     run_here(tmp_path / "ckpt", data_dir, [*common, f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}"])
     run_here(tmp_path / "lora", data_dir, [*common, f"model.lora_weights={trained / 'export'}", "model.fuse_lora=true"])
     for name in ("ckpt", "lora"):
@@ -197,16 +263,25 @@ def test_predict_with_checkpoint_or_exported_lora_gives_the_same_images(trained,
         assert [r["prompt"] for r in rows] == ["a photo of sks dog", "sks dog on a beach"]
         assert read_metrics(tmp_path / name)["predict/images"] == 2
     for row in rows:
-        a, b = (np.asarray(Image.open(tmp_path / run / "images" / row["image"]), np.float32)
-                for run in ("ckpt", "lora"))
+        a, b = (
+            np.asarray(Image.open(tmp_path / run / "images" / row["image"]), np.float32) for run in ("ckpt", "lora")
+        )
         assert np.abs(a - b).mean() < 1.0  # the fused exported LoRA draws what the checkpoint's adapters draw
 
 
-def test_eval_scores_fidelity_of_the_base_model_or_a_checkpoint(trained, tiny_sdxl, dog, fidelity_models, tmp_path,
-                                                                 data_dir):
+def test_eval_scores_fidelity_of_the_base_model_or_a_checkpoint(
+    trained, tiny_sdxl, dog, fidelity_models, tmp_path, data_dir
+):
     clip, dino = fidelity_models
-    common = tiny_args(tiny_sdxl, dog, "mode=eval", "model.train_text_encoder=true", f"model.fidelity.clip={clip}",
-                       f"model.fidelity.dino={dino}", "data.test_prompts=[a photo of sks dog,sks dog in the snow]")
+    common = tiny_args(
+        tiny_sdxl,
+        dog,
+        "mode=eval",
+        "model.train_text_encoder=true",
+        f"model.fidelity.clip={clip}",
+        f"model.fidelity.dino={dino}",
+        "data.test_prompts=[a photo of sks dog,sks dog in the snow]",
+    )
     base = run_here(tmp_path / "base", data_dir, common)  # builds_from_config: the base model, no LoRA
     tuned = run_here(tmp_path / "tuned", data_dir, [*common, f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}"])
     assert set(base) == set(tuned) == {"test/CLIP-T", "test/CLIP-I", "test/DINO"}
@@ -233,8 +308,15 @@ def fixed_loss(model, batch: dict, draws: int = 1) -> float:
 
 
 def test_cached_latents_and_prompts_give_the_uncached_first_step_loss(tiny_sdxl, dog, tmp_path, data_dir):
-    common = tiny_args(tiny_sdxl, dog, "trainer.max_steps=1", "data.random_flip=true", "data.batch_size=2",
-                       "data.test_prompts=[]", "export_after_train=false")
+    common = tiny_args(
+        tiny_sdxl,
+        dog,
+        "trainer.max_steps=1",
+        "data.random_flip=true",
+        "data.batch_size=2",
+        "data.test_prompts=[]",
+        "export_after_train=false",
+    )
     uncached = run_here(tmp_path / "uncached", data_dir, [*common, "model.cache_prompt_embeddings=false"])
     cached = run_here(tmp_path / "cached", data_dir, [*common, "data.cache_latents=true"])
     assert cached["train/loss"] == pytest.approx(uncached["train/loss"], rel=1e-5)
@@ -242,9 +324,17 @@ def test_cached_latents_and_prompts_give_the_uncached_first_step_loss(tiny_sdxl,
 
 def test_prior_preservation_generates_class_images_once_and_adds_their_loss(tiny_sdxl, dog, tmp_path, data_dir):
     classes = tmp_path / "class_images"
-    args = tiny_args(tiny_sdxl, dog, "trainer.max_steps=2", "data.prior_preservation=true",
-                     "data.class_prompt=a photo of a dog", f"data.class_images={classes}", "data.num_class_images=3",
-                     "data.class_batch_size=2", "data.test_prompts=[]")
+    args = tiny_args(
+        tiny_sdxl,
+        dog,
+        "trainer.max_steps=2",
+        "data.prior_preservation=true",
+        "data.class_prompt=a photo of a dog",
+        f"data.class_images={classes}",
+        "data.num_class_images=3",
+        "data.class_batch_size=2",
+        "data.test_prompts=[]",
+    )
     run_here(tmp_path / "first", data_dir, args)
     keys = lora_keys(tmp_path / "first" / "export" / "pytorch_lora_weights.safetensors")
     assert {k.split(".")[0] for k in keys} == {"unet"}  # no text-encoder LoRA: UNet adapters only
@@ -267,21 +357,39 @@ def test_prior_preservation_generates_class_images_once_and_adds_their_loss(tiny
 def test_loss_falls_when_overfitting_two_images(tiny_sdxl, dog, tmp_path, data_dir):
     import lightning as L
 
-    model, data = build(tmp_path, data_dir, tiny_args(tiny_sdxl, dog, "model.optimizer.lr=1e-2", "model.lora.rank=8",
-                                                      "data.cache_latents=true", "data.batch_size=2"))
+    model, data = build(
+        tmp_path,
+        data_dir,
+        tiny_args(
+            tiny_sdxl,
+            dog,
+            "model.optimizer.lr=1e-2",
+            "model.lora.rank=8",
+            "data.cache_latents=true",
+            "data.batch_size=2",
+        ),
+    )
     data.enable_latent_cache(model.encode_latent_parameters)
     batch = next(iter(data.train_dataloader()))
     before = fixed_loss(model, batch, draws=16)
-    trainer = L.Trainer(max_steps=80, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=80,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model, train_dataloaders=data.train_dataloader())
     after = fixed_loss(model, batch, draws=16)
     assert after < before - 0.03, (before, after)  # measured: 1.083 -> 1.010 after 100 steps
 
 
 def test_v_prediction_and_min_snr_weights(tiny_sdxl, dog, tmp_path, data_dir):
-    model, data = build(tmp_path, data_dir, tiny_args(tiny_sdxl, dog, "model.prediction_type=v_prediction",
-                                                      "model.snr_gamma=5.0"))
+    model, data = build(
+        tmp_path, data_dir, tiny_args(tiny_sdxl, dog, "model.prediction_type=v_prediction", "model.snr_gamma=5.0")
+    )
     timesteps = torch.tensor([10, 500, 990])
     snr = (model.noise_scheduler.alphas_cumprod / (1 - model.noise_scheduler.alphas_cumprod))[timesteps]
     assert torch.allclose(model.snr_weights(timesteps), snr.clamp(max=5.0) / (snr + 1))
@@ -318,8 +426,9 @@ def test_bad_instance_folders(tmp_path, caplog):
     (folder / "notes.txt").write_text("x")
     (folder / "labels.csv").write_text("x")
     caplog.clear()
-    data = DreamBoothDataModule(source=lambda: read_instance_folder(folder, "a photo of a dog"),
-                                trigger_token="sks", resolution=64)
+    data = DreamBoothDataModule(
+        source=lambda: read_instance_folder(folder, "a photo of a dog"), trigger_token="sks", resolution=64
+    )
     assert len(data.instances) == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert sum("non-image" in w and "labels.csv, notes.txt" in w for w in warnings) == 1
@@ -341,11 +450,18 @@ def test_bad_instance_folders(tmp_path, caplog):
 
 def test_captioned_images_train_with_their_own_prompts(tiny_sdxl, tmp_path, data_dir):
     folder = save_images(tmp_path / "icons", 2)
-    lines = [{"file_name": "img_0.png", "prompt": "a TOK icon of a cat, in the style of TOK"},
-             {"file_name": "img_1.png", "prompt": "a TOK icon of a house, in the style of TOK"}]
+    lines = [
+        {"file_name": "img_0.png", "prompt": "a TOK icon of a cat, in the style of TOK"},
+        {"file_name": "img_1.png", "prompt": "a TOK icon of a house, in the style of TOK"},
+    ]
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    args = [*tiny_args(tiny_sdxl, folder, "trainer.max_steps=2", "data.test_prompts=[]"), "task=sdxl_lora_3d_icons",
-            "model.lora.rank=4", "data.batch_size=2", f"data.source.folder={folder}"]
+    args = [
+        *tiny_args(tiny_sdxl, folder, "trainer.max_steps=2", "data.test_prompts=[]"),
+        "task=sdxl_lora_3d_icons",
+        "model.lora.rank=4",
+        "data.batch_size=2",
+        f"data.source.folder={folder}",
+    ]
     model, data = build(tmp_path, data_dir, args)
     assert sorted(data.train_prompts()) == [line["prompt"] for line in lines]
     metrics = run_here(tmp_path / "run", data_dir, args)

@@ -41,8 +41,9 @@ def test_missing_weights_file_names_the_key(tmp_path):
         ImageEncoder("densenet201", pretrained=str(tmp_path / "nope.pth"))
 
 
-@pytest.mark.parametrize("finetune, trainable", [("all", {"conv1", "layer1", "layer4"}), ("last", {"layer4"}),
-                                                 ("none", set())])
+@pytest.mark.parametrize(
+    "finetune, trainable", [("all", {"conv1", "layer1", "layer4"}), ("last", {"layer4"}), ("none", set())]
+)
 def test_finetune_picks_the_trainable_stages(finetune, trainable):
     encoder = ImageEncoder("resnet50", finetune=finetune)
     names = {"conv1": encoder.body[0], "layer1": encoder.body[4], "layer4": encoder.body[7]}
@@ -59,9 +60,12 @@ def test_unknown_finetune_names_the_key():
 def test_encoder_has_its_own_learning_rate():
     from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 
-    model = CNNRNNCaptioner(vocab=["<pad>", "<bos>", "<eos>", "<unk>", "a"], encoder={"width": 8, "lr": 1e-4},
-                            decoder={"hidden_dim": 16, "embed_dim": 8, "attention_dim": 8},
-                            optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3})
+    model = CNNRNNCaptioner(
+        vocab=["<pad>", "<bos>", "<eos>", "<unk>", "a"],
+        encoder={"width": 8, "lr": 1e-4},
+        decoder={"hidden_dim": 16, "embed_dim": 8, "attention_dim": 8},
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+    )
     decoder_group, encoder_group = model.configure_optimizers().param_groups
     assert decoder_group["lr"] == 1e-3 and encoder_group["lr"] == 1e-4
     assert len(encoder_group["params"]) == len(list(model.encoder.parameters()))

@@ -15,8 +15,14 @@ from tests.conftest import read_metrics, run_cli
 
 EPOCHS, TRAIN_IMAGES, BATCH = 5, 320, 32
 STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH
-SMALL_SHAPES = [f"data.num_train={TRAIN_IMAGES}", "data.num_val=40", "data.num_test=40", f"data.batch_size={BATCH}",
-                "data.num_workers=0", "model.decoder.hidden_dim=128"]
+SMALL_SHAPES = [
+    f"data.num_train={TRAIN_IMAGES}",
+    "data.num_val=40",
+    "data.num_test=40",
+    f"data.batch_size={BATCH}",
+    "data.num_workers=0",
+    "model.decoder.hidden_dim=128",
+]
 TEST_KEYS = ["test/BLEU-1", "test/BLEU-2", "test/BLEU-3", "test/BLEU-4", "test/METEOR", "test/ROUGE-L", "test/CIDEr"]
 
 
@@ -77,9 +83,14 @@ def test_test_predictions_are_scored_by_cocoevalcap_directly(trained, tmp_path, 
         rows = list(csv.DictReader(f))
     results = json.loads((trained / "test_predictions.json").read_text())
     assert len(rows) == len(results) == 40 and [r["caption"] for r in results] == [r["prediction"] for r in rows]
-    ground_truth = {"images": [{"id": r["image_id"]} for r in results], "annotations": [
-        {"id": i * 100 + j, "image_id": result["image_id"], "caption": ref}
-        for i, (result, row) in enumerate(zip(results, rows)) for j, ref in enumerate(row["references"].split(" | "))]}
+    ground_truth = {
+        "images": [{"id": r["image_id"]} for r in results],
+        "annotations": [
+            {"id": i * 100 + j, "image_id": result["image_id"], "caption": ref}
+            for i, (result, row) in enumerate(zip(results, rows))
+            for j, ref in enumerate(row["references"].split(" | "))
+        ],
+    }
     (tmp_path / "gt.json").write_text(json.dumps(ground_truth))
     coco = COCO(str(tmp_path / "gt.json"))
     evaluation = COCOEvalCap(coco, coco.loadRes(str(trained / "test_predictions.json")))
@@ -89,8 +100,18 @@ def test_test_predictions_are_scored_by_cocoevalcap_directly(trained, tmp_path, 
 
 def test_self_critical_training_raises_test_cider(trained, tmp_path, data_dir):
     """Two SCST epochs from the cross-entropy checkpoint beat it on the test split (fixed seed)."""
-    run_cli([*SMALL_SHAPES, f"ckpt_path={trained}/checkpoints/last.ckpt", f"trainer.max_epochs={EPOCHS + 2}",
-             f"model.scst.start_epoch={EPOCHS}", "model.scst.lr=0.0005", "logger=csv"], tmp_path, data_dir)
+    run_cli(
+        [
+            *SMALL_SHAPES,
+            f"ckpt_path={trained}/checkpoints/last.ckpt",
+            f"trainer.max_epochs={EPOCHS + 2}",
+            f"model.scst.start_epoch={EPOCHS}",
+            "model.scst.lr=0.0005",
+            "logger=csv",
+        ],
+        tmp_path,
+        data_dir,
+    )
     with open(tmp_path / "csv" / "metrics.csv") as f:
         rewards = [float(row["train/reward"]) for row in csv.DictReader(f) if row.get("train/reward")]
     assert rewards, "SCST never ran"
@@ -104,8 +125,17 @@ def test_eval_reproduces_the_train_runs_test_metrics(trained, tmp_path, data_dir
 
 
 def test_ddp_sim_eval_gives_the_single_process_metrics(trained, tmp_path, data_dir):
-    run_cli([*SMALL_SHAPES, "mode=eval", "trainer=ddp_sim", "data.eval_batch_size=16",
-             f"ckpt_path={best_checkpoint(trained)}"], tmp_path, data_dir)
+    run_cli(
+        [
+            *SMALL_SHAPES,
+            "mode=eval",
+            "trainer=ddp_sim",
+            "data.eval_batch_size=16",
+            f"ckpt_path={best_checkpoint(trained)}",
+        ],
+        tmp_path,
+        data_dir,
+    )
     distributed, single = read_metrics(tmp_path), read_metrics(trained)
     assert {k: distributed[k] for k in TEST_KEYS} == {k: single[k] for k in TEST_KEYS}
 
@@ -118,8 +148,11 @@ def test_last_checkpoint_is_the_last_epoch_and_best_is_kept(trained):
 
 
 def test_resume_from_last_continues_at_the_right_step(trained, tmp_path, data_dir):
-    run_cli([*SMALL_SHAPES, f"trainer.max_epochs={EPOCHS + 1}", f"ckpt_path={trained}/checkpoints/last.ckpt"],
-            tmp_path, data_dir)
+    run_cli(
+        [*SMALL_SHAPES, f"trainer.max_epochs={EPOCHS + 1}", f"ckpt_path={trained}/checkpoints/last.ckpt"],
+        tmp_path,
+        data_dir,
+    )
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["epoch"] == EPOCHS and resumed["global_step"] == (EPOCHS + 1) * STEPS_PER_EPOCH
     before = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -127,8 +160,9 @@ def test_resume_from_last_continues_at_the_right_step(trained, tmp_path, data_di
 
 
 def test_checkpoint_loads_without_config_or_data(trained):
-    model = CNNRNNCaptioner.load_from_checkpoint(trained / "checkpoints" / "last.ckpt", map_location="cpu",
-                                                 weights_only=True).eval()
+    model = CNNRNNCaptioner.load_from_checkpoint(
+        trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    ).eval()
     assert model.vocab.words[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"] and "circle" in model.vocab.words
     caption = model.generate(torch.zeros(2, 3, 64, 64))
     assert len(caption) == 2 and all(isinstance(c, str) for c in caption)
@@ -146,14 +180,26 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 def predict(trained, images, run_dir, data_dir, *args) -> list[dict]:
-    run_cli([*SMALL_SHAPES, "mode=predict", f"ckpt_path={best_checkpoint(trained)}", f"data.images={images}",
-             "model.beam_size=3", *args], run_dir, data_dir)
+    run_cli(
+        [
+            *SMALL_SHAPES,
+            "mode=predict",
+            f"ckpt_path={best_checkpoint(trained)}",
+            f"data.images={images}",
+            "model.beam_size=3",
+            *args,
+        ],
+        run_dir,
+        data_dir,
+    )
     return json.loads((run_dir / "predictions.json").read_text())
 
 
 def test_predict_with_ddp_sim_gives_every_image_once(trained, image_folder, tmp_path, data_dir):
     single = predict(trained, image_folder, tmp_path / "single", data_dir)
-    distributed = predict(trained, image_folder, tmp_path / "ddp", data_dir, "trainer=ddp_sim", "data.eval_batch_size=1")
+    distributed = predict(
+        trained, image_folder, tmp_path / "ddp", data_dir, "trainer=ddp_sim", "data.eval_batch_size=1"
+    )
     assert distributed == single
 
 

@@ -32,28 +32,50 @@ def fast_style_args(root: Path) -> list[str]:
     for i in range(4):
         write_image(root / "content" / f"c{i}.png", (48, 40), seed=i)
     style = write_image(root / "style.png", (64, 64), seed=99)
-    return ["task=fast_style", *TINY_CLI, f"data.folder={root / 'content'}", f"data.style={style}",
-            "trainer.max_epochs=1"]
+    return [
+        "task=fast_style",
+        *TINY_CLI,
+        f"data.folder={root / 'content'}",
+        f"data.style={style}",
+        "trainer.max_epochs=1",
+    ]
 
 
 # Each task shrunk to seconds (the tiny models its own tests build; one epoch or a few steps), with global batches
 # that two processes can share.
 TASKS = {
     "shapes_captioning": lambda root, data: ["task=shapes_captioning", *TINY_SHAPES, "trainer.max_epochs=1"],
-    "blip_shapes": lambda root, data: ["task=blip_shapes", f"model.pretrained={tiny_blip_dir(data)}", *OVERFIT,
-                                       "trainer.max_epochs=1"],
-    "vit_gpt2_shapes": lambda root, data: ["task=vit_gpt2_shapes", f"model.pretrained={save_tiny_vit_gpt2(root / 'm')}",
-                                           *OVERFIT, "data.batch_size=2", "trainer.max_epochs=1"],
-    "sdxl_dreambooth": lambda root, data: tiny_args(save_tiny_sdxl(root / "sdxl", RESOLUTION),
-                                                    save_images(root / "dog", 2), "trainer.max_steps=2",
-                                                    "trainer.val_check_interval=2", "data.batch_size=2",
-                                                    "data.test_prompts=[]"),
+    "blip_shapes": lambda root, data: [
+        "task=blip_shapes",
+        f"model.pretrained={tiny_blip_dir(data)}",
+        *OVERFIT,
+        "trainer.max_epochs=1",
+    ],
+    "vit_gpt2_shapes": lambda root, data: [
+        "task=vit_gpt2_shapes",
+        f"model.pretrained={save_tiny_vit_gpt2(root / 'm')}",
+        *OVERFIT,
+        "data.batch_size=2",
+        "trainer.max_epochs=1",
+    ],
+    "sdxl_dreambooth": lambda root, data: tiny_args(
+        save_tiny_sdxl(root / "sdxl", RESOLUTION),
+        save_images(root / "dog", 2),
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "data.batch_size=2",
+        "data.test_prompts=[]",
+    ),
     "shapes_classifier": lambda root, data: ["task=shapes_classifier", "trainer.max_epochs=1"],
     "saliency": lambda root, data: ["task=saliency", *SALIENCY],
     "adversarial": lambda root, data: ["task=adversarial", "model.attack=pgd", "data.num_predict=4"],
     "class_visualisation": lambda root, data: ["task=class_visualisation", "model.steps=5", "data.targets=[0,3]"],
-    "style_transfer": lambda root, data: ["task=style_transfer", "data.image_size=48", "data.iterations=4",
-                                          "model.image_every_n_steps=2"],
+    "style_transfer": lambda root, data: [
+        "task=style_transfer",
+        "data.image_size=48",
+        "data.iterations=4",
+        "model.image_every_n_steps=2",
+    ],
     "fast_style": lambda root, data: fast_style_args(root),
 }
 
@@ -69,8 +91,11 @@ def check_finished(run_dir: Path, **trainer: object) -> None:
 @pytest.mark.parametrize("task", list(TASKS))
 def test_task_runs_in_bf16_mixed(task, tmp_path, data_dir, shapes_checkpoint):  # noqa: F811
     # after the task's own args: tiny_args pins 32-true for the other DreamBooth tests
-    run(compose_config([*TASKS[task](tmp_path, data_dir), "trainer.precision=bf16-mixed", "logger=csv"],
-                       tmp_path / "run", data_dir))
+    run(
+        compose_config(
+            [*TASKS[task](tmp_path, data_dir), "trainer.precision=bf16-mixed", "logger=csv"], tmp_path / "run", data_dir
+        )
+    )
     check_finished(tmp_path / "run", precision="bf16-mixed")
 
 

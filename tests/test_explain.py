@@ -23,8 +23,14 @@ from tests.conftest import read_metrics, run_cli
 from tests.test_classifier import shapes_checkpoint  # noqa: F401 (session fixture)
 
 # Few images and cheap settings; the figures in the README come from the defaults on 32 images.
-SALIENCY = ["data.num_predict=12", "data.eval_batch_size=12", "model.smoothgrad_samples=8",
-            "model.ig_steps=16", "model.deletion_steps=8", "model.contact_sheet_images=4"]
+SALIENCY = [
+    "data.num_predict=12",
+    "data.eval_batch_size=12",
+    "model.smoothgrad_samples=8",
+    "model.ig_steps=16",
+    "model.deletion_steps=8",
+    "model.contact_sheet_images=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +113,14 @@ def test_saliency_run_writes_maps_sheets_and_metrics(saliency_run):
 def test_pointing_game_is_far_above_chance(saliency_run):
     metrics = read_metrics(saliency_run)
     chance = metrics["predict/pointing_game_chance"]
-    figures = {m: (metrics[f"predict/{m}/pointing_game"], metrics[f"predict/{m}/deletion_auc"],
-                   metrics[f"predict/{m}/insertion_auc"]) for m in METHODS}
+    figures = {
+        m: (
+            metrics[f"predict/{m}/pointing_game"],
+            metrics[f"predict/{m}/deletion_auc"],
+            metrics[f"predict/{m}/insertion_auc"],
+        )
+        for m in METHODS
+    }
     print(f"\npointing game chance {chance:.3f}; (pointing game, deletion AUC, insertion AUC): {figures}")
     for method in ("gradcam", "integrated_gradients"):
         assert metrics[f"predict/{method}/pointing_game"] >= max(0.8, 3 * chance), method
@@ -133,12 +145,25 @@ def test_explains_a_folder_of_images(tmp_path, data_dir, shapes_checkpoint):
         Image.open(path).save(folder / ("sub" if i else ".") / "same_name.png")
     (folder / "broken.png").write_bytes(b"not a png")
     run_dir = tmp_path / "run"
-    result = run_cli(["task=saliency", "data=explain_images", f"data.images={folder}", "data.image_size=64",
-                      "data.skip_bad_images=true", "model.methods=[gradcam]", "model.randomisation=false",
-                      f"model.classifier.checkpoint={shapes_checkpoint}"], run_dir, data_dir)
+    result = run_cli(
+        [
+            "task=saliency",
+            "data=explain_images",
+            f"data.images={folder}",
+            "data.image_size=64",
+            "data.skip_bad_images=true",
+            "model.methods=[gradcam]",
+            "model.randomisation=false",
+            f"model.classifier.checkpoint={shapes_checkpoint}",
+        ],
+        run_dir,
+        data_dir,
+    )
     assert "skipped 1 unreadable images" in result.stdout + result.stderr
     assert sorted(p.name for p in (run_dir / "saliency" / "gradcam").glob("*.png")) == [
-        "same_name.png", "sub__same_name.png"]
+        "same_name.png",
+        "sub__same_name.png",
+    ]
     assert read_metrics(run_dir)["predict/images"] == 2
 
 
@@ -151,8 +176,9 @@ def test_bad_input_is_one_clear_error(tmp_path, shapes_checkpoint):
     with pytest.raises(UserError, match="model.methods: occlusion"):
         SaliencyModule(classifier, methods=["occlusion"], randomisation=False)
     with pytest.raises(UserError, match="data's classes"):
-        SaliencyModule({"name": "resnet18", "pretrained": False}, methods=["vanilla"], classes=["circle"],
-                       randomisation=False)
+        SaliencyModule(
+            {"name": "resnet18", "pretrained": False}, methods=["vanilla"], classes=["circle"], randomisation=False
+        )
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "broken.png").write_bytes(b"not a png")

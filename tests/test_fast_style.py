@@ -17,12 +17,22 @@ from lightning_modules.style.nets import TransformerNet
 from tests.conftest import read_metrics, run_cli
 from tests.test_style_transfer import write_image
 
-TINY = {"net": {"width": 8, "residual_blocks": 2}, "vgg": {"arch": "vgg16", "pretrained": False},
-        "content_layers": ["relu2_2"], "style_layers": {"relu1_2": 1.0, "relu2_2": 1.0},
-        "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.01}}
-TINY_CLI = ["model.net.width=8", "model.net.residual_blocks=2", "model.content_layers=[relu2_2]",
-            "model.style_layers={relu1_2: 1.0, relu2_2: 1.0}", "data.image_size=32", "data.batch_size=2",
-            "data.num_workers=0"]
+TINY = {
+    "net": {"width": 8, "residual_blocks": 2},
+    "vgg": {"arch": "vgg16", "pretrained": False},
+    "content_layers": ["relu2_2"],
+    "style_layers": {"relu1_2": 1.0, "relu2_2": 1.0},
+    "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.01},
+}
+TINY_CLI = [
+    "model.net.width=8",
+    "model.net.residual_blocks=2",
+    "model.content_layers=[relu2_2]",
+    "model.style_layers={relu1_2: 1.0, relu2_2: 1.0}",
+    "data.image_size=32",
+    "data.batch_size=2",
+    "data.num_workers=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +57,9 @@ def test_transformer_net_keeps_any_size_and_range():
 
 def test_fast_style_learns_on_generated_images(folders, tmp_path):
     torch.manual_seed(0)
-    data = ContentFolderDataModule(str(folders / "content"), str(folders / "style.png"), image_size=32,
-                                   batch_size=2, num_workers=0)
+    data = ContentFolderDataModule(
+        str(folders / "content"), str(folders / "style.png"), image_size=32, batch_size=2, num_workers=0
+    )
     model = FastStyle(**TINY, style=data.model_inputs()["style"])
     losses = []
 
@@ -56,8 +67,15 @@ def test_fast_style_learns_on_generated_images(folders, tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Record()], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=data)
     assert len(losses) == 24
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
@@ -95,13 +113,32 @@ def test_same_size_batches_and_predict_errors(folders):
 
 def test_run_py_trains_exports_and_stylises_a_folder(folders, tmp_path, data_dir):
     train_dir, predict_dir = tmp_path / "train", tmp_path / "predict"
-    run_cli(["task=fast_style", *TINY_CLI, f"data.folder={folders / 'content'}", f"data.style={folders / 'style.png'}",
-             "trainer.max_epochs=1"], train_dir, data_dir)
+    run_cli(
+        [
+            "task=fast_style",
+            *TINY_CLI,
+            f"data.folder={folders / 'content'}",
+            f"data.style={folders / 'style.png'}",
+            "trainer.max_epochs=1",
+        ],
+        train_dir,
+        data_dir,
+    )
     assert "train/loss" in read_metrics(train_dir) and (train_dir / "checkpoints" / "last.ckpt").is_file()
     assert (train_dir / "export" / "fast_style.pt").is_file()
-    run_cli(["task=fast_style", "mode=predict", f"ckpt_path={train_dir / 'checkpoints' / 'last.ckpt'}",
-             f"data.images={folders / 'photos'}", "data.max_size=36", "data.predict_batch_size=2",
-             "data.num_workers=0"], predict_dir, data_dir)
+    run_cli(
+        [
+            "task=fast_style",
+            "mode=predict",
+            f"ckpt_path={train_dir / 'checkpoints' / 'last.ckpt'}",
+            f"data.images={folders / 'photos'}",
+            "data.max_size=36",
+            "data.predict_batch_size=2",
+            "data.num_workers=0",
+        ],
+        predict_dir,
+        data_dir,
+    )
     rows = json.loads((predict_dir / "predictions.json").read_text())
     assert [r["image"].rsplit("/", 1)[1] for r in rows] == ["p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg"]
     sizes = [Image.open(r["stylized"]).size for r in rows]

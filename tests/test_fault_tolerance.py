@@ -19,8 +19,16 @@ def last_checkpoint(run_dir):
 
 
 def test_sigterm_mid_epoch_saves_and_resume_auto_finishes_the_run(tmp_path, data_dir):
-    killed = run_cli([*ARGS, "+callbacks.fault._target_=tests.fault_injection.SigtermAtStep",
-                      f"+callbacks.fault.step={STEPS_PER_EPOCH + 2}"], tmp_path, data_dir, check=False)
+    killed = run_cli(
+        [
+            *ARGS,
+            "+callbacks.fault._target_=tests.fault_injection.SigtermAtStep",
+            f"+callbacks.fault.step={STEPS_PER_EPOCH + 2}",
+        ],
+        tmp_path,
+        data_dir,
+        check=False,
+    )
     assert killed.returncode == 0, killed.stderr[-2000:]
     assert "Received SIGTERM" in killed.stdout + killed.stderr
     interrupted = last_checkpoint(tmp_path)
@@ -40,8 +48,12 @@ def test_sigterm_mid_epoch_saves_and_resume_auto_finishes_the_run(tmp_path, data
 
 
 def test_nan_loss_stops_the_run_with_its_step(tmp_path, data_dir):
-    result = run_cli([*ARGS, "+callbacks.fault._target_=tests.fault_injection.NanLossAtStep", "+callbacks.fault.step=3"],
-                     tmp_path, data_dir, check=False)
+    result = run_cli(
+        [*ARGS, "+callbacks.fault._target_=tests.fault_injection.NanLossAtStep", "+callbacks.fault.step=3"],
+        tmp_path,
+        data_dir,
+        check=False,
+    )
     assert result.returncode != 0
     assert "train/loss is nan at global step 3 (epoch 0, batch 3)" in result.stdout + result.stderr
     saved = last_checkpoint(tmp_path)

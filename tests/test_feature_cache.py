@@ -129,17 +129,27 @@ def cache_dirs(root: Path) -> list[Path]:
 def test_training_runs_from_the_cache(tmp_path, data_dir, monkeypatch):
     served_features = []
     loss = CNNRNNCaptioner.loss
-    monkeypatch.setattr(CNNRNNCaptioner, "loss", lambda self, batch: served_features.append("features" in batch)
-                        or loss(self, batch))
-    run(compose_config([*CACHED_SHAPES, "trainer.fast_dev_run=true", f"data.feature_cache={tmp_path}/cache"],
-                       tmp_path / "run", data_dir))
+    monkeypatch.setattr(
+        CNNRNNCaptioner, "loss", lambda self, batch: served_features.append("features" in batch) or loss(self, batch)
+    )
+    run(
+        compose_config(
+            [*CACHED_SHAPES, "trainer.fast_dev_run=true", f"data.feature_cache={tmp_path}/cache"],
+            tmp_path / "run",
+            data_dir,
+        )
+    )
     assert served_features and all(served_features)  # train, val and test batches
     assert np.isfinite(read_metrics(tmp_path / "run")["test/CIDEr"])
     assert len(cache_dirs(tmp_path / "cache")) == 3  # train, val, test
 
 
 def test_ddp_sim_training_builds_one_cache_per_split(tmp_path, data_dir):
-    run_cli([*CACHED_SHAPES, "trainer=ddp_sim", "trainer.fast_dev_run=true", f"data.feature_cache={tmp_path}/cache"], tmp_path / "run", data_dir)
+    run_cli(
+        [*CACHED_SHAPES, "trainer=ddp_sim", "trainer.fast_dev_run=true", f"data.feature_cache={tmp_path}/cache"],
+        tmp_path / "run",
+        data_dir,
+    )
     assert "test/CIDEr" in read_metrics(tmp_path / "run")
     sizes = sorted(len(json.loads((d / "key.json").read_text())["images"]) for d in cache_dirs(tmp_path / "cache"))
     assert sizes == [16, 16, 48]

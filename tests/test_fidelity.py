@@ -45,8 +45,7 @@ def aligned_clip(tmp_path_factory) -> Path:
 
     folder = save_tiny_clip(tmp_path_factory.mktemp("aligned") / "clip")
     model, processor = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
-    inputs = processor(text=list(PAIRS), images=[picture(c) for c in PAIRS.values()], return_tensors="pt",
-                       padding=True)
+    inputs = processor(text=list(PAIRS), images=[picture(c) for c in PAIRS.values()], return_tensors="pt", padding=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     torch.manual_seed(0)
     for _ in range(30):

@@ -18,8 +18,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_task_runs_on_a_gpu_in_bf16_mixed(task, tmp_path, data_dir, shapes_checkpoint):  # noqa: F811
-    run_cli([*TASKS[task](tmp_path, data_dir), "trainer=gpu", "trainer.precision=bf16-mixed", "logger=csv"],
-            tmp_path / "run", data_dir)
+    run_cli(
+        [*TASKS[task](tmp_path, data_dir), "trainer=gpu", "trainer.precision=bf16-mixed", "logger=csv"],
+        tmp_path / "run",
+        data_dir,
+    )
     check_finished(tmp_path / "run", accelerator="gpu", precision="bf16-mixed")
 
 
@@ -28,10 +31,22 @@ def test_fsdp_trains_and_its_checkpoint_exports(task, tmp_path, data_dir):
     """FSDP on the GPUs there are (units from the task's fsdp_layers); the full checkpoint it writes exports."""
     args = [*TASKS[task](tmp_path, data_dir), "logger=csv"]
     devices = torch.cuda.device_count()
-    run_cli([*args, "trainer=fsdp", f"trainer.devices={devices}", "trainer.precision=bf16-mixed"], tmp_path / "run",
-            data_dir)
+    run_cli(
+        [*args, "trainer=fsdp", f"trainer.devices={devices}", "trainer.precision=bf16-mixed"],
+        tmp_path / "run",
+        data_dir,
+    )
     check_finished(tmp_path / "run", devices=devices, precision="bf16-mixed")
-    run_cli([*args, "trainer=gpu", "trainer.devices=1", "mode=export",
-             f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"], tmp_path / "export", data_dir)
+    run_cli(
+        [
+            *args,
+            "trainer=gpu",
+            "trainer.devices=1",
+            "mode=export",
+            f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+        ],
+        tmp_path / "export",
+        data_dir,
+    )
     weights = [load_file(path) for path in (tmp_path / "export" / "export").glob("*.safetensors")]
     assert weights and all(tensor.isfinite().all() for file in weights for tensor in file.values())

@@ -53,15 +53,18 @@ def test_explicit_choices_are_kept(tmp_path, data_dir):
     assert config.accelerator == "cpu" and trainer.num_devices == 2
 
 
-@pytest.mark.parametrize(("overrides", "gpus", "message"), [
-    (["trainer=gpu"], 0, "trainer.accelerator=gpu (trainer=gpu, ddp or fsdp) but this machine has no CUDA GPU"),
-    (["trainer=ddp", "trainer.devices=4"], 0, "this machine has no CUDA GPU"),
-    (["trainer.devices=4"], 0, "trainer.devices=4 asks for 4 GPUs, but this machine has no CUDA GPU"),
-    (["trainer.devices=8"], 4, "trainer.devices=8 asks for more GPUs than this machine has (4)"),
-    (["trainer=gpu", "trainer.devices=[0,5]"], 4, "trainer.devices=[0, 5] names GPU 5, but this machine has 4"),
-    (["trainer.max_epochs=abc"], 0, "trainer.max_epochs=abc must be a whole number >= -1"),
-    (["trainer.accumulate_grad_batches=0"], 0, "trainer.accumulate_grad_batches=0 must be a whole number >= 1"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "gpus", "message"),
+    [
+        (["trainer=gpu"], 0, "trainer.accelerator=gpu (trainer=gpu, ddp or fsdp) but this machine has no CUDA GPU"),
+        (["trainer=ddp", "trainer.devices=4"], 0, "this machine has no CUDA GPU"),
+        (["trainer.devices=4"], 0, "trainer.devices=4 asks for 4 GPUs, but this machine has no CUDA GPU"),
+        (["trainer.devices=8"], 4, "trainer.devices=8 asks for more GPUs than this machine has (4)"),
+        (["trainer=gpu", "trainer.devices=[0,5]"], 4, "trainer.devices=[0, 5] names GPU 5, but this machine has 4"),
+        (["trainer.max_epochs=abc"], 0, "trainer.max_epochs=abc must be a whole number >= -1"),
+        (["trainer.accumulate_grad_batches=0"], 0, "trainer.accumulate_grad_batches=0 must be a whole number >= 1"),
+    ],
+)
 def test_impossible_requests_are_one_clear_error(overrides, gpus, message, tmp_path, data_dir):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         trainer_for(overrides, tmp_path, data_dir, gpus=gpus)

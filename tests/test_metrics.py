@@ -15,11 +15,20 @@ from lightning_modules.captioning.metrics import CaptionMetrics
 REFERENCES = {
     1: ["A black dog runs across the grass.", "The dog's running on a lawn!", "A dog, running outside."],
     2: ["Two cats sleep on a red sofa.", "Cats sleeping on the couch."],
-    3: ["A man rides a bicycle down the street.", "A cyclist on a city road.", "Man riding his bike.",
-        "Someone cycles past parked cars.", "A person on a bike in traffic."],
+    3: [
+        "A man rides a bicycle down the street.",
+        "A cyclist on a city road.",
+        "Man riding his bike.",
+        "Someone cycles past parked cars.",
+        "A person on a bike in traffic.",
+    ],
     4: ["A plate of pasta with tomato sauce.", "Spaghetti on a white plate.", "A dish of noodles."],
-    5: ["Children play football in a park.", "Kids kicking a ball on the field.",
-        "A group of children playing soccer.", "Young boys chase a soccer ball."],
+    5: [
+        "Children play football in a park.",
+        "Kids kicking a ball on the field.",
+        "A group of children playing soccer.",
+        "Young boys chase a soccer ball.",
+    ],
     "img-6": ["A red car parked by the sea.", "A car next to the ocean."],
 }
 PREDICTIONS = {

@@ -18,8 +18,11 @@ from framework.runner import run
 from tests.conftest import TINY_MODEL, compose_config
 
 FLICKR8K = Path(__file__).parent / "fixtures" / "flickr8k"
-LISTS = {"train_list": "Flickr_8k.trainImages.txt", "val_list": "Flickr_8k.devImages.txt",
-         "test_list": "Flickr_8k.testImages.txt"}
+LISTS = {
+    "train_list": "Flickr_8k.trainImages.txt",
+    "val_list": "Flickr_8k.devImages.txt",
+    "test_list": "Flickr_8k.testImages.txt",
+}
 
 
 def write_image(path: Path, seed: int = 0) -> None:
@@ -35,8 +38,11 @@ def flickr8k_tree(tmp_path: Path) -> dict[str, str]:
     for list_file in LISTS.values():
         for i, name in enumerate((root / list_file).read_text().split()):
             write_image(root / "Flicker8k_Dataset" / name, i)
-    return {"token_file": str(root / "Flickr8k.token.txt"), "image_dir": str(root / "Flicker8k_Dataset"),
-            **{key: str(root / name) for key, name in LISTS.items()}}
+    return {
+        "token_file": str(root / "Flickr8k.token.txt"),
+        "image_dir": str(root / "Flicker8k_Dataset"),
+        **{key: str(root / name) for key, name in LISTS.items()},
+    }
 
 
 def test_flickr8k_release_files(tmp_path):
@@ -79,10 +85,13 @@ def test_missing_images_are_an_error_or_skipped_with_a_count(tmp_path, caplog):
     assert len(splits["val"]) == 3
 
 
-@pytest.mark.parametrize("line, message", [
-    ("caf\xe9 picture#0\ta caption".encode("latin-1"), "line 3: not UTF-8 text"),
-    (b"1191338263_a4fa073154.jpg a caption without tab", r"line 3: expected '<image>.jpg#<n><TAB><caption>'"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("caf\xe9 picture#0\ta caption".encode("latin-1"), "line 3: not UTF-8 text"),
+        (b"1191338263_a4fa073154.jpg a caption without tab", r"line 3: expected '<image>.jpg#<n><TAB><caption>'"),
+    ],
+)
 def test_bad_token_file_names_the_file_and_line(line, message, tmp_path):
     paths = flickr8k_tree(tmp_path)
     token_file = Path(paths["token_file"])
@@ -106,8 +115,9 @@ def test_long_captions_are_read_whole_and_truncated_by_the_vocabulary(tmp_path):
 def coco_file(path: Path, ids: list[int], year: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     images = [{"id": i, "file_name": f"COCO_{year}_{i:012d}.jpg", "height": 32, "width": 32} for i in ids]
-    annotations = [{"id": 10 * i + n, "image_id": i, "caption": f" Image {i} caption {n}. "}
-                   for i in ids for n in range(2)]
+    annotations = [
+        {"id": 10 * i + n, "image_id": i, "caption": f" Image {i} caption {n}. "} for i in ids for n in range(2)
+    ]
     path.write_text(json.dumps({"info": {}, "images": images, "annotations": annotations}))
     for i in ids:
         write_image(path.parent.parent / year / f"COCO_{year}_{i:012d}.jpg", i)
@@ -116,15 +126,21 @@ def coco_file(path: Path, ids: list[int], year: str) -> None:
 def coco_tree(tmp_path: Path) -> dict[str, str]:
     coco_file(tmp_path / "annotations" / "captions_train2014.json", [9, 3, 5], "train2014")
     coco_file(tmp_path / "annotations" / "captions_val2014.json", [40, 10, 30, 20, 50], "val2014")
-    return {"train": str(tmp_path / "annotations" / "captions_train2014.json"),
-            "val": str(tmp_path / "annotations" / "captions_val2014.json"),
-            "train_images": str(tmp_path / "train2014"), "val_images": str(tmp_path / "val2014")}
+    return {
+        "train": str(tmp_path / "annotations" / "captions_train2014.json"),
+        "val": str(tmp_path / "annotations" / "captions_val2014.json"),
+        "train_images": str(tmp_path / "train2014"),
+        "val_images": str(tmp_path / "val2014"),
+    }
 
 
 def test_coco_official_annotations_divide_val_into_val_and_test(tmp_path):
     splits = read_coco(**coco_tree(tmp_path))
     assert {split: [image.image_id for image in images] for split, images in splits.items()} == {
-        "train": [3, 5, 9], "val": [10, 20], "test": [30, 40, 50]}
+        "train": [3, 5, 9],
+        "val": [10, 20],
+        "test": [30, 40, 50],
+    }
     image = splits["test"][0]
     assert image.captions == ("Image 30 caption 0.", "Image 30 caption 1.")
     assert image.tokens[0] == ("image", "30", "caption", "0")
@@ -135,16 +151,20 @@ def test_coco_official_annotations_divide_val_into_val_and_test(tmp_path):
 def test_coco_with_a_test_file(tmp_path):
     paths = coco_tree(tmp_path)
     coco_file(tmp_path / "annotations" / "captions_test.json", [60], "test")
-    splits = read_coco(**paths, test=str(tmp_path / "annotations" / "captions_test.json"),
-                       test_images=str(tmp_path / "test"))
+    splits = read_coco(
+        **paths, test=str(tmp_path / "annotations" / "captions_test.json"), test_images=str(tmp_path / "test")
+    )
     assert [len(images) for images in splits.values()] == [3, 5, 1]
 
 
 def test_coco_file_without_annotations_names_the_file(tmp_path):
     paths = coco_tree(tmp_path)
     Path(paths["val"]).write_text(json.dumps({"images": []}))
-    with pytest.raises(UserError, match=rf"{paths['val']} is not a COCO caption file \(KeyError: 'annotations'\)"
-                                        r".*\(data.source.val\)"):
+    with pytest.raises(
+        UserError,
+        match=rf"{paths['val']} is not a COCO caption file \(KeyError: 'annotations'\)"
+        r".*\(data.source.val\)",
+    ):
         read_coco(**paths)
 
 
@@ -153,23 +173,48 @@ def test_a_caption_that_is_not_text_names_the_file(tmp_path):
     data = json.loads(Path(paths["train"]).read_text())
     data["annotations"][0]["caption"] = None
     Path(paths["train"]).write_text(json.dumps(data))
-    with pytest.raises(UserError, match=rf"{paths['train']}.*: a caption of COCO_train2014_000000000009.jpg is not text"):
+    with pytest.raises(
+        UserError, match=rf"{paths['train']}.*: a caption of COCO_train2014_000000000009.jpg is not text"
+    ):
         read_coco(**paths)
 
 
 def test_coco_karpathy_config_reads_the_split_json(tmp_path, data_dir):
-    layout = [("train2014", "train"), ("train2014", "train"), ("val2014", "restval"), ("val2014", "val"),
-              ("val2014", "test")]
-    images = [{"filepath": folder, "filename": f"COCO_{folder}_{i:012d}.jpg", "cocoid": i, "split": split,
-               "sentences": [{"raw": f"a photo number {i}"}]} for i, (folder, split) in enumerate(layout)]
+    layout = [
+        ("train2014", "train"),
+        ("train2014", "train"),
+        ("val2014", "restval"),
+        ("val2014", "val"),
+        ("val2014", "test"),
+    ]
+    images = [
+        {
+            "filepath": folder,
+            "filename": f"COCO_{folder}_{i:012d}.jpg",
+            "cocoid": i,
+            "split": split,
+            "sentences": [{"raw": f"a photo number {i}"}],
+        }
+        for i, (folder, split) in enumerate(layout)
+    ]
     for image in images:
         write_image(tmp_path / "coco" / image["filepath"] / image["filename"])
     (tmp_path / "coco" / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
-    cfg = compose_config(["data=coco_karpathy", f"data.source.annotations={tmp_path}/coco/dataset_coco.json",
-                          f"data.source.image_root={tmp_path}/coco"], tmp_path, data_dir)
+    cfg = compose_config(
+        [
+            "data=coco_karpathy",
+            f"data.source.annotations={tmp_path}/coco/dataset_coco.json",
+            f"data.source.image_root={tmp_path}/coco",
+        ],
+        tmp_path,
+        data_dir,
+    )
     splits = hydra.utils.instantiate(cfg.data).splits
     assert {split: [image.image_id for image in images] for split, images in splits.items()} == {
-        "train": [0, 1, 2], "val": [3], "test": [4]}
+        "train": [0, 1, 2],
+        "val": [3],
+        "test": [4],
+    }
     assert splits["train"][2].path == tmp_path / "coco" / "val2014" / "COCO_val2014_000000000002.jpg"
 
 
@@ -182,8 +227,10 @@ def metadata_file(path: Path, records: list[dict], images: bool = True) -> None:
 
 def test_caption_folder_split_by_a_stable_hash(tmp_path):
     records = [{"file_name": f"img{i:02d}.png", "text": f"picture {i}"} for i in range(20)]
-    records += [{"file_name": "img01.png", "text": ["second caption", "third caption"]},
-                {"file_name": "img00.png", "text": "moved", "split": "test"}]
+    records += [
+        {"file_name": "img01.png", "text": ["second caption", "third caption"]},
+        {"file_name": "img00.png", "text": "moved", "split": "test"},
+    ]
     metadata_file(tmp_path / "metadata.jsonl", records)
     splits = read_caption_folder(str(tmp_path), val_fraction=0.2, test_fraction=0.2)
     # Fixed by sha256 of the file names: the same on every run and machine.
@@ -195,8 +242,10 @@ def test_caption_folder_split_by_a_stable_hash(tmp_path):
 
 
 def test_caption_folder_with_split_subfolders(tmp_path):
-    metadata_file(tmp_path / "train" / "metadata.jsonl",
-                  [{"file_name": f"images/{i}.jpg", "text": f"train picture {i}"} for i in range(3)])
+    metadata_file(
+        tmp_path / "train" / "metadata.jsonl",
+        [{"file_name": f"images/{i}.jpg", "text": f"train picture {i}"} for i in range(3)],
+    )
     metadata_file(tmp_path / "validation" / "metadata.jsonl", [{"file_name": "v.png", "text": ["a", "b"]}])
     splits = read_caption_folder(str(tmp_path))
     assert [len(images) for images in splits.values()] == [3, 1, 0]
@@ -205,20 +254,28 @@ def test_caption_folder_with_split_subfolders(tmp_path):
 
 
 def test_empty_captions_are_dropped_with_a_count(tmp_path, caplog):
-    metadata_file(tmp_path / "metadata.jsonl", [{"file_name": "a.png", "text": ["", "  ", "a cat"], "split": "train"},
-                                                {"file_name": "b.png", "text": " \t", "split": "train"}])
+    metadata_file(
+        tmp_path / "metadata.jsonl",
+        [
+            {"file_name": "a.png", "text": ["", "  ", "a cat"], "split": "train"},
+            {"file_name": "b.png", "text": " \t", "split": "train"},
+        ],
+    )
     with caplog.at_level(logging.WARNING):
         splits = read_caption_folder(str(tmp_path))
     assert "dropped 3 empty captions" in caplog.text
     assert [image.captions for image in splits["train"]] == [("a cat",)]
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"file_name": "b.png", "text": "unterminated}', r"line 2: expected a JSON object .*JSONDecodeError"),
-    ('{"file_name": "b.png", "caption": "x"}', r"line 2: expected a JSON object .*KeyError: 'text'"),
-    ('{"file_name": "b.png", "text": 3}', r'line 2: "text" must be a caption or a list of captions'),
-    ('{"file_name": "b.png", "text": "x", "split": "dev"}', r'line 2: "split" must be one of'),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"file_name": "b.png", "text": "unterminated}', r"line 2: expected a JSON object .*JSONDecodeError"),
+        ('{"file_name": "b.png", "caption": "x"}', r"line 2: expected a JSON object .*KeyError: 'text'"),
+        ('{"file_name": "b.png", "text": 3}', r'line 2: "text" must be a caption or a list of captions'),
+        ('{"file_name": "b.png", "text": "x", "split": "dev"}', r'line 2: "split" must be one of'),
+    ],
+)
 def test_bad_metadata_line_names_the_file_and_line(line, message, tmp_path):
     metadata = tmp_path / "metadata.jsonl"
     metadata.write_text('{"file_name": "a.png", "text": "fine"}\n' + line + "\n")
@@ -231,8 +288,9 @@ def test_missing_metadata_says_what_to_add(tmp_path):
         read_caption_folder(str(tmp_path))
 
 
-@pytest.mark.parametrize("mode, suffix", [("L", ".png"), ("CMYK", ".jpg"), ("RGBA", ".png"), ("I;16", ".png"),
-                                          ("P", ".png")])
+@pytest.mark.parametrize(
+    "mode, suffix", [("L", ".png"), ("CMYK", ".jpg"), ("RGBA", ".png"), ("I;16", ".png"), ("P", ".png")]
+)
 def test_images_are_read_as_8bit_rgb(mode, suffix, tmp_path):
     path = tmp_path / f"image{suffix}"
     if mode == "I;16":
@@ -255,8 +313,15 @@ def test_truncated_jpeg_names_the_file(tmp_path):
 
 def test_flickr8k_trains_end_to_end(tmp_path, data_dir):
     paths = flickr8k_tree(tmp_path)
-    overrides = [*TINY_MODEL, "trainer.fast_dev_run=true", "data=flickr8k", "data.image_size=32", "data.batch_size=4",
-                 "data.num_workers=0", "data.vocab_min_count=1",
-                 *(f"data.source.{key}={value}" for key, value in paths.items())]
+    overrides = [
+        *TINY_MODEL,
+        "trainer.fast_dev_run=true",
+        "data=flickr8k",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.vocab_min_count=1",
+        *(f"data.source.{key}={value}" for key, value in paths.items()),
+    ]
     run(compose_config(overrides, tmp_path / "run", data_dir))
     assert "test/CIDEr" in json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -39,6 +39,7 @@ from tests.conftest import CONF, ROOT, fake_gpus
 @dataclass(frozen=True)
 class Run:
     """Run on the CPU: `shrink` is appended; `after` is the README command whose run dir fills `<time>` / `...`."""
+
     shrink: tuple[str, ...] = ()
     after: str | None = None
 
@@ -46,16 +47,26 @@ class Run:
 @dataclass(frozen=True)
 class Compose:
     """Only composed and resolved: `needs` says why it cannot run here (a GPU, weights, a data set)."""
+
     needs: str
 
 
 CAPTION_DATA = ("data.num_train=64", "data.num_val=16", "data.num_test=16")
-ONE_EPOCH = ("trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-             "trainer.limit_test_batches=1")
+ONE_EPOCH = (
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+)
 SHAPES = (*ONE_EPOCH, *CAPTION_DATA, "data.batch_size=16")
 EXPLAIN = ("data.num_train=64", "data.num_val=16", "data.num_test=64", "data.num_predict=4")
-CAPTION_EXPLAIN = (*CAPTION_DATA, "data.num_predict=2", "model.ig_steps=4", "model.deletion_steps=2",
-                   "model.randomisation=false")
+CAPTION_EXPLAIN = (
+    *CAPTION_DATA,
+    "data.num_predict=2",
+    "model.ig_steps=4",
+    "model.deletion_steps=2",
+    "model.randomisation=false",
+)
 STYLE = ("data.iterations=3", "data.image_size=96")
 DEFAULT = ""  # `python run.py`
 
@@ -63,8 +74,9 @@ COMMANDS: dict[str, Run | Compose] = {
     # Running tasks, captioning
     DEFAULT: Run(SHAPES),
     "task=shapes_captioning": Run(SHAPES),
-    "mode=eval ckpt_path=outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt":
-        Run(("trainer.limit_test_batches=1", *CAPTION_DATA), after=DEFAULT),
+    "mode=eval ckpt_path=outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt": Run(
+        ("trainer.limit_test_batches=1", *CAPTION_DATA), after=DEFAULT
+    ),
     "mode=predict ckpt_path=.../last.ckpt data.images=path/to/folder": Run(CAPTION_DATA, after=DEFAULT),
     "ckpt_path=.../last.ckpt trainer.max_epochs=20": Run((*SHAPES, "trainer.max_epochs=2"), after=DEFAULT),
     "-m seed=1,2,3 model.decoder.rnn=lstm,gru": Run(SHAPES),
@@ -72,8 +84,9 @@ COMMANDS: dict[str, Run | Compose] = {
     "debug=fdr": Run(CAPTION_DATA),
     "task=shapes_captioning data=caption_folder data.source.folder=path/to/folder": Run(ONE_EPOCH),
     "experiment=shapes_scst": Run(SHAPES),
-    "experiment=shapes_scst ckpt_path=outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt":
-        Run((*SHAPES, "trainer.max_epochs=2"), after=DEFAULT),
+    "experiment=shapes_scst ckpt_path=outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt": Run(
+        (*SHAPES, "trainer.max_epochs=2"), after=DEFAULT
+    ),
     "trainer=cpu": Run(SHAPES),
     "-m trainer=ddp_sim seed=1,2": Run(SHAPES),
     "-m hydra/launcher=submitit_local trainer=ddp_sim seed=1,2": Run(SHAPES),
@@ -91,8 +104,9 @@ COMMANDS: dict[str, Run | Compose] = {
     "task=cnn_rnn_flickr8k data=flickr8k_karpathy trainer=gpu": Compose("Flickr8k and ResNet-50 weights, a GPU"),
     # BLIP and ViT-GPT2: pretrained weights from the hub and COCO
     "task=blip_coco mode=export ckpt_path=.../last.ckpt": Compose("BLIP weights"),
-    "task=blip_coco mode=export ckpt_path=outputs/blip_coco/runs/<time>/checkpoints/epoch_004.ckpt":
-        Compose("BLIP weights"),
+    "task=blip_coco mode=export ckpt_path=outputs/blip_coco/runs/<time>/checkpoints/epoch_004.ckpt": Compose(
+        "BLIP weights"
+    ),
     "task=blip_coco mode=export": Compose("BLIP weights"),
     "task=blip_coco mode=eval trainer=gpu trainer.precision=bf16-mixed": Compose("BLIP weights, COCO, a GPU"),
     "task=blip_coco mode=predict ckpt_path=.../last.ckpt data.images=path/to/folder": Compose("BLIP weights"),
@@ -102,20 +116,23 @@ COMMANDS: dict[str, Run | Compose] = {
     "-m task=blip_coco hparams_search=blip_optuna": Compose("BLIP weights, COCO, GPUs"),
     "task=vit_gpt2_coco trainer=gpu trainer.precision=bf16-mixed": Compose("ViT-GPT2 weights, COCO, a GPU"),
     "task=vit_gpt2_coco model.pretrained=null model.encoder_pretrained=google/vit-base-patch16-224-in21k "
-    "model.decoder_pretrained=openai-community/gpt2 model.optimizer.lr=1e-4 trainer=gpu":
-        Compose("ViT and GPT-2 weights, COCO, a GPU"),
+    "model.decoder_pretrained=openai-community/gpt2 model.optimizer.lr=1e-4 trainer=gpu": Compose(
+        "ViT and GPT-2 weights, COCO, a GPU"
+    ),
     # SDXL DreamBooth: SDXL weights and a GPU
     "task=sdxl_dreambooth trainer=gpu data.source.folder=path/to/dog": Compose("SDXL weights, a GPU"),
     "experiment=sdxl_dreambooth_prior trainer=gpu data.source.folder=path/to/dog": Compose("SDXL weights, a GPU"),
     "experiment=sdxl_fast trainer=gpu data.source.folder=path/to/dog": Compose("SDXL weights, a GPU"),
     "task=sdxl_lora_3d_icons trainer=gpu data.source.folder=path/to/3d_icon": Compose("SDXL weights, a GPU"),
     "mode=predict task=sdxl_dreambooth trainer=gpu ckpt_path=outputs/sdxl_dreambooth/runs/<time>/checkpoints/"
-    "last.ckpt data.prompts=[\"a photo of sks dog on the moon\",\"a sks dog in a bucket\"] model.fuse_lora=true":
-        Compose("SDXL weights, a GPU"),
-    "mode=predict task=sdxl_dreambooth trainer=gpu model.lora_weights=outputs/sdxl_dreambooth/runs/<time>/export":
-        Compose("SDXL weights, a GPU"),
-    "mode=eval task=sdxl_dreambooth trainer=gpu ckpt_path=.../last.ckpt data.test_prompts=prompts.txt":
-        Compose("SDXL, CLIP and DINO weights, a GPU"),
+    'last.ckpt data.prompts=["a photo of sks dog on the moon","a sks dog in a bucket"] model.fuse_lora=true': Compose(
+        "SDXL weights, a GPU"
+    ),
+    "mode=predict task=sdxl_dreambooth trainer=gpu model.lora_weights="
+    "outputs/sdxl_dreambooth/runs/<time>/export": Compose("SDXL weights, a GPU"),
+    "mode=eval task=sdxl_dreambooth trainer=gpu ckpt_path=.../last.ckpt data.test_prompts=prompts.txt": Compose(
+        "SDXL, CLIP and DINO weights, a GPU"
+    ),
     "mode=eval task=sdxl_dreambooth trainer=gpu data.test_prompts=prompts.txt": Compose("SDXL weights, a GPU"),
     "mode=export task=sdxl_dreambooth ckpt_path=...": Compose("SDXL weights"),
     # Explaining classifiers
@@ -127,15 +144,18 @@ COMMANDS: dict[str, Run | Compose] = {
     "task=adversarial model.attack=fgsm": Run(EXPLAIN),
     "task=adversarial model.attack=fooling": Run(EXPLAIN),
     "task=class_visualisation": Run(("model.steps=5",)),
-    "task=saliency model.classifier.name=resnet50 data=explain_images data.images=path/to/photos trainer=gpu":
-        Compose("ImageNet ResNet-50 weights, a GPU"),
+    "task=saliency model.classifier.name=resnet50 data=explain_images data.images=path/to/photos trainer=gpu": Compose(
+        "ImageNet ResNet-50 weights, a GPU"
+    ),
     "task=adversarial model.classifier.name=resnet50 data=explain_images data.images=path/to/photos "
     "model.target=963": Compose("ImageNet ResNet-50 weights"),
-    "task=class_visualisation model.classifier.name=resnet50 model.image_size=224 data.targets=[1,130,945]":
-        Compose("ImageNet ResNet-50 weights"),
+    "task=class_visualisation model.classifier.name=resnet50 model.image_size=224 data.targets=[1,130,945]": Compose(
+        "ImageNet ResNet-50 weights"
+    ),
     # Explaining captioners
-    "task=caption_explain ckpt_path=outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt":
-        Run(CAPTION_EXPLAIN, after=DEFAULT),
+    "task=caption_explain ckpt_path=outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt": Run(
+        CAPTION_EXPLAIN, after=DEFAULT
+    ),
     "task=caption_explain ckpt_path=.../last.ckpt data.images=path/to/folder": Run(CAPTION_EXPLAIN, after=DEFAULT),
     # Style transfer (random VGG features where the ImageNet weights are not in the torch cache)
     "task=style_transfer": Run(STYLE),
@@ -143,10 +163,11 @@ COMMANDS: dict[str, Run | Compose] = {
     "task=style_transfer data.content=photo.jpg data.style=painting.jpg data.image_size=512": Run(STYLE),
     "task=style_transfer data.style=[a.jpg,b.jpg] data.style_weights=[0.7,0.3]": Run(STYLE),
     "task=style_transfer model.preserve_color=true": Run(STYLE),
-    "task=style_transfer model.scales=[0.25,0.5,1.0] data.image_size=1024": Run(("data.iterations=3",
-                                                                                   "data.image_size=128")),
-    "task=style_transfer ~model.optimizer +model.optimizer={_target_: torch.optim.Adam, _partial_: true, lr: 0.02}":
-        Run(STYLE),
+    "task=style_transfer model.scales=[0.25,0.5,1.0] data.image_size=1024": Run(
+        ("data.iterations=3", "data.image_size=128")
+    ),
+    "task=style_transfer ~model.optimizer "
+    "+model.optimizer={_target_: torch.optim.Adam, _partial_: true, lr: 0.02}": Run(STYLE),
     "task=fast_style": Run(("trainer.max_epochs=1", "data.image_size=64")),
     "task=fast_style mode=predict ckpt_path=outputs/fast_style/runs/<time>/checkpoints/last.ckpt "
     "data.images=path/to/photos data.max_size=1024": Run(("data.max_size=64",), after="task=fast_style"),
@@ -160,8 +181,12 @@ def readme_commands() -> dict[str, list[str]]:
     """The arguments after `python run.py` of every such command in README.md, as the shell splits them, by their
     space-joined text: lines of its code blocks (continuations joined, comments dropped) and inline code."""
     text = (ROOT / "README.md").read_text()
-    lines = [line for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M)
-             for line in block.replace("\\\n", " ").splitlines() if line.strip().startswith("python run.py")]
+    lines = [
+        line
+        for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M)
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.strip().startswith("python run.py")
+    ]
     spans = re.findall(r"`(python run\.py[^`]*)`", text)
     commands = [shlex.split(command, comments=True)[2:] for command in lines + spans]
     return {" ".join(args): args for args in commands}
@@ -209,8 +234,9 @@ def test_command_composes_and_resolves(command, tmp_path):
 def workspace(tmp_path_factory) -> Path:
     """A copy of the repository (its tracked and unignored files) with the files the README's commands name."""
     copy = tmp_path_factory.mktemp("repository")
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     for name in listed:
         if (ROOT / name).is_file():
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
@@ -252,14 +278,24 @@ class Runs:
             args = README[command]
             if spec.after is not None:
                 produced = self(spec.after)
-                args = [arg.replace("outputs/fast_style/runs/<time>", str(produced))
-                        .replace("outputs/shapes_captioning/runs/<time>", str(produced))
-                        .replace(".../", f"{produced}/checkpoints/") for arg in args]
+                args = [
+                    arg.replace("outputs/fast_style/runs/<time>", str(produced))
+                    .replace("outputs/shapes_captioning/runs/<time>", str(produced))
+                    .replace(".../", f"{produced}/checkpoints/")
+                    for arg in args
+                ]
             env = {k: v for k, v in os.environ.items() if k != "PROJECT_ROOT"} | {"HYDRA_FULL_ERROR": "1"}
-            result = subprocess.run([sys.executable, "run.py", *args, *spec.shrink], cwd=self.workspace, env=env,
-                                    capture_output=True, text=True, timeout=900)
-            assert result.returncode == 0, f"python run.py {command} failed:\n{result.stdout[-3000:]}\n" \
-                                           f"{result.stderr[-5000:]}"
+            result = subprocess.run(
+                [sys.executable, "run.py", *args, *spec.shrink],
+                cwd=self.workspace,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            assert result.returncode == 0, (
+                f"python run.py {command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+            )
             printed = re.findall(r"^(?:run|sweep) dir: (.+)$", result.stdout, re.M)
             assert printed, f"python run.py {command} printed no run dir:\n{result.stdout[-2000:]}"
             self.dirs[command] = Path(printed[-1])

@@ -61,11 +61,16 @@ def test_sample_decode_masks_after_eos_and_has_gradients():
 # The schedule and the guard, step by step: a tiny captioner in a stand-in trainer, its weights set to the
 # val CIDEr of each validation, so that the weights it holds tell which validation they come from.
 
+
 def captioner(**scst) -> CNNRNNCaptioner:
     settings = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "cnn_rnn.yaml").scst)  # the defaults
-    model = CNNRNNCaptioner(vocab=["<pad>", "<bos>", "<eos>", "<unk>", "a"], encoder={"width": 4},
-                            decoder={"hidden_dim": 8, "embed_dim": 4, "attention_dim": 4}, optimizer={},
-                            scst={**settings, **scst})
+    model = CNNRNNCaptioner(
+        vocab=["<pad>", "<bos>", "<eos>", "<unk>", "a"],
+        encoder={"width": 4},
+        decoder={"hidden_dim": 8, "embed_dim": 4, "attention_dim": 4},
+        optimizer={},
+        scst={**settings, **scst},
+    )
     model._trainer = SimpleNamespace(current_epoch=0, is_global_zero=True, should_stop=False)
     return model
 
@@ -142,10 +147,22 @@ def val_cider(run_dir: Path) -> dict[int, float]:
 
 
 def test_guard_gives_the_test_stage_the_cross_entropy_weights(cross_entropy_run, tmp_path, data_dir, caplog):
-    run(compose_config([*FAST, f"ckpt_path={cross_entropy_run}/checkpoints/last.ckpt",
-                        f"trainer.max_epochs={CE_EPOCHS + 4}", f"model.scst.start_epoch={CE_EPOCHS}",
-                        "model.scst.lr=0.05", "model.scst.patience=2", "model.scst.num_samples=2",
-                        "trainer.limit_train_batches=1"], tmp_path, data_dir))
+    run(
+        compose_config(
+            [
+                *FAST,
+                f"ckpt_path={cross_entropy_run}/checkpoints/last.ckpt",
+                f"trainer.max_epochs={CE_EPOCHS + 4}",
+                f"model.scst.start_epoch={CE_EPOCHS}",
+                "model.scst.lr=0.05",
+                "model.scst.patience=2",
+                "model.scst.num_samples=2",
+                "trainer.limit_train_batches=1",
+            ],
+            tmp_path,
+            data_dir,
+        )
+    )
     ce, scst = val_cider(cross_entropy_run), val_cider(tmp_path)
     restore = CE_EPOCHS + 1
     assert scst[CE_EPOCHS] < max(ce.values()), (ce, scst)  # what the learning rate did to the first SCST epoch

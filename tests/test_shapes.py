@@ -90,7 +90,9 @@ def test_relations_agree_with_boxes(dataset):
             continue
         by_phrase = {f"{o['size']} {o['colour']} {o['shape']}": _centre(o["box"]) for o in im["objects"]}
         for s in im["sentences"]:
-            m = re.search(r"\ba (\w+ \w+ \w+) (?:is )?(?:to the )?(left|right|above|below)(?: of)? a (\w+ \w+ \w+)$", s["raw"])
+            m = re.search(
+                r"\ba (\w+ \w+ \w+) (?:is )?(?:to the )?(left|right|above|below)(?: of)? a (\w+ \w+ \w+)$", s["raw"]
+            )
             assert m, s["raw"]
             (fx, fy), rel, (sx, sy) = by_phrase[m[1]], m[2], by_phrase[m[3]]
             dx, dy = sx - fx, sy - fy  # second object relative to the first

@@ -52,8 +52,15 @@ class LossHistory(L.Callback):
 
 def fit(model: GatysStyleTransfer, steps: int, tmp_path: Path) -> list[float]:
     history = LossHistory()
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[history], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[history],
+        default_root_dir=tmp_path,
+    )
     data = StyleImagesDataModule("unused", "unused", iterations=steps)
     trainer.fit(model, train_dataloaders=data.train_dataloader())
     return history.losses
@@ -194,10 +201,24 @@ def test_run_py_style_transfer_offline_demo(tmp_path, data_dir):
     """The default task (scikit-image sample photographs, random VGG features here) on a tiny size, with Adam
     swapped in as the README says."""
     run_dir = tmp_path / "run"
-    result = run_cli(["task=style_transfer", "data.image_size=48", "data.iterations=4", "model.image_every_n_steps=2",
-                      "model.scales=[0.5,1.0]", "model.tv_weight=1.0", "~model.optimizer",
-                      "+model.optimizer={_target_: torch.optim.Adam, _partial_: true, lr: 0.02}"], run_dir, data_dir)
-    assert "RANDOM vgg19 features" in result.stdout + result.stderr or "ImageNet weights from" in result.stdout + result.stderr
+    result = run_cli(
+        [
+            "task=style_transfer",
+            "data.image_size=48",
+            "data.iterations=4",
+            "model.image_every_n_steps=2",
+            "model.scales=[0.5,1.0]",
+            "model.tv_weight=1.0",
+            "~model.optimizer",
+            "+model.optimizer={_target_: torch.optim.Adam, _partial_: true, lr: 0.02}",
+        ],
+        run_dir,
+        data_dir,
+    )
+    assert (
+        "RANDOM vgg19 features" in result.stdout + result.stderr
+        or "ImageNet weights from" in result.stdout + result.stderr
+    )
     assert Image.open(run_dir / "stylized.png").size == (48, 32)  # chelsea is 451x300
     assert {"train/loss", "train/content", "train/style", "train/tv"} <= set(read_metrics(run_dir))
     board = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})

@@ -54,8 +54,13 @@ def test_a_failing_job_fails_the_multirun(tmp_path, data_dir):
 
 @pytest.mark.filterwarnings("ignore:(?s).*validated against ConfigStore schema")  # see submitit_slurm.yaml
 def test_slurm_launcher_composes():
-    overrides = ["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
-                 "hydra.launcher.partition=gpu"]
+    overrides = [
+        "hydra/launcher=submitit_slurm",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu",
+    ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         launcher = compose("config", overrides=overrides, return_hydra_config=True).hydra.launcher
         local = compose("config", overrides=["hydra/launcher=submitit_local"], return_hydra_config=True).hydra.launcher

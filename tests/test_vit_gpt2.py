@@ -7,8 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import (AutoImageProcessor, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, ViTConfig,
-                          ViTImageProcessor, ViTModel, VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+    ViTConfig,
+    ViTImageProcessor,
+    ViTModel,
+)
 
 from framework.fsdp import layer_policy
 from framework.runner import run
@@ -18,24 +28,43 @@ from tests.test_blip import IMAGE_SIZE, OVERFIT, TEST_KEYS, check_module_caption
 
 EPOCHS = 40
 TOWER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-GPT2_SIZE = {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-             "attn_pdrop": 0.0}
+GPT2_SIZE = {
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 2,
+    "n_positions": 64,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
 
 
 def gpt2_tokenizer() -> GPT2TokenizerFast:
     """GPT-2's kind of tokenizer (byte-level BPE, <|endoftext|> as BOS, EOS and UNK), trained on the shapes words."""
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([" ".join(shapes_words())], vocab_size=400, min_frequency=1,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    return GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                             unk_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        [" ".join(shapes_words())],
+        vocab_size=400,
+        min_frequency=1,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    return GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
 
 
 def tiny_configs(tokenizer: GPT2TokenizerFast) -> tuple[ViTConfig, GPT2Config]:
     """A 2-layer ViT at 32 px and a 2-layer GPT-2 over the tokenizer's vocabulary."""
-    return (ViTConfig(**TOWER, image_size=IMAGE_SIZE, patch_size=8),
-            GPT2Config(vocab_size=len(tokenizer), **GPT2_SIZE, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id))
+    return (
+        ViTConfig(**TOWER, image_size=IMAGE_SIZE, patch_size=8),
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            **GPT2_SIZE,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+    )
 
 
 def save_tiny_parts(directory: Path) -> tuple[Path, Path]:
@@ -70,8 +99,12 @@ def vit_gpt2_run_dir(data_dir: Path) -> Path:
     if (run_dir / "metrics.json").is_file():
         return run_dir
     model = save_tiny_vit_gpt2(data_dir.parent / "tiny_vit_gpt2")
-    return overfit(["task=vit_gpt2_shapes", f"model.pretrained={model}", "data.batch_size=2", "logger=csv"], EPOCHS,
-                   run_dir, data_dir)
+    return overfit(
+        ["task=vit_gpt2_shapes", f"model.pretrained={model}", "data.batch_size=2", "logger=csv"],
+        EPOCHS,
+        run_dir,
+        data_dir,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -99,9 +132,20 @@ def test_overfitted_captions_equal_the_training_captions_in_module_and_export(vi
 
 def test_assembled_from_an_encoder_and_a_decoder(tmp_path, data_dir):
     encoder, decoder = save_tiny_parts(tmp_path / "parts")
-    run(compose_config(["task=vit_gpt2_shapes", "model.pretrained=null", f"model.encoder_pretrained={encoder}",
-                        f"model.decoder_pretrained={decoder}", *OVERFIT, "trainer.fast_dev_run=true"],
-                       tmp_path / "run", data_dir))
+    run(
+        compose_config(
+            [
+                "task=vit_gpt2_shapes",
+                "model.pretrained=null",
+                f"model.encoder_pretrained={encoder}",
+                f"model.decoder_pretrained={decoder}",
+                *OVERFIT,
+                "trainer.fast_dev_run=true",
+            ],
+            tmp_path / "run",
+            data_dir,
+        )
+    )
     model = VisionEncoderDecoderModel.from_pretrained(tmp_path / "run" / "export")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "export")
     assert model.config.decoder.add_cross_attention and model.config.decoder.is_decoder

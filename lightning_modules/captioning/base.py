@@ -77,8 +77,9 @@ class CaptioningModule(L.LightningModule):
             return
         self.log(f"{stage}/loss", self.loss(batch), batch_size=batch["size"], sync_dist=True)
         captions = self.caption_batch(batch)
-        for image_id, caption, references, path in zip(batch["image_ids"], captions, batch["references"],
-                                                       batch["paths"]):
+        for image_id, caption, references, path in zip(
+            batch["image_ids"], captions, batch["references"], batch["paths"]
+        ):
             self.predictions[stage][image_id] = {"caption": caption, "references": references, "path": path}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -113,8 +114,9 @@ class CaptioningModule(L.LightningModule):
         self.predictions[stage] = dict(sorted(merged.items(), key=lambda item: str(item[0])))
         scores = None
         if self.trainer.is_global_zero and merged:
-            scores = shared_metrics(self.spice)({i: p["references"] for i, p in merged.items()},
-                                   {i: p["caption"] for i, p in merged.items()})
+            scores = shared_metrics(self.spice)(
+                {i: p["references"] for i, p in merged.items()}, {i: p["caption"] for i, p in merged.items()}
+            )
         scores = self.trainer.strategy.broadcast(scores)
         if not scores:
             return
@@ -132,5 +134,4 @@ class CaptioningModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         if not self.skipped_images.has_images(batch, "predict"):
             return []
-        return [{"image": path, "caption": caption}
-                for path, caption in zip(batch["paths"], self.caption_batch(batch))]
+        return [{"image": path, "caption": caption} for path, caption in zip(batch["paths"], self.caption_batch(batch))]

@@ -21,7 +21,7 @@ class BLIPCaptioner(HFCaptioner):
     model_class = BlipForConditionalGeneration
     download_name = "blip-base"
     # BLIP's generate delegates to its text decoder, which does not read generation_config.json: pass it on.
-    usage = '''
+    usage = """
 from transformers import BlipForConditionalGeneration, BlipProcessor, pipeline
 model, processor = BlipForConditionalGeneration.from_pretrained(DIR), BlipProcessor.from_pretrained(DIR)
 inputs = processor(images=image, text={prompt!r}, return_tensors="pt")
@@ -31,7 +31,7 @@ caption = processor.decode(ids, skip_special_tokens=True).strip()
 pipe = pipeline("image-text-to-text", model=DIR)
 caption = pipe(image, text={prompt!r}, return_full_text=False,
                generate_kwargs={{"generation_config": pipe.model.generation_config}})[0]["generated_text"].strip()
-'''
+"""
 
     def __init__(self, prompt: str = "a picture of ", **kwargs):
         super().__init__(**kwargs)
@@ -48,24 +48,30 @@ caption = pipe(image, text={prompt!r}, return_full_text=False,
         return ids.repeat(batch_size, 1).to(self.device)
 
     def logits_and_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        text = self.tokenizer([self.hparams.prompt + caption for caption in self.caption_texts(batch)],
-                              padding="longest", truncation=True, max_length=self.hparams.max_caption_tokens,
-                              return_tensors="pt").to(self.device)
+        text = self.tokenizer(
+            [self.hparams.prompt + caption for caption in self.caption_texts(batch)],
+            padding="longest",
+            truncation=True,
+            max_length=self.hparams.max_caption_tokens,
+            return_tensors="pt",
+        ).to(self.device)
         input_ids = text.input_ids.clone()
         input_ids[:, 0] = self.model.config.text_config.bos_token_id
         targets = input_ids.masked_fill(text.attention_mask == 0, IGNORE)
         targets[:, : self.prompt_ids(1).shape[1] - 1] = IGNORE  # BOS and the prompt words ([SEP] is not in it)
-        logits = self.model(pixel_values=batch["images"], input_ids=input_ids,
-                            attention_mask=text.attention_mask).logits
+        logits = self.model(
+            pixel_values=batch["images"], input_ids=input_ids, attention_mask=text.attention_mask
+        ).logits
         return logits[:, :-1], targets[:, 1:]  # position t predicts token t + 1
 
     def generate_ids(self, images: torch.Tensor, generation_config=None) -> torch.Tensor:
         prompt = self.prompt_ids(len(images))
         # BLIP's generate drops the prompt's [SEP] and sets BOS; the output starts with those prompt tokens.
         # Its text decoder has a generation config of its own: the model's is passed on explicitly.
-        ids = self.model.generate(pixel_values=images, input_ids=prompt,
-                                  generation_config=generation_config or self.model.generation_config)
-        return ids[:, prompt.shape[1] - 1:]
+        ids = self.model.generate(
+            pixel_values=images, input_ids=prompt, generation_config=generation_config or self.model.generation_config
+        )
+        return ids[:, prompt.shape[1] - 1 :]
 
     def decoder_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """BOS and the prompt's words (what generate starts from: [CLS] made BOS, [SEP] dropped), then `ids`."""

@@ -18,7 +18,7 @@ Tokens = Sequence[str]
 
 
 def ngrams(tokens: Tokens, n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 class CiderD:
@@ -29,7 +29,9 @@ class CiderD:
         images = 0
         for references in corpus:
             images += 1
-            self.document_frequency.update({gram for ref in references for k in range(1, n + 1) for gram in ngrams(ref, k)})
+            self.document_frequency.update(
+                {gram for ref in references for k in range(1, n + 1) for gram in ngrams(ref, k)}
+            )
         self.log_images = math.log(max(images, 1))
         # References recur at every step and epoch: keep their vectors (candidates are new each time).
         self._reference_vector = lru_cache(maxsize=200_000)(self._vector)
@@ -37,8 +39,10 @@ class CiderD:
     def _vector(self, tokens: Tokens) -> tuple[list[dict], list[float]]:
         vectors, norms = [], []
         for k in range(1, self.n + 1):
-            vector = {gram: count * (self.log_images - math.log(max(1.0, self.document_frequency[gram])))
-                      for gram, count in ngrams(tokens, k).items()}
+            vector = {
+                gram: count * (self.log_images - math.log(max(1.0, self.document_frequency[gram])))
+                for gram, count in ngrams(tokens, k).items()
+            }
             vectors.append(vector)
             norms.append(math.sqrt(sum(v * v for v in vector.values())))
         return vectors, norms
@@ -50,7 +54,7 @@ class CiderD:
             value = sum(min(weight, ref[k].get(gram, 0.0)) * ref[k].get(gram, 0.0) for gram, weight in hyp[k].items())
             if hyp_norms[k] and ref_norms[k]:
                 value /= hyp_norms[k] * ref_norms[k]
-            total += value * math.exp(-(length_delta ** 2) / (2 * self.sigma ** 2))
+            total += value * math.exp(-(length_delta**2) / (2 * self.sigma**2))
         return total / self.n
 
     def score(self, candidate: Tokens, references: Sequence[Tokens]) -> float:
@@ -58,6 +62,8 @@ class CiderD:
         if not references:
             raise ValueError("CIDEr-D needs at least one reference")
         vector = self._vector(candidate)
-        total = sum(self._similarity(vector, self._reference_vector(tuple(ref)), len(candidate) - len(ref))
-                    for ref in references)
+        total = sum(
+            self._similarity(vector, self._reference_vector(tuple(ref)), len(candidate) - len(ref))
+            for ref in references
+        )
         return 10.0 * total / len(references)

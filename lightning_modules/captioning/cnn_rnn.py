@@ -17,7 +17,6 @@ from lightning_modules.captioning.cider import CiderD
 from lightning_modules.captioning.decoding import beam_search, greedy_decode, sample_decode
 from lightning_modules.captioning.nets import ImageEncoder, RNNDecoder
 
-
 log = logging.getLogger(__name__)
 
 SCST_KEYS = ("start", "start_epoch", "patience", "num_samples", "baseline", "lr")  # defaults: conf/model/cnn_rnn.yaml
@@ -46,10 +45,21 @@ class CNNRNNCaptioner(CaptioningModule):
     # Hyperparameters that may change between training and evaluation (mode=eval passes them on).
     inference_hparams = ("beam_size", "max_len", "spice")
 
-    def __init__(self, vocab: list[str], encoder: dict, decoder: dict, optimizer: dict,
-                 scheduler: dict | None = None, max_len: int = 20, beam_size: int = 1,
-                 attention_penalty: float = 1.0, label_smoothing: float = 0.0, spice: bool = False,
-                 scst: dict | None = None, image_size: int | None = None):
+    def __init__(
+        self,
+        vocab: list[str],
+        encoder: dict,
+        decoder: dict,
+        optimizer: dict,
+        scheduler: dict | None = None,
+        max_len: int = 20,
+        beam_size: int = 1,
+        attention_penalty: float = 1.0,
+        label_smoothing: float = 0.0,
+        spice: bool = False,
+        scst: dict | None = None,
+        image_size: int | None = None,
+    ):
         super().__init__(spice=spice)
         vocab, encoder, decoder = to_plain(vocab), to_plain(encoder), to_plain(decoder)
         optimizer, scheduler = to_plain(optimizer), to_plain(scheduler)
@@ -64,8 +74,14 @@ class CNNRNNCaptioner(CaptioningModule):
         # phase: ce -> scst -> stopped (the guard put the cross-entropy weights back after epoch stopped_epoch).
         # best_*: the best cross-entropy validation (its val/* scores, epoch and trainable weights); stale: validations
         # in a row without a new best (ce) or below it (scst).
-        self.scst_state = {"phase": "ce", "best_scores": None, "best_epoch": None, "best_state": None, "stale": 0,
-                           "stopped_epoch": None}
+        self.scst_state = {
+            "phase": "ce",
+            "best_scores": None,
+            "best_epoch": None,
+            "best_state": None,
+            "stale": 0,
+            "stopped_epoch": None,
+        }
 
     def setup(self, stage: str) -> None:
         # A frozen encoder gives the same features every epoch: let the data module cache them.
@@ -86,8 +102,10 @@ class CNNRNNCaptioner(CaptioningModule):
         if scst["start"] not in SCST_STARTS:
             raise UserError(f"model.scst.start must be one of {', '.join(SCST_STARTS)} (got {scst['start']})")
         if scst["baseline"] not in SCST_BASELINES or scst["num_samples"] < (2 if scst["baseline"] == "mean" else 1):
-            raise UserError(f"model.scst.baseline must be one of {', '.join(SCST_BASELINES)} (got {scst['baseline']}) "
-                            "and model.scst.num_samples at least 1 (2 for the mean baseline)")
+            raise UserError(
+                f"model.scst.baseline must be one of {', '.join(SCST_BASELINES)} (got {scst['baseline']}) "
+                "and model.scst.num_samples at least 1 (2 for the mean baseline)"
+            )
         positive(scst["patience"], "model.scst.patience", integer=True)
         return scst["start"] == "plateau" or scst["start_epoch"] is not None
 
@@ -118,8 +136,13 @@ class CNNRNNCaptioner(CaptioningModule):
         ids = self.targets(batch["tokens"])
         logits, alphas = self.decoder(self.batch_features(batch), ids[:, :-1])
         targets = ids[:, 1:]
-        token_losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.vocab.pad,
-                                       label_smoothing=self.hparams.label_smoothing, reduction="sum")
+        token_losses = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=self.vocab.pad,
+            label_smoothing=self.hparams.label_smoothing,
+            reduction="sum",
+        )
         loss = global_token_mean(token_losses, (targets != self.vocab.pad).sum())
         if alphas is not None and self.hparams.attention_penalty:
             # Doubly stochastic attention: over the caption, every location should get about one unit of attention.
@@ -133,8 +156,9 @@ class CNNRNNCaptioner(CaptioningModule):
     def self_critical_loss(self, batch: dict) -> torch.Tensor:
         """REINFORCE with a baseline: -(CIDEr-D(sample) - baseline) * log p(sample), over sampled words."""
         features, samples = self.batch_features(batch), self.hparams.scst["num_samples"]
-        tokens, log_probs, mask = sample_decode(self.decoder, features, self.vocab.bos, self.vocab.eos,
-                                                self.hparams.max_len, samples)
+        tokens, log_probs, mask = sample_decode(
+            self.decoder, features, self.vocab.bos, self.vocab.eos, self.hparams.max_len, samples
+        )
         per_image = [[tokenize(r) for r in refs] for refs in batch["references"]]
         rewards = self._rewards(tokens, [refs for refs in per_image for _ in range(samples)]).view(-1, samples)
         if self.hparams.scst["baseline"] == "greedy":
@@ -156,13 +180,20 @@ class CNNRNNCaptioner(CaptioningModule):
         if self.scst_state["phase"] == "stopped":  # resumed (resume=auto after a preemption): the guard's stop holds
             self.trainer.should_stop = True
             if self.trainer.is_global_zero:
-                log.warning("the SCST guard stopped this run after epoch %d: nothing left to train",
-                            self.scst_state["stopped_epoch"])
+                log.warning(
+                    "the SCST guard stopped this run after epoch %d: nothing left to train",
+                    self.scst_state["stopped_epoch"],
+                )
 
     def on_train_epoch_start(self) -> None:
         scst = self.hparams.scst
-        if (self.scst_state["phase"] == "ce" and scst and scst["start"] == "epoch" and scst["start_epoch"] is not None
-                and self.current_epoch >= scst["start_epoch"]):
+        if (
+            self.scst_state["phase"] == "ce"
+            and scst
+            and scst["start"] == "epoch"
+            and scst["start_epoch"] is not None
+            and self.current_epoch >= scst["start_epoch"]
+        ):
             self.start_self_critical(f"epoch {self.current_epoch}, model.scst.start_epoch={scst['start_epoch']}")
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -179,12 +210,20 @@ class CNNRNNCaptioner(CaptioningModule):
         if not self.trainer.is_global_zero:
             return
         if state["best_scores"] is None:
-            log.warning("self-critical training starts (%s) without the guard: this run and its checkpoint hold no "
-                        "cross-entropy validation to fall back on", reason)
+            log.warning(
+                "self-critical training starts (%s) without the guard: this run and its checkpoint hold no "
+                "cross-entropy validation to fall back on",
+                reason,
+            )
             return
-        log.info("self-critical training starts (%s); the guard restores the cross-entropy weights of epoch %d "
-                 "(val CIDEr %.4f) if val CIDEr stays below that for %d validation(s)", reason, state["best_epoch"],
-                 state["best_scores"]["val/CIDEr"], self.hparams.scst["patience"])
+        log.info(
+            "self-critical training starts (%s); the guard restores the cross-entropy weights of epoch %d "
+            "(val CIDEr %.4f) if val CIDEr stays below that for %d validation(s)",
+            reason,
+            state["best_epoch"],
+            state["best_scores"]["val/CIDEr"],
+            self.hparams.scst["patience"],
+        )
 
     def after_validation(self, scores: dict[str, float]) -> dict[str, float]:
         """Keeps the best cross-entropy weights, starts SCST at a plateau, and restores those weights (then stops
@@ -196,22 +235,31 @@ class CNNRNNCaptioner(CaptioningModule):
         best = None if state["best_scores"] is None else state["best_scores"]["val/CIDEr"]
         if state["phase"] == "ce":
             if best is None or cider > best:
-                state.update(best_scores=scores, best_epoch=self.current_epoch, best_state=self.trainable_state(),
-                             stale=0)
+                state.update(
+                    best_scores=scores, best_epoch=self.current_epoch, best_state=self.trainable_state(), stale=0
+                )
                 return scores
             state["stale"] += 1
             if scst["start"] == "plateau" and state["stale"] >= scst["patience"]:
                 # The validations since the best were no better: SCST starts from the best cross-entropy weights.
-                self.start_self_critical(f"after epoch {self.current_epoch}: val CIDEr {cider:.4f}, no better than "
-                                         f"epoch {state['best_epoch']}'s {best:.4f} for {state['stale']} validation(s)")
+                self.start_self_critical(
+                    f"after epoch {self.current_epoch}: val CIDEr {cider:.4f}, no better than "
+                    f"epoch {state['best_epoch']}'s {best:.4f} for {state['stale']} validation(s)"
+                )
                 return self.restore_best_cross_entropy()
         elif state["phase"] == "scst" and best is not None:
             state["stale"] = state["stale"] + 1 if cider < best else 0
             if state["stale"] >= scst["patience"]:
                 if self.trainer.is_global_zero:
-                    log.warning("SCST guard: val CIDEr %.4f below the best cross-entropy value %.4f (epoch %d) for %d "
-                                "validation(s): restored the cross-entropy weights of epoch %d and stopped training",
-                                cider, best, state["best_epoch"], state["stale"], state["best_epoch"])
+                    log.warning(
+                        "SCST guard: val CIDEr %.4f below the best cross-entropy value %.4f (epoch %d) for %d "
+                        "validation(s): restored the cross-entropy weights of epoch %d and stopped training",
+                        cider,
+                        best,
+                        state["best_epoch"],
+                        state["stale"],
+                        state["best_epoch"],
+                    )
                 state.update(phase="stopped", stopped_epoch=self.current_epoch)
                 self.trainer.should_stop = True
                 return self.restore_best_cross_entropy()
@@ -229,8 +277,11 @@ class CNNRNNCaptioner(CaptioningModule):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """A CPU copy of what training can change: the state dict less frozen parameters (a frozen ResNet-50)."""
         frozen = {name for name, parameter in self.named_parameters() if not parameter.requires_grad}
-        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.state_dict().items()
-                if name not in frozen}
+        return {
+            name: tensor.detach().to("cpu", copy=True)
+            for name, tensor in self.state_dict().items()
+            if name not in frozen
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -256,8 +307,10 @@ class CNNRNNCaptioner(CaptioningModule):
     def image_transform(self):
         """Square resize to the training images' size (`image_size`, from the data) and ImageNet normalisation."""
         if self.hparams.image_size is None:
-            raise UserError("this checkpoint does not record its image size (image_size): retrain it, "
-                            "or build the transform with datamodules.images.image_transform(size)")
+            raise UserError(
+                "this checkpoint does not record its image size (image_size): retrain it, "
+                "or build the transform with datamodules.images.image_transform(size)"
+            )
         return image_transform(self.hparams.image_size)
 
     def captions(self, tokens: torch.Tensor) -> list[str]:

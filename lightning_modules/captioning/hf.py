@@ -54,8 +54,9 @@ def load_pretrained(load, source: str, config_key: str, download_name: str):
     except (OSError, ValueError) as error:
         reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
         if os.path.isdir(source):
-            raise UserError(f"{config_key}={source} is not a save_pretrained directory of this model "
-                            f"({reason})") from None
+            raise UserError(
+                f"{config_key}={source} is not a save_pretrained directory of this model ({reason})"
+            ) from None
         raise UserError(
             f"{config_key}={source} is neither a local directory nor in the Hugging Face cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}/hub), and runs never download. On a machine with "
@@ -75,10 +76,19 @@ class HFCaptioner(CaptioningModule):
     download_name = ""  # scripts/download_models.py name of the default weights
     usage = ""  # model-card snippet; {prompt} is filled in
 
-    def __init__(self, pretrained: str | None = None, optimizer: dict | None = None, scheduler: dict | None = None,
-                 generation: dict | None = None, label_smoothing: float = 0.0, max_caption_tokens: int = 40,
-                 freeze_vision: bool = False, gradient_checkpointing: bool = False, spice: bool = False,
-                 architecture: dict[str, str] | None = None):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        generation: dict | None = None,
+        label_smoothing: float = 0.0,
+        max_caption_tokens: int = 40,
+        freeze_vision: bool = False,
+        gradient_checkpointing: bool = False,
+        spice: bool = False,
+        architecture: dict[str, str] | None = None,
+    ):
         super().__init__(spice=spice)
         self.save_hyperparameters(logger=False, ignore=["architecture"])
         for key in ("optimizer", "scheduler", "generation"):
@@ -96,8 +106,10 @@ class HFCaptioner(CaptioningModule):
         # Decoding settings live in the model's generation config: used by every generate call, saved with exports.
         unused = self.model.generation_config.update(**(self.hparams.generation or {}))
         if unused:
-            raise UserError(f"model.generation: {', '.join(sorted(unused))} are not settings of transformers' "
-                            "GenerationConfig (e.g. num_beams, max_length, min_length)")
+            raise UserError(
+                f"model.generation: {', '.join(sorted(unused))} are not settings of transformers' "
+                "GenerationConfig (e.g. num_beams, max_length, min_length)"
+            )
         if freeze_vision:
             self.vision_tower().requires_grad_(False)
         if gradient_checkpointing:
@@ -140,8 +152,10 @@ class HFCaptioner(CaptioningModule):
     def load_dir(self, source: str | None) -> tuple[PreTrainedModel, object, object]:
         """Model, image processor and tokenizer of one directory or cached hub id (`model.pretrained`)."""
         if not source:
-            raise UserError("model.pretrained is not set: give a hub id in the Hugging Face cache or a local "
-                            "save_pretrained directory")
+            raise UserError(
+                "model.pretrained is not set: give a hub id in the Hugging Face cache or a local "
+                "save_pretrained directory"
+            )
         loaders = (self.model_class.from_pretrained, AutoImageProcessor.from_pretrained, AutoTokenizer.from_pretrained)
         return tuple(load_pretrained(load, source, "model.pretrained", self.download_name) for load in loaders)
 
@@ -178,13 +192,22 @@ class HFCaptioner(CaptioningModule):
         metrics = {name: float(value) for name, value in sorted(logged.items()) if name.startswith("test/")}
         settings = ", ".join(f"{k}={getattr(self.model.generation_config, k)!r}" for k in GENERATION_KEYS)
         lines = [
-            "---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [image-captioning]", "---",
-            f"# {type(self).__name__}", "",
+            "---",
+            "library_name: transformers",
+            "pipeline_tag: image-text-to-text",
+            "tags: [image-captioning]",
+            "---",
+            f"# {type(self).__name__}",
+            "",
             f"A `{self.model_class.__name__}` image captioner fine-tuned with vlx "
             f"(`lightning_modules/captioning/{type(self).__module__.rsplit('.', 1)[-1]}.py`) from "
-            f"`{self.hparams.pretrained or 'its encoder and decoder checkpoints'}`.", "",
-            f"Generation settings (generation_config.json): `{settings}`.", "",
-            "```python", self.usage.strip().format(prompt=self.hparams.get("prompt")), "```",
+            f"`{self.hparams.pretrained or 'its encoder and decoder checkpoints'}`.",
+            "",
+            f"Generation settings (generation_config.json): `{settings}`.",
+            "",
+            "```python",
+            self.usage.strip().format(prompt=self.hparams.get("prompt")),
+            "```",
         ]
         if metrics:
             lines += ["", "Test metrics of the run that produced it:", "", "| metric | value |", "| --- | --- |"]
@@ -203,8 +226,13 @@ class HFCaptioner(CaptioningModule):
     def loss(self, batch: dict) -> torch.Tensor:
         """Mean cross-entropy over the caption tokens of the global batch (see global_token_mean)."""
         logits, targets = self.logits_and_targets(batch)
-        token_losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                                       label_smoothing=self.hparams.label_smoothing, reduction="sum")
+        token_losses = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=IGNORE,
+            label_smoothing=self.hparams.label_smoothing,
+            reduction="sum",
+        )
         return global_token_mean(token_losses, (targets != IGNORE).sum())
 
     def caption_texts(self, batch: dict) -> list[str]:

@@ -1,9 +1,9 @@
 """Captioning images from Python with any captioner of this project:
 
-    from lightning_modules.captioning import Captioner
-    captioner = Captioner.from_pretrained("outputs/blip_coco/runs/<time>/export")      # or any of our .ckpt files
-    captioner.generate_caption("photo.jpg")                                            # -> "a dog on a couch"
-    captioner.generate_captions(["a.jpg", pil_image], batch_size=16)
+from lightning_modules.captioning import Captioner
+captioner = Captioner.from_pretrained("outputs/blip_coco/runs/<time>/export")      # or any of our .ckpt files
+captioner.generate_caption("photo.jpg")                                            # -> "a dog on a couch"
+captioner.generate_captions(["a.jpg", pil_image], batch_size=16)
 """
 
 from __future__ import annotations
@@ -50,16 +50,17 @@ class Captioner:
             config = path / "config.json"
             model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
             if model_type not in EXPORT_CLASSES:
-                raise UserError(f"{path} is not a Hugging Face export of a captioner we know (config.json model_type "
-                                f"{model_type!r}; known: {', '.join(EXPORT_CLASSES)})")
+                raise UserError(
+                    f"{path} is not a Hugging Face export of a captioner we know (config.json model_type "
+                    f"{model_type!r}; known: {', '.join(EXPORT_CLASSES)})"
+                )
             return cls(EXPORT_CLASSES[model_type](pretrained=str(path), **overrides), device)
         if not path.exists():
             raise UserError(f"{path} does not exist: give an export directory or a .ckpt file")
         name = read_checkpoint(path, key=None).get("captioner")
         if name not in CHECKPOINT_CLASSES:
             raise UserError(f"{path} is not a captioner checkpoint of this project (it names {name!r})")
-        module = CHECKPOINT_CLASSES[name].load_from_checkpoint(path, map_location="cpu", weights_only=True,
-                                                               **overrides)
+        module = CHECKPOINT_CLASSES[name].load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
         return cls(module, device)
 
     def generate_caption(self, image: str | os.PathLike | Image.Image) -> str:
@@ -72,7 +73,7 @@ class Captioner:
         captions = []
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="captioning", unit="batch", disable=len(starts) <= 1):
-            pixels = torch.stack([self.transform(self._rgb(image)) for image in images[start:start + batch_size]])
+            pixels = torch.stack([self.transform(self._rgb(image)) for image in images[start : start + batch_size]])
             captions += self.module.caption_batch({"images": pixels.to(self.module.device, self.module.dtype)})
         return captions
 

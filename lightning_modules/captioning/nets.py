@@ -29,8 +29,14 @@ class SmallCNN(nn.Sequential):
 class ImageEncoder(nn.Module):
     """Image [B, 3, H, W] -> feature map [B, C, h, w]; `finetune` picks what trains (all, last stage, none)."""
 
-    def __init__(self, name: str = "small_cnn", pretrained: bool | str = False, finetune: str = "all",
-                 width: int = 32, lr: float | None = None):
+    def __init__(
+        self,
+        name: str = "small_cnn",
+        pretrained: bool | str = False,
+        finetune: str = "all",
+        width: int = 32,
+        lr: float | None = None,
+    ):
         super().__init__()
         if name not in ENCODERS:
             raise UserError(f"unknown encoder '{name}' (model.encoder.name): choose one of {', '.join(ENCODERS)}")
@@ -98,8 +104,17 @@ class RNNDecoder(nn.Module):
     greedy and beam search all go through `step`, so they decode the same model.
     """
 
-    def __init__(self, vocab_size: int, feature_dim: int, rnn: str = "lstm", attention: bool = True,
-                 embed_dim: int = 256, hidden_dim: int = 512, attention_dim: int = 256, dropout: float = 0.3):
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        rnn: str = "lstm",
+        attention: bool = True,
+        embed_dim: int = 256,
+        hidden_dim: int = 512,
+        attention_dim: int = 256,
+        dropout: float = 0.3,
+    ):
         super().__init__()
         if rnn not in ("lstm", "gru"):
             raise UserError(f"model.decoder.rnn must be 'lstm' or 'gru', got '{rnn}'")

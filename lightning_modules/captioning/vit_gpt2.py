@@ -21,13 +21,13 @@ class ViTGPT2Captioner(HFCaptioner):
 
     model_class = VisionEncoderDecoderModel
     download_name = "vit-gpt2"
-    usage = '''
+    usage = """
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 model = VisionEncoderDecoderModel.from_pretrained(DIR)
 processor, tokenizer = AutoImageProcessor.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR)
 ids = model.generate(pixel_values=processor(images=image, return_tensors="pt").pixel_values)
 caption = tokenizer.decode(ids[0], skip_special_tokens=True).strip()
-'''
+"""
 
     def __init__(self, encoder_pretrained: str | None = None, decoder_pretrained: str | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -37,13 +37,16 @@ caption = tokenizer.decode(ids[0], skip_special_tokens=True).strip()
             self.model.encoder.pooler.requires_grad_(False)
 
     def load_pretrained_parts(self):
-        pretrained, encoder, decoder = (self.hparams.get(k) for k in ("pretrained", "encoder_pretrained",
-                                                                       "decoder_pretrained"))
+        pretrained, encoder, decoder = (
+            self.hparams.get(k) for k in ("pretrained", "encoder_pretrained", "decoder_pretrained")
+        )
         if pretrained:
             return self.load_dir(pretrained)
         if not (encoder and decoder):
-            raise UserError("set model.pretrained (an image-captioning VisionEncoderDecoder checkpoint), or both "
-                            "model.encoder_pretrained and model.decoder_pretrained")
+            raise UserError(
+                "set model.pretrained (an image-captioning VisionEncoderDecoder checkpoint), or both "
+                "model.encoder_pretrained and model.decoder_pretrained"
+            )
 
         def assemble(_, local_files_only):
             # The decoder config is given with its cross-attention switched on: transformers 5's GPT2Config has
@@ -51,20 +54,31 @@ caption = tokenizer.decode(ids[0], skip_special_tokens=True).strip()
             decoder_config = AutoConfig.from_pretrained(decoder, local_files_only=local_files_only)
             decoder_config.is_decoder = decoder_config.add_cross_attention = True
             return VisionEncoderDecoderModel.from_encoder_decoder_pretrained(
-                encoder, decoder, encoder_local_files_only=local_files_only, decoder_local_files_only=local_files_only,
-                decoder_config=decoder_config)
+                encoder,
+                decoder,
+                encoder_local_files_only=local_files_only,
+                decoder_local_files_only=local_files_only,
+                decoder_config=decoder_config,
+            )
 
-        model = load_pretrained(assemble, f"{encoder} + {decoder}", "model.encoder_pretrained/decoder_pretrained",
-                                "vit-base gpt2")
-        return (model,
-                load_pretrained(AutoImageProcessor.from_pretrained, encoder, "model.encoder_pretrained", "vit-base"),
-                load_pretrained(AutoTokenizer.from_pretrained, decoder, "model.decoder_pretrained", "gpt2"))
+        model = load_pretrained(
+            assemble, f"{encoder} + {decoder}", "model.encoder_pretrained/decoder_pretrained", "vit-base gpt2"
+        )
+        return (
+            model,
+            load_pretrained(AutoImageProcessor.from_pretrained, encoder, "model.encoder_pretrained", "vit-base"),
+            load_pretrained(AutoTokenizer.from_pretrained, decoder, "model.decoder_pretrained", "gpt2"),
+        )
 
     def prepare_special_tokens(self) -> None:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        ids = {"pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id,
-               "decoder_start_token_id": self.tokenizer.bos_token_id, "bos_token_id": self.tokenizer.bos_token_id}
+        ids = {
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "decoder_start_token_id": self.tokenizer.bos_token_id,
+            "bos_token_id": self.tokenizer.bos_token_id,
+        }
         for config in (self.model.config, self.model.generation_config):
             for name, value in ids.items():
                 setattr(config, name, value)
@@ -74,18 +88,24 @@ caption = tokenizer.decode(ids[0], skip_special_tokens=True).strip()
 
     def logits_and_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         eos = self.tokenizer.eos_token
-        text = self.tokenizer([caption + eos for caption in self.caption_texts(batch)], padding="longest",
-                              truncation=True, max_length=self.hparams.max_caption_tokens,
-                              return_tensors="pt").to(self.device)
+        text = self.tokenizer(
+            [caption + eos for caption in self.caption_texts(batch)],
+            padding="longest",
+            truncation=True,
+            max_length=self.hparams.max_caption_tokens,
+            return_tensors="pt",
+        ).to(self.device)
         targets = text.input_ids.masked_fill(text.attention_mask == 0, IGNORE)
-        decoder_input_ids = shift_tokens_right(targets, self.model.config.pad_token_id,
-                                               self.model.config.decoder_start_token_id)
+        decoder_input_ids = shift_tokens_right(
+            targets, self.model.config.pad_token_id, self.model.config.decoder_start_token_id
+        )
         logits = self.model(pixel_values=batch["images"], decoder_input_ids=decoder_input_ids).logits
         return logits, targets  # the decoder inputs are the targets shifted right: already aligned
 
     def generate_ids(self, images: torch.Tensor, generation_config=None) -> torch.Tensor:
-        return self.model.generate(pixel_values=images,
-                                   generation_config=generation_config or self.model.generation_config)
+        return self.model.generate(
+            pixel_values=images, generation_config=generation_config or self.model.generation_config
+        )
 
     def decoder_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """`ids` as generate returns them: the decoder's start token, then the caption."""

@@ -20,10 +20,18 @@ import torch
 import torch.nn.functional as F
 from captum.robust import FGSM, PGD
 
-from callbacks.caption_media import with_caption, grid
+from callbacks.caption_media import grid, with_caption
 from framework.errors import UserError
-from lightning_modules.explain.base import (ExplainModule, enlarge, gradients, mean_metrics, read_rgb, to_rgb,
-                                            write_png, write_summary)
+from lightning_modules.explain.base import (
+    ExplainModule,
+    enlarge,
+    gradients,
+    mean_metrics,
+    read_rgb,
+    to_rgb,
+    write_png,
+    write_summary,
+)
 
 ATTACKS = ("fooling", "fgsm", "pgd")
 # step_size / steps when the config leaves them null: fooling takes L2 steps, pgd L-inf ones of 2/255
@@ -32,8 +40,9 @@ DEFAULT_STEPS = {"fooling": 100, "fgsm": 1, "pgd": 10}
 TILE = 160
 
 
-def fooling_images(classifier, pixels: torch.Tensor, targets: torch.Tensor, step_size: float,
-                   steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fooling_images(
+    classifier, pixels: torch.Tensor, targets: torch.Tensor, step_size: float, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised gradient ascent on the target scores; returns the images and the steps each one took."""
     images, iterations = pixels.detach().clone(), torch.zeros(len(pixels), dtype=torch.long, device=pixels.device)
     for _ in range(steps):
@@ -57,9 +66,18 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class AdversarialModule(ExplainModule):
     """Adversarial examples of `attack` for each image; see the module docstring."""
 
-    def __init__(self, classifier: dict, attack: str = "pgd", target: int | None = None, epsilon: float = 8 / 255,
-                 step_size: float | None = None, steps: int | None = None, classes: list[str] | None = None,
-                 image_size: int | None = None, source_size: list[int] | None = None):
+    def __init__(
+        self,
+        classifier: dict,
+        attack: str = "pgd",
+        target: int | None = None,
+        epsilon: float = 8 / 255,
+        step_size: float | None = None,
+        steps: int | None = None,
+        classes: list[str] | None = None,
+        image_size: int | None = None,
+        source_size: list[int] | None = None,
+    ):
         super().__init__(classifier, classes, image_size, source_size)
         if attack not in ATTACKS:
             raise UserError(f"model.attack={attack} is not one of {', '.join(ATTACKS)}")
@@ -67,8 +85,10 @@ class AdversarialModule(ExplainModule):
         steps = DEFAULT_STEPS[attack] if steps is None else steps
         self.save_hyperparameters(logger=False)
         if not 0 <= epsilon <= 1:
-            raise UserError(f"model.epsilon={epsilon} is outside [0, 1]: it is a pixel-space L-inf radius "
-                            "(pixels are in [0, 1]; 8/255 = 0.031 is usual)")
+            raise UserError(
+                f"model.epsilon={epsilon} is outside [0, 1]: it is a pixel-space L-inf radius "
+                "(pixels are in [0, 1]; 8/255 = 0.031 is usual)"
+            )
         if steps < 1 or (step_size is not None and step_size <= 0):
             raise UserError(f"model.steps ({steps}) must be at least 1 and model.step_size ({step_size}) positive")
         self.target = self.check_class(target, "model.target")
@@ -93,14 +113,21 @@ class AdversarialModule(ExplainModule):
                 adversarial = self.fgsm.perturb(pixels, hp.epsilon, targets, targeted=self.targeted)
                 iterations = torch.ones_like(predicted)
             else:
-                adversarial = self.pgd.perturb(pixels, hp.epsilon, hp.step_size, hp.steps, targets,
-                                               targeted=self.targeted, random_start=True)
+                adversarial = self.pgd.perturb(
+                    pixels, hp.epsilon, hp.step_size, hp.steps, targets, targeted=self.targeted, random_start=True
+                )
                 iterations = torch.full_like(predicted, hp.steps)
         with torch.no_grad():
             fooled = self.classifier(adversarial).argmax(1)
         success = fooled == targets if self.targeted else fooled != predicted
-        return {"images": adversarial.detach(), "predicted": predicted, "fooled": fooled, "targets": targets,
-                "success": success, "iterations": iterations}
+        return {
+            "images": adversarial.detach(),
+            "predicted": predicted,
+            "fooled": fooled,
+            "targets": targets,
+            "success": success,
+            "iterations": iterations,
+        }
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         if not self.has_images(batch):
@@ -110,26 +137,38 @@ class AdversarialModule(ExplainModule):
         difference = (result["images"] - pixels).flatten(1)
         rows = []
         for i, path in enumerate(batch["paths"]):
-            row = {"image": path, "predicted": names[result["predicted"][i]], "adversarial": names[result["fooled"][i]],
-                   "target": names[result["targets"][i]] if self.targeted else None,
-                   "success": bool(result["success"][i]), "iterations": int(result["iterations"][i]),
-                   "l2": difference[i].norm().item(), "linf": difference[i].abs().max().item()}
+            row = {
+                "image": path,
+                "predicted": names[result["predicted"][i]],
+                "adversarial": names[result["fooled"][i]],
+                "target": names[result["targets"][i]] if self.targeted else None,
+                "success": bool(result["success"][i]),
+                "iterations": int(result["iterations"][i]),
+                "l2": difference[i].norm().item(),
+                "linf": difference[i].abs().max().item(),
+            }
             rows.append(row)
-            write_png(self.output_dir / "adversarial" / f"{self.image_name(path)}.png",
-                      self._side_by_side(pixels[i], result["images"][i], row))
+            write_png(
+                self.output_dir / "adversarial" / f"{self.image_name(path)}.png",
+                self._side_by_side(pixels[i], result["images"][i], row),
+            )
         return rows
 
     def _side_by_side(self, original: torch.Tensor, adversarial: torch.Tensor, row: dict) -> np.ndarray:
         difference = adversarial - original
         scale = 0.5 / max(difference.abs().max().item(), 1e-12)  # the largest change maps to black or white
-        panels = [(original, row["predicted"]), (adversarial, row["adversarial"]),
-                  (0.5 + scale * difference, f"difference x{scale:.0f}")]
+        panels = [
+            (original, row["predicted"]),
+            (adversarial, row["adversarial"]),
+            (0.5 + scale * difference, f"difference x{scale:.0f}"),
+        ]
         return grid([with_caption(enlarge(to_rgb(image), TILE), text) for image, text in panels], 3)
 
     def save_predictions(self, rows: list[dict], output_dir) -> dict[str, float]:
         """predictions.json, metrics (success rate, iterations, L2, L-inf) and a sheet of the first examples."""
         metrics = mean_metrics(rows)
-        sheet = np.concatenate([read_rgb(output_dir / "adversarial" / f"{self.image_name(row['image'])}.png")
-                                for row in rows[:8]], axis=0)
+        sheet = np.concatenate(
+            [read_rgb(output_dir / "adversarial" / f"{self.image_name(row['image'])}.png") for row in rows[:8]], axis=0
+        )
         write_summary(output_dir, rows, metrics, {f"adversarial_{self.hparams.attack}": sheet})
         return metrics

@@ -28,8 +28,15 @@ class Attributions:
     caption a word of which is explained (see caption_words.py).
     """
 
-    def __init__(self, classifier: PixelClassifier, gradcam_layer: str, smoothgrad_samples: int = 25,
-                 smoothgrad_noise: float = 0.05, ig_steps: int = 32, internal_batch_size: int = 256):
+    def __init__(
+        self,
+        classifier: PixelClassifier,
+        gradcam_layer: str,
+        smoothgrad_samples: int = 25,
+        smoothgrad_noise: float = 0.05,
+        ig_steps: int = 32,
+        internal_batch_size: int = 256,
+    ):
         saliency = Saliency(classifier)
         smoothgrad = NoiseTunnel(saliency)
         integrated_gradients = IntegratedGradients(classifier)
@@ -37,14 +44,28 @@ class Attributions:
         self._methods = {
             "vanilla": lambda x, t, a: saliency.attribute(x, target=t, abs=True, additional_forward_args=a),
             "smoothgrad": lambda x, t, a: smoothgrad.attribute(
-                x, nt_type="smoothgrad", nt_samples=smoothgrad_samples, stdevs=smoothgrad_noise, target=t, abs=True,
-                nt_samples_batch_size=max(1, internal_batch_size // len(x)), additional_forward_args=a),
+                x,
+                nt_type="smoothgrad",
+                nt_samples=smoothgrad_samples,
+                stdevs=smoothgrad_noise,
+                target=t,
+                abs=True,
+                nt_samples_batch_size=max(1, internal_batch_size // len(x)),
+                additional_forward_args=a,
+            ),
             "integrated_gradients": lambda x, t, a: integrated_gradients.attribute(
-                x, baselines=0.0, target=t, n_steps=ig_steps, internal_batch_size=max(len(x), internal_batch_size),
-                additional_forward_args=a),
+                x,
+                baselines=0.0,
+                target=t,
+                n_steps=ig_steps,
+                internal_batch_size=max(len(x), internal_batch_size),
+                additional_forward_args=a,
+            ),
             "gradcam": lambda x, t, a: LayerAttribution.interpolate(
                 gradcam.attribute(x, target=t, relu_attributions=True, additional_forward_args=a),
-                tuple(x.shape[-2:]), "bilinear"),
+                tuple(x.shape[-2:]),
+                "bilinear",
+            ),
         }
 
     @staticmethod
@@ -54,13 +75,15 @@ class Attributions:
             raise UserError(f"model.methods: {', '.join(unknown) or 'none given'}; choose from {', '.join(METHODS)}")
         return list(methods)
 
-    def attribute(self, method: str, pixels: torch.Tensor, targets: torch.Tensor,
-                  forward_args: tuple | None = None) -> torch.Tensor:
+    def attribute(
+        self, method: str, pixels: torch.Tensor, targets: torch.Tensor, forward_args: tuple | None = None
+    ) -> torch.Tensor:
         """captum's attributions, [B, 3, H, W] (Grad-CAM: [B, 1, H, W]); needs gradients enabled."""
         return self._methods[method](pixels, targets, forward_args)
 
-    def maps(self, method: str, pixels: torch.Tensor, targets: torch.Tensor,
-             forward_args: tuple | None = None) -> torch.Tensor:
+    def maps(
+        self, method: str, pixels: torch.Tensor, targets: torch.Tensor, forward_args: tuple | None = None
+    ) -> torch.Tensor:
         return to_maps(self.attribute(method, pixels, targets, forward_args))
 
 

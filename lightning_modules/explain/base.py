@@ -57,8 +57,13 @@ class ExplainBase(L.LightningModule):
 class ExplainModule(ExplainBase):
     """A LightningModule around a frozen classifier (see model.classifier in conf/model/classifier_to_explain.yaml)."""
 
-    def __init__(self, classifier: dict, classes: list[str] | None = None, image_size: int | None = None,
-                 source_size: list[int] | None = None):
+    def __init__(
+        self,
+        classifier: dict,
+        classes: list[str] | None = None,
+        image_size: int | None = None,
+        source_size: list[int] | None = None,
+    ):
         """From the data module: `classes`, the labels of the data, which must be the classifier's; `image_size`, the
         size its images are resized to (None: the data has no images); for a folder of unlabelled images, the size
         they all have (`source_size`, None if they differ). The shapes classifier explains only its own kind of
@@ -70,9 +75,11 @@ class ExplainModule(ExplainBase):
             self.check_shapes_images(source_size)
         self.classifier = classifier_to_explain(**classifier).requires_grad_(False)
         if classes is not None and list(classes) != self.class_names:
-            raise UserError(f"the data's classes ({', '.join(classes)}) are not those of the classifier "
-                            f"({', '.join(self.class_names[:5])}, ...): explain labelled shapes data with "
-                            "model.classifier.name=shapes, or other images with data=explain_images")
+            raise UserError(
+                f"the data's classes ({', '.join(classes)}) are not those of the classifier "
+                f"({', '.join(self.class_names[:5])}, ...): explain labelled shapes data with "
+                "model.classifier.name=shapes, or other images with data=explain_images"
+            )
         if folder_of_shapes:
             self.check_shapes_images(source_size, self.classifier.image_size)
         self.check_image_size(image_size, "data.image_size")
@@ -89,12 +96,15 @@ class ExplainModule(ExplainBase):
             "model.classifier.name=shapes (the shapes classifier) was trained on: it would label a photo of a bird "
             "as a circle. Explain photos with an ImageNet classifier: model.classifier.name=resnet50 "
             "data.image_size=224 (its weights in the torch cache: python scripts/download_models.py resnet50), and "
-            "shapes with data=shape_classes")
+            "shapes with data=shape_classes"
+        )
 
     @classmethod
     def load_from_checkpoint(cls, *args, **kwargs):
-        raise UserError(f"{cls.__name__} is not trained and has no checkpoint: leave ckpt_path unset and give the "
-                        "classifier to explain as model.classifier.checkpoint=PATH")
+        raise UserError(
+            f"{cls.__name__} is not trained and has no checkpoint: leave ckpt_path unset and give the "
+            "classifier to explain as model.classifier.checkpoint=PATH"
+        )
 
     @property
     def class_names(self) -> list[str]:
@@ -102,10 +112,13 @@ class ExplainModule(ExplainBase):
 
     def check_class(self, target: int | None, key: str) -> int | None:
         """`target` if it is one of the classifier's classes (or None); a UserError naming `key` otherwise."""
-        if target is not None and (isinstance(target, bool) or not isinstance(target, int)
-                                   or not 0 <= target < len(self.class_names)):
-            raise UserError(f"{key}={target} is not a class of the classifier: give an index in "
-                            f"0..{len(self.class_names) - 1} ({', '.join(self.class_names[:5])}, ...)")
+        if target is not None and (
+            isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < len(self.class_names)
+        ):
+            raise UserError(
+                f"{key}={target} is not a class of the classifier: give an index in "
+                f"0..{len(self.class_names) - 1} ({', '.join(self.class_names[:5])}, ...)"
+            )
         return target
 
     def check_image_size(self, image_size: int | None, key: str) -> None:
@@ -113,10 +126,13 @@ class ExplainModule(ExplainBase):
         and `image_size` is another: its shapes would be drawn at a scale it never saw."""
         trained = self.classifier.image_size
         if image_size is not None and trained is not None and image_size != trained:
-            raise UserError(f"{key}={image_size}, but the classifier (model.classifier.name=shapes) was trained on "
-                            f"{trained} px images: set {key}={trained}, or train a shapes classifier at {image_size} "
-                            f"px (python run.py task=shapes_classifier data.image_size={image_size}) and give it as "
-                            "model.classifier.checkpoint")
+            raise UserError(
+                f"{key}={image_size}, but the classifier (model.classifier.name=shapes) was trained on "
+                f"{trained} px images: set {key}={trained}, or train a shapes classifier at {image_size} "
+                f"px (python run.py task=shapes_classifier data.image_size={image_size}) and give it as "
+                "model.classifier.checkpoint"
+            )
+
 
 @contextlib.contextmanager
 def gradients() -> Iterator[None]:
@@ -167,5 +183,9 @@ def write_summary(output_dir: Path, rows: list[dict], metrics: dict[str, float],
         for name, image in images.items():
             write_png(output_dir / f"{name}.png", image)
             board.add_image(name, image, 0, dataformats="HWC")
-    log.info("wrote %d rows to %s and %s", len(rows), output_dir / "predictions.json",
-             ", ".join(f"{name}.png" for name in images))
+    log.info(
+        "wrote %d rows to %s and %s",
+        len(rows),
+        output_dir / "predictions.json",
+        ", ".join(f"{name}.png" for name in images),
+    )

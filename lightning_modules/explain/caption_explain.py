@@ -38,11 +38,24 @@ from framework.errors import UserError
 from lightning_modules.captioning.base import CaptioningModule
 from lightning_modules.captioning.inference import Captioner
 from lightning_modules.explain.attributions import METHODS, Attributions, to_maps
-from lightning_modules.explain.base import (ExplainBase, enlarge, gradients, read_rgb, to_rgb, write_npy, write_png,
-                                            write_summary)
+from lightning_modules.explain.base import (
+    ExplainBase,
+    enlarge,
+    gradients,
+    read_rgb,
+    to_rgb,
+    write_npy,
+    write_png,
+    write_summary,
+)
 from lightning_modules.explain.caption_words import CaptionWordScorer, Generated, ground_words, word_scorer
-from lightning_modules.explain.measures import (cascading_randomisations, deletion_insertion, pointing_chance,
-                                                pointing_game, spearman)
+from lightning_modules.explain.measures import (
+    cascading_randomisations,
+    deletion_insertion,
+    pointing_chance,
+    pointing_game,
+    spearman,
+)
 
 CAPTION_METHODS = (*METHODS, "attention")
 TILE = 128  # pixels per panel of the sheets
@@ -75,29 +88,45 @@ class CaptionExplainModule(ExplainBase):
 
     explains_ckpt_path = True  # ckpt_path is the captioner under explanation, not a checkpoint of this module
 
-    def __init__(self, captioner: str | CaptioningModule | None, methods: list[str], words: list[int] | None = None,
-                 function_words: list[str] = (), gradcam_layer: str = "encoder", ig_steps: int = 32,
-                 internal_batch_size: int = 256, deletion_steps: int = 20, pointing_tolerance: float = 15 / 224,
-                 randomisation: bool = True, seed: int = 0, contact_sheet_images: int = 8,
-                 image_size: int | None = None):
+    def __init__(
+        self,
+        captioner: str | CaptioningModule | None,
+        methods: list[str],
+        words: list[int] | None = None,
+        function_words: list[str] = (),
+        gradcam_layer: str = "encoder",
+        ig_steps: int = 32,
+        internal_batch_size: int = 256,
+        deletion_steps: int = 20,
+        pointing_tolerance: float = 15 / 224,
+        randomisation: bool = True,
+        seed: int = 0,
+        contact_sheet_images: int = 8,
+        image_size: int | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["captioner"] if isinstance(captioner, nn.Module) else None, logger=False)
         unknown = [m for m in methods if m not in CAPTION_METHODS]
         if unknown or not methods:
-            raise UserError(f"model.methods: {', '.join(unknown) or 'none given'}; choose from "
-                            f"{', '.join(CAPTION_METHODS)}")
+            raise UserError(
+                f"model.methods: {', '.join(unknown) or 'none given'}; choose from {', '.join(CAPTION_METHODS)}"
+            )
         if words is not None and not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in words):
-            raise UserError(f"model.words={list(words)}: give word indices (0: a caption's first word), or null for "
-                            "every word")
+            raise UserError(
+                f"model.words={list(words)}: give word indices (0: a caption's first word), or null for every word"
+            )
         self.methods, self.words, self.function_words = list(methods), words, set(function_words)
         self.scorer: CaptionWordScorer = word_scorer(self.load_captioner(captioner)).requires_grad_(False)
         if "attention" in self.methods and not self.scorer.has_attention:
             others = ",".join(m for m in self.methods if m != "attention") or "integrated_gradients,gradcam"
-            raise UserError(f"model.methods: {self.scorer.attention_missing}: leave 'attention' out "
-                            f"(model.methods=[{others}])")
+            raise UserError(
+                f"model.methods: {self.scorer.attention_missing}: leave 'attention' out (model.methods=[{others}])"
+            )
         if image_size is not None and self.scorer.image_size not in (None, image_size):
-            raise UserError(f"data.image_size={image_size}, but the captioner takes {self.scorer.image_size} px "
-                            f"images: set data.image_size={self.scorer.image_size}")
+            raise UserError(
+                f"data.image_size={image_size}, but the captioner takes {self.scorer.image_size} px "
+                f"images: set data.image_size={self.scorer.image_size}"
+            )
         settings = dict(gradcam_layer=gradcam_layer, ig_steps=ig_steps, internal_batch_size=internal_batch_size)
         self.attributions = Attributions(self.scorer, **settings)
         randomised = cascading_randomisations(self.scorer, seed) if randomisation else []
@@ -111,17 +140,20 @@ class CaptionExplainModule(ExplainBase):
         if isinstance(path, CaptioningModule):
             return path
         if not path:
-            raise UserError("task=caption_explain needs ckpt_path=CAPTIONER, the captioner to explain: a checkpoint "
-                            "such as outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt (CNN-RNN, BLIP or "
-                            "ViT-GPT2), or a BLIP / ViT-GPT2 export directory")
+            raise UserError(
+                "task=caption_explain needs ckpt_path=CAPTIONER, the captioner to explain: a checkpoint "
+                "such as outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt (CNN-RNN, BLIP or "
+                "ViT-GPT2), or a BLIP / ViT-GPT2 export directory"
+            )
         if not Path(path).is_dir():
             read_checkpoint(path)  # a missing or broken file: one error naming ckpt_path
         return Captioner.from_pretrained(path).module
 
     @classmethod
     def load_from_checkpoint(cls, *args, **kwargs):
-        raise UserError(f"{cls.__name__} is not trained and has no checkpoint: give the captioner to explain as "
-                        "ckpt_path")
+        raise UserError(
+            f"{cls.__name__} is not trained and has no checkpoint: give the captioner to explain as ckpt_path"
+        )
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         if not self.has_images(batch):
@@ -132,11 +164,14 @@ class CaptionExplainModule(ExplainBase):
             tokens, captions = generated.tokens, generated.words
             rows = [{"image": path, "caption": " ".join(words)} for path, words in zip(batch["paths"], captions)]
             words = self._words(pixels, generated, rows)
-            records = [{"word": captions[i][t], "position": t} for i, t in zip(words.images.tolist(),
-                                                                              words.positions.tolist())]
+            records = [
+                {"word": captions[i][t], "position": t} for i, t in zip(words.images.tolist(), words.positions.tolist())
+            ]
             self._describe(records, words, captions, batch.get("objects"), pixels)
-            maps = {method: self._measure(method, pixels, tokens, words, records)
-                    for method in (self.methods if records else ())}
+            maps = {
+                method: self._measure(method, pixels, tokens, words, records)
+                for method in (self.methods if records else ())
+            }
         for i, row in enumerate(rows):
             mine = (words.images == i).nonzero()[:, 0]
             row["words"] = [records[r] for r in mine.tolist()]
@@ -150,17 +185,27 @@ class CaptionExplainModule(ExplainBase):
             chosen = range(len(caption)) if self.words is None else self.words
             outside = [t for t in chosen if t >= len(caption)]
             if outside:
-                raise UserError(f"model.words={list(self.words)}: the caption of {rows[i]['image']} "
-                                f"('{rows[i]['caption']}') has {len(caption)} words (indices 0..{len(caption) - 1}); "
-                                "give smaller indices, or model.words=null for every word")
+                raise UserError(
+                    f"model.words={list(self.words)}: the caption of {rows[i]['image']} "
+                    f"('{rows[i]['caption']}') has {len(caption)} words (indices 0..{len(caption) - 1}); "
+                    "give smaller indices, or model.words=null for every word"
+                )
             pairs += [(i, t, *generated.spans[i][t]) for t in chosen]
         images, positions, starts, ends = (
             (torch.tensor(column, dtype=torch.long, device=pixels.device).view(-1) for column in zip(*pairs))
-            if pairs else (pixels.new_zeros(0, dtype=torch.long),) * 4)
+            if pairs
+            else (pixels.new_zeros(0, dtype=torch.long),) * 4
+        )
         return Words(images, positions, pixels[images], generated.tokens[images], starts, ends)
 
-    def _describe(self, records: list[dict], words: Words, captions: list[list[str]],
-                  objects: list[list[dict]] | None, pixels: torch.Tensor) -> None:
+    def _describe(
+        self,
+        records: list[dict],
+        words: Words,
+        captions: list[list[str]],
+        objects: list[list[dict]] | None,
+        pixels: torch.Tensor,
+    ) -> None:
         """Each word's kind, its probability and, where the data has objects, the box it should point at."""
         with torch.no_grad():
             log_probs = self.scorer(words.pixels, *words.forward_args) if records else None
@@ -179,8 +224,16 @@ class CaptionExplainModule(ExplainBase):
             for record, chance in zip(boxed, pointing_chance(boxes, *pixels.shape[-2:], tolerance).tolist()):
                 record["pointing_game_chance"] = chance
 
-    def _maps(self, method: str, scorer: CaptionWordScorer, attributions: Attributions, pixels: torch.Tensor,
-              tokens: torch.Tensor, words: Words, records: list[dict] | None = None) -> torch.Tensor:
+    def _maps(
+        self,
+        method: str,
+        scorer: CaptionWordScorer,
+        attributions: Attributions,
+        pixels: torch.Tensor,
+        tokens: torch.Tensor,
+        words: Words,
+        records: list[dict] | None = None,
+    ) -> torch.Tensor:
         """One map [H, W] per row; for integrated_gradients also each row's gap and completeness delta (into
         `records`)."""
         if method == "attention":  # a word's map: the mean over the steps predicting its tokens
@@ -193,23 +246,30 @@ class CaptionExplainModule(ExplainBase):
         attributed = attributions.attribute(method, inputs, words.targets, words.forward_args)
         if method == "integrated_gradients" and records is not None:
             with torch.no_grad():
-                gap = (scorer(words.pixels, *words.forward_args) - scorer(torch.zeros_like(words.pixels),
-                                                                          *words.forward_args))
+                gap = scorer(words.pixels, *words.forward_args) - scorer(
+                    torch.zeros_like(words.pixels), *words.forward_args
+                )
                 gap = gap.gather(1, words.targets[:, None])[:, 0]
             delta = (attributed.detach().sum((1, 2, 3)) - gap).abs()
             for record, gap_, delta_ in zip(records, gap.tolist(), delta.tolist()):
                 record.update({"integrated_gradients/gap": gap_, "integrated_gradients/delta": delta_})
         return to_maps(attributed)
 
-    def _measure(self, method: str, pixels: torch.Tensor, tokens: torch.Tensor, words: Words,
-                 records: list[dict]) -> torch.Tensor:
+    def _measure(
+        self, method: str, pixels: torch.Tensor, tokens: torch.Tensor, words: Words, records: list[dict]
+    ) -> torch.Tensor:
         maps = self._maps(method, self.scorer, self.attributions, pixels, tokens, words, records)
         score = lambda x: self.scorer(x, *words.forward_args)  # noqa: E731 (the word's log-probabilities)
-        measured = dict(zip(("deletion_auc", "insertion_auc"), deletion_insertion(
-            score, words.pixels, maps, words.targets, self.hparams.deletion_steps)))
+        measured = dict(
+            zip(
+                ("deletion_auc", "insertion_auc"),
+                deletion_insertion(score, words.pixels, maps, words.targets, self.hparams.deletion_steps),
+            )
+        )
         for layer, model, attributions in zip(self.randomised_layers, self.randomised, self.randomised_attributions):
-            measured[f"spearman_{layer}"] = spearman(maps, self._maps(method, model, attributions, pixels, tokens,
-                                                                      words))
+            measured[f"spearman_{layer}"] = spearman(
+                maps, self._maps(method, model, attributions, pixels, tokens, words)
+            )
         boxed = [r for r, record in enumerate(records) if record.get("box") is not None]
         if boxed:
             tolerance = self.hparams.pointing_tolerance * max(pixels.shape[-2:])
@@ -230,8 +290,10 @@ class CaptionExplainModule(ExplainBase):
         for method, method_maps in maps.items():
             write_npy(folder / method / f"{name}.npy", method_maps.cpu().numpy())
             panels = [with_caption(big, method)]
-            panels += [with_caption(attention_overlay(big, m.cpu().numpy()), w["word"])
-                       for m, w in zip(method_maps, row["words"])]
+            panels += [
+                with_caption(attention_overlay(big, m.cpu().numpy()), w["word"])
+                for m, w in zip(method_maps, row["words"])
+            ]
             lines.append(grid(panels, len(panels)))
         if lines:
             write_png(folder / f"{name}.png", stack(lines))
@@ -248,8 +310,9 @@ class CaptionExplainModule(ExplainBase):
 def stack(images: list[np.ndarray]) -> np.ndarray:
     """Images one above the other, padded with white on the right to the widest."""
     width = max(image.shape[1] for image in images)
-    return np.concatenate([np.pad(image, ((0, 0), (0, width - image.shape[1]), (0, 0)), constant_values=255)
-                           for image in images])
+    return np.concatenate(
+        [np.pad(image, ((0, 0), (0, width - image.shape[1]), (0, 0)), constant_values=255) for image in images]
+    )
 
 
 def word_metrics(rows: list[dict], prefix: str = "predict") -> dict[str, float]:
@@ -261,8 +324,12 @@ def word_metrics(rows: list[dict], prefix: str = "predict") -> dict[str, float]:
     for kind in KINDS:
         group = [word for word in words if word["kind"] == kind]
         metrics[f"{prefix}/{kind}_words"] = float(len(group))
-        keys = dict.fromkeys(key for word in group for key, value in word.items()
-                             if isinstance(value, (bool, int, float)) and key != "position")
+        keys = dict.fromkeys(
+            key
+            for word in group
+            for key, value in word.items()
+            if isinstance(value, (bool, int, float)) and key != "position"
+        )
         for key in keys:
             values = [word[key] for word in group if word.get(key) is not None]
             metrics[f"{prefix}/{key}_{kind}_words"] = float(np.mean(values))

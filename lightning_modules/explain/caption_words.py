@@ -63,8 +63,9 @@ class CaptionWordScorer(nn.Module):
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self.mean) / self.std
 
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor,
-                ends: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixels: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
+    ) -> torch.Tensor:
         """[N, 2]: log p(word n), log p(not word n), where word n is tokens[n, starts[n]:ends[n]] of caption
         `tokens[n]`, given the image and the tokens before it."""
         steps = int(ends.max())  # no need to read past the last token scored
@@ -110,8 +111,9 @@ class CNNRNNScorer(CaptionWordScorer):
         self.image_size = captioner.hparams.image_size
         self.net = nn.ModuleDict({"encoder": captioner.encoder, "decoder": captioner.decoder})
         if self.net.decoder.attention is None:
-            self.attention_missing = ("the captioner's decoder has no attention (model.decoder.attention=false when "
-                                      "it was trained)")
+            self.attention_missing = (
+                "the captioner's decoder has no attention (model.decoder.attention=false when it was trained)"
+            )
 
     def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Encoder features [B, h*w, C] of pixels in [0, 1], and the grid (h, w)."""
@@ -123,12 +125,14 @@ class CNNRNNScorer(CaptionWordScorer):
 
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor) -> Generated:
-        tokens = greedy_decode(self.net.decoder, self.features(pixels)[0], self.vocab.bos, self.vocab.eos,
-                               self.max_len)[0]
+        tokens = greedy_decode(
+            self.net.decoder, self.features(pixels)[0], self.vocab.bos, self.vocab.eos, self.max_len
+        )[0]
         # Word t is token t + 1 (after <bos>); every token up to <eos> counts, <unk> too, to keep them aligned.
         eos = self.vocab.eos
-        words = [[self.vocab.words[i] for i in row[: row.index(eos) if eos in row else len(row)]]
-                 for row in tokens.tolist()]
+        words = [
+            [self.vocab.words[i] for i in row[: row.index(eos) if eos in row else len(row)]] for row in tokens.tolist()
+        ]
         bos = torch.full_like(tokens[:, :1], self.vocab.bos)
         return Generated(torch.cat([bos, tokens], 1), words, [[(t + 1, t + 2) for t in range(len(w))] for w in words])
 
@@ -144,13 +148,17 @@ class CNNRNNScorer(CaptionWordScorer):
             return self.net.get_submodule(name)
         except AttributeError:
             layers = ", ".join(["encoder", *(f"encoder.body.{n}" for n, _ in self.net.encoder.body.named_children())])
-            raise UserError(f"the captioner has no layer '{name}' ({key}); its image encoder's layers are: "
-                            f"{layers}") from None
+            raise UserError(
+                f"the captioner has no layer '{name}' ({key}); its image encoder's layers are: {layers}"
+            ) from None
 
     def parameterised_layers(self) -> list[str]:
         """From the input to the output: the encoder's top-level blocks, then the decoder as one unit."""
-        blocks = [f"encoder.body.{name}" for name, block in self.net.encoder.body.named_children()
-                  if any(True for _ in block.parameters())]
+        blocks = [
+            f"encoder.body.{name}"
+            for name, block in self.net.encoder.body.named_children()
+            if any(True for _ in block.parameters())
+        ]
         return [*blocks, "decoder"]
 
 
@@ -175,21 +183,28 @@ class HFScorer(CaptionWordScorer):
     a word's tokens those that add it. Grad-CAM layers: `encoder` (the vision transformer's last layer) or any of
     its layers by name (`layer_names`)."""
 
-    attention_missing = ("BLIP and ViT-GPT2 captioners have no attention method here (their cross-attention is "
-                         "not explained)")
+    attention_missing = (
+        "BLIP and ViT-GPT2 captioners have no attention method here (their cross-attention is not explained)"
+    )
 
     def __init__(self, captioner: HFCaptioner):
         processor = captioner.image_processor
         normalised = getattr(processor, "do_normalize", True)
-        super().__init__(processor.image_mean if normalised else [0.0] * 3,
-                         processor.image_std if normalised else [1.0] * 3)
+        super().__init__(
+            processor.image_mean if normalised else [0.0] * 3, processor.image_std if normalised else [1.0] * 3
+        )
         self.captioner = captioner  # its model, tokenizer and prompt; copied with it by the randomisation check
         self.image_size = image_side(processor.size)
         tower = captioner.vision_tower()
-        self.net = nn.ModuleDict({"encoder": tower, "decoder": nn.ModuleList(
-            [child for child in captioner.model.children() if child is not tower])})
-        path, layers = next((name, module) for name, module in tower.named_modules()
-                            if isinstance(module, nn.ModuleList))
+        self.net = nn.ModuleDict(
+            {
+                "encoder": tower,
+                "decoder": nn.ModuleList([child for child in captioner.model.children() if child is not tower]),
+            }
+        )
+        path, layers = next(
+            (name, module) for name, module in tower.named_modules() if isinstance(module, nn.ModuleList)
+        )
         self.layers_path = path
         self.layer_names = [f"encoder.{path}.{i}" for i in range(len(layers))]
         self.grids = nn.ModuleList(PatchGrid() for _ in layers)
@@ -219,8 +234,10 @@ class HFScorer(CaptionWordScorer):
     def layer(self, name: str, key: str = "model.gradcam_layer") -> nn.Module:
         names = {"encoder": len(self.grids) - 1, **{n: i for i, n in enumerate(self.layer_names)}}
         if name not in names:
-            raise UserError(f"the captioner has no layer '{name}' ({key}); its vision transformer's layers are: "
-                            f"encoder (the last), {', '.join(self.layer_names)}")
+            raise UserError(
+                f"the captioner has no layer '{name}' ({key}); its vision transformer's layers are: "
+                f"encoder (the last), {', '.join(self.layer_names)}"
+            )
         return self.grids[names[name]]
 
     def parameterised_layers(self) -> list[str]:
@@ -267,8 +284,10 @@ def word_scorer(captioner) -> CaptionWordScorer:
         return CNNRNNScorer(captioner)
     if isinstance(captioner, HFCaptioner):
         return HFScorer(captioner)
-    raise UserError(f"ckpt_path: task=caption_explain explains CNN-RNN, BLIP and ViT-GPT2 captioners; this one is a "
-                    f"{type(captioner).__name__}")
+    raise UserError(
+        f"ckpt_path: task=caption_explain explains CNN-RNN, BLIP and ViT-GPT2 captioners; this one is a "
+        f"{type(captioner).__name__}"
+    )
 
 
 def ground_words(words: list[str], objects: list[dict]) -> list[int | None]:

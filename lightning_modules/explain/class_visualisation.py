@@ -12,9 +12,17 @@ from __future__ import annotations
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from callbacks.caption_media import with_caption, grid
-from lightning_modules.explain.base import (ExplainModule, enlarge, gradients, mean_metrics, read_rgb, to_rgb,
-                                            write_png, write_summary)
+from callbacks.caption_media import grid, with_caption
+from lightning_modules.explain.base import (
+    ExplainModule,
+    enlarge,
+    gradients,
+    mean_metrics,
+    read_rgb,
+    to_rgb,
+    write_png,
+    write_summary,
+)
 
 TILE = 160
 
@@ -22,9 +30,19 @@ TILE = 160
 class ClassVisualisationModule(ExplainModule):
     """Visualises the classes the data module lists (data.targets; all by default)."""
 
-    def __init__(self, classifier: dict, image_size: int = 64, steps: int = 150, learning_rate: float = 0.02,
-                 l2: float = 0.01, jitter: int = 4, blur_every: int = 4, blur_sigma: float = 1.0, seed: int = 0,
-                 columns: int = 8):
+    def __init__(
+        self,
+        classifier: dict,
+        image_size: int = 64,
+        steps: int = 150,
+        learning_rate: float = 0.02,
+        l2: float = 0.01,
+        jitter: int = 4,
+        blur_every: int = 4,
+        blur_sigma: float = 1.0,
+        seed: int = 0,
+        columns: int = 8,
+    ):
         super().__init__(classifier)
         self.check_image_size(image_size, "model.image_size")
         self.save_hyperparameters(logger=False)
@@ -66,8 +84,13 @@ class ClassVisualisationModule(ExplainModule):
         return rows
 
     def save_predictions(self, rows: list[dict], output_dir) -> dict[str, float]:
-        panels = [with_caption(enlarge(read_rgb(output_dir / "class_visualisation" / f"{row['image']}.png"), TILE),
-                                f"{row['class']} p={row['probability']:.2f}") for row in rows]
+        panels = [
+            with_caption(
+                enlarge(read_rgb(output_dir / "class_visualisation" / f"{row['image']}.png"), TILE),
+                f"{row['class']} p={row['probability']:.2f}",
+            )
+            for row in rows
+        ]
         metrics = mean_metrics(rows)
         sheet = grid(panels, min(self.hparams.columns, len(panels)))
         write_summary(output_dir, rows, metrics, {"class_visualisation": sheet})

@@ -34,8 +34,14 @@ ROOT = Path(__file__).resolve().parents[2]
 class PixelClassifier(nn.Module):
     """`net` behind its input normalisation: pixels [B, 3, H, W] in [0, 1] -> logits [B, len(class_names)]."""
 
-    def __init__(self, net: nn.Module, class_names: list[str], mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 image_size: int | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        class_names: list[str],
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        image_size: int | None = None,
+    ):
         """`image_size`: the only input size the classifier knows (the shapes classifier); None: any size."""
         super().__init__()
         self.net, self.class_names, self.image_size = net, list(class_names), image_size
@@ -51,14 +57,18 @@ class PixelClassifier(nn.Module):
             return self.net.get_submodule(name)
         except AttributeError:
             children = ", ".join(n for n, _ in self.net.named_children())
-            raise UserError(f"the classifier has no layer '{name}' ({key}); its top-level layers are: {children} "
-                            "(dotted paths reach inside them)") from None
+            raise UserError(
+                f"the classifier has no layer '{name}' ({key}); its top-level layers are: {children} "
+                "(dotted paths reach inside them)"
+            ) from None
 
     def last_spatial_layer(self) -> str:
         """The last top-level layer whose output is still a feature map larger than 1x1 (Grad-CAM's default)."""
         shapes = {}
-        hooks = [child.register_forward_hook(lambda m, i, out, name=name: shapes.__setitem__(name, out.shape))
-                 for name, child in self.net.named_children()]
+        hooks = [
+            child.register_forward_hook(lambda m, i, out, name=name: shapes.__setitem__(name, out.shape))
+            for name, child in self.net.named_children()
+        ]
         try:
             with torch.no_grad():
                 self(torch.zeros(1, 3, 64, 64, device=self.mean.device))
@@ -85,15 +95,23 @@ def shapes_net(num_classes: int, width: int) -> nn.Sequential:
 class ShapesClassifier(L.LightningModule):
     """A small CNN telling the shape of a shapes image (task=shapes_classifier); `classifier` is what is explained."""
 
-    def __init__(self, classes: list[str], optimizer: dict, scheduler: dict | None = None, width: int = 32,
-                 label_smoothing: float = 0.0, image_size: int | None = None):
+    def __init__(
+        self,
+        classes: list[str],
+        optimizer: dict,
+        scheduler: dict | None = None,
+        width: int = 32,
+        label_smoothing: float = 0.0,
+        image_size: int | None = None,
+    ):
         """`image_size`: of the training images (from the data; None in checkpoints written before it was kept)."""
         super().__init__()
         classes, optimizer, scheduler = to_plain(classes), to_plain(optimizer), to_plain(scheduler)
         self.save_hyperparameters(logger=False)
         self.classifier = PixelClassifier(shapes_net(len(classes), width), classes, image_size=image_size)
-        self.accuracy = nn.ModuleDict({f"{stage}_acc": MulticlassAccuracy(len(classes), average="micro")
-                                       for stage in ("train", "val", "test")})
+        self.accuracy = nn.ModuleDict(
+            {f"{stage}_acc": MulticlassAccuracy(len(classes), average="micro") for stage in ("train", "val", "test")}
+        )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.classifier(pixels)
@@ -133,15 +151,26 @@ def ensure_shapes_classifier(cache_dir: str | Path, data_dir: str | Path, overri
     """
     cache_dir = Path(cache_dir)
     if cache_dir.exists() and not cached_checkpoints(cache_dir):
-        raise UserError(f"{cache_dir} (model.classifier.cache_dir) holds no checkpoints/epoch_*.ckpt: remove it to "
-                        "train the shapes classifier there, or give model.classifier.checkpoint=PATH")
+        raise UserError(
+            f"{cache_dir} (model.classifier.cache_dir) holds no checkpoints/epoch_*.ckpt: remove it to "
+            "train the shapes classifier there, or give model.classifier.checkpoint=PATH"
+        )
     if not cache_dir.exists():
         writable_dir(cache_dir.parent, "model.classifier.cache_dir (by default under paths.data_dir)")
-        log.info("model.classifier.checkpoint is not set and there is no cached shapes classifier in %s: training one "
-                 "with `python run.py task=shapes_classifier` (once; later runs reuse it)", cache_dir)
+        log.info(
+            "model.classifier.checkpoint is not set and there is no cached shapes classifier in %s: training one "
+            "with `python run.py task=shapes_classifier` (once; later runs reuse it)",
+            cache_dir,
+        )
         with atomic_dir(cache_dir) as run_dir:
-            command = [sys.executable, str(ROOT / "run.py"), "task=shapes_classifier", f"paths.data_dir={data_dir}",
-                       f"hydra.run.dir={run_dir}", *overrides]
+            command = [
+                sys.executable,
+                str(ROOT / "run.py"),
+                "task=shapes_classifier",
+                f"paths.data_dir={data_dir}",
+                f"hydra.run.dir={run_dir}",
+                *overrides,
+            ]
             if subprocess.run(command, cwd=ROOT).returncode != 0 or not cached_checkpoints(run_dir):
                 raise RuntimeError(f"training the shapes classifier failed ({' '.join(command)}); see its log above")
     checkpoint = cached_checkpoints(cache_dir)[-1]
@@ -153,8 +182,13 @@ def cached_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoints/epoch_*.ckpt"))
 
 
-def classifier_to_explain(name: str = "shapes", checkpoint: str | None = None, pretrained: bool | str = True,
-                          cache_dir: str | None = None, data_dir: str | None = None) -> PixelClassifier:
+def classifier_to_explain(
+    name: str = "shapes",
+    checkpoint: str | None = None,
+    pretrained: bool | str = True,
+    cache_dir: str | None = None,
+    data_dir: str | None = None,
+) -> PixelClassifier:
     """The classifier named by model.classifier: `shapes` (a ShapesClassifier checkpoint; without one, the cached
     shapes classifier, trained on first use) or a torchvision classifier such as resnet50 (ImageNet weights
     from the local torch cache, or from the file `pretrained` names; pretrained=false: random weights)."""
@@ -167,8 +201,10 @@ def classifier_to_explain(name: str = "shapes", checkpoint: str | None = None, p
         module = ShapesClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
         return module.classifier.eval()
     if name not in models.list_models(module=models):
-        raise UserError(f"model.classifier.name={name} is neither 'shapes' nor a torchvision classifier "
-                        "(e.g. resnet50, vgg16, densenet121)")
+        raise UserError(
+            f"model.classifier.name={name} is neither 'shapes' nor a torchvision classifier "
+            "(e.g. resnet50, vgg16, densenet121)"
+        )
     net = models.get_model(name, weights=None)
     if pretrained:
         net.load_state_dict(imagenet_state_dict(name, pretrained, "model.classifier.pretrained"))

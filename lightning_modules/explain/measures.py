@@ -14,8 +14,9 @@ from lightning_modules.explain.classifier import PixelClassifier
 
 
 @torch.no_grad()
-def deletion_insertion(classifier: PixelClassifier, pixels: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
-                       steps: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+def deletion_insertion(
+    classifier: PixelClassifier, pixels: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, steps: int = 20
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deletion and insertion AUC per image (Petsiuk et al. 2018, RISE).
 
     Pixels are ranked by the map, most important first. Deletion replaces the top k/steps of them with
@@ -25,8 +26,11 @@ def deletion_insertion(classifier: PixelClassifier, pixels: torch.Tensor, maps: 
     """
     batch, height, width = maps.shape
     ranks = torch.empty_like(maps.flatten(1), dtype=torch.long)
-    ranks.scatter_(1, maps.flatten(1).argsort(1, descending=True),
-                   torch.arange(height * width, device=maps.device).expand(batch, -1))
+    ranks.scatter_(
+        1,
+        maps.flatten(1).argsort(1, descending=True),
+        torch.arange(height * width, device=maps.device).expand(batch, -1),
+    )
     ranks = ranks.view(batch, 1, height, width)
     sigma = max(height, width) / 20
     blurred = gaussian_blur(pixels, [2 * round(2 * sigma) + 1] * 2, [sigma, sigma])

@@ -23,10 +23,24 @@ from torch import nn
 
 from callbacks.caption_media import attention_overlay, grid
 from lightning_modules.explain.attributions import Attributions
-from lightning_modules.explain.base import (ExplainModule, enlarge, gradients, mean_metrics, read_rgb, to_rgb,
-                                            write_npy, write_png, write_summary)
-from lightning_modules.explain.measures import (cascading_randomisations, deletion_insertion, pointing_chance,
-                                                pointing_game, spearman)
+from lightning_modules.explain.base import (
+    ExplainModule,
+    enlarge,
+    gradients,
+    mean_metrics,
+    read_rgb,
+    to_rgb,
+    write_npy,
+    write_png,
+    write_summary,
+)
+from lightning_modules.explain.measures import (
+    cascading_randomisations,
+    deletion_insertion,
+    pointing_chance,
+    pointing_game,
+    spearman,
+)
 
 TILE = 128  # pixels per image in the contact sheets
 
@@ -34,19 +48,38 @@ TILE = 128  # pixels per image in the contact sheets
 class SaliencyModule(ExplainModule):
     """Attribution maps of `methods` for the predicted class (or the class `target`), measured."""
 
-    def __init__(self, classifier: dict, methods: list[str], target: int | None = None,
-                 gradcam_layer: str | None = None, smoothgrad_samples: int = 25, smoothgrad_noise: float = 0.05,
-                 ig_steps: int = 32, internal_batch_size: int = 256, deletion_steps: int = 20,
-                 pointing_tolerance: float = 15 / 224, randomisation: bool = True, seed: int = 0,
-                 contact_sheet_images: int = 16, contact_sheet_columns: int = 8, classes: list[str] | None = None,
-                 image_size: int | None = None, source_size: list[int] | None = None):
+    def __init__(
+        self,
+        classifier: dict,
+        methods: list[str],
+        target: int | None = None,
+        gradcam_layer: str | None = None,
+        smoothgrad_samples: int = 25,
+        smoothgrad_noise: float = 0.05,
+        ig_steps: int = 32,
+        internal_batch_size: int = 256,
+        deletion_steps: int = 20,
+        pointing_tolerance: float = 15 / 224,
+        randomisation: bool = True,
+        seed: int = 0,
+        contact_sheet_images: int = 16,
+        contact_sheet_columns: int = 8,
+        classes: list[str] | None = None,
+        image_size: int | None = None,
+        source_size: list[int] | None = None,
+    ):
         super().__init__(classifier, classes, image_size, source_size)
         self.save_hyperparameters(logger=False)
         self.methods = Attributions.check(list(methods))
         self.target = self.check_class(target, "model.target")
         layer = gradcam_layer or self.classifier.last_spatial_layer()
-        settings = dict(gradcam_layer=layer, smoothgrad_samples=smoothgrad_samples,
-                        smoothgrad_noise=smoothgrad_noise, ig_steps=ig_steps, internal_batch_size=internal_batch_size)
+        settings = dict(
+            gradcam_layer=layer,
+            smoothgrad_samples=smoothgrad_samples,
+            smoothgrad_noise=smoothgrad_noise,
+            ig_steps=ig_steps,
+            internal_batch_size=internal_batch_size,
+        )
         self.attributions = Attributions(self.classifier, **settings)
         randomised = cascading_randomisations(self.classifier, seed) if randomisation else []
         self.randomised_layers = [name for name, _ in randomised]
@@ -61,8 +94,10 @@ class SaliencyModule(ExplainModule):
             with torch.no_grad():
                 predicted = self.classifier(pixels).argmax(1)
             targets = predicted if self.target is None else torch.full_like(predicted, self.target)
-            rows = [{"image": path, "predicted": self.class_names[p], "target": self.class_names[t]}
-                    for path, p, t in zip(batch["paths"], predicted.tolist(), targets.tolist())]
+            rows = [
+                {"image": path, "predicted": self.class_names[p], "target": self.class_names[t]}
+                for path, p, t in zip(batch["paths"], predicted.tolist(), targets.tolist())
+            ]
             if "label" in batch:
                 for row, label, correct in zip(rows, batch["label"].tolist(), (predicted == batch["label"]).tolist()):
                     row.update(label=self.class_names[label], correct=correct)
@@ -83,8 +118,12 @@ class SaliencyModule(ExplainModule):
 
     def _measure(self, method: str, pixels: torch.Tensor, targets: torch.Tensor, batch: dict, rows: list[dict]) -> None:
         maps = self.attributions.maps(method, pixels, targets)
-        measured = dict(zip(("deletion_auc", "insertion_auc"), deletion_insertion(
-            self.classifier, pixels, maps, targets, self.hparams.deletion_steps)))
+        measured = dict(
+            zip(
+                ("deletion_auc", "insertion_auc"),
+                deletion_insertion(self.classifier, pixels, maps, targets, self.hparams.deletion_steps),
+            )
+        )
         if "box" in batch:
             measured["pointing_game"] = pointing_game(maps, batch["box"], self._tolerance(pixels))
         for layer, attributions in zip(self.randomised_layers, self.randomised_attributions):
@@ -99,11 +138,12 @@ class SaliencyModule(ExplainModule):
     def save_predictions(self, rows: list[dict], output_dir) -> dict[str, float]:
         """predictions.json (every image's figures), the contact sheets and metrics, also in TensorBoard."""
         shown = rows[: self.hparams.contact_sheet_images]
-        panels = {folder: [enlarge(self._tile(output_dir, folder, row), TILE) for row in shown]
-                  for folder in ("input", *self.methods)}
+        panels = {
+            folder: [enlarge(self._tile(output_dir, folder, row), TILE) for row in shown]
+            for folder in ("input", *self.methods)
+        }
         columns = min(self.hparams.contact_sheet_columns, len(shown))
-        sheets = {f"contact_sheet_{method}": grid(panels[method], columns)
-                  for method in self.methods}
+        sheets = {f"contact_sheet_{method}": grid(panels[method], columns) for method in self.methods}
         sheets["contact_sheet"] = grid([tile for tiles in panels.values() for tile in tiles], len(shown))
         metrics = mean_metrics(rows)
         write_summary(output_dir, rows, metrics, sheets)

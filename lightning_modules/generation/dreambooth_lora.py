@@ -41,15 +41,29 @@ from framework.distributed import gather_objects
 from framework.errors import UserError
 from framework.files import atomic_dir, atomic_write, write_json
 from lightning_modules.generation.fidelity import Fidelity
-from lightning_modules.generation.sdxl import (TEXT_ENCODERS, encode_prompts, load_sdxl, save_lora,
-                                                set_lora_enabled, time_ids)
+from lightning_modules.generation.sdxl import (
+    TEXT_ENCODERS,
+    encode_prompts,
+    load_sdxl,
+    save_lora,
+    set_lora_enabled,
+    time_ids,
+)
 
 log = logging.getLogger(__name__)
 
-LORA_DEFAULTS = {"rank": 4, "alpha": None, "dropout": 0.0, "use_dora": False,
-                 "target_modules": ["to_k", "to_q", "to_v", "to_out.0"]}
-TEXT_ENCODER_DEFAULTS = {"lr": 5.0e-6, "weight_decay": 1.0e-3,
-                         "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+LORA_DEFAULTS = {
+    "rank": 4,
+    "alpha": None,
+    "dropout": 0.0,
+    "use_dora": False,
+    "target_modules": ["to_k", "to_q", "to_v", "to_out.0"],
+}
+TEXT_ENCODER_DEFAULTS = {
+    "lr": 5.0e-6,
+    "weight_decay": 1.0e-3,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
 INFERENCE_DEFAULTS = {"scheduler": None, "num_inference_steps": 25, "guidance_scale": 5.0}
 MIXED_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -58,14 +72,31 @@ class DreamBoothLoRA(L.LightningModule):
     builds_from_config = True
     inference_hparams = ("inference", "fidelity", "lora_weights", "fuse_lora", "lora_scale")
 
-    def __init__(self, pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0", vae: str | None = None,
-                 resolution: int = 1024, lora: dict | None = None, train_text_encoder: bool = False,
-                 text_encoder: dict | None = None, optimizer: dict | None = None, scheduler: dict | None = None,
-                 use_8bit_adam: bool = False, prediction_type: str | None = None, snr_gamma: float | None = None,
-                 noise_offset: float = 0.0, prior_loss_weight: float = 1.0, gradient_checkpointing: bool = False,
-                 cache_prompt_embeddings: bool = True, inference: dict | None = None, fidelity: dict | None = None,
-                 lora_weights: str | None = None, fuse_lora: bool = False, lora_scale: float = 1.0,
-                 kohya: bool = False, card: dict | None = None):
+    def __init__(
+        self,
+        pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0",
+        vae: str | None = None,
+        resolution: int = 1024,
+        lora: dict | None = None,
+        train_text_encoder: bool = False,
+        text_encoder: dict | None = None,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        use_8bit_adam: bool = False,
+        prediction_type: str | None = None,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        prior_loss_weight: float = 1.0,
+        gradient_checkpointing: bool = False,
+        cache_prompt_embeddings: bool = True,
+        inference: dict | None = None,
+        fidelity: dict | None = None,
+        lora_weights: str | None = None,
+        fuse_lora: bool = False,
+        lora_scale: float = 1.0,
+        kohya: bool = False,
+        card: dict | None = None,
+    ):
         super().__init__()
         lora = {**LORA_DEFAULTS, **(to_plain(lora) or {})}
         text_encoder = {**TEXT_ENCODER_DEFAULTS, **(to_plain(text_encoder) or {})}
@@ -81,8 +112,10 @@ class DreamBoothLoRA(L.LightningModule):
         if prediction_type:
             self.noise_scheduler.register_to_config(prediction_type=prediction_type)
         if self.noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-            raise UserError(f"prediction type '{self.noise_scheduler.config.prediction_type}' is not supported "
-                            "(model.prediction_type: epsilon or v_prediction)")
+            raise UserError(
+                f"prediction type '{self.noise_scheduler.config.prediction_type}' is not supported "
+                "(model.prediction_type: epsilon or v_prediction)"
+            )
         self.inference_scheduler = self._inference_scheduler(inference["scheduler"])
         for module in (self.unet, self.vae, *self.text_encoders):
             module.requires_grad_(False)
@@ -94,8 +127,10 @@ class DreamBoothLoRA(L.LightningModule):
 
         if lora_weights:  # inference with an exported LoRA, loaded the way users load it
             if not Path(lora_weights).exists():
-                raise UserError(f"model.lora_weights={lora_weights} does not exist: give an exported LoRA folder "
-                                "(a run's export/) or a .safetensors file")
+                raise UserError(
+                    f"model.lora_weights={lora_weights} does not exist: give an exported LoRA folder "
+                    "(a run's export/) or a .safetensors file"
+                )
             self.pipeline().load_lora_weights(lora_weights)
             for module in (self.unet, *self.text_encoders):
                 module.requires_grad_(False)
@@ -107,9 +142,11 @@ class DreamBoothLoRA(L.LightningModule):
                 for encoder in self.text_encoders:
                     inject_adapter_in_model(self._lora_config(text_encoder["target_modules"]), encoder, "default")
                 if lora["use_dora"]:
-                    log.warning("model.lora.use_dora with model.train_text_encoder: diffusers 0.42's load_lora_weights "
-                                "(with transformers 5) drops the text encoders' DoRA magnitudes, so the exported LoRA "
-                                "loads with slightly different text encoders; the UNet's DoRA loads exactly")
+                    log.warning(
+                        "model.lora.use_dora with model.train_text_encoder: diffusers 0.42's load_lora_weights "
+                        "(with transformers 5) drops the text encoders' DoRA magnitudes, so the exported LoRA "
+                        "loads with slightly different text encoders; the UNet's DoRA loads exactly"
+                    )
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if train_text_encoder:
@@ -130,25 +167,38 @@ class DreamBoothLoRA(L.LightningModule):
 
     def _lora_config(self, target_modules: list[str]) -> LoraConfig:
         lora = self.hparams.lora
-        return LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"] or lora["rank"], lora_dropout=lora["dropout"],
-                          use_dora=lora["use_dora"], init_lora_weights="gaussian", target_modules=target_modules)
+        return LoraConfig(
+            r=lora["rank"],
+            lora_alpha=lora["alpha"] or lora["rank"],
+            lora_dropout=lora["dropout"],
+            use_dora=lora["use_dora"],
+            init_lora_weights="gaussian",
+            target_modules=target_modules,
+        )
 
     def _inference_scheduler(self, name: str | None):
         """The pipeline's own sampler (from pretrained/scheduler) or a diffusers scheduler class by name."""
-        config = self.noise_scheduler.load_config(self.hparams.pretrained, subfolder="scheduler",
-                                                  local_files_only=True)
+        config = self.noise_scheduler.load_config(self.hparams.pretrained, subfolder="scheduler", local_files_only=True)
         name = name or config.get("_class_name", "EulerDiscreteScheduler")
         if not hasattr(diffusers, name):
-            raise UserError(f"model.inference.scheduler={name} is not a diffusers scheduler class "
-                            "(e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler)")
+            raise UserError(
+                f"model.inference.scheduler={name} is not a diffusers scheduler class "
+                "(e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler)"
+            )
         return getattr(diffusers, name).from_config(config)
 
     def pipeline(self) -> StableDiffusionXLPipeline:
         """A pipeline over this module's parts (shared, not copied): adapters included."""
         pipeline = StableDiffusionXLPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
-            tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], unet=self.unet,
-            scheduler=self.inference_scheduler, add_watermarker=False)
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizers[0],
+            tokenizer_2=self.tokenizers[1],
+            unet=self.unet,
+            scheduler=self.inference_scheduler,
+            add_watermarker=False,
+        )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -182,8 +232,10 @@ class DreamBoothLoRA(L.LightningModule):
             with torch.no_grad():
                 hidden, pooled = encode_prompts(self.tokenizers, self.text_encoders, new)
             self._prompt_cache.update({p: (h, q) for p, h, q in zip(new, hidden, pooled)})
-        return (torch.stack([self._prompt_cache[p][0] for p in prompts]),
-                torch.stack([self._prompt_cache[p][1] for p in prompts]))
+        return (
+            torch.stack([self._prompt_cache[p][0] for p in prompts]),
+            torch.stack([self._prompt_cache[p][1] for p in prompts]),
+        )
 
     @torch.no_grad()
     def encode_latent_parameters(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -223,13 +275,18 @@ class DreamBoothLoRA(L.LightningModule):
         noise = torch.randn(latents.shape, device=latents.device)  # not randn_like: it follows the memory layout
         if self.hparams.noise_offset:
             noise = noise + self.hparams.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=self.device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
-                                  device=self.device)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device
+        )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         hidden, pooled = self.prompt_embeddings(batch["prompts"])
         conditioning = time_ids(batch["original_size"], batch["crop_top_left"], self.hparams.resolution)
-        prediction = self.unet(noisy, timesteps, hidden, added_cond_kwargs={
-            "text_embeds": pooled, "time_ids": conditioning.to(self.device, hidden.dtype)}).sample
+        prediction = self.unet(
+            noisy,
+            timesteps,
+            hidden,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": conditioning.to(self.device, hidden.dtype)},
+        ).sample
         if self.noise_scheduler.config.prediction_type == "epsilon":
             target = noise
         else:
@@ -259,13 +316,20 @@ class DreamBoothLoRA(L.LightningModule):
     def configure_optimizers(self):
         named = [(name, p) for name, p in self.trainer.model.named_parameters() if p.requires_grad]
         if not named:
-            raise UserError("nothing to train: model.lora_weights loads a finished LoRA for eval/predict; "
-                            "to continue training use ckpt_path=<checkpoint>")
+            raise UserError(
+                "nothing to train: model.lora_weights loads a finished LoRA for eval/predict; "
+                "to continue training use ckpt_path=<checkpoint>"
+            )
         groups = [{"params": [p for name, p in named if "text_encoder" not in name]}]
         text_encoder = [p for name, p in named if "text_encoder" in name]
         if text_encoder:
-            groups.append({"params": text_encoder, "lr": self.hparams.text_encoder["lr"],
-                           "weight_decay": self.hparams.text_encoder["weight_decay"]})
+            groups.append(
+                {
+                    "params": text_encoder,
+                    "lr": self.hparams.text_encoder["lr"],
+                    "weight_decay": self.hparams.text_encoder["weight_decay"],
+                }
+            )
         optimizer = self._optimizer_factory()(groups)
         if not self.hparams.scheduler:
             return optimizer
@@ -291,9 +355,11 @@ class DreamBoothLoRA(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         missing = {name for name, p in self.named_parameters() if p.requires_grad} - set(checkpoint["state_dict"])
         if missing:
-            raise UserError(f"the checkpoint lacks {len(missing)} adapter weights of this model (e.g. "
-                            f"{sorted(missing)[0]}): it was trained with other LoRA settings (model.lora, "
-                            "model.train_text_encoder)")
+            raise UserError(
+                f"the checkpoint lacks {len(missing)} adapter weights of this model (e.g. "
+                f"{sorted(missing)[0]}): it was trained with other LoRA settings (model.lora, "
+                "model.train_text_encoder)"
+            )
         # Checkpoints hold only the adapters: the frozen weights are those this module was built with.
         checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
         self.trained_steps = checkpoint.get("global_step", 0)
@@ -304,19 +370,25 @@ class DreamBoothLoRA(L.LightningModule):
         """PIL images for prompts, one fixed seed each (CPU generators: the same images on any device)."""
         pipeline = self.pipeline()
         inference = self.hparams.inference
-        latents = pipeline(prompt=list(prompts), height=self.hparams.resolution, width=self.hparams.resolution,
-                           num_inference_steps=inference["num_inference_steps"],
-                           guidance_scale=inference["guidance_scale"],
-                           generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
-                           output_type="latent").images
+        latents = pipeline(
+            prompt=list(prompts),
+            height=self.hparams.resolution,
+            width=self.hparams.resolution,
+            num_inference_steps=inference["num_inference_steps"],
+            guidance_scale=inference["guidance_scale"],
+            generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+            output_type="latent",
+        ).images
         with self.full_precision():
             images = self.vae.decode(latents.float() / self.vae.config.scaling_factor).sample
         return pipeline.image_processor.postprocess(images, output_type="pil")
 
     def _generate_rows(self, batch: dict) -> list[dict]:
         images = self.generate(batch["prompt"], batch["seed"])
-        return [{"prompt": p, "seed": s, "index": i, "image": image}
-                for p, s, i, image in zip(batch["prompt"], batch["seed"], batch["index"], images)]
+        return [
+            {"prompt": p, "seed": s, "index": i, "image": image}
+            for p, s, i, image in zip(batch["prompt"], batch["seed"], batch["index"], images)
+        ]
 
     def _fuse_once(self) -> None:
         if self.hparams.fuse_lora and not self._fused:
@@ -351,8 +423,9 @@ class DreamBoothLoRA(L.LightningModule):
         if self.trainer.is_global_zero and self.generated[stage] and self.fidelity() is not None:
             datamodule = self.trainer.datamodule
             references = datamodule.reference_images() if hasattr(datamodule, "reference_images") else None
-            metrics = self.fidelity().to(self.device)([r["image"] for r in self.generated[stage]],
-                                                      [r["prompt"] for r in self.generated[stage]], references)
+            metrics = self.fidelity().to(self.device)(
+                [r["image"] for r in self.generated[stage]], [r["prompt"] for r in self.generated[stage]], references
+            )
         for name, value in self.trainer.strategy.broadcast(metrics).items():
             self.log(f"{stage}/{name}", value)
 
@@ -367,9 +440,15 @@ class DreamBoothLoRA(L.LightningModule):
         self._fuse_once()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        return [{"image": f"{row['index']:04d}_{prompt_slug(row['prompt'])}_seed{row['seed']}.png",
-                 "prompt": row["prompt"], "seed": row["seed"], "pil": row["image"]}
-                for row in self._generate_rows(batch)]
+        return [
+            {
+                "image": f"{row['index']:04d}_{prompt_slug(row['prompt'])}_seed{row['seed']}.png",
+                "prompt": row["prompt"],
+                "seed": row["seed"],
+                "pil": row["image"],
+            }
+            for row in self._generate_rows(batch)
+        ]
 
     def save_predictions(self, rows: list[dict], output_dir: Path) -> dict[str, float]:
         """PNGs under output_dir/images/ and predictions.json / prompts.csv: file, prompt, seed."""
@@ -384,13 +463,18 @@ class DreamBoothLoRA(L.LightningModule):
     def export(self, directory: str | Path) -> Path:
         """pytorch_lora_weights.safetensors (+ the Kohya layout with model.kohya=true) and a README.md model card."""
         if self.hparams.lora_weights:
-            raise UserError("model.lora_weights is already an exported LoRA: export a training checkpoint "
-                            "(mode=export ckpt_path=...) instead")
+            raise UserError(
+                "model.lora_weights is already an exported LoRA: export a training checkpoint "
+                "(mode=export ckpt_path=...) instead"
+            )
         directory = Path(directory)
         alpha = self.hparams.lora["alpha"] or self.hparams.lora["rank"]
         with atomic_dir(directory) as tmp:
-            save_lora(tmp, {"unet": self.unet, **dict(zip(TEXT_ENCODERS, self.text_encoders))},
-                      kohya_alpha=alpha if self.hparams.kohya else None)
+            save_lora(
+                tmp,
+                {"unet": self.unet, **dict(zip(TEXT_ENCODERS, self.text_encoders))},
+                kohya_alpha=alpha if self.hparams.kohya else None,
+            )
             (tmp / "README.md").write_text(self.model_card(), encoding="utf-8")
         return directory
 
@@ -398,14 +482,24 @@ class DreamBoothLoRA(L.LightningModule):
         hp, card = self.hparams, self.hparams.card or {}
         steps = self.trainer.global_step if self._trainer is not None else self.trained_steps
         trigger = card.get("trigger_word") or "(none)"
-        settings = {"rank": hp.lora["rank"], "alpha": hp.lora["alpha"] or hp.lora["rank"],
-                    "dropout": hp.lora["dropout"], "DoRA": hp.lora["use_dora"],
-                    "target modules": hp.lora["target_modules"], "text encoder LoRA": hp.train_text_encoder,
-                    "learning rate": (hp.optimizer or {}).get("lr"), "training steps": steps,
-                    "resolution": hp.resolution, "snr_gamma": hp.snr_gamma, "noise_offset": hp.noise_offset,
-                    "prior preservation": card.get("prior_preservation"), "VAE": hp.vae or "the pipeline's"}
-        rows = "\n".join(f"| {key} | {json.dumps(value) if isinstance(value, list) else value} |"
-                         for key, value in settings.items())
+        settings = {
+            "rank": hp.lora["rank"],
+            "alpha": hp.lora["alpha"] or hp.lora["rank"],
+            "dropout": hp.lora["dropout"],
+            "DoRA": hp.lora["use_dora"],
+            "target modules": hp.lora["target_modules"],
+            "text encoder LoRA": hp.train_text_encoder,
+            "learning rate": (hp.optimizer or {}).get("lr"),
+            "training steps": steps,
+            "resolution": hp.resolution,
+            "snr_gamma": hp.snr_gamma,
+            "noise_offset": hp.noise_offset,
+            "prior preservation": card.get("prior_preservation"),
+            "VAE": hp.vae or "the pipeline's",
+        }
+        rows = "\n".join(
+            f"| {key} | {json.dumps(value) if isinstance(value, list) else value} |" for key, value in settings.items()
+        )
         prompt = card.get("instance_prompt") or f"a photo of {trigger}"
         prior = " and prior preservation" if card.get("prior_preservation") else ""
         return f"""---
@@ -415,7 +509,7 @@ tags: [text-to-image, stable-diffusion-xl, lora, dreambooth]
 instance_prompt: {json.dumps(prompt)}
 ---
 
-# SDXL LoRA ({card.get('name') or 'DreamBooth'})
+# SDXL LoRA ({card.get("name") or "DreamBooth"})
 
 LoRA adapters for `{hp.pretrained}`, trained with DreamBooth{prior}.
 

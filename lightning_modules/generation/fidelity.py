@@ -68,8 +68,9 @@ class Fidelity:
             self.dino.to(device)
         return self
 
-    def __call__(self, images: list[Image.Image], prompts: list[str],
-                 references: list[Image.Image] | None = None) -> dict[str, float]:
+    def __call__(
+        self, images: list[Image.Image], prompts: list[str], references: list[Image.Image] | None = None
+    ) -> dict[str, float]:
         """{"CLIP-T", "CLIP-I", "DINO"} for generated `images` made from `prompts`, against real `references`."""
         metrics = {}
         if self.clip is not None:

@@ -16,15 +16,22 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 from framework.errors import UserError
 
 COMPONENTS = {
-    "unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-    "text_encoder_2": CLIPTextModelWithProjection, "tokenizer": AutoTokenizer, "tokenizer_2": AutoTokenizer,
+    "unet": UNet2DConditionModel,
+    "vae": AutoencoderKL,
+    "text_encoder": CLIPTextModel,
+    "text_encoder_2": CLIPTextModelWithProjection,
+    "tokenizer": AutoTokenizer,
+    "tokenizer_2": AutoTokenizer,
     "scheduler": DDPMScheduler,
 }
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # scripts/download_models.py names of the default models
-DOWNLOAD_NAMES = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base",
-                  "madebyollin/sdxl-vae-fp16-fix": "sdxl-vae-fp16",
-                  "openai/clip-vit-base-patch32": "clip-vit-b32", "facebook/dino-vits16": "dino-vits16"}
+DOWNLOAD_NAMES = {
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base",
+    "madebyollin/sdxl-vae-fp16-fix": "sdxl-vae-fp16",
+    "openai/clip-vit-base-patch32": "clip-vit-b32",
+    "facebook/dino-vits16": "dino-vits16",
+}
 
 
 def load_pretrained(cls, source: str, subfolder: str | None, key: str):
@@ -34,36 +41,51 @@ def load_pretrained(cls, source: str, subfolder: str | None, key: str):
     if source.startswith(("/", ".", "~")) and not local.is_dir():
         raise UserError(f"the folder {source} ({key}) does not exist")
     if local.is_dir() and subfolder and not (local / subfolder).is_dir():
-        raise UserError(f"the pipeline folder {source} ({key}) has no '{subfolder}' component: an SDXL pipeline "
-                        f"folder needs {', '.join(COMPONENTS)} (as StableDiffusionXLPipeline.save_pretrained writes)")
+        raise UserError(
+            f"the pipeline folder {source} ({key}) has no '{subfolder}' component: an SDXL pipeline "
+            f"folder needs {', '.join(COMPONENTS)} (as StableDiffusionXLPipeline.save_pretrained writes)"
+        )
     try:
-        return cls.from_pretrained(str(local) if local.is_dir() else source, local_files_only=True,
-                                   **({"subfolder": subfolder} if subfolder else {}))
+        return cls.from_pretrained(
+            str(local) if local.is_dir() else source,
+            local_files_only=True,
+            **({"subfolder": subfolder} if subfolder else {}),
+        )
     except (OSError, ValueError) as error:
-        hint = (f"python scripts/download_models.py {DOWNLOAD_NAMES[source]}" if source in DOWNLOAD_NAMES
-                else f"hf download {source}")
-        raise UserError(f"cannot load {where} ({key}): it is neither a local folder nor in the local Hugging Face "
-                        f"cache. On a machine with network run `{hint}` (or save the model with save_pretrained) "
-                        f"and set {key} to its folder. ({type(error).__name__}: {str(error)[:200]})") from None
+        hint = (
+            f"python scripts/download_models.py {DOWNLOAD_NAMES[source]}"
+            if source in DOWNLOAD_NAMES
+            else f"hf download {source}"
+        )
+        raise UserError(
+            f"cannot load {where} ({key}): it is neither a local folder nor in the local Hugging Face "
+            f"cache. On a machine with network run `{hint}` (or save the model with save_pretrained) "
+            f"and set {key} to its folder. ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
 
 
 def load_sdxl(pretrained: str, vae: str | None = None) -> dict:
     """The SDXL components by name; `vae` replaces the pipeline's VAE (e.g. an fp16-fixed one)."""
-    parts = {name: load_pretrained(cls, pretrained, name, "model.pretrained") for name, cls in COMPONENTS.items()
-             if not (name == "vae" and vae)}
+    parts = {
+        name: load_pretrained(cls, pretrained, name, "model.pretrained")
+        for name, cls in COMPONENTS.items()
+        if not (name == "vae" and vae)
+    }
     if vae:
         parts["vae"] = load_pretrained(AutoencoderKL, vae, None, "model.vae")
     return parts
 
 
-def encode_prompts(tokenizers: list, text_encoders: list[torch.nn.Module], prompts: list[str]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    tokenizers: list, text_encoders: list[torch.nn.Module], prompts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL text conditioning: the penultimate hidden states of both encoders side by side [B, 77, d1 + d2],
     and the pooled, projected output of the second [B, p]."""
     hidden = []
     for tokenizer, encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(encoder.device)
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(encoder.device)
         output = encoder(ids, output_hidden_states=True)
         hidden.append(output.hidden_states[-2])
     return torch.cat(hidden, dim=-1), output.text_embeds
@@ -101,10 +123,15 @@ def save_lora(directory: Path, modules: dict[str, torch.nn.Module], kohya_alpha:
     if kohya_alpha is not None:
         from safetensors.torch import save_file
 
-        prefixed = {f"{name[: -len('_lora_layers')]}.{key}": value.detach().float().cpu().contiguous()
-                    for name, state in layers.items() if name.endswith("_lora_layers") for key, value in state.items()}
+        prefixed = {
+            f"{name[: -len('_lora_layers')]}.{key}": value.detach().float().cpu().contiguous()
+            for name, state in layers.items()
+            if name.endswith("_lora_layers")
+            for key, value in state.items()
+        }
         kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(prefixed))
         # convert_state_dict_to_kohya writes alpha = rank; the adapters were trained with lora_alpha.
-        kohya = {key: torch.tensor(float(kohya_alpha)) if key.endswith(".alpha") else value
-                 for key, value in kohya.items()}
+        kohya = {
+            key: torch.tensor(float(kohya_alpha)) if key.endswith(".alpha") else value for key, value in kohya.items()
+        }
         save_file(kohya, str(directory / "pytorch_lora_weights_kohya.safetensors"))

@@ -25,10 +25,19 @@ def clip_tokenizer(folder: Path, max_length: int = 77):
 def clip_text_config(tokenizer, **overrides):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                          vocab_size=len(tokenizer), projection_dim=32, max_position_embeddings=77,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, **overrides)
+    return CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=len(tokenizer),
+        projection_dim=32,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
 
 
 def save_tiny_sdxl(folder: Path, resolution: int = 64) -> Path:
@@ -39,19 +48,44 @@ def save_tiny_sdxl(folder: Path, resolution: int = 64) -> Path:
     torch.manual_seed(0)
     tokenizer = clip_tokenizer(folder.parent / f"{folder.name}_tokenizer")
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=resolution // 8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + 32, norm_num_groups=8)
-    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=8, layers_per_block=1, sample_size=resolution)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="leading", steps_offset=1)
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=32 + 32,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=resolution,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
     pipeline = StableDiffusionXLPipeline(
-        vae=vae, unet=unet, scheduler=scheduler, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        vae=vae,
+        unet=unet,
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
         text_encoder=CLIPTextModel(clip_text_config(tokenizer)),
-        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(tokenizer)))
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(tokenizer)),
+    )
     pipeline.save_pretrained(folder)
     return folder

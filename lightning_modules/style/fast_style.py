@@ -29,10 +29,20 @@ class FastStyle(L.LightningModule):
     """Trains `TransformerNet` for the `style` image ([3, H, W] in [0, 1], from the data module; only needed to
     train). The VGG loss network is not saved in checkpoints: stylising needs the transformation net only."""
 
-    def __init__(self, net: dict, vgg: dict, optimizer: dict, style: torch.Tensor | None = None,
-                 allow_random_features: bool = False, content_layers: list[str] = ("relu2_2",),
-                 style_layers: dict[str, float] | None = None, content_weight: float = 1.0,
-                 style_weight: float = 1e5, tv_weight: float = 0.0, image_every_n_steps: int = 50):
+    def __init__(
+        self,
+        net: dict,
+        vgg: dict,
+        optimizer: dict,
+        style: torch.Tensor | None = None,
+        allow_random_features: bool = False,
+        content_layers: list[str] = ("relu2_2",),
+        style_layers: dict[str, float] | None = None,
+        content_weight: float = 1.0,
+        style_weight: float = 1e5,
+        tv_weight: float = 0.0,
+        image_every_n_steps: int = 50,
+    ):
         super().__init__()
         net, vgg, optimizer = to_plain(net), to_plain(vgg), to_plain(optimizer)
         content_layers, style_layers = list(to_plain(content_layers)), to_plain(style_layers) or DEFAULT_STYLE_LAYERS
@@ -41,8 +51,9 @@ class FastStyle(L.LightningModule):
         self.skipped_images = SkippedImages()
         self.loss = None
         if style is not None:  # training
-            self.loss = build_perceptual_loss(vgg, allow_random_features, content_layers, style_layers,
-                                              content_weight, style_weight, tv_weight)
+            self.loss = build_perceptual_loss(
+                vgg, allow_random_features, content_layers, style_layers, content_weight, style_weight, tv_weight
+            )
             self.register_buffer("style", style.unsqueeze(0), persistent=False)
             self.strict_loading = False  # resuming: the checkpoint has no loss network, this module has one
 
@@ -64,8 +75,9 @@ class FastStyle(L.LightningModule):
         content = batch["images"]
         output = self.net(content)
         parts = self.loss(output, self.loss.content_targets(content))
-        self.log_dict({f"train/{name}": value for name, value in parts.items() if name != "loss"},
-                      batch_size=len(content))
+        self.log_dict(
+            {f"train/{name}": value for name, value in parts.items() if name != "loss"}, batch_size=len(content)
+        )
         self.log("train/loss", parts["loss"], prog_bar=True, batch_size=len(content))
         board = tensorboard(self.trainer)
         if board is not None and self.global_step % self.hparams.image_every_n_steps == 0:
@@ -96,13 +108,24 @@ class FastStyle(L.LightningModule):
         with atomic_dir(directory) as folder:
             torch.jit.script(net).save(str(folder / "fast_style.pt"))
             if importlib.util.find_spec("onnx") is not None:
-                torch.onnx.export(net, (torch.rand(1, 3, 64, 64),), str(folder / "fast_style.onnx"), input_names=["images"],
-                                  output_names=["stylized"], dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}})
+                torch.onnx.export(
+                    net,
+                    (torch.rand(1, 3, 64, 64),),
+                    str(folder / "fast_style.onnx"),
+                    input_names=["images"],
+                    output_names=["stylized"],
+                    dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}},
+                )
             else:
                 log.info("onnx is not installed: exported TorchScript only (pip install onnx for fast_style.onnx too)")
-            write_json(folder / "model.json", {"input": "RGB float [B, 3, H, W] in [0, 1]",
-                                               "output": "stylised RGB float [B, 3, H, W] in [0, 1]",
-                                               "net": self.hparams.net})
+            write_json(
+                folder / "model.json",
+                {
+                    "input": "RGB float [B, 3, H, W] in [0, 1]",
+                    "output": "stylised RGB float [B, 3, H, W] in [0, 1]",
+                    "net": self.hparams.net,
+                },
+            )
         return Path(directory)
 
     def configure_optimizers(self):

@@ -35,28 +35,45 @@ class GatysStyleTransfer(L.LightningModule):
     targets are computed once per scale. After fitting, the result is written to `output` (PNG).
     """
 
-    def __init__(self, content: torch.Tensor, styles: list[torch.Tensor], style_weights: list[float], vgg: dict,
-                 optimizer: dict, allow_random_features: bool = False, content_layers: list[str] = ("relu4_2",),
-                 style_layers: dict[str, float] | None = None, content_weight: float = 1.0,
-                 style_weight: float = 1e6, tv_weight: float = 0.0, init: str = "content",
-                 preserve_color: bool = False, scales: list[float] = (1.0,), output: str = "stylized.png",
-                 image_every_n_steps: int = 10):
+    def __init__(
+        self,
+        content: torch.Tensor,
+        styles: list[torch.Tensor],
+        style_weights: list[float],
+        vgg: dict,
+        optimizer: dict,
+        allow_random_features: bool = False,
+        content_layers: list[str] = ("relu4_2",),
+        style_layers: dict[str, float] | None = None,
+        content_weight: float = 1.0,
+        style_weight: float = 1e6,
+        tv_weight: float = 0.0,
+        init: str = "content",
+        preserve_color: bool = False,
+        scales: list[float] = (1.0,),
+        output: str = "stylized.png",
+        image_every_n_steps: int = 10,
+    ):
         super().__init__()
         vgg, optimizer, scales = to_plain(vgg), to_plain(optimizer), list(to_plain(scales))
         content_layers, style_layers = list(to_plain(content_layers)), to_plain(style_layers) or DEFAULT_STYLE_LAYERS
         if init not in INITS:
             raise UserError(f"model.init={init} is not one of {', '.join(INITS)}")
         if not scales or any(s <= 0 for s in scales) or scales != sorted(scales):
-            raise UserError(f"model.scales={scales} must be positive fractions of the image size, ascending "
-                            "(e.g. [0.5, 1.0])")
+            raise UserError(
+                f"model.scales={scales} must be positive fractions of the image size, ascending (e.g. [0.5, 1.0])"
+            )
         self.save_hyperparameters(ignore=["content", "styles"], logger=False)
-        self.loss = build_perceptual_loss(vgg, allow_random_features, content_layers, style_layers, content_weight,
-                                          style_weight, tv_weight)
+        self.loss = build_perceptual_loss(
+            vgg, allow_random_features, content_layers, style_layers, content_weight, style_weight, tv_weight
+        )
         self.sizes = [(max(1, round(content.shape[1] * s)), max(1, round(content.shape[2] * s))) for s in scales]
         if min(self.sizes[0]) < self.loss.features.min_size:
-            raise UserError(f"the image is {self.sizes[0][1]}x{self.sizes[0][0]} px at model.scales[0]={scales[0]}: "
-                            f"layer {self.loss.features.names[-1]} needs at least {self.loss.features.min_size} px "
-                            "a side; raise data.image_size or the first scale")
+            raise UserError(
+                f"the image is {self.sizes[0][1]}x{self.sizes[0][0]} px at model.scales[0]={scales[0]}: "
+                f"layer {self.loss.features.names[-1]} needs at least {self.loss.features.min_size} px "
+                "a side; raise data.image_size or the first scale"
+            )
         self.register_buffer("content", content.unsqueeze(0), persistent=False)
         self.style_images = [s.unsqueeze(0) for s in styles]  # sizes differ: a list, moved when used
         start = self.working(self.resized(self.content, 0))
@@ -79,8 +96,11 @@ class GatysStyleTransfer(L.LightningModule):
 
     def style_inputs(self, scale: float) -> list[torch.Tensor]:
         styles = [s.to(self.device) for s in self.style_images]
-        styles = [F.interpolate(s, scale_factor=scale, mode="bilinear", antialias=True) for s in styles] \
-            if scale != 1 else styles
+        styles = (
+            [F.interpolate(s, scale_factor=scale, mode="bilinear", antialias=True) for s in styles]
+            if scale != 1
+            else styles
+        )
         if self.hparams.preserve_color:  # the style's luminance, matched to the content's mean and spread
             return [self.rgb_view(matched_luminance(s, self.content)) for s in styles]
         return styles

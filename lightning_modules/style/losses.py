@@ -22,11 +22,14 @@ def content_loss(features: dict[str, torch.Tensor], targets: dict[str, torch.Ten
     return sum(F.mse_loss(features[layer], target) for layer, target in targets.items())
 
 
-def style_loss(features: dict[str, torch.Tensor], target_grams: dict[str, torch.Tensor],
-               layer_weights: dict[str, float]) -> torch.Tensor:
+def style_loss(
+    features: dict[str, torch.Tensor], target_grams: dict[str, torch.Tensor], layer_weights: dict[str, float]
+) -> torch.Tensor:
     """Sum over the style layers of weight * mean squared Gram difference (targets [1, C, C] serve a whole batch)."""
-    return sum(weight * F.mse_loss(gram_matrix(features[layer]), target_grams[layer].expand(len(features[layer]), -1, -1))
-               for layer, weight in layer_weights.items())
+    return sum(
+        weight * F.mse_loss(gram_matrix(features[layer]), target_grams[layer].expand(len(features[layer]), -1, -1))
+        for layer, weight in layer_weights.items()
+    )
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
@@ -42,8 +45,15 @@ class PerceptualLoss(nn.Module):
     The style target (a blend of several styles' Gram matrices) is computed once by `set_style`.
     """
 
-    def __init__(self, features: VGGFeatures, content_layers: list[str], style_layers: dict[str, float],
-                 content_weight: float, style_weight: float, tv_weight: float):
+    def __init__(
+        self,
+        features: VGGFeatures,
+        content_layers: list[str],
+        style_layers: dict[str, float],
+        content_weight: float,
+        style_weight: float,
+        tv_weight: float,
+    ):
         super().__init__()
         self.features = features
         self.content_layers, self.style_layers = list(content_layers), dict(style_layers)
@@ -55,8 +65,10 @@ class PerceptualLoss(nn.Module):
         """Target Grams: the blend-weighted sum of each style image's ([1, 3, H, W]) Gram matrices."""
         total = sum(blend)
         grams = [self.features(style) for style in styles]
-        self.style_grams = {layer: sum(weight / total * gram_matrix(features[layer]) for weight, features in zip(blend, grams))
-                            for layer in self.style_layers}
+        self.style_grams = {
+            layer: sum(weight / total * gram_matrix(features[layer]) for weight, features in zip(blend, grams))
+            for layer in self.style_layers
+        }
 
     @torch.no_grad()
     def content_targets(self, content: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -65,17 +77,26 @@ class PerceptualLoss(nn.Module):
 
     def forward(self, images: torch.Tensor, content_targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         features = self.features(images)
-        parts = {"content": content_loss(features, content_targets),
-                 "style": style_loss(features, self.style_grams, self.style_layers),
-                 "tv": total_variation(images)}
-        parts["loss"] = (self.content_weight * parts["content"] + self.style_weight * parts["style"]
-                         + self.tv_weight * parts["tv"])
+        parts = {
+            "content": content_loss(features, content_targets),
+            "style": style_loss(features, self.style_grams, self.style_layers),
+            "tv": total_variation(images),
+        }
+        parts["loss"] = (
+            self.content_weight * parts["content"] + self.style_weight * parts["style"] + self.tv_weight * parts["tv"]
+        )
         return parts
 
 
-def build_perceptual_loss(vgg: dict, allow_random_features: bool, content_layers: list[str],
-                          style_layers: dict[str, float] | list[str], content_weight: float, style_weight: float,
-                          tv_weight: float) -> PerceptualLoss:
+def build_perceptual_loss(
+    vgg: dict,
+    allow_random_features: bool,
+    content_layers: list[str],
+    style_layers: dict[str, float] | list[str],
+    content_weight: float,
+    style_weight: float,
+    tv_weight: float,
+) -> PerceptualLoss:
     """The loss from the model config, every layer name and weight checked (UserErrors name the model.* key)."""
     arch = vgg.get("arch", "vgg19")
     if not isinstance(style_layers, dict):  # a list of names: equal weights
@@ -84,11 +105,21 @@ def build_perceptual_loss(vgg: dict, allow_random_features: bool, content_layers
     check_layers(arch, list(style_layers), "model.style_layers")
     bad = {f"model.style_layers.{layer}": weight for layer, weight in style_layers.items() if not weight > 0}
     bad |= {"model.style_weight": style_weight} if not style_weight > 0 else {}
-    bad |= {f"model.{name}": value for name, value in (("content_weight", content_weight), ("tv_weight", tv_weight))
-            if not value >= 0}
+    bad |= {
+        f"model.{name}": value
+        for name, value in (("content_weight", content_weight), ("tv_weight", tv_weight))
+        if not value >= 0
+    }
     if bad:
-        raise UserError("loss weights must be positive (content_weight and tv_weight may be 0): "
-                        + ", ".join(f"{key}={value}" for key, value in bad.items()))
-    features = VGGFeatures([*content_layers, *style_layers], arch=arch, pretrained=vgg.get("pretrained", True),
-                           pool=vgg.get("pool", "max"), allow_random_features=allow_random_features)
+        raise UserError(
+            "loss weights must be positive (content_weight and tv_weight may be 0): "
+            + ", ".join(f"{key}={value}" for key, value in bad.items())
+        )
+    features = VGGFeatures(
+        [*content_layers, *style_layers],
+        arch=arch,
+        pretrained=vgg.get("pretrained", True),
+        pool=vgg.get("pool", "max"),
+        allow_random_features=allow_random_features,
+    )
     return PerceptualLoss(features, content_layers, style_layers, content_weight, style_weight, tv_weight)

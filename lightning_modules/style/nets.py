@@ -12,11 +12,21 @@ from torch import nn
 class ConvLayer(nn.Sequential):
     """Reflection-padded convolution, instance norm, optionally ReLU; `upsample` first doubles the size."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, upsample: bool = False,
-                 relu: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        stride: int = 1,
+        upsample: bool = False,
+        relu: bool = True,
+    ):
         layers = [nn.Upsample(scale_factor=2, mode="nearest")] if upsample else []
-        layers += [nn.ReflectionPad2d(kernel // 2), nn.Conv2d(in_channels, out_channels, kernel, stride),
-                   nn.InstanceNorm2d(out_channels, affine=True)]
+        layers += [
+            nn.ReflectionPad2d(kernel // 2),
+            nn.Conv2d(in_channels, out_channels, kernel, stride),
+            nn.InstanceNorm2d(out_channels, affine=True),
+        ]
         super().__init__(*layers, *([nn.ReLU()] if relu else []))
 
 
@@ -38,10 +48,14 @@ class TransformerNet(nn.Module):
     def __init__(self, width: int = 32, residual_blocks: int = 5):
         super().__init__()
         self.body = nn.Sequential(
-            ConvLayer(3, width, 9), ConvLayer(width, 2 * width, 3, stride=2), ConvLayer(2 * width, 4 * width, 3, stride=2),
+            ConvLayer(3, width, 9),
+            ConvLayer(width, 2 * width, 3, stride=2),
+            ConvLayer(2 * width, 4 * width, 3, stride=2),
             *[ResidualBlock(4 * width) for _ in range(residual_blocks)],
-            ConvLayer(4 * width, 2 * width, 3, upsample=True), ConvLayer(2 * width, width, 3, upsample=True),
-            nn.ReflectionPad2d(4), nn.Conv2d(width, 3, 9),
+            ConvLayer(4 * width, 2 * width, 3, upsample=True),
+            ConvLayer(2 * width, width, 3, upsample=True),
+            nn.ReflectionPad2d(4),
+            nn.Conv2d(width, 3, 9),
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,9 @@ def check_layers(arch: str, layers, key: str) -> None:
     names = layer_names(arch)
     unknown = [layer for layer in layers if layer not in names]
     if unknown:
-        raise UserError(f"{key}: unknown {arch} layer(s) {', '.join(map(str, unknown))}; valid names: {', '.join(names)}")
+        raise UserError(
+            f"{key}: unknown {arch} layer(s) {', '.join(map(str, unknown))}; valid names: {', '.join(names)}"
+        )
     if not layers:
         raise UserError(f"{key} is empty: name at least one {arch} layer ({', '.join(names)})")
 
@@ -53,8 +55,14 @@ class VGGFeatures(nn.Module):
     Caffe "conv4_2" blob held, as Caffe's ReLU works in place).
     """
 
-    def __init__(self, layers, arch: str = "vgg19", pretrained: bool | str = True, pool: str = "max",
-                 allow_random_features: bool = False):
+    def __init__(
+        self,
+        layers,
+        arch: str = "vgg19",
+        pretrained: bool | str = True,
+        pool: str = "max",
+        allow_random_features: bool = False,
+    ):
         super().__init__()
         if pool not in POOLS:
             raise UserError(f"model.vgg.pool={pool} is not one of {', '.join(POOLS)}")
@@ -88,13 +96,23 @@ class VGGFeatures(nn.Module):
                 state = imagenet_state_dict(arch, pretrained, "model.vgg.pretrained")
             except UserError as error:
                 if not allow_random_features:
-                    raise UserError(f"{error} (or set model.allow_random_features=true to run with random "
-                                    "VGG features: texture transfer only, not the published results)") from None
-                log.warning("%s model.allow_random_features=true: using RANDOM %s features (seed %d); real "
-                            "style transfer needs the ImageNet weights.", error, arch, RANDOM_SEED)
+                    raise UserError(
+                        f"{error} (or set model.allow_random_features=true to run with random "
+                        "VGG features: texture transfer only, not the published results)"
+                    ) from None
+                log.warning(
+                    "%s model.allow_random_features=true: using RANDOM %s features (seed %d); real "
+                    "style transfer needs the ImageNet weights.",
+                    error,
+                    arch,
+                    RANDOM_SEED,
+                )
             else:
-                kept = {key.removeprefix("features."): value for key, value in state.items()
-                        if key.startswith("features.") and int(key.split(".")[1]) < len(self.body)}
+                kept = {
+                    key.removeprefix("features."): value
+                    for key, value in state.items()
+                    if key.startswith("features.") and int(key.split(".")[1]) < len(self.body)
+                }
                 self.body.load_state_dict(kept)
                 source = pretrained if isinstance(pretrained, str) else "the local torch cache"
                 log.info("%s features: ImageNet weights from %s", arch, source)
