@@ -4,8 +4,11 @@ trains it, in a LightningModule.
 - The base model (UNet, VAE, both CLIP text encoders and tokenizers, DDPM noise scheduler) comes from
   `pretrained`, an optional separate `vae` replaces the pipeline's. All of it is frozen; peft LoRA adapters
   on the UNet attention projections (and, with `train_text_encoder`, on both text encoders, with their
-  own learning rate) are what trains. The VAE always runs in fp32; under bf16/fp16 mixed precision the
-  frozen UNet and text-encoder weights are cast to that dtype, the adapters stay fp32.
+  own learning rate) are what trains. Under bf16/fp16 mixed precision the frozen UNet and text-encoder weights
+  are cast to that dtype, the adapters stay fp32; the VAE runs in fp32 (`vae_fp32`), or in the 16-bit dtype where
+  it is safe there (`vae_dtype`: under fp16 only a VAE made for it, such as madebyollin/sdxl-vae-fp16-fix).
+- Guards: generated images with NaN, or a validation/test prompt whose images are all black, stop the run with
+  the step; after training the optimizer state and cached memory are freed before the test pass.
 - Loss: MSE to the noise (or the velocity, as the scheduler's prediction_type says), min-SNR weighting
   (`snr_gamma`), `noise_offset`, and with class examples in the batch prior preservation
   (`prior_loss_weight`); SDXL micro-conditioning from each image's original size and crop.
@@ -20,6 +23,7 @@ trains it, in a LightningModule.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 from pathlib import Path
@@ -27,6 +31,7 @@ from pathlib import Path
 import diffusers
 import hydra
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionXLPipeline
@@ -66,16 +71,25 @@ TEXT_ENCODER_DEFAULTS = {
 }
 INFERENCE_DEFAULTS = {"scheduler": None, "num_inference_steps": 25, "guidance_scale": 5.0}
 MIXED_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+GENERATION_HINT = (
+    "the run stopped. Under trainer.precision=16-mixed set model.vae_fp32=true (or an fp16-fixed model.vae); "
+    "otherwise training diverged: lower model.optimizer.lr or set trainer.gradient_clip_val"
+)
+TEXT_ENCODER_DORA = (
+    "diffusers 0.42's load_lora_weights (with transformers 5) drops the text encoders' DoRA magnitudes, so the "
+    "exported LoRA would draw other images than the trained model"
+)
 
 
 class DreamBoothLoRA(L.LightningModule):
     builds_from_config = True
-    inference_hparams = ("inference", "fidelity", "lora_weights", "fuse_lora", "lora_scale")
+    inference_hparams = ("inference", "fidelity", "lora_weights", "fuse_lora", "lora_scale", "kohya")
 
     def __init__(
         self,
         pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0",
         vae: str | None = None,
+        vae_fp32: bool = True,
         resolution: int = 1024,
         lora: dict | None = None,
         train_text_encoder: bool = False,
@@ -143,9 +157,9 @@ class DreamBoothLoRA(L.LightningModule):
                     inject_adapter_in_model(self._lora_config(text_encoder["target_modules"]), encoder, "default")
                 if lora["use_dora"]:
                     log.warning(
-                        "model.lora.use_dora with model.train_text_encoder: diffusers 0.42's load_lora_weights "
-                        "(with transformers 5) drops the text encoders' DoRA magnitudes, so the exported LoRA "
-                        "loads with slightly different text encoders; the UNet's DoRA loads exactly"
+                        "model.lora.use_dora with model.train_text_encoder: the LoRA cannot be exported (%s); "
+                        "set export_after_train=false and use the checkpoints (ckpt_path) for predict/eval",
+                        TEXT_ENCODER_DORA,
                     )
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -215,7 +229,7 @@ class DreamBoothLoRA(L.LightningModule):
 
     @contextlib.contextmanager
     def full_precision(self):
-        """No autocast: the VAE runs in fp32 whatever the trainer's precision."""
+        """No autocast: the VAE runs in its own dtype (fp32 unless model.vae_fp32=false) whatever the trainer's."""
         with torch.autocast(self.device.type, enabled=False):
             yield
 
@@ -241,7 +255,7 @@ class DreamBoothLoRA(L.LightningModule):
     def encode_latent_parameters(self, pixels: torch.Tensor) -> torch.Tensor:
         """The VAE's latent distribution (mean and log variance) of images in [-1, 1], in fp32."""
         with self.full_precision():
-            return self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.parameters
+            return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters.float()
 
     def sample_latents(self, batch: dict) -> torch.Tensor:
         """A latent sample per image, from the cached distribution or from the pixels (the same draw)."""
@@ -253,12 +267,38 @@ class DreamBoothLoRA(L.LightningModule):
     # ------------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
         dtype = MIXED_DTYPES.get(str(self.trainer.precision))
+        self.vae.to(self.vae_dtype(str(self.trainer.precision)))
         # Frozen weights in the autocast dtype, adapters in fp32 (as the diffusers script); FSDP keeps one dtype
         # per unit and casts for compute itself.
         if dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
             for module in (self.unet, *self.text_encoders):
                 module.to(dtype)
             cast_training_params([self.unet, *self.text_encoders], torch.float32)
+
+    def vae_dtype(self, precision: str) -> torch.dtype:
+        """fp32, or with model.vae_fp32=false the 16-bit dtype of `precision`; fp16 only for a VAE that is safe in
+        it (config force_upcast=false, as diffusers marks madebyollin/sdxl-vae-fp16-fix): SDXL's own VAE overflows
+        to NaN (black images) in fp16."""
+        dtype = MIXED_DTYPES.get(precision)
+        if self.hparams.vae_fp32 or dtype is None:
+            return torch.float32
+        if dtype == torch.float16 and self.vae.config.get("force_upcast", True):
+            vae = self.hparams.vae or f"{self.hparams.pretrained}/vae"
+            raise UserError(
+                f"trainer.precision=16-mixed with model.vae_fp32=false: the VAE {vae} is not made for fp16 (its "
+                "config has force_upcast=true) and would give NaN, black images. Set model.vae_fp32=true, or "
+                "model.vae=madebyollin/sdxl-vae-fp16-fix"
+            )
+        return dtype
+
+    def on_train_end(self) -> None:
+        """Before the test pass that follows training (generation and the fidelity models need memory): the optimizer
+        state goes (every checkpoint holding it is written by now) and freed memory is handed back."""
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
@@ -380,8 +420,28 @@ class DreamBoothLoRA(L.LightningModule):
             output_type="latent",
         ).images
         with self.full_precision():
-            images = self.vae.decode(latents.float() / self.vae.config.scaling_factor).sample
-        return pipeline.image_processor.postprocess(images, output_type="pil")
+            images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        broken = sorted({p for p, image in zip(prompts, images) if not torch.isfinite(image).all()})
+        if broken:
+            raise UserError(
+                f"images generated{self._at_step()} hold NaN or inf (prompts: {' | '.join(broken)}): {GENERATION_HINT}"
+            )
+        return pipeline.image_processor.postprocess(images.float(), output_type="pil")
+
+    def _at_step(self) -> str:
+        return f" at global step {self.trainer.global_step}" if self._trainer is not None else ""
+
+    def _check_black(self, stage: str) -> None:
+        """Stop when every image of a prompt (its grid) is black: a broken VAE or a diverged model."""
+        grids: dict[str, list[bool]] = {}
+        for row in self.generated[stage]:
+            grids.setdefault(row["prompt"], []).append(not np.asarray(row["image"]).any())
+        black = [prompt for prompt, flags in grids.items() if all(flags)]
+        if black:
+            raise UserError(
+                f"the {stage} images{self._at_step()} are all black for prompt(s) {' | '.join(black)}: "
+                f"{GENERATION_HINT}"
+            )
 
     def _generate_rows(self, batch: dict) -> list[dict]:
         images = self.generate(batch["prompt"], batch["seed"])
@@ -419,6 +479,7 @@ class DreamBoothLoRA(L.LightningModule):
         """Fidelity of the stage's images (every rank's, once each): stage/CLIP-T, stage/CLIP-I, stage/DINO."""
         rows = {row["index"]: row for part in gather_objects(self.generated[stage]) for row in part}
         self.generated[stage] = [rows[i] for i in sorted(rows)]
+        self._check_black(stage)
         metrics = {}
         if self.trainer.is_global_zero and self.generated[stage] and self.fidelity() is not None:
             datamodule = self.trainer.datamodule
@@ -466,6 +527,12 @@ class DreamBoothLoRA(L.LightningModule):
             raise UserError(
                 "model.lora_weights is already an exported LoRA: export a training checkpoint "
                 "(mode=export ckpt_path=...) instead"
+            )
+        if self.hparams.lora["use_dora"] and self.hparams.train_text_encoder:
+            raise UserError(
+                f"a LoRA with model.lora.use_dora=true and model.train_text_encoder=true is not exported: "
+                f"{TEXT_ENCODER_DORA}. Nothing was written; use the checkpoint (ckpt_path=...) for predict/eval, or "
+                "train with model.lora.use_dora=false or model.train_text_encoder=false"
             )
         directory = Path(directory)
         alpha = self.hparams.lora["alpha"] or self.hparams.lora["rank"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -115,23 +115,39 @@ def lora_layers(modules: dict[str, torch.nn.Module]) -> dict:
     return layers
 
 
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+
+
+def kohya_state_dict(modules: dict[str, torch.nn.Module], alpha: float) -> dict[str, torch.Tensor]:
+    """The trained ("default") peft adapters in the Kohya layout that AUTOMATIC1111, ComfyUI and diffusers' loader
+    for non-diffusers LoRAs map for SDXL: `lora_unet_<diffusers module path>`, `lora_te1_` / `lora_te2_` +
+    `text_model_<CLIP module path>`, each with `.lora_down.weight`, `.lora_up.weight` and `.alpha`."""
+    peft_layout = {}
+    for name, module in modules.items():
+        if "default" not in (getattr(module, "peft_config", None) or {}):
+            continue
+        for key, value in get_peft_model_state_dict(module).items():
+            if key.endswith("lora_magnitude_vector"):
+                raise UserError(
+                    "model.kohya=true with model.lora.use_dora=true: diffusers' loader for Kohya LoRAs drops DoRA "
+                    "magnitudes (dora_scale), so the Kohya file would not give the trained model; "
+                    "pytorch_lora_weights.safetensors holds the DoRA exactly. Set model.kohya=false"
+                )
+            # transformers 5's CLIP text models have no `text_model` wrapper; the Kohya names keep it.
+            if name in TEXT_ENCODERS and not key.startswith("text_model."):
+                key = f"text_model.{key}"
+            peft_layout[f"{name}.{key}"] = value.detach().float().cpu().contiguous()
+    # diffusers names the weights, and writes alpha = rank: the adapters were trained with lora_alpha.
+    kohya = convert_state_dict_to_kohya(peft_layout)
+    return {key: torch.tensor(float(alpha)) if key.endswith(".alpha") else value for key, value in kohya.items()}
+
+
 def save_lora(directory: Path, modules: dict[str, torch.nn.Module], kohya_alpha: float | None = None) -> None:
     """pytorch_lora_weights.safetensors (diffusers layout, what StableDiffusionXLPipeline.load_lora_weights
-    reads); with `kohya_alpha`, also pytorch_lora_weights_kohya.safetensors (Kohya / WebUI / ComfyUI layout)."""
-    layers = lora_layers(modules)
-    StableDiffusionXLPipeline.save_lora_weights(directory, **layers)
-    if kohya_alpha is not None:
+    reads); with `kohya_alpha`, also pytorch_lora_weights_kohya.safetensors (`kohya_state_dict`)."""
+    kohya = kohya_state_dict(modules, kohya_alpha) if kohya_alpha is not None else None  # refused before any write
+    StableDiffusionXLPipeline.save_lora_weights(directory, **lora_layers(modules))
+    if kohya is not None:
         from safetensors.torch import save_file
 
-        prefixed = {
-            f"{name[: -len('_lora_layers')]}.{key}": value.detach().float().cpu().contiguous()
-            for name, state in layers.items()
-            if name.endswith("_lora_layers")
-            for key, value in state.items()
-        }
-        kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(prefixed))
-        # convert_state_dict_to_kohya writes alpha = rank; the adapters were trained with lora_alpha.
-        kohya = {
-            key: torch.tensor(float(kohya_alpha)) if key.endswith(".alpha") else value for key, value in kohya.items()
-        }
-        save_file(kohya, str(directory / "pytorch_lora_weights_kohya.safetensors"))
+        save_file(kohya, str(directory / KOHYA_FILE))
