@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.feature_cache import CachedCaptionDataset, FeatureCache
 from datamodules.images import ImageFolderDataset, collate, image_transform, prepared_image
 from datamodules.items import CaptionedImage, caption_item
-from datamodules.sampling import EpochSampler, item_key
+from datamodules.sampling import EpochSampler, fit_position, item_key
 from datamodules.shapes import generate_shapes
 from datamodules.vocabulary import Vocabulary, tokenize
 from framework.config import positive
@@ -252,12 +252,7 @@ class CaptionDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return EpochSampler(length, torch.initial_seed())
-
-        def position() -> tuple[int, int]:  # the epoch, and on a mid-epoch restart what this rank trained on
-            loop = trainer.fit_loop
-            done = loop.epoch_loop.batch_progress.current.completed * self.train_batch_size if loop.restarting else 0
-            return trainer.current_epoch, done
-
+        position = fit_position(trainer, self.train_batch_size)
         return EpochSampler(length, torch.initial_seed(), trainer.world_size, trainer.global_rank, position)
 
     def _split_loader(self, split: str) -> DataLoader:

@@ -9,7 +9,9 @@ Readers (`source`, a Hydra `_partial_`) give the training examples, each an imag
 Each training item holds an instance example and, with prior preservation, a class example (the
 diffusers script's layout: instance halves first, class halves second, in one batch). Images are
 resized (shorter side to `resolution`), cropped (centre or random), optionally flipped; the item
-keeps the SDXL micro-conditioning inputs: the original size and the crop's top-left corner.
+keeps the SDXL micro-conditioning inputs: the original size, the crop's top-left corner and the target size.
+With `buckets`, images keep their aspect ratio instead: each is resized and cropped to its aspect-ratio bucket
+and every batch comes from one bucket (datamodules/buckets.py).
 With `cache_latents`, every image and its mirror image are encoded once by the model's VAE (see
 `enable_latent_cache`) and items carry the latent distribution instead of pixels.
 Validation, test and predict items are prompts with seeds.
@@ -18,6 +20,7 @@ Validation, test and predict items are prompts with seeds.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -34,7 +37,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from datamodules.buckets import Buckets, BucketSampler, bucket_sizes, cover_size, nearest_bucket
 from datamodules.images import IMAGE_ERRORS, IMAGE_SUFFIXES, bad_image, keep_readable, load_rgb
+from datamodules.sampling import fit_position, item_key
 from framework.config import positive
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
@@ -204,18 +209,20 @@ def ensure_class_images(
             progress.update(len(seeds))
 
 
-def crop_and_flip(image: Image.Image, resolution: int, top_left: tuple[int, int], flip: bool) -> dict:
-    """The cropped, optionally mirrored image in [-1, 1] with the SDXL micro-conditioning inputs.
+def crop_and_flip(image: Image.Image, size: tuple[int, int], top_left: tuple[int, int], flip: bool) -> dict:
+    """The `size` (height, width) crop, optionally mirrored, in [-1, 1] with the SDXL micro-conditioning inputs
+    of the crop: its top-left corner and the target size.
 
-    `image` is already resized (shorter side = resolution). The crop corner of a mirrored image is
+    `image` is already resized to cover `size`. The crop corner of a mirrored image is
     mirrored too, so the conditioning describes the pixels the model sees.
     """
+    height, width = size
     top, left = top_left
-    pixels = TF.to_tensor(image.crop((left, top, left + resolution, top + resolution)))
+    pixels = TF.to_tensor(image.crop((left, top, left + width, top + height)))
     if flip:
         pixels = pixels.flip(-1)
-        left = image.width - left - resolution
-    return {"pixels": pixels * 2 - 1, "crop_top_left": torch.tensor([top, left])}
+        left = image.width - left - width
+    return {"pixels": pixels * 2 - 1, "crop_top_left": torch.tensor([top, left]), "target_size": torch.tensor(size)}
 
 
 class TrainingImages(Dataset):
@@ -224,6 +231,8 @@ class TrainingImages(Dataset):
     Without a latent cache an item decodes its images, with a random or centre crop and a random
     flip; with one (`latents`: per example, the latent distribution of the unflipped and the flipped
     crop) it draws only the flip. The flip is drawn first in both, from Python's `random`.
+    With `buckets` (data.buckets), an item's examples are resized and cropped to its aspect-ratio bucket
+    (`Buckets`), not to a `resolution` square.
     """
 
     def __init__(
@@ -235,38 +244,61 @@ class TrainingImages(Dataset):
         random_flip: bool,
         repeats: int = 1,
         latents: dict | None = None,
+        buckets: bool = False,
     ):
         self.instances, self.classes = instances * repeats, classes
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.latents = latents
+        self.buckets = Buckets(resolution, self.instances, classes, len(self)) if buckets else None
 
     def __len__(self) -> int:
         return max(len(self.instances), len(self.classes))
 
-    def __getitem__(self, index: int) -> dict:
-        item = {"instance": self.example(self.instances[index % len(self.instances)])}
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, _ = item_key(key)  # a BucketSampler's keys are (index, item seed) pairs
+        size, class_index = self.layout(index)
+        item = {"instance": self.example(self.instances[index % len(self.instances)], size)}
         if self.classes:
-            item["class"] = self.example(self.classes[index % len(self.classes)])
+            item["class"] = self.example(self.classes[class_index], size)
         return item
 
-    def example(self, example: Example) -> dict:
+    def layout(self, index: int) -> tuple[tuple[int, int], int | None]:
+        """The (height, width) of item `index`'s examples and the index of its class example (None: no classes)."""
+        if self.buckets is not None:
+            return self.buckets.item(index)
+        return (self.resolution, self.resolution), index % len(self.classes) if self.classes else None
+
+    def views(self) -> list[tuple[Example, tuple[int, int]]]:
+        """Every (example, size) that items show, once: what the latent cache encodes."""
+        views = {}
+        for index in range(len(self)):
+            size, class_index = self.layout(index)
+            shown = [self.instances[index % len(self.instances)]] + (
+                [self.classes[class_index]] if self.classes else []
+            )
+            views.update({(example.image.name, size): (example, size) for example in shown})
+        return list(views.values())
+
+    def example(self, example: Example, size: tuple[int, int]) -> dict:
         flip = self.random_flip and random.random() < 0.5
         if self.latents is not None:
-            return {**self.latents[example.image.name][flip], "prompt": example.prompt}
-        image, original_size = self.resized(example)
+            return {**self.latents[example.image.name, size][flip], "prompt": example.prompt}
+        image, original_size = self.resized(example, size)
         return {
-            **crop_and_flip(image, self.resolution, self.crop_corner(image), flip),
+            **crop_and_flip(image, size, self.crop_corner(image, size), flip),
             "original_size": original_size,
             "prompt": example.prompt,
         }
 
-    def resized(self, example: Example) -> tuple[Image.Image, torch.Tensor]:
+    def resized(self, example: Example, size: tuple[int, int]) -> tuple[Image.Image, torch.Tensor]:
+        """The image resized to cover `size` with its aspect ratio kept (for a square: shorter side = resolution)."""
         image = example.image.load()
         original_size = torch.tensor([image.height, image.width])
-        return TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BILINEAR), original_size
+        cover = list(cover_size(image.height, image.width, size))
+        return TF.resize(image, cover, interpolation=TF.InterpolationMode.BILINEAR), original_size
 
-    def crop_corner(self, image: Image.Image) -> tuple[int, int]:
-        spare_h, spare_w = image.height - self.resolution, image.width - self.resolution
+    def crop_corner(self, image: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+        spare_h, spare_w = image.height - size[0], image.width - size[1]
         if self.center_crop:
             return round(spare_h / 2), round(spare_w / 2)
         return random.randint(0, spare_h), random.randint(0, spare_w)
@@ -320,6 +352,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         resolution: int = 1024,
         center_crop: bool = False,
         random_flip: bool = False,
+        buckets: bool = False,
         repeats: int = 1,
         batch_size: int = 1,
         num_workers: int = 0,
@@ -343,6 +376,9 @@ class DreamBoothDataModule(L.LightningDataModule):
             )
         self.source, self.trigger_token = source, trigger_token
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.buckets = buckets
+        if buckets:
+            bucket_sizes(resolution)  # a resolution that makes no buckets is an error now, not at fit start
         self.repeats, self.num_workers = repeats, num_workers
         self.batch_size = positive(batch_size, "data.batch_size", integer=True)
         self.skip_bad_images, self.cache_latents = skip_bad_images, cache_latents
@@ -375,10 +411,17 @@ class DreamBoothDataModule(L.LightningDataModule):
         return keep_readable(examples, lambda e: e.image.load(), self.skip_bad_images, what, lambda e: e.image.name)
 
     def _check(self, examples: list[Example]) -> None:
-        small = [e.image.name for e in examples if min(e.image.size()) < self.resolution]
+        sizes = bucket_sizes(self.resolution) if self.buckets else [(self.resolution, self.resolution)]
+        small = []
+        for example in examples:
+            width, height = example.image.size()
+            target_height, target_width = nearest_bucket(height, width, sizes)
+            if height < target_height or width < target_width:
+                small.append(example.image.name)
         if small:
             log.warning(
-                "%d image(s) are smaller than data.resolution=%d and will be upscaled: %s",
+                "%d image(s) are smaller than data.resolution=%d (with data.buckets: their bucket) and will be "
+                "upscaled: %s",
                 len(small),
                 self.resolution,
                 ", ".join(small),
@@ -421,37 +464,36 @@ class DreamBoothDataModule(L.LightningDataModule):
         """With data.cache_latents: encode every training image and its mirror image once with `encode`
         (pixels in [-1, 1] -> latent distribution parameters); training then reads them from memory.
 
-        Each image's crop is fixed here (centre, or one random draw: as in the diffusers script).
+        Each image's crop is fixed here (centre, or one random draw: as in the diffusers script), per size it is
+        shown at (with data.buckets, a class image can be shown in several buckets); a batch holds one size.
         """
         if not self.cache_latents or self._latents is not None:
             return
-        examples = list({e.image.name: e for e in self.instances + self.class_examples()}.values())
-        dataset = TrainingImages([], [], self.resolution, self.center_crop, False)
+        dataset = self.training_images()
+        chunks = []
+        for _, group in itertools.groupby(sorted(dataset.views(), key=lambda view: view[1]), key=lambda view: view[1]):
+            group = list(group)
+            chunks += [group[start : start + batch_size] for start in range(0, len(group), batch_size)]
         latents = {}
-        for start in tqdm(range(0, len(examples), batch_size), desc="caching latents", unit="batch"):
-            chunk = examples[start : start + batch_size]
+        for chunk in tqdm(chunks, desc="caching latents", unit="batch"):
             views = []
-            for example in chunk:
-                image, original_size = dataset.resized(example)
-                corner = dataset.crop_corner(image)
+            for example, size in chunk:
+                image, original_size = dataset.resized(example, size)
+                corner = dataset.crop_corner(image, size)
                 views += [
-                    {**crop_and_flip(image, self.resolution, corner, flip), "original_size": original_size}
+                    {**crop_and_flip(image, size, corner, flip), "original_size": original_size}
                     for flip in (False, True)
                 ]
-            parameters = encode(torch.stack([v["pixels"] for v in views])).float().cpu()
-            for i, example in enumerate(chunk):
-                latents[example.image.name] = [
-                    {
-                        "latent_parameters": parameters[2 * i + flip],
-                        "crop_top_left": view["crop_top_left"],
-                        "original_size": view["original_size"],
-                    }
+            parameters = encode(torch.stack([view.pop("pixels") for view in views])).float().cpu()
+            for i, (example, size) in enumerate(chunk):
+                latents[example.image.name, size] = [
+                    {**view, "latent_parameters": parameters[2 * i + flip]}
                     for flip, view in enumerate(views[2 * i : 2 * i + 2])
                 ]
         self._latents = latents
 
-    def train_dataloader(self) -> DataLoader:
-        dataset = TrainingImages(
+    def training_images(self) -> TrainingImages:
+        return TrainingImages(
             self.instances,
             self.class_examples(),
             self.resolution,
@@ -459,15 +501,31 @@ class DreamBoothDataModule(L.LightningDataModule):
             self.random_flip,
             self.repeats,
             self._latents,
+            self.buckets,
         )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.training_images()
+        batch_size = per_device_batch_size(self.batch_size, self.trainer)
         return DataLoader(
             dataset,
-            batch_size=per_device_batch_size(self.batch_size, self.trainer),
-            shuffle=True,
+            batch_size=batch_size,
+            shuffle=dataset.buckets is None,
+            sampler=None if dataset.buckets is None else self._bucket_sampler(dataset.buckets, batch_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_training,
             drop_last=False,
+        )
+
+    def _bucket_sampler(self, buckets: Buckets, batch_size: int) -> BucketSampler:
+        """Batches from one bucket each, in an order given by the seed and the epoch (resumable mid-epoch)."""
+        trainer = self.trainer
+        if trainer is None:
+            return BucketSampler(buckets.item_sizes, batch_size, torch.initial_seed())
+        position = fit_position(trainer, batch_size)
+        return BucketSampler(
+            buckets.item_sizes, batch_size, torch.initial_seed(), trainer.world_size, trainer.global_rank, position
         )
 
     def _prompt_loader(self, stage: str) -> DataLoader:

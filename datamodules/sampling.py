@@ -20,6 +20,18 @@ def item_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
     return key if isinstance(key, tuple) else (key, None)
 
 
+def fit_position(trainer, batch_size: int) -> Callable[[], tuple[int, int]]:
+    """EpochSampler's `position` under `trainer`: the epoch, and on a mid-epoch restart the samples this rank already
+    trained on in it (`batch_size`: per device)."""
+
+    def position() -> tuple[int, int]:
+        loop = trainer.fit_loop
+        done = loop.epoch_loop.batch_progress.current.completed * batch_size if loop.restarting else 0
+        return trainer.current_epoch, done
+
+    return position
+
+
 class EpochSampler(DistributedSampler):
     """Yields (index, item seed) pairs; a DistributedSampler subclass, so Lightning keeps it under DDP.
 
@@ -40,10 +52,13 @@ class EpochSampler(DistributedSampler):
         super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.position = position or (lambda: (self.epoch, 0))
 
+    def generator(self, epoch: int) -> torch.Generator:
+        # Modulo 2**63: unseeded (seed=null), torch's initial seed is any 64-bit number, too large for manual_seed.
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, done = self.position()
-        # Modulo 2**63: unseeded (seed=null), torch's initial seed is any 64-bit number, too large for manual_seed.
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+        generator = self.generator(epoch)
         order = torch.randperm(len(self.dataset), generator=generator)
         item_seeds = torch.randint(2**31 - 1, (len(self.dataset),), generator=generator)
         order = torch.cat([order, order[: self.total_size - len(order)]])  # pad to an even shard size

@@ -401,11 +401,11 @@ def test_micro_conditioning_follows_the_crop_and_the_flip():
     from lightning_modules.generation.sdxl import time_ids
 
     image = Image.fromarray(np.arange(64 * 80 * 3, dtype=np.uint8).reshape(64, 80, 3))
-    plain = crop_and_flip(image, 64, (0, 4), flip=False)
-    mirrored = crop_and_flip(image, 64, (0, 4), flip=True)
+    plain = crop_and_flip(image, (64, 64), (0, 4), flip=False)
+    mirrored = crop_and_flip(image, (64, 64), (0, 4), flip=True)
     assert plain["crop_top_left"].tolist() == [0, 4] and mirrored["crop_top_left"].tolist() == [0, 80 - 4 - 64]
     assert torch.equal(mirrored["pixels"], plain["pixels"].flip(-1))
-    ids = time_ids(torch.tensor([[300, 400]]), torch.tensor([[0, 12]]), 64)
+    ids = time_ids(torch.tensor([[300, 400]]), torch.tensor([[0, 12]]), torch.tensor([[64, 64]]))
     assert ids.tolist() == [[300, 400, 0, 12, 64, 64]]
 
 

@@ -11,7 +11,8 @@ trains it, in a LightningModule.
   the step; after training the optimizer state and cached memory are freed before the test pass.
 - Loss: MSE to the noise (or the velocity, as the scheduler's prediction_type says), min-SNR weighting
   (`snr_gamma`), `noise_offset`, and with class examples in the batch prior preservation
-  (`prior_loss_weight`); SDXL micro-conditioning from each image's original size and crop.
+  (`prior_loss_weight`); SDXL micro-conditioning from each image's original size, crop and target size
+  (the resolution square, or with data.buckets the image's aspect-ratio bucket).
 - Speed: frozen text encoders -> each prompt is encoded once (`cache_prompt_embeddings`); the data
   module's latent cache (data.cache_latents) is filled by `encode_latent_parameters` at fit start.
 - Validation / test / predict generate images for prompts with fixed seeds; validation and test score
@@ -320,7 +321,7 @@ class DreamBoothLoRA(L.LightningModule):
         )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         hidden, pooled = self.prompt_embeddings(batch["prompts"])
-        conditioning = time_ids(batch["original_size"], batch["crop_top_left"], self.hparams.resolution)
+        conditioning = time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
         prediction = self.unet(
             noisy,
             timesteps,

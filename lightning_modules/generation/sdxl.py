@@ -91,10 +91,9 @@ def encode_prompts(
     return torch.cat(hidden, dim=-1), output.text_embeds
 
 
-def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: int) -> torch.Tensor:
-    """SDXL micro-conditioning per image: (original h, w, crop top, left, target h, w) [B, 6]."""
-    target = original_size.new_tensor([target_size, target_size]).expand_as(original_size)
-    return torch.cat([original_size, crop_top_left, target], dim=1)
+def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor) -> torch.Tensor:
+    """SDXL micro-conditioning per image: (original h, w, crop top, left, target h, w) [B, 6], from [B, 2] each."""
+    return torch.cat([original_size, crop_top_left, target_size], dim=1)
 
 
 def set_lora_enabled(module: torch.nn.Module, enabled: bool) -> None:
