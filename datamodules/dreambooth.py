@@ -8,8 +8,9 @@ Readers (`source`, a Hydra `_partial_`) give the training examples, each an imag
 
 Each training item holds an instance example and, with prior preservation, a class example (the
 diffusers script's layout: instance halves first, class halves second, in one batch). Images are
-resized (shorter side to `resolution`), cropped (centre or random), optionally flipped; the item
-keeps the SDXL micro-conditioning inputs: the original size, the crop's top-left corner and the target size.
+resized (shorter side to `resolution`, with the `interpolation` filter), cropped (centre or random),
+optionally flipped; the item keeps the SDXL micro-conditioning inputs: the original size, the crop's top-left
+corner and the target size.
 With `buckets`, images keep their aspect ratio instead: each is resized and cropped to its aspect-ratio bucket
 and every batch comes from one bucket (datamodules/buckets.py).
 With `cache_latents`, every image and its mirror image are encoded once by the model's VAE (see
@@ -209,6 +210,15 @@ def ensure_class_images(
             progress.update(len(seeds))
 
 
+def interpolation_mode(name: str) -> TF.InterpolationMode:
+    """torchvision's resampling filter by name (diffusers' --image_interpolation_mode names: lanczos, nearest_exact)."""
+    try:
+        return TF.InterpolationMode[str(name).upper()]
+    except KeyError:
+        names = ", ".join(mode.name.lower() for mode in TF.InterpolationMode)
+        raise UserError(f"data.interpolation={name} is not one of {names}") from None
+
+
 def crop_and_flip(image: Image.Image, size: tuple[int, int], top_left: tuple[int, int], flip: bool) -> dict:
     """The `size` (height, width) crop, optionally mirrored, in [-1, 1] with the SDXL micro-conditioning inputs
     of the crop: its top-left corner and the target size.
@@ -245,10 +255,11 @@ class TrainingImages(Dataset):
         repeats: int = 1,
         latents: dict | None = None,
         buckets: bool = False,
+        interpolation: TF.InterpolationMode = TF.InterpolationMode.BILINEAR,
     ):
         self.instances, self.classes = instances * repeats, classes
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.latents = latents
+        self.latents, self.interpolation = latents, interpolation
         self.buckets = Buckets(resolution, self.instances, classes, len(self)) if buckets else None
 
     def __len__(self) -> int:
@@ -295,7 +306,7 @@ class TrainingImages(Dataset):
         image = example.image.load()
         original_size = torch.tensor([image.height, image.width])
         cover = list(cover_size(image.height, image.width, size))
-        return TF.resize(image, cover, interpolation=TF.InterpolationMode.BILINEAR), original_size
+        return TF.resize(image, cover, interpolation=self.interpolation), original_size
 
     def crop_corner(self, image: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
         spare_h, spare_w = image.height - size[0], image.width - size[1]
@@ -353,6 +364,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         center_crop: bool = False,
         random_flip: bool = False,
         buckets: bool = False,
+        interpolation: str = "bilinear",
         repeats: int = 1,
         batch_size: int = 1,
         num_workers: int = 0,
@@ -377,6 +389,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.source, self.trigger_token = source, trigger_token
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.buckets = buckets
+        self.interpolation = interpolation_mode(interpolation)
         if buckets:
             bucket_sizes(resolution)  # a resolution that makes no buckets is an error now, not at fit start
         self.repeats, self.num_workers = repeats, num_workers
@@ -502,6 +515,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             self.repeats,
             self._latents,
             self.buckets,
+            self.interpolation,
         )
 
     def train_dataloader(self) -> DataLoader:

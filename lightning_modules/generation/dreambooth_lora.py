@@ -378,9 +378,15 @@ class DreamBoothLoRA(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _optimizer_factory(self):
-        factory = hydra.utils.instantiate(self.hparams.optimizer)
+        # Plain lists, not ListConfig (e.g. Prodigy keeps `betas` as given): checkpoints load with weights_only.
+        factory = hydra.utils.instantiate(self.hparams.optimizer, _convert_="all")
         if not self.hparams.use_8bit_adam:
             return factory
+        if factory.func is not torch.optim.AdamW:
+            raise UserError(
+                "model.use_8bit_adam=true replaces torch.optim.AdamW by bitsandbytes' AdamW8bit; with "
+                f"model.optimizer._target_={self.hparams.optimizer['_target_']} set it false"
+            )
         try:
             import bitsandbytes
         except ImportError:
