@@ -14,9 +14,16 @@
    `ratio: sdxl_checkpointing_step_time = <time without / time with>` (below 1: checkpointing costs time)
    and `ratio: sdxl_checkpointing_peak_memory = <peak without / peak with>` (above 1: it saves memory).
    This part imports only torch, diffusers and peft.
+3. `--buckets`: aspect-ratio buckets (data.buckets=true) against the centre crop at the same pixel budget
+   (--resolution^2, default 256 px here), LoRA training steps from images on the tiny pipeline with images of
+   3:4, 1:1 and 16:9 (two each by default), timed in alternating rounds: steps/s of both, the mean pixels per
+   image, then
+   `ratio: dreambooth_buckets_vs_center_crop = <centre-crop step time / bucketed step time>` (about 1: a bucket
+   holds no more pixels than the square, and batches from one bucket stack as the squares do).
 
     python benchmarks/dreambooth.py [--steps 10] [--resolution 128] [--device cuda]
     python benchmarks/dreambooth.py --sdxl-unet --device cuda [--batch-size 1]
+    python benchmarks/dreambooth.py --buckets [--steps 6] [--rounds 5] [--resolution 256]
 """
 
 from __future__ import annotations
@@ -70,22 +77,35 @@ def save_instance_images(folder: Path, count: int, size: int) -> Path:
     return folder
 
 
-def train_steps(model, loader, steps: int, device: str) -> tuple[float, float]:
-    """First-step loss and seconds per step (after one warm-up step) of plain LoRA training steps."""
+def save_mixed_images(folder: Path, count: int, resolution: int) -> Path:
+    """`count` noise images of about (1.2 x resolution)^2 pixels, in turn 3:4, 1:1 and 16:9 (width:height)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        ratio = (3 / 4, 1.0, 16 / 9)[i % 3]
+        width, height = round(1.2 * resolution * ratio**0.5), round(1.2 * resolution / ratio**0.5)
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def train_steps(model, loader, steps: int, device: str, warmup: int = 1) -> tuple[float, float]:
+    """First-step loss and seconds per step (after `warmup` untimed steps) of plain LoRA training steps."""
     model.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     torch.manual_seed(0)
     first, start, done = None, None, 0
-    while done <= steps:
+    while done < warmup + steps:
         for batch in loader:
             loss = model.loss({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             first = loss.item() if first is None else first
-            start = time.perf_counter() if done == 0 else start  # the clock starts after the warm-up step
             done += 1
-            if done > steps:
+            start = time.perf_counter() if done == warmup else start  # the clock starts after the warm-up
+            if done == warmup + steps:
                 break
     return first, (time.perf_counter() - start) / steps
 
@@ -132,6 +152,55 @@ def cache_benchmark(args) -> None:
                 f"({results[cached][1] * 1000:.1f} ms/step)"
             )
         print(f"ratio: dreambooth_cache_step_speedup = {results[False][1] / results[True][1]:.2f}")
+
+
+def bucket_benchmark(args) -> None:
+    """Both set-ups built once, then timed in alternating rounds (each after an untimed epoch, so that every bucket
+    shape has run once), so that a load that changes over time weighs on both alike; the median round counts."""
+    import random
+    import statistics
+
+    from datamodules.dreambooth import DreamBoothDataModule, read_instance_folder
+    from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
+    from lightning_modules.generation.tiny import save_tiny_sdxl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline = save_tiny_sdxl(Path(tmp) / "pipeline", args.resolution)
+        images = save_mixed_images(Path(tmp) / "images", args.images, args.resolution)
+        print(
+            f"tiny SDXL pipeline on {args.device}, {args.images} images (3:4, 1:1, 16:9) at {args.resolution}^2 px, "
+            f"batch {args.batch_size}, {args.rounds} rounds of {args.steps} timed steps, "
+            f"{torch.get_num_threads()} threads"
+        )
+        runs = {}
+        for buckets in (False, True):
+            torch.manual_seed(0)
+            random.seed(0)
+            model = DreamBoothLoRA(pretrained=str(pipeline), resolution=args.resolution, fidelity=None)
+            data = DreamBoothDataModule(
+                source=partial(read_instance_folder, images, "a photo of sks dog"),
+                resolution=args.resolution,
+                center_crop=True,
+                buckets=buckets,
+                batch_size=args.batch_size,
+            )
+            runs[buckets] = model, data.train_dataloader()
+        seconds = {False: [], True: []}
+        for _ in range(args.rounds):
+            for buckets, (model, loader) in runs.items():
+                seconds[buckets].append(train_steps(model, loader, args.steps, args.device, warmup=len(loader))[1])
+        for buckets, (_, loader) in runs.items():
+            pixels = [batch["pixels"][0, 0].numel() for batch in loader]
+            shapes = sorted({tuple(batch["pixels"].shape[-2:]) for batch in loader})
+            median = statistics.median(seconds[buckets])
+            name = "buckets" if buckets else "centre crop"
+            rounds = ", ".join(f"{t * 1000:.0f}" for t in seconds[buckets])
+            print(
+                f"{name:>11}: {1 / median:.2f} steps/s ({median * 1000:.1f} ms/step; rounds: {rounds}), "
+                f"{sum(pixels) / len(pixels):.0f} pixels per image on average, batch shapes {shapes}"
+            )
+        ratio = statistics.median(seconds[False]) / statistics.median(seconds[True])
+        print(f"ratio: dreambooth_buckets_vs_center_crop = {ratio:.2f}")
 
 
 # ------------------------------------------------------------------------------------------ 2. SDXL-sized UNet
@@ -204,13 +273,20 @@ def main() -> None:
     parser.add_argument("--sdxl-unet", action="store_true", help="the SDXL-sized UNet at 1024 px (GPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 tiny, 5 SDXL)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 2 tiny, 1 SDXL")
-    parser.add_argument("--resolution", type=int, default=128, help="tiny pipeline image size")
-    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--buckets", action="store_true", help="aspect-ratio buckets against the centre crop")
+    parser.add_argument("--resolution", type=int, default=None, help="tiny pipeline image size (default: 128, 256)")
+    parser.add_argument("--images", type=int, default=None, help="default: 4, with --buckets 6")
+    parser.add_argument("--rounds", type=int, default=5, help="--buckets: alternating timed rounds")
     args = parser.parse_args()
     if args.sdxl_unet:
         args.steps, args.batch_size = args.steps or 5, args.batch_size or 1
         sdxl_benchmark(args)
+    elif args.buckets:
+        args.steps, args.batch_size = args.steps or 6, args.batch_size or 2
+        args.resolution, args.images = args.resolution or 256, args.images or 6
+        bucket_benchmark(args)
     else:
+        args.resolution, args.images = args.resolution or 128, args.images or 4
         args.steps, args.batch_size = args.steps or 10, args.batch_size or 2
         cache_benchmark(args)
 
