@@ -123,6 +123,7 @@ COMMANDS: dict[str, Run | Compose] = {
     "task=sdxl_dreambooth trainer=gpu data.source.folder=path/to/dog": Compose("SDXL weights, a GPU"),
     "experiment=sdxl_dreambooth_prior trainer=gpu data.source.folder=path/to/dog": Compose("SDXL weights, a GPU"),
     "experiment=sdxl_fast trainer=gpu data.source.folder=path/to/dog": Compose("SDXL weights, a GPU"),
+    "task=sdxl_dreambooth trainer=gpu data.source.folder=path/to/dog data.buckets=true": Compose("SDXL weights, a GPU"),
     "experiment=sdxl_prodigy trainer=gpu data.source.folder=path/to/dog": Compose("SDXL weights, a GPU"),
     "task=sdxl_lora_3d_icons trainer=gpu data.source.folder=path/to/3d_icon": Compose("SDXL weights, a GPU"),
     "mode=predict task=sdxl_dreambooth trainer=gpu ckpt_path=outputs/sdxl_dreambooth/runs/<time>/checkpoints/"
