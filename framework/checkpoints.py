@@ -6,17 +6,26 @@ file and what to do, instead of whatever breaks inside torch.load or the module'
 Checkpoints record the task and the module class that wrote them (`TaskRecord`, in every callbacks config that
 saves checkpoints). For a checkpoint without that record (written before it existed, or with callbacks=none), the
 module's required __init__ arguments are looked for in the checkpoint's hyperparameters instead.
+
+trainer=fsdp writes sharded checkpoints: a torch.distributed.checkpoint directory (weights and optimizer states, one
+file per rank) with Lightning's `meta.pt` (everything else). They are checked by their `meta.pt`, and `load_module`
+loads one on a single process (eval, predict, export, the Captioner API).
 """
 
 from __future__ import annotations
 
 import inspect
+import io
 import os
 import pickle
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from framework.errors import UserError
 
@@ -40,6 +49,8 @@ def read_checkpoint(path: str | os.PathLike, key: str | None = "ckpt_path") -> d
     even for big files); a UserError naming the file (and the config `key` that gave it) when it cannot be one."""
     path = Path(path)
     named = f"{path} ({key})" if key else str(path)
+    if path.is_dir():
+        return read_sharded_metadata(path, named)
     if not path.is_file():
         raise UserError(f"checkpoint {named} does not exist{_alternatives(path)}")
     try:
@@ -69,6 +80,36 @@ def read_checkpoint(path: str | os.PathLike, key: str | None = "ckpt_path") -> d
             f"weights, or an export?){_alternatives(path)}"
         )
     return checkpoint
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / _METADATA_FILENAME).is_file()
+
+
+def read_sharded_metadata(path: Path, named: str) -> dict:
+    """A sharded checkpoint's `meta.pt` (all but weights and optimizer states), once the folder is checked."""
+    if not (path / _METADATA_FILENAME).is_file() or not (path / ".metadata").is_file():
+        raise UserError(
+            f"{named} is a folder but not a sharded checkpoint of trainer=fsdp (it needs {_METADATA_FILENAME} and "
+            f".metadata; an interrupted save?){_alternatives(path)}"
+        )
+    return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+
+
+def load_module(module_class: type[L.LightningModule], path: str | os.PathLike, **overrides) -> L.LightningModule:
+    """`module_class.load_from_checkpoint` on the CPU, for checkpoint files and sharded checkpoints alike (their
+    weights are gathered into this process; optimizer states are not read)."""
+    source: str | os.PathLike | io.BytesIO = path
+    if is_sharded_checkpoint(path):
+        # As Lightning's _load_distributed_checkpoint, but the weights alone (dcp.load fills only keys it is given).
+        weights: dict = {}
+        planner = _EmptyStateDictLoadPlanner(keys={"state_dict"})
+        _load_state_dict(weights, storage_reader=FileSystemReader(path), planner=planner, no_dist=True)
+        checkpoint = read_checkpoint(path) | weights
+        source = io.BytesIO()
+        torch.save(checkpoint, source)
+        source.seek(0)
+    return module_class.load_from_checkpoint(source, map_location="cpu", weights_only=True, **overrides)
 
 
 def check_checkpoint(path: str | os.PathLike, module_class: type, task_name: str, key: str = "ckpt_path") -> None:

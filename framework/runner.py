@@ -20,16 +20,16 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.errors import InstantiationException
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
-from framework.checkpoints import check_checkpoint
+from framework.checkpoints import check_checkpoint, is_sharded_checkpoint, load_module
 from framework.config import flatten
 from framework.distributed import gather_objects
 from framework.errors import UserError
 from framework.files import atomic_write, write_json
+from framework.fsdp import FSDP2Strategy
 from framework.hardware import resolve_trainer
 from framework.launch import isolated_job
 
@@ -106,7 +106,7 @@ def load_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None)
         raise UserError(f"mode={cfg.mode} needs ckpt_path=path/to/checkpoint.ckpt (e.g. a run's checkpoints/last.ckpt)")
     check_checkpoint(ckpt_path, module_class, cfg.task_name)
     overrides = {key: cfg.model[key] for key in getattr(module_class, "inference_hparams", ()) if key in cfg.model}
-    return module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
+    return load_module(module_class, ckpt_path, **overrides)
 
 
 def model_inputs(datamodule: L.LightningDataModule | None) -> dict:
@@ -124,19 +124,24 @@ def final_metrics(trainer: L.Trainer) -> dict[str, float]:
     }
 
 
-def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
-    """ckpt_path, or with resume=auto this run dir's last.ckpt (saved every epoch and on SIGTERM/SIGUSR1), checked to
-    be a checkpoint of this task."""
+def resume_from(cfg: DictConfig, output_dir: Path, trainer: L.Trainer) -> str | None:
+    """ckpt_path, or with resume=auto this run dir's last.ckpt (saved every epoch and on SIGTERM/SIGUSR1; a folder
+    under trainer=fsdp), checked to be a checkpoint of this task that `trainer` can resume."""
     resume = cfg.get("resume")
     if resume not in (None, "auto"):
         raise UserError(f"resume={resume} is not supported: use resume=auto, or ckpt_path=PATH for a given checkpoint")
     last = output_dir / "checkpoints" / "last.ckpt"
     path = cfg.get("ckpt_path")
-    if resume == "auto" and not path and last.is_file():
+    if resume == "auto" and not path and last.exists():
         log.info("resume=auto: continuing from %s", last)
         path = str(last)
     if path:
         check_checkpoint(path, hydra.utils.get_class(cfg.model._target_), cfg.task_name)
+        if is_sharded_checkpoint(path) and not isinstance(trainer.strategy, FSDP2Strategy):
+            raise UserError(
+                f"checkpoint {path} is sharded (written by trainer=fsdp): resume it with trainer=fsdp or fsdp_sim, on "
+                f"any number of processes (or give mode=export ckpt_path={path} for its weights)"
+            )
     return path
 
 
@@ -145,7 +150,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model, **model_inputs(datamodule))
     trainer = build_trainer(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from(cfg, output_dir), weights_only=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from(cfg, output_dir, trainer), weights_only=True)
     metrics = final_metrics(trainer)
     if trainer.interrupted:
         return metrics
@@ -156,10 +161,11 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics |= final_metrics(trainer)
     if hasattr(model, "export") and cfg.get("export_after_train", True):
-        if isinstance(trainer.strategy, FSDPStrategy):  # sharded weights: export from the checkpoint instead
-            log.warning("trainer=fsdp: no export after training; run mode=export ckpt_path=<checkpoint>")
-        elif trainer.is_global_zero:
-            log.info("exported to %s", model.export(output_dir / "export"))
+        # Sharded weights are gathered by every rank; the export is written by rank 0 alone.
+        if trainer.is_global_zero or isinstance(trainer.strategy, FSDP2Strategy):
+            path = model.export(output_dir / "export")
+            if trainer.is_global_zero:
+                log.info("exported to %s", path)
     return metrics
 
 

@@ -421,6 +421,14 @@ def test_files_that_are_no_checkpoint(tmp_path):
         read_checkpoint(pickled)
     with pytest.raises(UserError, match=r"checkpoint .*missing.ckpt \(ckpt_path\) does not exist"):
         read_checkpoint(tmp_path / "missing.ckpt")
+    folder = run_dir / "epoch_004.ckpt"  # a sharded checkpoint (trainer=fsdp) whose save was interrupted
+    folder.mkdir()
+    with pytest.raises(
+        UserError,
+        match=rf"{folder} \(ckpt_path\) is a folder but not a sharded checkpoint of trainer=fsdp \(it needs meta.pt "
+        r"and .metadata; an interrupted save\?\); other checkpoints in .*: last.ckpt",
+    ):
+        read_checkpoint(folder)
 
 
 def test_checkpoints_of_another_module_class(tmp_path):

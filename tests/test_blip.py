@@ -20,7 +20,6 @@ from transformers import (
 
 from datamodules.shapes import COLOURS, PAIR_TEMPLATES, RELATIONS, SHAPES, SINGLE_TEMPLATES, SIZES
 from framework.errors import UserError
-from framework.fsdp import layer_policy
 from framework.runner import run
 from lightning_modules.captioning.blip import BLIPCaptioner
 from tests.conftest import CONF, compose_config, read_metrics
@@ -277,14 +276,6 @@ def test_freeze_vision_and_gradient_checkpointing(tiny_blip):
     assert not any(p.requires_grad for p in module.model.vision_model.parameters())
     assert all(p.requires_grad for p in module.model.text_decoder.parameters())
     assert module.model.is_gradient_checkpointing
-
-
-@pytest.mark.parametrize("task", ["blip_coco", "blip_flickr8k", "blip_shapes"])
-def test_fsdp_wraps_the_transformer_layers(task, tmp_path, data_dir):
-    cfg = compose_config([f"task={task}", "trainer=fsdp"], tmp_path, data_dir)
-    policy = layer_policy(list(cfg.fsdp_layers))
-    assert {c.__name__ for c in policy._module_classes} == {"BlipEncoderLayer", "BlipTextLayer"}
-    assert cfg.trainer.strategy.auto_wrap_policy.layers == cfg.fsdp_layers
 
 
 def test_paper_recipe_and_sweep_compose(tmp_path, data_dir):

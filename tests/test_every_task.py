@@ -12,9 +12,16 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 import yaml
 from hydra.utils import instantiate
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
+from framework import runner
+from framework.errors import UserError
+from framework.fsdp import is_sharded, mixed_precision, shard
 from framework.runner import run
 from lightning_modules.generation.tiny import save_tiny_sdxl
 from tests.conftest import TINY_SHAPES, compose_config, read_metrics, run_cli
@@ -105,11 +112,46 @@ def test_task_runs_on_two_processes(task, tmp_path, data_dir, shapes_checkpoint)
     check_finished(tmp_path / "run", strategy="ddp", devices=2)
 
 
-@pytest.mark.parametrize("task", ["blip_shapes", "vit_gpt2_shapes", "sdxl_dreambooth"])
-def test_fsdp_units_are_layers_of_the_task_model(task, tmp_path, data_dir):
-    """Lightning's FSDP needs a GPU, so it cannot run here; what can be checked is the wrap policy trainer=fsdp
-    hands it: each class the task names in `fsdp_layers` is a layer of the task's model."""
+# The tasks trainer=fsdp shards, with the classes of their fsdp_layers.
+SHARDED = {"blip_shapes": {"BlipEncoderLayer", "BlipTextLayer"}, "vit_gpt2_shapes": {"ViTLayer", "GPT2Block"}}
+
+
+@pytest.mark.parametrize("task", list(SHARDED))
+def test_fsdp_units_are_the_layers_the_task_names(task, tmp_path, data_dir):
+    """trainer=fsdp shards the task's model as configure_model does (here over a one-process gloo group): each layer
+    of the classes in `fsdp_layers` is its own FSDP unit, the transformers model the root, every parameter a DTensor.
+    (tests/test_fsdp.py trains sharded over two processes.)"""
     cfg = compose_config([*TASKS[task](tmp_path, data_dir), "trainer=fsdp"], tmp_path / "run", data_dir)
-    policy = instantiate(cfg.trainer.strategy).kwargs["auto_wrap_policy"]
-    model = instantiate(cfg.model)
-    assert {type(module) for module in model.modules()} >= policy._module_classes
+    strategy, module = instantiate(cfg.trainer.strategy), instantiate(cfg.model)
+    assert {layer.__name__ for layer in strategy.layer_classes} == SHARDED[task]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        shard(module.fsdp_root(), strategy.layer_classes, init_device_mesh("cpu", (1,)), mixed_precision("32-true"))
+    finally:
+        dist.destroy_process_group()
+    layers = [m for m in module.model.modules() if isinstance(m, strategy.layer_classes)]
+    assert len(layers) == 4 and all(is_sharded(layer) for layer in layers)  # 2 + 2 layers in the tiny models
+    assert is_sharded(module.model) and all(isinstance(p, DTensor) for p in module.parameters())
+
+
+@pytest.mark.parametrize("task", [task for task in TASKS if task not in SHARDED])
+def test_tasks_that_do_not_shard_refuse_fsdp(task, tmp_path, data_dir):
+    cfg = compose_config([f"task={task}", "trainer=fsdp"], tmp_path, data_dir)
+    refusal = rf"trainer=fsdp: task={task} \(module \w+\) does not shard itself.*trainer=ddp"
+    with pytest.raises(UserError, match=refusal):
+        runner.instantiate(cfg.trainer.strategy)
+
+
+def test_fsdp_layers_must_name_layer_classes_of_the_model(tmp_path, data_dir):
+    args = [*TASKS["blip_shapes"](tmp_path, data_dir), "trainer=fsdp"]
+
+    def strategy(*overrides):
+        return runner.instantiate(compose_config([*args, *overrides], tmp_path, data_dir).trainer.strategy)
+
+    with pytest.raises(UserError, match=r"task=blip_shapes lists no fsdp_layers"):
+        strategy("fsdp_layers=[]")
+    with pytest.raises(UserError, match=r"fsdp_layers: cannot import layer class 'transformers.NoSuchLayer'"):
+        strategy("fsdp_layers=[transformers.NoSuchLayer]")
+    module = instantiate(compose_config(args, tmp_path, data_dir).model)
+    with pytest.raises(UserError, match=r"BlipForConditionalGeneration has no layer of class Conv3d"):
+        shard(module.model, (torch.nn.Conv3d,), mesh=None, mp_policy=mixed_precision("32-true"))

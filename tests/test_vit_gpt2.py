@@ -20,7 +20,6 @@ from transformers import (
     ViTModel,
 )
 
-from framework.fsdp import layer_policy
 from framework.runner import run
 from lightning_modules.captioning.vit_gpt2 import ViTGPT2Captioner
 from tests.conftest import compose_config, read_metrics
@@ -150,8 +149,3 @@ def test_assembled_from_an_encoder_and_a_decoder(tmp_path, data_dir):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "export")
     assert model.config.decoder.add_cross_attention and model.config.decoder.is_decoder
     assert model.config.decoder_start_token_id == tokenizer.bos_token_id and tokenizer.pad_token == "<|endoftext|>"
-
-
-def test_fsdp_wraps_vit_and_gpt2_layers(tmp_path, data_dir):
-    cfg = compose_config(["task=vit_gpt2_coco", "trainer=fsdp"], tmp_path, data_dir)
-    assert {c.__name__ for c in layer_policy(list(cfg.fsdp_layers))._module_classes} == {"ViTLayer", "GPT2Block"}

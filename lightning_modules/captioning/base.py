@@ -69,7 +69,9 @@ class CaptioningModule(L.LightningModule):
         if not self.skipped_images.has_images(batch, "train"):
             return None
         loss = self.training_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["size"])
+        # Averaged over ranks: each rank's share of the global-batch loss (global_token_mean) makes the mean the loss
+        # of the whole batch, as one process logs it.
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["size"], sync_dist=True)
         return loss
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:

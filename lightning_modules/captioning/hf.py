@@ -9,7 +9,8 @@
   every `generate` call is given and exports save (an export loaded without `generation` keeps its settings);
 - self-contained checkpoints: config and processor files travel in the checkpoint's hyperparameters, so
   `load_from_checkpoint` rebuilds the model without `pretrained`;
-- `export(directory)`: save_pretrained of model (safetensors) and processor, plus a model card.
+- `export(directory)`: save_pretrained of model (safetensors) and processor, plus a model card;
+- trainer=fsdp: the transformers model is sharded by the task's `fsdp_layers` (framework/fsdp.py), `generate` included.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
@@ -27,6 +29,7 @@ from framework.config import positive, to_plain
 from framework.distributed import global_token_mean
 from framework.errors import UserError
 from framework.files import atomic_dir
+from framework.fsdp import ShardedByLayers, full_state_dict, is_sharded
 from lightning_modules.captioning.base import CaptioningModule
 
 IGNORE = -100  # target id that cross-entropy skips (prompt, padding)
@@ -65,7 +68,7 @@ def load_pretrained(load, source: str, config_key: str, download_name: str):
         ) from None
 
 
-class HFCaptioner(CaptioningModule):
+class HFCaptioner(ShardedByLayers, CaptioningModule):
     """A transformers image-to-text model as a captioner. Subclasses set `model_class` and implement
     `logits_and_targets`, `generate_ids`, `vision_tower`, and for task=caption_explain `decoder_inputs` and
     `decoder_logits`."""
@@ -75,6 +78,7 @@ class HFCaptioner(CaptioningModule):
     model_class: type[PreTrainedModel]
     download_name = ""  # scripts/download_models.py name of the default weights
     usage = ""  # model-card snippet; {prompt} is filled in
+    fsdp_methods = ("generate",)
 
     def __init__(
         self,
@@ -179,10 +183,21 @@ class HFCaptioner(CaptioningModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["hyper_parameters"]["architecture"] = self.architecture_files()
 
+    def fsdp_root(self) -> torch.nn.Module:
+        return self.model
+
     def export(self, directory: str | os.PathLike) -> Path:
-        """A Hugging Face directory: model (safetensors) with its generation config, processor, README.md."""
+        """A Hugging Face directory: model (safetensors) with its generation config, processor, README.md.
+        A sharded model is gathered first, so every rank calls this; rank 0 writes."""
+        sharded = is_sharded(self.model)
+        state_dict = full_state_dict(self.model) if sharded else None
+        if sharded and dist.get_rank() != 0:
+            return Path(directory)
+        if sharded:  # tied weights were gathered apart: keep the one name save_pretrained keeps of each
+            names = {name for name, _ in (*self.model.named_parameters(), *self.model.named_buffers())}
+            state_dict = {name: tensor for name, tensor in state_dict.items() if name in names}
         with atomic_dir(directory) as folder:
-            self.model.save_pretrained(folder)
+            self.model.save_pretrained(folder, state_dict=state_dict)
             self.save_processor(folder)
             (folder / "README.md").write_text(self.model_card(), encoding="utf-8")
         return Path(directory)

@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datamodules.images import load_rgb
-from framework.checkpoints import read_checkpoint
+from framework.checkpoints import is_sharded_checkpoint, load_module, read_checkpoint
 from framework.errors import UserError
 from lightning_modules.captioning.base import CaptioningModule
 from lightning_modules.captioning.blip import BLIPCaptioner
@@ -40,13 +40,14 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **overrides) -> Captioner:
-        """From a Hugging Face export directory (BLIP, ViT-GPT2) or any checkpoint (.ckpt) of our captioners.
+        """From a Hugging Face export directory (BLIP, ViT-GPT2) or any checkpoint (.ckpt, sharded too) of our
+        captioners.
 
         `overrides` change inference settings, e.g. `generation={"num_beams": 5}` (BLIP, ViT-GPT2) or
         `beam_size=3` (CNN-RNN).
         """
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() and not is_sharded_checkpoint(path):
             config = path / "config.json"
             model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
             if model_type not in EXPORT_CLASSES:
@@ -60,7 +61,7 @@ class Captioner:
         name = read_checkpoint(path, key=None).get("captioner")
         if name not in CHECKPOINT_CLASSES:
             raise UserError(f"{path} is not a captioner checkpoint of this project (it names {name!r})")
-        module = CHECKPOINT_CLASSES[name].load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+        module = load_module(CHECKPOINT_CLASSES[name], path, **overrides)
         return cls(module, device)
 
     def generate_caption(self, image: str | os.PathLike | Image.Image) -> str:

@@ -1,0 +1,121 @@
+"""FSDP2 on two CPU processes (trainer=fsdp_sim): the sharded path of trainer=fsdp trains the model one process trains,
+and its sharded checkpoints resume, export and load on any number of processes.
+
+Each tiny captioner trains once on one process and once sharded over two, with the same global batch (data.batch_size)
+and no dropout in the tiny models; one module-scoped run per model serves every assertion here.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BlipForConditionalGeneration, VisionEncoderDecoderModel
+
+from framework.errors import UserError
+from framework.runner import run
+from lightning_modules.captioning.inference import Captioner
+from tests.conftest import compose_config, read_metrics, run_cli
+from tests.test_blip import tiny_blip_dir
+from tests.test_vit_gpt2 import save_tiny_vit_gpt2
+
+STEPS_ARGS = [
+    "data.num_train=12",
+    "data.num_val=2",
+    "data.num_test=4",
+    "data.captions_per_image=1",
+    "data.image_size=32",
+    "data.batch_size=4",  # the global batch: 2 images per rank under fsdp_sim
+    "data.eval_batch_size=4",  # per device: one test batch, whose loss is the token mean of the 4 images
+    "data.num_workers=0",
+    "trainer.max_epochs=1",  # 3 optimizer steps
+    "trainer.log_every_n_steps=1",
+    "model.optimizer.lr=0.006",
+    "callbacks.model_checkpoint=null",  # test and export the last weights, as last.ckpt holds them
+    "logger=csv",
+]
+CAPTION_METRICS = ["test/BLEU-1", "test/BLEU-4", "test/METEOR", "test/ROUGE-L", "test/CIDEr"]
+MODELS = {
+    "blip_shapes": (lambda root, data: tiny_blip_dir(data), BlipForConditionalGeneration),
+    "vit_gpt2_shapes": (lambda root, data: save_tiny_vit_gpt2(root / "model"), VisionEncoderDecoderModel),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def runs(request, tmp_path_factory, data_dir) -> tuple[str, Path]:
+    """(task, root): root/single trained on one process, root/fsdp on two (sharded), root/export = mode=export from
+    root/fsdp's sharded last.ckpt on one process."""
+    task = request.param
+    root = tmp_path_factory.mktemp(task)
+    args = [f"task={task}", f"model.pretrained={MODELS[task][0](root, data_dir)}", *STEPS_ARGS]
+    run(compose_config(args, root / "single", data_dir))
+    run_cli([*args, "trainer=fsdp_sim"], root / "fsdp", data_dir)
+    export_args = [f"task={task}", "mode=export", f"ckpt_path={root / 'fsdp' / 'checkpoints' / 'last.ckpt'}"]
+    run(compose_config(export_args, root / "export", data_dir))
+    return task, root
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(row["train/loss"]) for row in csv.DictReader(f) if row["train/loss"]]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "export" / "model.safetensors")
+
+
+def load_export(model_class, directory: Path):
+    """transformers' model from an export, every weight found (transformers 5 renames some on loading)."""
+    model, info = model_class.from_pretrained(directory, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model
+
+
+def test_sharded_training_gives_the_single_process_losses_and_metrics(runs):
+    _, root = runs
+    single, sharded = train_losses(root / "single"), train_losses(root / "fsdp")
+    assert len(single) == 3 and sharded == pytest.approx(single, rel=1e-5)
+    single_metrics, sharded_metrics = read_metrics(root / "single"), read_metrics(root / "fsdp")
+    assert {k: sharded_metrics[k] for k in CAPTION_METRICS} == {k: single_metrics[k] for k in CAPTION_METRICS}
+    assert sharded_metrics["test/loss"] == pytest.approx(single_metrics["test/loss"], rel=1e-5)
+
+
+def test_the_export_after_sharded_training_has_the_single_process_weights(runs):
+    task, root = runs
+    single, sharded = weights(root / "single"), weights(root / "fsdp")
+    assert set(sharded) == set(single)  # tied weights saved once, as save_pretrained of an unsharded model does
+    for name, tensor in single.items():
+        torch.testing.assert_close(sharded[name], tensor, atol=1e-4, rtol=1e-4, msg=name)
+    assert sorted(p.name for p in (root / "fsdp" / "export").iterdir()) == sorted(
+        p.name for p in (root / "single" / "export").iterdir()
+    )
+    load_export(MODELS[task][1], root / "fsdp" / "export")
+
+
+def test_the_sharded_checkpoint_exports_and_loads_on_one_process(runs):
+    task, root = runs
+    last = root / "fsdp" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in last.iterdir()}
+    exported = weights(root / "export")
+    assert exported.keys() == weights(root / "fsdp").keys()
+    assert all(torch.equal(exported[name], tensor) for name, tensor in weights(root / "fsdp").items())
+    model = load_export(MODELS[task][1], root / "export" / "export").state_dict()
+    captioner = Captioner.from_pretrained(last).module.model.state_dict()  # the Captioner API reads them too
+    assert captioner.keys() == model.keys() and all(torch.equal(captioner[k], model[k]) for k in model)
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process_and_refuses_an_unsharded_trainer(runs, data_dir):
+    task, root = runs
+    if task != "blip_shapes":
+        pytest.skip("one model is enough for resuming (it is the framework's path, not the model's)")
+    args = [f"task={task}", f"model.pretrained={tiny_blip_dir(data_dir)}", *STEPS_ARGS, "trainer.max_epochs=2"]
+    last = root / "fsdp" / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match=r"is sharded \(written by trainer=fsdp\): resume it with trainer=fsdp"):
+        run(compose_config([*args, f"ckpt_path={last}"], root / "unsharded", data_dir))
+    # Two ranks' shards into one (torch.distributed.checkpoint reshards): one more epoch of 3 steps.
+    run(compose_config([*args, f"ckpt_path={last}", "trainer=fsdp_sim", "trainer.devices=1"], root / "one", data_dir))
+    assert len(train_losses(root / "one")) == 3
+    assert torch.load(root / "one" / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 6
