@@ -95,6 +95,11 @@ COMMANDS: dict[str, Run | Compose] = {
     "trainer=gpu trainer.precision=bf16-mixed": Compose("a GPU"),
     "trainer=ddp trainer.devices=4": Compose("4 GPUs"),
     "trainer=ddp trainer.devices=4 trainer.precision=bf16-mixed": Compose("4 GPUs"),
+    "task=blip_coco trainer=fsdp trainer.devices=4": Compose("BLIP weights, COCO, 4 GPUs"),
+    "task=blip_shapes trainer=fsdp_sim": Compose("BLIP weights (tests/test_fsdp.py runs it with a tiny BLIP)"),
+    "task=blip_coco mode=export ckpt_path=outputs/blip_coco/runs/<time>/checkpoints/last.ckpt": Compose(
+        "BLIP weights and a trainer=fsdp run"
+    ),
     "-m hydra/launcher=submitit_slurm task=shapes_captioning trainer=ddp trainer.devices=4 trainer.num_nodes=2 "
     "hydra.launcher.partition=gpu": Compose("a SLURM cluster"),
     "... resume=auto": Compose("a run to resume (any command plus resume=auto)"),
