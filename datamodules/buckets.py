@@ -103,10 +103,11 @@ class BucketSampler(EpochSampler):
     """An `EpochSampler` (a function of seed and epoch, sharded over the ranks, skipping on a mid-epoch restart what
     the interrupted run trained on) whose keys come in runs of `batch_size` from one bucket: the loader's batches.
 
-    Per epoch, each bucket's items are shuffled and cut into global batches of `batch_size` x ranks (the last one
-    filled up with the bucket's first items again, as DistributedSampler pads), the global batches are shuffled,
-    and rank r takes the r-th `batch_size` of each. So every rank gets as many batches, of `batch_size` each, and a
-    step's batches on all ranks come from one bucket (the same compute everywhere).
+    Per epoch, each bucket's items are shuffled and cut into batches of `batch_size` (the last one filled up with
+    the bucket's first items again, as DistributedSampler pads), the batches are shuffled, and rank r takes every
+    r-th of them, the list first filled up with its own first batches to a multiple of the ranks. So every rank gets
+    as many batches, each of `batch_size` from one bucket, and the ranks' shares overlap only in that filling (per
+    rank, not per step: with a few images per bucket, one bucket for all ranks would repeat most of them).
     """
 
     def __init__(
@@ -120,21 +121,21 @@ class BucketSampler(EpochSampler):
     ):
         super().__init__(len(buckets), seed, num_replicas, rank, position)
         self.buckets, self.batch_size = list(buckets), batch_size
-        global_batch = batch_size * num_replicas
-        self.total_size = sum(math.ceil(n / global_batch) * global_batch for n in Counter(self.buckets).values())
-        self.num_samples = self.total_size // num_replicas
+        batches = sum(math.ceil(n / batch_size) for n in Counter(self.buckets).values())
+        self.num_samples = math.ceil(batches / num_replicas) * batch_size
+        self.total_size = self.num_samples * num_replicas
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, done = self.position()
         generator = self.generator(epoch)
         item_seeds = torch.randint(2**31 - 1, (len(self.buckets),), generator=generator)
-        global_batch = self.batch_size * self.num_replicas
         batches = []
         for size in sorted(set(self.buckets)):
             members = torch.tensor([i for i, bucket in enumerate(self.buckets) if bucket == size])
             members = members[torch.randperm(len(members), generator=generator)]
-            padded = members[torch.arange(math.ceil(len(members) / global_batch) * global_batch) % len(members)]
-            batches += padded.split(global_batch)
-        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        shard = [int(i) for b in torch.randperm(len(batches), generator=generator) for i in batches[b][mine]][done:]
+            padded = members[torch.arange(math.ceil(len(members) / self.batch_size) * self.batch_size) % len(members)]
+            batches += padded.split(self.batch_size)
+        order = torch.randperm(len(batches), generator=generator)
+        order = order[torch.arange(self.total_size // self.batch_size) % len(order)]
+        shard = [int(i) for b in order[self.rank :: self.num_replicas] for i in batches[b]][done:]
         return iter([(i, int(item_seeds[i])) for i in shard])

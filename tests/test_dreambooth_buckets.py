@@ -172,24 +172,28 @@ def test_lightning_resumes_mid_epoch_with_the_same_batches(instances, tmp_path):
 
 
 def test_two_ranks_get_disjoint_equal_shares_of_one_bucket_batches():
+    def one_bucket_batches(share: list[int], buckets: list) -> bool:
+        return all(len({buckets[i] for i in share[k : k + 2]}) == 1 for k in range(0, len(share), 2))
+
     buckets = [(256, 256)] * 8 + [(192, 320)] * 4 + [(320, 192)] * 4
+    orders = set()
     for epoch in range(3):
         samplers = [BucketSampler(buckets, 2, seed=1, num_replicas=2, rank=rank) for rank in range(2)]
         for sampler in samplers:
             sampler.set_epoch(epoch)
         shares = [[i for i, _ in sampler] for sampler in samplers]
-        assert len(shares[0]) == len(shares[1]) == 8
+        assert len(shares[0]) == len(shares[1]) == len(samplers[0]) == 8
         assert set(shares[0]).isdisjoint(shares[1]) and set(shares[0]) | set(shares[1]) == set(range(16))
-        batches = [[share[k : k + 2] for k in range(0, 8, 2)] for share in shares]
-        for step in range(4):  # a step's batches on both ranks come from one bucket
-            assert len({buckets[i] for rank in range(2) for i in batches[rank][step]}) == 1
-    # Buckets that do not fill a global batch are filled up within the bucket: still equal shares of full batches.
-    uneven = [(256, 256)] * 5 + [(192, 320)]
-    shares = [list(BucketSampler(uneven, 2, seed=1, num_replicas=2, rank=rank)) for rank in range(2)]
+        assert all(one_bucket_batches(share, buckets) for share in shares)
+        orders.add(tuple(shares[0]))
+    assert len(orders) == 3  # a new order every epoch
+    # A bucket's last batch is filled up with its own items, and the batches (5 here) to a multiple of the ranks
+    # with the first ones again: still equal shares of full one-bucket batches, together every item.
+    uneven = [(256, 256)] * 5 + [(192, 320)] * 2 + [(320, 192)]
+    shares = [[i for i, _ in BucketSampler(uneven, 2, seed=1, num_replicas=2, rank=rank)] for rank in range(2)]
     assert len(shares[0]) == len(shares[1]) == len(BucketSampler(uneven, 2, seed=1, num_replicas=2)) == 6
-    assert {i for share in shares for i, _ in share} == set(range(6))
-    for share in shares:
-        assert all(len({uneven[i] for i, _ in share[k : k + 2]}) == 1 for k in range(0, 6, 2))
+    assert set(shares[0]) | set(shares[1]) == set(range(8))
+    assert all(one_bucket_batches(share, uneven) for share in shares)
 
 
 # ---------------------------------------------------------------------------------------------------- training
