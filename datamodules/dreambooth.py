@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from datamodules.buckets import Buckets, BucketSampler, bucket_sizes, cover_size, nearest_bucket
 from datamodules.images import IMAGE_ERRORS, IMAGE_SUFFIXES, bad_image, keep_readable, load_rgb
-from datamodules.sampling import fit_position, item_key
+from datamodules.sampling import EpochSampler, fit_position, item_key
 from framework.config import positive
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
@@ -240,7 +240,8 @@ class TrainingImages(Dataset):
 
     Without a latent cache an item decodes its images, with a random or centre crop and a random
     flip; with one (`latents`: per example, the latent distribution of the unflipped and the flipped
-    crop) it draws only the flip. The flip is drawn first in both, from Python's `random`.
+    crop) it draws only the flip. The flip is drawn first in both, from the item's seed (the sampler's): the same
+    draws in a resumed run and in any loader worker.
     With `buckets` (data.buckets), an item's examples are resized and cropped to its aspect-ratio bucket
     (`Buckets`), not to a `resolution` square.
     """
@@ -266,11 +267,12 @@ class TrainingImages(Dataset):
         return max(len(self.instances), len(self.classes))
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, _ = item_key(key)  # a BucketSampler's keys are (index, item seed) pairs
+        index, seed = item_key(key)  # the samplers' keys are (index, item seed) pairs
+        rng = random.Random(random.getrandbits(64) if seed is None else seed)
         size, class_index = self.layout(index)
-        item = {"instance": self.example(self.instances[index % len(self.instances)], size)}
+        item = {"instance": self.example(self.instances[index % len(self.instances)], size, rng)}
         if self.classes:
-            item["class"] = self.example(self.classes[class_index], size)
+            item["class"] = self.example(self.classes[class_index], size, rng)
         return item
 
     def layout(self, index: int) -> tuple[tuple[int, int], int | None]:
@@ -290,13 +292,13 @@ class TrainingImages(Dataset):
             views.update({(example.image.name, size): (example, size) for example in shown})
         return list(views.values())
 
-    def example(self, example: Example, size: tuple[int, int]) -> dict:
-        flip = self.random_flip and random.random() < 0.5
+    def example(self, example: Example, size: tuple[int, int], rng: random.Random) -> dict:
+        flip = self.random_flip and rng.random() < 0.5
         if self.latents is not None:
             return {**self.latents[example.image.name, size][flip], "prompt": example.prompt}
         image, original_size = self.resized(example, size)
         return {
-            **crop_and_flip(image, size, self.crop_corner(image, size), flip),
+            **crop_and_flip(image, size, self.crop_corner(image, size, rng), flip),
             "original_size": original_size,
             "prompt": example.prompt,
         }
@@ -308,11 +310,11 @@ class TrainingImages(Dataset):
         cover = list(cover_size(image.height, image.width, size))
         return TF.resize(image, cover, interpolation=self.interpolation), original_size
 
-    def crop_corner(self, image: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+    def crop_corner(self, image: Image.Image, size: tuple[int, int], rng: random.Random) -> tuple[int, int]:
         spare_h, spare_w = image.height - size[0], image.width - size[1]
         if self.center_crop:
             return round(spare_h / 2), round(spare_w / 2)
-        return random.randint(0, spare_h), random.randint(0, spare_w)
+        return rng.randint(0, spare_h), rng.randint(0, spare_w)
 
 
 def collate_training(items: list[dict]) -> dict:
@@ -477,7 +479,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         """With data.cache_latents: encode every training image and its mirror image once with `encode`
         (pixels in [-1, 1] -> latent distribution parameters); training then reads them from memory.
 
-        Each image's crop is fixed here (centre, or one random draw: as in the diffusers script), per size it is
+        Each image's crop is fixed here (centre, or one random draw: as in the diffusers script; from the seed and the
+        image, so a resumed run caches the same), per size it is
         shown at (with data.buckets, a class image can be shown in several buckets); a batch holds one size.
         """
         if not self.cache_latents or self._latents is not None:
@@ -492,7 +495,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             views = []
             for example, size in chunk:
                 image, original_size = dataset.resized(example, size)
-                corner = dataset.crop_corner(image, size)
+                corner = dataset.crop_corner(image, size, random.Random(f"{torch.initial_seed()}:{example.image.name}"))
                 views += [
                     {**crop_and_flip(image, size, corner, flip), "original_size": original_size}
                     for flip in (False, True)
@@ -524,23 +527,25 @@ class DreamBoothDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=dataset.buckets is None,
-            sampler=None if dataset.buckets is None else self._bucket_sampler(dataset.buckets, batch_size),
+            sampler=self._sampler(dataset, batch_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_training,
             drop_last=False,
+            generator=torch.Generator(),  # worker seeding off the global RNG, which a resumed run restores
         )
 
-    def _bucket_sampler(self, buckets: Buckets, batch_size: int) -> BucketSampler:
-        """Batches from one bucket each, in an order given by the seed and the epoch (resumable mid-epoch)."""
+    def _sampler(self, dataset: TrainingImages, batch_size: int) -> EpochSampler:
+        """A shuffled order given by the seed and the epoch, sharded over the ranks and resumable mid-epoch (the global
+        RNG, which a resumed run restores to where the interrupted one stopped, is not drawn from); with buckets,
+        batches from one bucket each."""
         trainer = self.trainer
-        if trainer is None:
-            return BucketSampler(buckets.item_sizes, batch_size, torch.initial_seed())
-        position = fit_position(trainer, batch_size)
-        return BucketSampler(
-            buckets.item_sizes, batch_size, torch.initial_seed(), trainer.world_size, trainer.global_rank, position
+        placement = (
+            () if trainer is None else (trainer.world_size, trainer.global_rank, fit_position(trainer, batch_size))
         )
+        if dataset.buckets is None:
+            return EpochSampler(len(dataset), torch.initial_seed(), *placement)
+        return BucketSampler(dataset.buckets.item_sizes, batch_size, torch.initial_seed(), *placement)
 
     def _prompt_loader(self, stage: str) -> DataLoader:
         return DataLoader(
