@@ -3,8 +3,9 @@
 Readers (`source`, a Hydra `_partial_`) give the training examples, each an image and its prompt:
 - `read_instance_folder`: a folder of images of one subject, all with one instance prompt
   ("a photo of sks dog");
-- `read_captioned_images`: per-image prompts, from `metadata.jsonl` (`{"file_name": ..., "prompt": ...}` per line)
-  or from a Hugging Face `datasets` folder written by `save_to_disk` (image and prompt columns).
+- `read_captioned_images`: per-image prompts, from a Hugging Face imagefolder's `metadata.jsonl`
+  (`{"file_name": ..., "prompt": ...}` per line) or `metadata.csv` (file_name and prompt columns), or from a
+  Hugging Face `datasets` folder written by `save_to_disk` (image and prompt columns).
 
 Each training item holds an instance example and, with prior preservation, a class example (the
 diffusers script's layout: instance halves first, class halves second, in one batch). Images are
@@ -20,7 +21,9 @@ Validation, test and predict items are prompts with seeds.
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import itertools
 import json
 import logging
@@ -104,12 +107,12 @@ def read_instance_folder(folder: str | os.PathLike, prompt: str) -> list[Example
 def read_captioned_images(
     folder: str | os.PathLike, prompt_column: str = "prompt", image_column: str = "image"
 ) -> list[Example]:
-    """Images with their own prompts: `folder/metadata.jsonl` (file_name + prompt column), or a `datasets`
-    folder written by save_to_disk (image + prompt columns)."""
+    """Images with their own prompts: a Hugging Face imagefolder (`folder/metadata.jsonl` or `metadata.csv`: the
+    file_name and prompt columns), or a `datasets` folder written by save_to_disk (image + prompt columns)."""
     folder = Path(folder)
-    metadata = folder / "metadata.jsonl"
-    if metadata.is_file():
-        return _read_metadata(metadata, prompt_column)
+    for metadata in (folder / "metadata.jsonl", folder / "metadata.csv"):
+        if metadata.is_file():
+            return _read_metadata(metadata, prompt_column)
     if (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file():
         dataset = _open_dataset(str(folder))
         missing = {image_column, prompt_column} - set(dataset.column_names)
@@ -123,21 +126,29 @@ def read_captioned_images(
             for i, prompt in enumerate(dataset[prompt_column])
         ]
     raise UserError(
-        f"{folder} has neither metadata.jsonl nor a Hugging Face dataset saved with save_to_disk (data.source.folder)"
+        f"{folder} has neither metadata.jsonl / metadata.csv nor a Hugging Face dataset saved with save_to_disk "
+        "(data.source.folder)"
     )
 
 
 def _read_metadata(metadata: Path, prompt_column: str) -> list[Example]:
+    """An imagefolder's images and prompts: metadata.jsonl (a JSON object per line) or metadata.csv (a header row)."""
+    text = metadata.read_text(encoding="utf-8")
+    if metadata.suffix == ".csv":
+        rows = list(enumerate(csv.DictReader(io.StringIO(text)), 2))
+    else:
+        rows = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     examples = []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, row in rows:
         try:
-            row = json.loads(line)
+            row = json.loads(row) if isinstance(row, str) else row
             name, prompt = row["file_name"], row[prompt_column]
+            if name is None or prompt is None:  # a short csv row
+                raise KeyError("file_name" if name is None else prompt_column)
         except (json.JSONDecodeError, KeyError, TypeError) as error:
+            what = "a row" if metadata.suffix == ".csv" else "a JSON object"
             raise UserError(
-                f"{metadata}, line {number}: expected a JSON object with 'file_name' and "
+                f"{metadata}, line {number}: expected {what} with 'file_name' and "
                 f"'{prompt_column}' (data.source.prompt_column) ({error})"
             ) from None
         path = metadata.parent / name

@@ -127,3 +127,19 @@ def test_interpolation_is_the_resize_filter(dog, tmp_path, data_dir):
     assert not np.array_equal(lanczos, resized("bilinear"))
     with pytest.raises(UserError, match=r"data.interpolation=cubic is not one of nearest, nearest_exact, bilinear"):
         resized("cubic")
+
+
+def test_imagefolder_metadata_csv_with_another_caption_column(dog, tmp_path, data_dir):
+    import shutil
+
+    from framework.runner import instantiate
+
+    folder = tmp_path / "icons"
+    folder.mkdir()
+    shutil.copy(dog / "img_0.png", folder / "a.png")
+    (folder / "metadata.csv").write_text('file_name,text\na.png,"a TOK dog, sitting"\n')
+    args = ["task=sdxl_lora_3d_icons", f"data.source.folder={folder}", "data.source.prompt_column=text"]
+    data = instantiate(compose_config(args, tmp_path, data_dir).data)
+    assert [(e.image.name, e.prompt) for e in data.instances] == [(str(folder / "a.png"), "a TOK dog, sitting")]
+    with pytest.raises(UserError, match=r"metadata.csv, line 2: expected a row with 'file_name' and 'prompt'"):
+        instantiate(compose_config(args[:2], tmp_path, data_dir).data).train_prompts()
