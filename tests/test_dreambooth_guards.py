@@ -13,7 +13,13 @@ from tests.test_dreambooth import RESOLUTION, build, dog, run_here, tiny_args, t
 
 
 def test_vae_precision_guard(tiny_sdxl):
-    model = DreamBoothLoRA(pretrained=str(tiny_sdxl), resolution=RESOLUTION, vae_fp32=False, fidelity=None)
+    model = DreamBoothLoRA(
+        pretrained=str(tiny_sdxl),
+        resolution=RESOLUTION,
+        vae_fp32=False,
+        fidelity=None,
+        inference={"num_inference_steps": 2},
+    )
     assert model.vae.config.force_upcast  # SDXL's own VAE (and the tiny one) is marked unsafe in fp16
     with pytest.raises(UserError, match=r"16-mixed with model.vae_fp32=false.*Set model.vae_fp32=true"):
         model.vae_dtype("16-mixed")

@@ -268,7 +268,9 @@ class DreamBoothLoRA(L.LightningModule):
     # ------------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
         dtype = MIXED_DTYPES.get(str(self.trainer.precision))
-        self.vae.to(self.vae_dtype(str(self.trainer.precision)))
+        vae_dtype = self.vae_dtype(str(self.trainer.precision))
+        if self.vae.dtype != vae_dtype:  # (diffusers warns on every cast to a dtype)
+            self.vae.to(vae_dtype)
         # Frozen weights in the autocast dtype, adapters in fp32 (as the diffusers script); FSDP keeps one dtype
         # per unit and casts for compute itself.
         if dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
