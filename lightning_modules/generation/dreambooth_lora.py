@@ -601,7 +601,8 @@ image = pipe({json.dumps(prompt)}, num_inference_steps=25).images[0]
 ```
 
 `pytorch_lora_weights_kohya.safetensors`, when present, is the same LoRA in the Kohya layout
-(AUTOMATIC1111, ComfyUI).
+(AUTOMATIC1111, ComfyUI; in diffusers:
+`pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights_kohya.safetensors")`).
 
 | setting | value |
 | --- | --- |
