@@ -63,7 +63,9 @@ def captioner(tmp_path_factory, data_dir) -> Path:
 @pytest.fixture(scope="module")
 def explained(tmp_path_factory, data_dir, captioner) -> Path:
     run_dir = tmp_path_factory.mktemp("caption_explain") / "run"
-    run_cli(["task=caption_explain", f"ckpt_path={captioner}", *EXPLAIN], run_dir, data_dir)
+    run_cli(
+        ["task=caption_explain", f"ckpt_path={captioner}", *EXPLAIN, "model.randomisation_words=16"], run_dir, data_dir
+    )
     return run_dir
 
 
@@ -96,6 +98,10 @@ def test_pointing_game_of_colour_and_shape_words_is_above_chance(explained):
         assert metrics[f"predict/{method}/pointing_game_content_words"] > chance
     for key in ("deletion_auc", "insertion_auc", "spearman_decoder", "spearman_encoder.body.0"):
         assert f"predict/gradcam/{key}_function_words" in metrics
+    # the randomisation check on model.randomisation_words (16) rows of the batch, spread over its images
+    words = [word for row in json.loads((explained / "predictions.json").read_text()) for word in row["words"]]
+    checked = [word for word in words if "integrated_gradients/spearman_decoder" in word]
+    assert len(words) > 16 and len(checked) == 16 and all(np.isfinite(w["gradcam/deletion_auc"]) for w in words)
 
 
 def test_integrated_gradients_are_complete_per_word(captioner, data_dir):
@@ -142,6 +148,8 @@ def test_bad_input_is_one_clear_error(captioner):
         CaptionExplainModule(str(captioner), list(METHODS), gradcam_layer="encoder.layer9")
     with pytest.raises(UserError, match=r"ckpt_path"):
         CaptionExplainModule(str(captioner.with_name("missing.ckpt")), list(METHODS))
+    with pytest.raises(UserError, match=r"model\.randomisation_words=0"):
+        CaptionExplainModule(str(captioner), list(METHODS), randomisation_words=0)
     module = CaptionExplainModule(str(captioner), ["gradcam"], words=[40], randomisation=False)
     pixels = torch.rand(1, 3, 64, 64)
     generated = module.scorer.generate(pixels)

@@ -18,13 +18,14 @@ Measured per word (the saliency task's measure functions, with the word's probab
 deletion_auc / insertion_auc; pointing_game where the data has object boxes (the shapes data): a colour, shape or
 size word should peak on the object it names, a function word is scored against its noun phrase's object
 (caption_words.ground_words), chance is the share of the image that counts as a hit (pointing_game_chance);
-spearman_<layer> (cascading randomisation of the captioner from the decoder down to <layer>); and for
+spearman_<layer> (cascading randomisation of the captioner from the decoder down to <layer>, on
+`randomisation_words` rows of each batch spread evenly over them: it costs a set of maps per layer); and for
 integrated_gradients its completeness: gap = f(x) - f(black image) and delta = |sum of attributions - gap|.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,9 @@ class Words:
     def forward_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.tokens, self.starts, self.ends
 
+    def rows(self, index: torch.Tensor) -> Words:
+        return Words(*(getattr(self, field.name)[index] for field in fields(self)))
+
 
 class CaptionExplainModule(ExplainBase):
     """Per-word attribution maps of a captioner (`captioner`: its checkpoint, from ckpt_path), measured."""
@@ -100,6 +104,7 @@ class CaptionExplainModule(ExplainBase):
         deletion_steps: int = 20,
         pointing_tolerance: float = 15 / 224,
         randomisation: bool = True,
+        randomisation_words: int | None = 32,
         seed: int = 0,
         contact_sheet_images: int = 8,
         image_size: int | None = None,
@@ -114,6 +119,11 @@ class CaptionExplainModule(ExplainBase):
         if words is not None and not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in words):
             raise UserError(
                 f"model.words={list(words)}: give word indices (0: a caption's first word), or null for every word"
+            )
+        if randomisation_words is not None and (isinstance(randomisation_words, bool) or randomisation_words < 1):
+            raise UserError(
+                f"model.randomisation_words={randomisation_words}: give a number of words >= 1, or null for every "
+                "word (model.randomisation=false skips the check)"
             )
         self.methods, self.words, self.function_words = list(methods), words, set(function_words)
         self.scorer: CaptionWordScorer = word_scorer(self.load_captioner(captioner)).requires_grad_(False)
@@ -266,18 +276,19 @@ class CaptionExplainModule(ExplainBase):
                 deletion_insertion(score, words.pixels, maps, words.targets, self.hparams.deletion_steps),
             )
         )
+        for r, record in enumerate(records):
+            record.update({f"{method}/{key}": value[r].item() for key, value in measured.items()})
+        sample = evenly_spaced(len(records), self.hparams.randomisation_words)
         for layer, model, attributions in zip(self.randomised_layers, self.randomised, self.randomised_attributions):
-            measured[f"spearman_{layer}"] = spearman(
-                maps, self._maps(method, model, attributions, pixels, tokens, words)
-            )
+            randomised = self._maps(method, model, attributions, pixels, tokens, words.rows(sample))
+            for r, value in zip(sample.tolist(), spearman(maps[sample], randomised).tolist()):
+                records[r][f"{method}/spearman_{layer}"] = value
         boxed = [r for r, record in enumerate(records) if record.get("box") is not None]
         if boxed:
             tolerance = self.hparams.pointing_tolerance * max(pixels.shape[-2:])
             hits = pointing_game(maps[boxed], torch.tensor([records[r]["box"] for r in boxed]).to(maps), tolerance)
             for r, hit in zip(boxed, hits.tolist()):
                 records[r][f"{method}/pointing_game"] = hit
-        for r, record in enumerate(records):
-            record.update({f"{method}/{key}": value[r].item() for key, value in measured.items()})
         return maps
 
     def _write(self, row: dict, image: torch.Tensor, maps: dict[str, torch.Tensor]) -> None:
@@ -305,6 +316,13 @@ class CaptionExplainModule(ExplainBase):
         metrics = word_metrics(rows)
         write_summary(output_dir, rows, metrics, {"contact_sheet": stack(shown)} if shown else {})
         return metrics
+
+
+def evenly_spaced(total: int, count: int | None) -> torch.Tensor:
+    """`count` indices spread evenly over range(total) (all of them when count is None or not smaller)."""
+    if count is None or count >= total:
+        return torch.arange(total)
+    return torch.linspace(0, total - 1, count).round().long()
 
 
 def stack(images: list[np.ndarray]) -> np.ndarray:
