@@ -8,6 +8,7 @@ and no dropout in the tiny models; one module-scoped run per model serves every 
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,9 @@ def test_a_sharded_checkpoint_resumes_on_one_process_and_refuses_an_unsharded_tr
     last = root / "fsdp" / "checkpoints" / "last.ckpt"
     with pytest.raises(UserError, match=r"is sharded \(written by trainer=fsdp\): resume it with trainer=fsdp"):
         run(compose_config([*args, f"ckpt_path={last}"], root / "unsharded", data_dir))
-    # Two ranks' shards into one (torch.distributed.checkpoint reshards): one more epoch of 3 steps.
-    run(compose_config([*args, f"ckpt_path={last}", "trainer=fsdp_sim", "trainer.devices=1"], root / "one", data_dir))
+    # resume=auto finds the run dir's last.ckpt folder; two ranks' shards go into one process (torch.distributed.
+    # checkpoint reshards them), which trains one more epoch of 3 steps.
+    shutil.copytree(last, root / "one" / "checkpoints" / "last.ckpt")
+    run(compose_config([*args, "resume=auto", "trainer=fsdp_sim", "trainer.devices=1"], root / "one", data_dir))
     assert len(train_losses(root / "one")) == 3
     assert torch.load(root / "one" / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 6
