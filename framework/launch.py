@@ -21,6 +21,21 @@ from pathlib import Path
 import torch.distributed as dist
 
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "run.py"
+# What tells Lightning that a process is one rank of a job (its own launcher, torchrun, SLURM)
+RANK_VARIABLES = (
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "RANK",
+    "GROUP_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+)
 
 
 def job_command(local_rank: int) -> tuple[Sequence[str], str]:
@@ -46,6 +61,12 @@ def use_job_command_for_ranks() -> None:
     from lightning.pytorch.strategies.launchers import subprocess_script
 
     subprocess_script._hydra_subprocess_cmd = job_command
+
+
+def single_process_environment() -> dict[str, str]:
+    """os.environ without the variables that make Lightning treat a process as a rank of a distributed job: for a
+    separate job started from one rank (e.g. training the shapes classifier to explain), which must not join it."""
+    return {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
 
 
 @contextmanager

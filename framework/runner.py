@@ -8,6 +8,13 @@ What a task's LightningModule may add to take part (all optional):
 - `save_predictions(rows, output_dir) -> metrics`: writes what predict produced (default: predictions.json/.csv);
 - `export(directory) -> Path`: writes the format its ecosystem loads; run by mode=export and after training.
 predict_step returns a list of dicts, each with a unique "image" key.
+
+Building a data module or a LightningModule only records its arguments (tests/test_constructors.py). Work that
+writes files (generating data, training the classifier an explaining task explains) is the preparation step,
+Lightning's `prepare_data` hook of either: the Trainer runs it on local rank 0 of each node while the other ranks
+wait at a barrier (whether they were started by Lightning, framework/launch.py, torchrun or SLURM); loading what
+it prepared is `setup`, on every rank. (`model_inputs` runs the data module's earlier, in every process, when the
+model is built from the data: e.g. the vocabulary.)
 """
 
 from __future__ import annotations

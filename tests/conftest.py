@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -77,6 +78,13 @@ def run_cli(
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def prepared(module: L.LightningModule) -> L.LightningModule:
+    """`module` ready to use outside a Trainer: its preparation step run, then set up as trainer.predict does."""
+    module.prepare_data()
+    module.setup("predict")
+    return module
 
 
 def read_metrics(run_dir: Path) -> dict[str, float]:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from framework.errors import UserError
 from lightning_modules.explain.adversarial import AdversarialModule, fooling_images
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import prepared, read_metrics, run_cli
 from tests.test_classifier import shapes_checkpoint  # noqa: F401 (session fixture)
 from tests.test_explain import shapes_batch
 
@@ -22,13 +22,15 @@ def pixels(data_dir, shapes_checkpoint) -> torch.Tensor:
 
 def test_pgd_stays_in_the_epsilon_ball_and_the_pixel_range(shapes_checkpoint, pixels):
     for epsilon, targeted in ((8 / 255, False), (0.3, True)):  # 0.3: clipping to [0, 1] is needed
-        module = AdversarialModule(
-            {"checkpoint": str(shapes_checkpoint)},
-            attack="pgd",
-            epsilon=epsilon,
-            step_size=epsilon / 3,
-            steps=6,
-            target=1 if targeted else None,
+        module = prepared(
+            AdversarialModule(
+                {"checkpoint": str(shapes_checkpoint)},
+                attack="pgd",
+                epsilon=epsilon,
+                step_size=epsilon / 3,
+                steps=6,
+                target=1 if targeted else None,
+            )
         )
         result = module.attack(pixels)
         change = (result["images"] - pixels).abs()
@@ -40,7 +42,7 @@ def test_pgd_stays_in_the_epsilon_ball_and_the_pixel_range(shapes_checkpoint, pi
 
 
 def test_fooling_images_reach_their_target_within_100_steps(shapes_checkpoint, pixels):
-    module = AdversarialModule({"checkpoint": str(shapes_checkpoint)}, attack="fooling")
+    module = prepared(AdversarialModule({"checkpoint": str(shapes_checkpoint)}, attack="fooling"))
     result = module.attack(pixels)
     assert (result["fooled"] == result["targets"]).all() and (result["targets"] != result["predicted"]).all()
     assert result["iterations"].max() <= 100 and result["success"].all()
@@ -86,6 +88,6 @@ def test_bad_attack_settings(shapes_checkpoint):
     with pytest.raises(UserError, match=r"model.epsilon=1.5 is outside \[0, 1\]"):
         AdversarialModule(classifier, epsilon=1.5)
     with pytest.raises(UserError, match="model.target=-1 is not a class"):
-        AdversarialModule(classifier, attack="fooling", target=-1)
+        prepared(AdversarialModule(classifier, attack="fooling", target=-1))
     with pytest.raises(UserError, match="model.attack=cw"):
         AdversarialModule(classifier, attack="cw")

@@ -31,7 +31,7 @@ from framework.errors import UserError
 from framework.runner import instantiate, run
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.explain.classifier import ShapesClassifier
-from tests.conftest import TINY_MODEL, TINY_SHAPES, compose_config, run_cli
+from tests.conftest import TINY_MODEL, TINY_SHAPES, compose_config, prepared, run_cli
 from tests.test_readers import coco_tree, flickr8k_tree
 
 SKIP_HINT = "data.skip_bad_images=true"
@@ -84,7 +84,10 @@ def test_the_shapes_classifier_explains_only_shapes_of_its_own_size(tmp_path):
     from lightning_modules.explain.saliency import SaliencyModule
 
     classifier = {"name": "shapes", "checkpoint": str(shapes_classifier_checkpoint(tmp_path / "shapes.ckpt"))}
-    saliency = partial(SaliencyModule, classifier, methods=["vanilla"], randomisation=False)
+
+    def saliency(**data):
+        return prepared(SaliencyModule(classifier, methods=["vanilla"], randomisation=False, **data))
+
     with pytest.raises(UserError, match=r"the images of data.images are 512x512 px, not the 64x64 px synthetic"):
         saliency(image_size=64, source_size=[512, 512])
     with pytest.raises(
@@ -94,11 +97,11 @@ def test_the_shapes_classifier_explains_only_shapes_of_its_own_size(tmp_path):
     ):
         saliency(classes=list(SHAPES), image_size=128)
     with pytest.raises(UserError, match=r"model.image_size=224, but the classifier"):
-        ClassVisualisationModule(classifier, image_size=224)
+        prepared(ClassVisualisationModule(classifier, image_size=224))
     assert saliency(classes=list(SHAPES), image_size=64)  # data=shape_classes
     assert saliency(image_size=64, source_size=[64, 64])  # a folder of shapes images
     legacy = {"name": "shapes", "checkpoint": str(shapes_classifier_checkpoint(tmp_path / "old.ckpt", None))}
-    assert ClassVisualisationModule(legacy, image_size=224)  # written before the size was kept: not checked
+    assert prepared(ClassVisualisationModule(legacy, image_size=224))  # written before the size was kept: not checked
 
 
 def test_cli_saliency_of_photos_with_the_shapes_classifier(tmp_path, data_dir):
@@ -463,7 +466,9 @@ def test_checkpoints_of_another_module_class(tmp_path):
         match=r"captioner.ckpt \(model.classifier.checkpoint\) belongs to module class "
         r"BLIPCaptioner, not to task=shapes_classifier",
     ):
-        SaliencyModule({"name": "shapes", "checkpoint": str(captioner)}, methods=["vanilla"], classes=list(SHAPES))
+        prepared(
+            SaliencyModule({"name": "shapes", "checkpoint": str(captioner)}, methods=["vanilla"], classes=list(SHAPES))
+        )
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 
 from datamodules.explain import ShapeClassesDataModule
 from framework.errors import UserError
+from framework.launch import RANK_VARIABLES
 from lightning_modules.explain.classifier import (
     PixelClassifier,
     ShapesClassifier,
@@ -79,3 +82,21 @@ def test_bad_classifier_settings(tmp_path):
         classifier_to_explain("resnet5000")
     with pytest.raises(UserError, match="model.classifier.checkpoint"):
         classifier_to_explain(checkpoint=str(tmp_path / "missing.ckpt"))
+
+
+def test_training_from_a_rank_of_a_distributed_job_is_a_job_of_its_own(tmp_path, monkeypatch):
+    """The preparation step may run in rank 0 of a DDP, torchrun or SLURM job: the training it starts must not see
+    the variables that would make it wait for that job's other ranks."""
+    for name, value in (("LOCAL_RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "12910"), ("SLURM_NTASKS", "2")):
+        monkeypatch.setenv(name, value)
+    started = {}
+
+    def failing_run(command, cwd, env):
+        started.update(env)
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(subprocess, "run", failing_run)
+    with pytest.raises(RuntimeError, match="training the shapes classifier failed"):
+        ensure_shapes_classifier(tmp_path / "cache", tmp_path)
+    assert started["PATH"] == os.environ["PATH"] and not set(RANK_VARIABLES) & set(started)
+    assert not (tmp_path / "cache").exists()  # nothing half-trained is left behind

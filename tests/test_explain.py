@@ -19,7 +19,7 @@ from lightning_modules.explain.attributions import METHODS, Attributions
 from lightning_modules.explain.classifier import PixelClassifier, classifier_to_explain
 from lightning_modules.explain.measures import deletion_insertion, pointing_chance, pointing_game, spearman
 from lightning_modules.explain.saliency import SaliencyModule
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import prepared, read_metrics, run_cli
 from tests.test_classifier import shapes_checkpoint  # noqa: F401 (session fixture)
 
 # Few images and cheap settings; the figures in the README come from the defaults on 32 images.
@@ -170,14 +170,16 @@ def test_explains_a_folder_of_images(tmp_path, data_dir, shapes_checkpoint):
 def test_bad_input_is_one_clear_error(tmp_path, shapes_checkpoint):
     classifier = {"checkpoint": str(shapes_checkpoint)}
     with pytest.raises(UserError, match=r"model.target=4 is not a class"):
-        SaliencyModule(classifier, methods=["vanilla"], target=4, randomisation=False)
+        prepared(SaliencyModule(classifier, methods=["vanilla"], target=4, randomisation=False))
     with pytest.raises(UserError, match=r"no layer 'layer4' \(model.gradcam_layer\).*block3"):
-        SaliencyModule(classifier, methods=["gradcam"], gradcam_layer="layer4", randomisation=False)
+        prepared(SaliencyModule(classifier, methods=["gradcam"], gradcam_layer="layer4", randomisation=False))
     with pytest.raises(UserError, match="model.methods: occlusion"):
         SaliencyModule(classifier, methods=["occlusion"], randomisation=False)
     with pytest.raises(UserError, match="data's classes"):
-        SaliencyModule(
-            {"name": "resnet18", "pretrained": False}, methods=["vanilla"], classes=["circle"], randomisation=False
+        prepared(
+            SaliencyModule(
+                {"name": "resnet18", "pretrained": False}, methods=["vanilla"], classes=["circle"], randomisation=False
+            )
         )
     folder = tmp_path / "images"
     folder.mkdir()
@@ -186,6 +188,8 @@ def test_bad_input_is_one_clear_error(tmp_path, shapes_checkpoint):
     with pytest.raises(UserError, match="cannot read image .*broken.png"):
         next(iter(loader))
     targets = ClassTargetsDataModule(targets=[0, 9])
-    targets.trainer = SimpleNamespace(lightning_module=SaliencyModule(classifier, ["vanilla"], randomisation=False))
+    targets.trainer = SimpleNamespace(
+        lightning_module=prepared(SaliencyModule(classifier, ["vanilla"], randomisation=False))
+    )
     with pytest.raises(UserError, match="data.targets=9 is not a class"):
         targets.predict_dataloader()

@@ -91,8 +91,10 @@ class AdversarialModule(ExplainModule):
             )
         if steps < 1 or (step_size is not None and step_size <= 0):
             raise UserError(f"model.steps ({steps}) must be at least 1 and model.step_size ({step_size}) positive")
-        self.target = self.check_class(target, "model.target")
         self.targeted = attack == "fooling" or target is not None
+
+    def build_explainer(self) -> None:
+        self.target = self.check_class(self.hparams.target, "model.target")
         self.fgsm = FGSM(self.classifier, cross_entropy, lower_bound=0.0, upper_bound=1.0)
         self.pgd = PGD(self.classifier, cross_entropy, lower_bound=0.0, upper_bound=1.0)
 

@@ -22,7 +22,7 @@ from datamodules.images import SkippedImages, load_rgb
 from framework.config import to_plain
 from framework.errors import UserError
 from framework.files import atomic_write, write_json
-from lightning_modules.explain.classifier import classifier_to_explain
+from lightning_modules.explain.classifier import PixelClassifier, classifier_to_explain, prepare_classifier
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,13 @@ class ExplainBase(L.LightningModule):
 
 
 class ExplainModule(ExplainBase):
-    """A LightningModule around a frozen classifier (see model.classifier in conf/model/classifier_to_explain.yaml)."""
+    """A LightningModule around a frozen classifier (see model.classifier in conf/model/classifier_to_explain.yaml).
+
+    The classifier comes in two steps, as Lightning prepares data: `prepare_data` trains or locates it (once per
+    node, on local rank 0, while the other ranks wait at a barrier), then `setup` loads it on every rank and calls
+    `build_explainer`. The constructor only records and checks its arguments: it reads and writes no file.
+    Outside a Trainer, call `module.prepare_data()` and `module.setup("predict")` before using it.
+    """
 
     def __init__(
         self,
@@ -69,20 +75,36 @@ class ExplainModule(ExplainBase):
         they all have (`source_size`, None if they differ). The shapes classifier explains only its own kind of
         image: the synthetic shapes, square and of the size it was trained on, at that size."""
         super().__init__()
-        classifier = to_plain(classifier)
-        folder_of_shapes = classifier.get("name", "shapes") == "shapes" and classes is None and image_size is not None
-        if folder_of_shapes:  # checked before a shapes classifier is loaded or trained: shapes images are square
+        self.classifier_config = to_plain(classifier)
+        self.data_classes, self.data_image_size, self.source_size = classes, image_size, source_size
+        self.classifier: PixelClassifier | None = None  # loaded by setup
+        self.folder_of_shapes = (
+            self.classifier_config.get("name", "shapes") == "shapes" and classes is None and image_size is not None
+        )
+        if self.folder_of_shapes:  # checked before a shapes classifier is trained or loaded: shapes images are square
             self.check_shapes_images(source_size)
-        self.classifier = classifier_to_explain(**classifier).requires_grad_(False)
-        if classes is not None and list(classes) != self.class_names:
+
+    def prepare_data(self) -> None:
+        prepare_classifier(**self.classifier_config)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the prepared classifier (once), check it against the data, and build what explains it."""
+        if self.classifier is not None:
+            return
+        self.classifier = classifier_to_explain(**self.classifier_config).requires_grad_(False)
+        if self.data_classes is not None and list(self.data_classes) != self.class_names:
             raise UserError(
-                f"the data's classes ({', '.join(classes)}) are not those of the classifier "
+                f"the data's classes ({', '.join(self.data_classes)}) are not those of the classifier "
                 f"({', '.join(self.class_names[:5])}, ...): explain labelled shapes data with "
                 "model.classifier.name=shapes, or other images with data=explain_images"
             )
-        if folder_of_shapes:
-            self.check_shapes_images(source_size, self.classifier.image_size)
-        self.check_image_size(image_size, "data.image_size")
+        if self.folder_of_shapes:
+            self.check_shapes_images(self.source_size, self.classifier.image_size)
+        self.check_image_size(self.data_image_size, "data.image_size")
+        self.build_explainer()
+
+    def build_explainer(self) -> None:
+        """What a task builds around the loaded classifier (attribution methods, attacks) and checks against it."""
 
     @staticmethod
     def check_shapes_images(source_size: list[int] | None, trained: int | None = None) -> None:

@@ -44,8 +44,10 @@ class ClassVisualisationModule(ExplainModule):
         columns: int = 8,
     ):
         super().__init__(classifier)
-        self.check_image_size(image_size, "model.image_size")
         self.save_hyperparameters(logger=False)
+
+    def build_explainer(self) -> None:
+        self.check_image_size(self.hparams.image_size, "model.image_size")
 
     def visualise(self, targets: torch.Tensor) -> torch.Tensor:
         """Images [len(targets), 3, S, S] in [0, 1] maximising each target's score."""

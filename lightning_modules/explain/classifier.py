@@ -24,6 +24,7 @@ from framework.checkpoints import check_checkpoint
 from framework.config import to_plain
 from framework.errors import UserError
 from framework.files import atomic_dir, writable_dir
+from framework.launch import single_process_environment
 from framework.weights import imagenet_state_dict
 from lightning_modules.captioning.nets import SmallCNN
 
@@ -171,7 +172,9 @@ def ensure_shapes_classifier(cache_dir: str | Path, data_dir: str | Path, overri
                 f"hydra.run.dir={run_dir}",
                 *overrides,
             ]
-            if subprocess.run(command, cwd=ROOT).returncode != 0 or not cached_checkpoints(run_dir):
+            # A job of its own, also when started from a rank of a multi-process job
+            result = subprocess.run(command, cwd=ROOT, env=single_process_environment())
+            if result.returncode != 0 or not cached_checkpoints(run_dir):
                 raise RuntimeError(f"training the shapes classifier failed ({' '.join(command)}); see its log above")
     checkpoint = cached_checkpoints(cache_dir)[-1]
     log.info("model.classifier.checkpoint is not set: explaining the cached shapes classifier %s", checkpoint)
@@ -182,6 +185,17 @@ def cached_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoints/epoch_*.ckpt"))
 
 
+def prepare_classifier(
+    name: str = "shapes", checkpoint: str | None = None, cache_dir: str | None = None, data_dir: str | None = None, **_
+) -> None:
+    """The preparation step of model.classifier: without a checkpoint, the shapes classifier is trained into
+    `cache_dir` unless it is cached there already. Other classifiers need nothing (their weights are local files)."""
+    if name == "shapes" and checkpoint is None:
+        if cache_dir is None or data_dir is None:
+            raise UserError("set model.classifier.checkpoint to a shapes classifier checkpoint")
+        ensure_shapes_classifier(cache_dir, data_dir)
+
+
 def classifier_to_explain(
     name: str = "shapes",
     checkpoint: str | None = None,
@@ -190,13 +204,19 @@ def classifier_to_explain(
     data_dir: str | None = None,
 ) -> PixelClassifier:
     """The classifier named by model.classifier: `shapes` (a ShapesClassifier checkpoint; without one, the cached
-    shapes classifier, trained on first use) or a torchvision classifier such as resnet50 (ImageNet weights
-    from the local torch cache, or from the file `pretrained` names; pretrained=false: random weights)."""
+    shapes classifier that `prepare_classifier` trained) or a torchvision classifier such as resnet50 (ImageNet
+    weights from the local torch cache, or from the file `pretrained` names; pretrained=false: random weights).
+    `data_dir` is only for `prepare_classifier`: both take the model.classifier block."""
     if name == "shapes":
         if checkpoint is None:
-            if cache_dir is None or data_dir is None:
-                raise UserError("set model.classifier.checkpoint to a shapes classifier checkpoint")
-            checkpoint = ensure_shapes_classifier(cache_dir, data_dir)
+            cached = cached_checkpoints(Path(cache_dir)) if cache_dir is not None else []
+            if not cached:
+                raise UserError(
+                    f"no shapes classifier is cached in model.classifier.cache_dir={cache_dir}: set "
+                    "model.classifier.checkpoint, or prepare it first (prepare_classifier; the explaining tasks "
+                    "do it in prepare_data, which trainer.predict calls)"
+                )
+            checkpoint = cached[-1]
         check_checkpoint(checkpoint, ShapesClassifier, "shapes_classifier", "model.classifier.checkpoint")
         module = ShapesClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
         return module.classifier.eval()

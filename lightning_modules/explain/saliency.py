@@ -71,17 +71,19 @@ class SaliencyModule(ExplainModule):
         super().__init__(classifier, classes, image_size, source_size)
         self.save_hyperparameters(logger=False)
         self.methods = Attributions.check(list(methods))
-        self.target = self.check_class(target, "model.target")
-        layer = gradcam_layer or self.classifier.last_spatial_layer()
+
+    def build_explainer(self) -> None:
+        hp = self.hparams
+        self.target = self.check_class(hp.target, "model.target")
         settings = dict(
-            gradcam_layer=layer,
-            smoothgrad_samples=smoothgrad_samples,
-            smoothgrad_noise=smoothgrad_noise,
-            ig_steps=ig_steps,
-            internal_batch_size=internal_batch_size,
+            gradcam_layer=hp.gradcam_layer or self.classifier.last_spatial_layer(),
+            smoothgrad_samples=hp.smoothgrad_samples,
+            smoothgrad_noise=hp.smoothgrad_noise,
+            ig_steps=hp.ig_steps,
+            internal_batch_size=hp.internal_batch_size,
         )
         self.attributions = Attributions(self.classifier, **settings)
-        randomised = cascading_randomisations(self.classifier, seed) if randomisation else []
+        randomised = cascading_randomisations(self.classifier, hp.seed) if hp.randomisation else []
         self.randomised_layers = [name for name, _ in randomised]
         self.randomised = nn.ModuleList(model for _, model in randomised)  # moved to the device with the module
         self.randomised_attributions = [Attributions(model, **settings) for model in self.randomised]
