@@ -1,4 +1,8 @@
-"""Readers of the captioning data sets in their distributed formats: MS COCO, Flickr8k, captioned folders.
+"""Readers of the captioning data sets in their distributed formats: Karpathy split JSON, MS COCO, Flickr8k,
+captioned folders.
+
+The Karpathy format (``images[].filename/split/sentences[].raw/tokens``) is the one the shapes generator writes
+and the one COCO and Flickr8k are distributed in for captioning research.
 
 Each returns {"train", "val", "test"} lists of `CaptionedImage` through `collect_splits`, and is used as
 the `_partial_` `data.source` of a `CaptionDataModule` (see conf/data/).
@@ -11,15 +15,136 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from datamodules.captions import CaptionedImage, collect_splits
+from datamodules.items import CaptionedImage
+from datamodules.vocabulary import tokenize
 from framework.errors import UserError
 
 log = logging.getLogger(__name__)
 Splits = dict[str, list[CaptionedImage]]
+SPLITS = ("train", "val", "test")
 _TOKEN_LINE = re.compile(r"(?P<image>[^\t#]+)#\d+\t(?P<caption>.*)")
+
+
+def collect_splits(
+    entries: Iterable[tuple[str, Path, int | str, Sequence[str]]],
+    origin: str,
+    skip_bad_images: bool = False,
+    listed_in: dict[str, str] | None = None,
+) -> dict[str, list[CaptionedImage]]:
+    """The images of each split from (split, image path, image id, raw captions) entries, as every reader yields them.
+
+    Empty or whitespace-only captions are dropped (with a count), an image left without captions is
+    dropped, and images that do not exist are an error naming the file that listed them (`listed_in[split]`,
+    by default `origin`), or skipped with a count when `skip_bad_images` is set. Each split's images and
+    captions are logged, and images with fewer captions than most are counted in one warning.
+    """
+    listed_in = listed_in or {}
+    splits: dict[str, list[CaptionedImage]] = {split: [] for split in SPLITS}
+    empty_captions, missing = 0, []
+    for split, path, image_id, raws in entries:
+        if not all(isinstance(raw, str) for raw in raws):
+            raise UserError(f"{origin}: a caption of {path.name} is not text ({list(raws)!r})")
+        captions = [(raw.strip(), tuple(tokenize(raw))) for raw in raws]
+        kept = [(raw, tokens) for raw, tokens in captions if tokens]
+        empty_captions += len(captions) - len(kept)
+        if split not in splits or not kept:
+            continue
+        if not path.is_file():
+            missing.append((path, listed_in.get(split, origin)))
+            continue
+        splits[split].append(CaptionedImage(image_id, path, tuple(r for r, _ in kept), tuple(t for _, t in kept)))
+    if empty_captions:
+        log.warning("%s: dropped %d empty captions", origin, empty_captions)
+    if missing:
+        sources = ", ".join(dict.fromkeys(source for _, source in missing))
+        listed = ", ".join(str(path) for path, _ in missing[:3])
+        if not skip_bad_images:
+            raise UserError(
+                f"{len(missing)} images listed in {sources} are missing (e.g. {listed}); "
+                "fix the image folder or set data.skip_bad_images=true to skip them"
+            )
+        log.warning("skipping %d images listed in %s but missing (e.g. %s)", len(missing), sources, listed)
+    for split, images in splits.items():
+        log.info(
+            "%s split: %d images, %d captions (%s)",
+            split,
+            len(images),
+            sum(len(image.captions) for image in images),
+            listed_in.get(split, origin),
+        )
+    _warn_few_captions(splits, origin)
+    return splits
+
+
+def _warn_few_captions(splits: dict[str, list[CaptionedImage]], origin: str) -> None:
+    """Count, in one warning, the images with fewer captions than most images of the data set have.
+
+    COCO and Flickr8k give (about) 5 captions an image, generated or own data sets any fixed number: the most
+    common count is the norm, so no count is hard-coded. Fewer is worth knowing (lost or empty caption lines);
+    more is not: some COCO images have 6 or 7 captions by design.
+    """
+    counts = Counter(len(image.captions) for images in splits.values() for image in images)
+    if not counts:
+        return
+    usual = counts.most_common(1)[0][0]
+    few = {split: [image for image in images if len(image.captions) < usual] for split, images in splits.items()}
+    total = sum(len(images) for images in few.values())
+    if total:
+        per_split = ", ".join(f"{len(images)} {split}" for split, images in few.items() if images)
+        example = next(image for images in few.values() for image in images)
+        log.warning(
+            "%s: %d images have fewer than the usual %d captions (%s; e.g. %s has %d)",
+            origin,
+            total,
+            usual,
+            per_split,
+            example.path.name,
+            len(example.captions),
+        )
+
+
+def read_karpathy(
+    annotations: str | os.PathLike, image_root: str | os.PathLike | None = None, skip_bad_images: bool = False
+) -> dict[str, list[CaptionedImage]]:
+    """A Karpathy split JSON: "restval" counts as train; images live at image_root/filepath/filename."""
+    annotations = Path(annotations)
+    if not annotations.is_file():
+        raise UserError(
+            f"caption file {annotations} does not exist (data.source.annotations): "
+            "point it at a Karpathy split JSON such as dataset_coco.json"
+        )
+    root = Path(image_root) if image_root is not None else annotations.parent
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist (data.source.image_root)")
+    try:
+        images = json.loads(annotations.read_text(encoding="utf-8"))["images"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(
+            f"{annotations} is not a Karpathy split JSON ({type(error).__name__}: {error}); "
+            'expected {"images": [{"filename", "split", "sentences": [{"raw"}]}]}'
+        ) from error
+
+    def entries():
+        for position, entry in enumerate(images):
+            try:
+                split = "train" if entry["split"] == "restval" else entry["split"]
+                yield (
+                    split,
+                    root / entry.get("filepath", "") / entry["filename"],
+                    entry.get("cocoid", entry.get("imgid", entry["filename"])),
+                    [s["raw"] for s in entry["sentences"]],
+                )
+            except (KeyError, TypeError, AttributeError) as error:
+                raise UserError(
+                    f"{annotations}: images[{position}] lacks {error} "
+                    "(each image needs filename, split and sentences[].raw)"
+                ) from error
+
+    return collect_splits(entries(), str(annotations), skip_bad_images)
 
 
 def _existing_file(path: str | os.PathLike, key: str, what: str, hint: str | None = None) -> Path:
