@@ -29,13 +29,13 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from framework.errors import UserError
 
 
-def import_classes(names: Sequence[str], key: str = "fsdp_layers") -> tuple[type, ...]:
+def import_classes(names: Sequence[str]) -> tuple[type, ...]:
     classes = []
     for name in names:
         try:
             classes.append(hydra.utils.get_class(name))
         except Exception as error:
-            raise UserError(f"{key}: cannot import layer class '{name}' ({error})") from None
+            raise UserError(f"fsdp_layers: cannot import layer class '{name}' ({error})") from None
     return tuple(classes)
 
 
