@@ -11,9 +11,9 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules.images import load_rgb
+from framework.loggers import tensorboard
 
 TILE = 160  # pixels per panel
 CAPTION_BAND = 36
@@ -61,7 +61,7 @@ class CaptionMedia(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_validation_end runs after the module has gathered every rank's predictions.
-        board = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        board = tensorboard(trainer)
         predictions = list(getattr(pl_module, "predictions", {}).get("val", {}).values())[: self.num_samples]
         if board is None or trainer.sanity_checking or not trainer.is_global_zero or not predictions:
             return

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.loggers import TensorBoardLogger
+
+from framework.loggers import tensorboard
 
 
 class DiffusionSamples(L.Callback):
@@ -22,7 +23,7 @@ class DiffusionSamples(L.Callback):
         self._log(trainer, pl_module, "test")
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        board = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        board = tensorboard(trainer)
         rows = getattr(pl_module, "generated", {}).get(stage, [])
         if board is None or trainer.sanity_checking or not trainer.is_global_zero or not rows:
             return

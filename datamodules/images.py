@@ -1,4 +1,5 @@
-"""Reading images, and what every data module does with an unreadable one; a Dataset over a folder (predict mode).
+"""Reading images, and what every data module does with an unreadable one; a Dataset over a folder (predict mode);
+pixels back to a uint8 RGB array (`to_rgb`, for framework.files.write_png).
 
 An unreadable image (missing, empty, truncated, not an image) is one UserError naming the file, unless
 `data.skip_bad_images=true`: then it is left out and counted, in one warning per stage. Large data sets skip lazily:
@@ -57,6 +58,11 @@ def load_rgb(path: str | os.PathLike, key: str | None = None, skippable: bool = 
             return image.convert("RGB")
     except IMAGE_ERRORS as error:
         raise bad_image(str(path), error, key, skippable) from error
+
+
+def to_rgb(pixels: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [0, 1] (any float dtype) -> uint8 [H, W, 3]."""
+    return (pixels.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def image_transform(image_size: int) -> transforms.Compose:

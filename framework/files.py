@@ -11,6 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+from PIL import Image
+
 from framework.errors import UserError
 
 
@@ -49,6 +52,12 @@ def writable_dir(path: str | os.PathLike, key: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: json.dump(obj, f, indent=2, ensure_ascii=False))
+
+
+def write_png(path: str | os.PathLike, image: Image.Image | np.ndarray) -> Path:
+    """A PIL image, or a uint8 [H, W, 3] RGB array (datamodules.images.to_rgb), as a PNG file."""
+    picture = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    return atomic_write(path, lambda f: picture.save(f, format="PNG"), mode="wb")
 
 
 @contextmanager

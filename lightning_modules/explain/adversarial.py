@@ -21,15 +21,15 @@ import torch.nn.functional as F
 from captum.robust import FGSM, PGD
 
 from callbacks.caption_media import grid, with_caption
+from datamodules.images import to_rgb
 from framework.errors import UserError
+from framework.files import write_png
 from lightning_modules.explain.base import (
     ExplainModule,
     enlarge,
     gradients,
     mean_metrics,
     read_rgb,
-    to_rgb,
-    write_png,
     write_summary,
 )
 

@@ -21,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from datamodules.images import SkippedImages, load_rgb
 from framework.config import to_plain
 from framework.errors import UserError
-from framework.files import atomic_write, write_json
+from framework.files import atomic_write, write_json, write_png
 from lightning_modules.explain.classifier import PixelClassifier, classifier_to_explain, prepare_classifier
 
 log = logging.getLogger(__name__)
@@ -163,11 +163,6 @@ def gradients() -> Iterator[None]:
         yield
 
 
-def to_rgb(pixels: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [0, 1] -> uint8 [H, W, 3]."""
-    return (pixels.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
 def enlarge(image: np.ndarray, size: int) -> np.ndarray:
     """Square image scaled to at least `size` pixels (nearest neighbour: small images stay crisp)."""
     scale = math.ceil(size / image.shape[0])
@@ -176,13 +171,6 @@ def enlarge(image: np.ndarray, size: int) -> np.ndarray:
 
 def read_rgb(path: Path) -> np.ndarray:
     return np.asarray(load_rgb(path))
-
-
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    atomic_write(path, lambda f: f.write(data.tobytes()), mode="wb")
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:

@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from callbacks.caption_media import attention_overlay, grid, with_caption
+from datamodules.images import to_rgb
 from framework.checkpoints import read_checkpoint
 from framework.errors import UserError
+from framework.files import write_png
 from lightning_modules.captioning.base import CaptioningModule
 from lightning_modules.captioning.inference import Captioner
 from lightning_modules.explain.attributions import METHODS, Attributions, to_maps
@@ -44,9 +46,7 @@ from lightning_modules.explain.base import (
     enlarge,
     gradients,
     read_rgb,
-    to_rgb,
     write_npy,
-    write_png,
     write_summary,
 )
 from lightning_modules.explain.caption_words import CaptionWordScorer, Generated, ground_words, word_scorer

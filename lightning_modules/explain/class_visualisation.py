@@ -13,14 +13,14 @@ import torch
 from torchvision.transforms.functional import gaussian_blur
 
 from callbacks.caption_media import grid, with_caption
+from datamodules.images import to_rgb
+from framework.files import write_png
 from lightning_modules.explain.base import (
     ExplainModule,
     enlarge,
     gradients,
     mean_metrics,
     read_rgb,
-    to_rgb,
-    write_png,
     write_summary,
 )
 

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from callbacks.caption_media import attention_overlay, grid
+from datamodules.images import to_rgb
+from framework.files import write_png
 from lightning_modules.explain.attributions import Attributions
 from lightning_modules.explain.base import (
     ExplainModule,
@@ -29,9 +31,7 @@ from lightning_modules.explain.base import (
     gradients,
     mean_metrics,
     read_rgb,
-    to_rgb,
     write_npy,
-    write_png,
     write_summary,
 )
 from lightning_modules.explain.measures import (

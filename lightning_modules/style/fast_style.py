@@ -14,10 +14,10 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 
-from datamodules.images import SkippedImages
+from datamodules.images import SkippedImages, to_rgb
 from framework.config import to_plain
-from framework.files import atomic_dir, write_json
-from lightning_modules.style.images import save_png, tensorboard
+from framework.files import atomic_dir, write_json, write_png
+from framework.loggers import tensorboard
 from lightning_modules.style.losses import build_perceptual_loss
 from lightning_modules.style.nets import TransformerNet
 
@@ -91,7 +91,7 @@ class FastStyle(L.LightningModule):
         folder = Path(self.trainer.default_root_dir) / "stylized"
         rows = []
         for image, path, name in zip(self(batch["images"]), batch["paths"], batch["name"]):
-            rows.append({"image": path, "stylized": str(save_png(image, folder / name))})
+            rows.append({"image": path, "stylized": str(write_png(folder / name, to_rgb(image)))})
         return rows
 
     def on_train_epoch_end(self) -> None:

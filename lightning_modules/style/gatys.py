@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
+from datamodules.images import to_rgb
 from framework.config import to_plain
 from framework.errors import UserError
-from lightning_modules.style.images import matched_luminance, rgb_to_yiq, save_png, tensorboard, yiq_to_rgb
+from framework.files import write_png
+from framework.loggers import tensorboard
+from lightning_modules.style.images import matched_luminance, rgb_to_yiq, yiq_to_rgb
 from lightning_modules.style.losses import build_perceptual_loss
 
 log = logging.getLogger(__name__)
@@ -150,7 +153,7 @@ class GatysStyleTransfer(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
             self.log_image("result")
-            log.info("wrote the stylised image to %s", save_png(self.result(), self.hparams.output))
+            log.info("wrote the stylised image to %s", write_png(self.hparams.output, to_rgb(self.result())))
 
     def configure_optimizers(self):
         trainable = [p for p in self.trainer.model.parameters() if p.requires_grad]  # the image

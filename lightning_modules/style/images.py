@@ -1,17 +1,8 @@
-"""Image helpers shared by the style modules: luminance (YIQ), PNG output, TensorBoard."""
+"""Luminance (YIQ) helpers shared by the style modules."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from PIL import Image
-from torch.utils.tensorboard import SummaryWriter
-
-from framework.files import atomic_write
 
 # NTSC YIQ: Y is the luminance, I and Q the chrominance (Gatys et al. 2016, "Preserving color in neural
 # artistic style transfer", transfer the style on Y only).
@@ -30,18 +21,3 @@ def matched_luminance(style: torch.Tensor, content: torch.Tensor) -> torch.Tenso
     """The style's luminance [1, 1, H, W], shifted and scaled to the content luminance's mean and std."""
     style_y, content_y = rgb_to_yiq(style)[:, :1], rgb_to_yiq(content)[:, :1]
     return (style_y - style_y.mean()) / style_y.std().clamp_min(1e-6) * content_y.std() + content_y.mean()
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [0, 1] -> [H, W, 3] uint8."""
-    return (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def save_png(image: torch.Tensor, path: str | Path) -> Path:
-    """Write [3, H, W] in [0, 1] as a PNG, atomically (a reader never sees half a file)."""
-    picture = Image.fromarray(to_uint8(image))
-    return atomic_write(path, lambda f: picture.save(f, format="PNG"), mode="wb")
-
-
-def tensorboard(trainer: L.Trainer) -> SummaryWriter | None:
-    return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
