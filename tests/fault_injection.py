@@ -10,13 +10,14 @@ import torch
 
 
 class SigtermAtStep(L.Callback):
-    """Sends SIGTERM to this process once, after the optimizer step that reaches `step` (a preemption)."""
+    """Sends SIGTERM to this process once, after the optimizer step that reaches `step` (a preemption); with `rank`,
+    only in that rank's process."""
 
-    def __init__(self, step: int):
-        self.step, self.sent = step, False
+    def __init__(self, step: int, rank: int | None = None):
+        self.step, self.rank, self.sent = step, rank, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and not self.sent:
+        if trainer.global_step == self.step and not self.sent and self.rank in (None, trainer.global_rank):
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
 

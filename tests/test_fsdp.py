@@ -1,5 +1,6 @@
 """FSDP2 on two CPU processes (trainer=fsdp_sim): the sharded path of trainer=fsdp trains the model one process trains,
-and its sharded checkpoints resume, export and load on any number of processes.
+and its sharded checkpoints resume, export and load on any number of processes; a SIGTERM to one rank saves a sharded
+checkpoint on all of them, from which resume=auto ends with the uninterrupted run's weights.
 
 Each tiny captioner trains once on one process and once sharded over two, with the same global batch (data.batch_size)
 and no dropout in the tiny models; one module-scoped run per model serves every assertion here.
@@ -122,3 +123,24 @@ def test_a_sharded_checkpoint_resumes_on_one_process_and_refuses_an_unsharded_tr
     run(compose_config([*args, "resume=auto", "trainer=fsdp_sim", "trainer.devices=1"], root / "one", data_dir))
     assert len(train_losses(root / "one")) == 3
     assert torch.load(root / "one" / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 6
+
+
+def test_sigterm_to_one_rank_saves_on_all_and_resume_auto_ends_with_the_uninterrupted_weights(runs, data_dir):
+    task, root = runs
+    if task != "blip_shapes":
+        pytest.skip("one model is enough for preemption (it is the framework's path, not the model's)")
+    args = [f"task={task}", f"model.pretrained={tiny_blip_dir(data_dir)}", *STEPS_ARGS, "trainer=fsdp_sim"]
+    # Rank 1 alone is signalled after step 1: the ranks agree at the next batch, train it and save step 2 of 3.
+    sigterm = ["+callbacks.fault._target_=tests.fault_injection.SigtermAtStep", "+callbacks.fault.step=1"]
+    killed = run_cli([*args, *sigterm, "+callbacks.fault.rank=1"], root / "sigterm", data_dir, timeout=120)
+    assert "[rank: 1] Received SIGTERM" in killed.stdout + killed.stderr
+    last = root / "sigterm" / "checkpoints" / "last.ckpt"
+    assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in last.iterdir()}
+    assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 2
+    assert not (root / "sigterm" / "metrics.json").exists()  # the run stopped there
+
+    run_cli([*args, "resume=auto"], root / "sigterm", data_dir, timeout=120)
+    resumed, uninterrupted = weights(root / "sigterm"), weights(root / "fsdp")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
