@@ -5,8 +5,9 @@ at a time.
     python benchmarks/caption_explain.py --device cuda --images 64 --batch-size 64
 
 Weights are random (speed does not depend on them; nothing is downloaded); captions are the greedy ones of those
-weights, `--max-len` words at most. Ends with one line per method:
-`ratio: caption_explain_batching_<method> = <time one image at a time / time batched>`.
+weights, `--max-len` words at most. Ends with one line per method,
+`ratio: caption_explain_batching_<method> = <time one image at a time / time batched>`, then the same for all the
+methods together (what one task=caption_explain run computes): `ratio: caption_explain_batching = ...`.
 """
 
 from __future__ import annotations
@@ -60,18 +61,20 @@ def main() -> None:
         return explained
 
     print(f"CNN-RNN {args.image_size}px, {args.images} images, device {device}, torch {torch.__version__}")
-    ratios = {}
+    times = {}  # method: (batched, one image at a time), seconds
     for method in args.methods:
         count = explain(method, args.batch_size)  # warm-up, and the number of words
         batched = min(timed(lambda: explain(method, args.batch_size), device) for _ in range(args.repeats))
         single = min(timed(lambda: explain(method, 1), device) for _ in range(args.repeats))
-        ratios[method] = single / batched
+        times[method] = batched, single
         print(
             f"{method:22s} {count} words  batched ({args.batch_size}): {count / batched:8.1f} words/s   "
             f"one image at a time: {count / single:8.1f} words/s"
         )
-    for method, ratio in ratios.items():
-        print(f"ratio: caption_explain_batching_{method} = {ratio:.2f}")
+    for method, (batched, single) in times.items():
+        print(f"ratio: caption_explain_batching_{method} = {single / batched:.2f}")
+    batched, single = (sum(column) for column in zip(*times.values()))
+    print(f"ratio: caption_explain_batching = {single / batched:.2f}")
 
 
 if __name__ == "__main__":
