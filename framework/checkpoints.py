@@ -88,10 +88,12 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
 
 def read_sharded_metadata(path: Path, named: str) -> dict:
     """A sharded checkpoint's `meta.pt` (all but weights and optimizer states), once the folder is checked."""
-    if not (path / _METADATA_FILENAME).is_file() or not (path / ".metadata").is_file():
+    has = [name for name in (_METADATA_FILENAME, ".metadata") if (path / name).is_file()]
+    if len(has) < 2:
+        what = f"it has {has[0]} alone, an interrupted save?" if has else "it has neither"
         raise UserError(
-            f"{named} is a folder but not a sharded checkpoint of trainer=fsdp (it needs {_METADATA_FILENAME} and "
-            f".metadata; an interrupted save?){_alternatives(path)}"
+            f"{named} is a directory, not a checkpoint file nor a sharded checkpoint of trainer=fsdp (a folder with "
+            f"{_METADATA_FILENAME} and .metadata; {what}){_alternatives(path)}"
         )
     return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
 
@@ -144,14 +146,17 @@ def required_arguments(module_class: type) -> list[str]:
 
 
 def _alternatives(path: Path) -> str:
-    """What to give instead: the other checkpoints next to `path` (last.ckpt first), or where runs keep theirs."""
-    try:
-        others = sorted(
-            (p.name for p in path.parent.glob("*.ckpt") if p.name != path.name),
-            key=lambda name: (name != "last.ckpt", name),
-        )
-    except OSError:  # a folder we may not list
-        others = []
-    if others:
-        return f"; other checkpoints in {path.parent}: {', '.join(others[:4])}"
+    """What to give instead: for a directory the checkpoints in it (or in its checkpoints/ folder: a run dir), else
+    the other checkpoints next to `path` (last.ckpt first), or where runs keep theirs."""
+    inside = [path, path / "checkpoints"] if path.is_dir() else []
+    for folder in [*inside, path.parent]:
+        try:
+            others = sorted(
+                (p.name for p in folder.glob("*.ckpt") if p != path),
+                key=lambda name: (name != "last.ckpt", name),
+            )
+        except OSError:  # a folder we may not list
+            others = []
+        if others:
+            return f"; {'other ' if folder == path.parent else ''}checkpoints in {folder}: {', '.join(others[:4])}"
     return "; give a run's checkpoints/last.ckpt (or checkpoints/epoch_*.ckpt)"

@@ -61,9 +61,16 @@ def compose_config(overrides: list[str], output_dir: Path, data_dir: Path) -> Di
 
 
 def run_cli(
-    args: list[str], run_dir: Path, data_dir: Path, multirun: bool = False, check: bool = True, timeout: int = 600
+    args: list[str],
+    run_dir: Path,
+    data_dir: Path,
+    multirun: bool = False,
+    check: bool = True,
+    timeout: int = 600,
+    full_error: bool = True,
 ) -> subprocess.CompletedProcess:
-    """`python run.py ARGS` in a subprocess, its run dir (or sweep dir) at `run_dir`."""
+    """`python run.py ARGS` in a subprocess, its run dir (or sweep dir) at `run_dir`; with `full_error`
+    (HYDRA_FULL_ERROR=1) a failure prints its whole traceback, without it as a user sees it."""
     where = [f"hydra.sweep.dir={run_dir}"] if multirun else [f"hydra.run.dir={run_dir}"]
     command = [
         sys.executable,
@@ -73,7 +80,9 @@ def run_cli(
         *where,
         *args,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"} | {"PYTHONUNBUFFERED": "1"}
+    if full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

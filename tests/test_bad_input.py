@@ -41,6 +41,16 @@ def output(result) -> str:
     return result.stdout + result.stderr
 
 
+def one_error_line(result, run_dir: Path) -> str:
+    """What a run stopped by a UserError prints (run_cli with full_error=False): exit code 1, no traceback, and one
+    line that mentions an error: the message, with the run dir."""
+    assert result.returncode == 1, output(result)[-3000:]
+    errors = [line for line in output(result).splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].endswith(f"; run dir: {run_dir}"), output(result)[-3000:]
+    assert "Traceback" not in output(result)
+    return errors[0]
+
+
 # ------------------------------------------------------------------------------------- explaining photos
 def shapes_classifier_checkpoint(path: Path, image_size: int | None = 64) -> Path:
     """A (random) shapes classifier saved as Lightning saves it, recording the image size it was trained on."""
@@ -108,15 +118,14 @@ def test_cli_saliency_of_photos_with_the_shapes_classifier(tmp_path, data_dir):
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (300, 200), (90, 140, 60)).save(photos / "bird.jpg")
-    result = run_cli(
-        ["task=saliency", "data=explain_images", f"data.images={photos}"], tmp_path / "run", data_dir, check=False
-    )
-    assert result.returncode != 0
+    args = ["task=saliency", "data=explain_images", f"data.images={photos}"]
+    result = run_cli(args, tmp_path / "run", data_dir, check=False, full_error=False)
+    error = one_error_line(result, tmp_path / "run")
     assert (
         "the images of data.images are 300x200 px, not the square synthetic shapes images that "
         "model.classifier.name=shapes (the shapes classifier) was trained on"
-    ) in output(result)
-    assert "model.classifier.name=resnet50" in output(result)
+    ) in error
+    assert "model.classifier.name=resnet50" in error
 
 
 # ---------------------------------------------------------------------------------------- unreadable images
@@ -277,10 +286,10 @@ def test_cli_unreadable_training_image(tmp_path, data_dir):
         "trainer.fast_dev_run=true",
         *TINY_MODEL,
     ]
-    result = run_cli(args, tmp_path / "run", data_dir, check=False)
-    assert result.returncode != 0
-    assert f"cannot read image {folder / 'train' / 'empty.jpg'}: " in output(result)
-    assert SKIP_HINT in output(result) and "Caught UserError in DataLoader worker" not in output(result)
+    result = run_cli(args, tmp_path / "run", data_dir, check=False, full_error=False)
+    error = one_error_line(result, tmp_path / "run")
+    assert f"cannot read image {folder / 'train' / 'empty.jpg'}: " in error
+    assert SKIP_HINT in error and "Caught UserError in DataLoader worker" not in output(result)
 
 
 # ------------------------------------------------------------------------------------------------ readers
@@ -384,15 +393,14 @@ def test_batch_sizes(data, key, tmp_path, data_dir):
 
 
 def test_cli_data_dir_that_cannot_be_written(tmp_path):
-    result = run_cli(["trainer.fast_dev_run=true"], tmp_path / "run", Path("/proc/x"), check=False)
-    assert result.returncode != 0
-    assert "paths.data_dir (data.root): /proc/x must be a writable folder" in output(result)
+    result = run_cli(["trainer.fast_dev_run=true"], tmp_path / "run", Path("/proc/x"), check=False, full_error=False)
+    assert "paths.data_dir (data.root): /proc/x must be a writable folder" in one_error_line(result, tmp_path / "run")
 
 
 # -------------------------------------------------------------------------------------------- checkpoints
 def test_files_that_are_no_checkpoint(tmp_path):
-    run_dir = tmp_path / "checkpoints"
-    run_dir.mkdir()
+    run_dir = tmp_path / "run" / "checkpoints"
+    run_dir.mkdir(parents=True)
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, run_dir / "last.ckpt")
     text = run_dir / "notes.txt"
     text.write_text("epoch 3: val/CIDEr 0.6\n")
@@ -426,12 +434,20 @@ def test_files_that_are_no_checkpoint(tmp_path):
         read_checkpoint(tmp_path / "missing.ckpt")
     folder = run_dir / "epoch_004.ckpt"  # a sharded checkpoint (trainer=fsdp) whose save was interrupted
     folder.mkdir()
+    (folder / "meta.pt").write_bytes(b"")
     with pytest.raises(
         UserError,
-        match=rf"{folder} \(ckpt_path\) is a folder but not a sharded checkpoint of trainer=fsdp \(it needs meta.pt "
-        r"and .metadata; an interrupted save\?\); other checkpoints in .*: last.ckpt",
+        match=rf"{folder} \(ckpt_path\) is a directory, not a checkpoint file nor a sharded checkpoint of "
+        r"trainer=fsdp \(a folder with meta.pt and .metadata; it has meta.pt alone, an interrupted save\?\); "
+        r"other checkpoints in .*: last.ckpt",
     ):
         read_checkpoint(folder)
+    with pytest.raises(  # a run dir: the checkpoints in its checkpoints/ folder
+        UserError,
+        match=rf"{run_dir.parent} \(ckpt_path\) is a directory, not a checkpoint file .*it has neither\); "
+        rf"checkpoints in {run_dir}: last.ckpt, epoch_003.ckpt, epoch_004.ckpt$",
+    ):
+        read_checkpoint(run_dir.parent)
 
 
 def test_checkpoints_of_another_module_class(tmp_path):
@@ -532,20 +548,21 @@ def test_cli_eval_with_a_checkpoint_of_another_task_or_a_text_file(classifier_ru
         tmp_path / "run",
         data_dir,
         check=False,
+        full_error=False,
     )
-    assert result.returncode != 0
     assert (
         f"checkpoint {checkpoint} (ckpt_path) belongs to task shapes_classifier (its module class "
         "ShapesClassifier), not to task=shapes_captioning (CNNRNNCaptioner): run with task=shapes_classifier, "
         "or give a checkpoint of a task=shapes_captioning run"
-    ) in output(result)
+    ) in one_error_line(result, tmp_path / "run")
     notes = tmp_path / "notes.txt"
     notes.write_text("best epoch: 3\n")
-    result = run_cli(
+    result = run_cli(  # HYDRA_FULL_ERROR=1: the traceback too
         ["mode=predict", f"ckpt_path={notes}", f"data.images={tmp_path}", *TINY_SHAPES],
         tmp_path / "run2",
         data_dir,
         check=False,
     )
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert f"{notes} (ckpt_path) is not a checkpoint (torch.save did not write it" in output(result)
+    assert "Traceback (most recent call last)" in output(result)
