@@ -1,21 +1,82 @@
-"""Stop a run at the first NaN or infinite training loss, before it reaches the weights."""
+"""Stop a run at the first NaN or infinite training loss or weights, leaving the last finite weights."""
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 
 from framework.errors import UserError
 
+ADVICE = "Lower model.optimizer.lr, set trainer.gradient_clip_val, or check that batch's data."
+
 
 class NonFiniteLossGuard(L.Callback):
+    """Stops training with a UserError naming the step, with the last finite weights put back, so that the checkpoint
+    saved on the way out (last_checkpoint's save_on_exception) holds them.
+
+    The loss is checked before backward, so that step never reaches the weights. A step can also make them
+    non-finite from a finite loss (a learning rate far too large): the weights are checked after each optimizer
+    step and copied while finite. That copy (trainable parameters and floating-point buffers, where they live) is
+    what this costs: its memory (with Adam five copies of the trainable weights instead of four; with LoRA only the
+    adapters), per optimizer step one pass to check and one to copy (less than Adam's step reads), and under
+    DDP/FSDP a scalar all-reduce per check, so that every rank stops at the same step. The optimizer states and step
+    count saved are those after the failed step.
+    """
+
+    def __init__(self) -> None:
+        self.copy: list[torch.Tensor] = []  # the weights after optimizer step `self.step`, checked finite
+        self.step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.copy = [tensor.clone() for _, tensor in weights(pl_module)]
+        self.step = trainer.global_step
+
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        # Before backward, so the optimizer never steps on NaN gradients and the checkpoint saved on
-        # the way out (last_checkpoint, save_on_exception) holds the last finite weights.
-        if not torch.isfinite(loss).all():
+        if not all_finite(trainer, [loss.detach()]):
+            value = loss.detach().float().cpu().item()
+            shown = value if not math.isfinite(value) else "not finite on another rank"
+            self.restore(pl_module)  # the forward pass may have changed buffers (BatchNorm statistics)
             raise UserError(
-                f"train/loss is {loss.detach().float().cpu().item()} at global step {trainer.global_step} "
-                f"(epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx}); the run stopped "
-                "before the weights changed. Lower model.optimizer.lr, set trainer.gradient_clip_val, "
-                "or check that batch's data."
+                f"train/loss is {shown} at global step {trainer.global_step} (epoch {trainer.current_epoch}, batch "
+                f"{trainer.fit_loop.epoch_loop.batch_idx}); the run stopped before the weights changed. {ADVICE}"
             )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:  # no optimizer step in this batch (gradient accumulation)
+            return
+        named = weights(pl_module)
+        tensors = [tensor for _, tensor in named]
+        if all_finite(trainer, tensors):
+            torch._foreach_copy_(self.copy, tensors)
+            self.step = trainer.global_step
+            return
+        bad = [name for name, tensor in named if not torch.isfinite(tensor).all()]
+        self.restore(pl_module)
+        raise UserError(
+            f"the weights are not finite after the optimizer step at global step {self.step} (epoch "
+            f"{trainer.current_epoch}, batch {batch_idx}; {len(bad)} of {len(named)} tensors, e.g. "
+            f"{', '.join(bad[:3]) or 'on another rank'}); the run stopped with the weights from before that step. "
+            f"{ADVICE}"
+        )
+
+    def restore(self, pl_module: L.LightningModule) -> None:
+        torch._foreach_copy_([tensor for _, tensor in weights(pl_module)], self.copy)
+
+
+def weights(pl_module: L.LightningModule) -> list[tuple[str, torch.Tensor]]:
+    """What training changes: the trainable parameters and the floating-point buffers (this rank's shard of sharded
+    ones), detached: writing them writes the module's."""
+    named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+    named += [(name, b) for name, b in pl_module.named_buffers() if b.is_floating_point()]
+    return [(name, (t.to_local() if isinstance(t, DTensor) else t).detach()) for name, t in named]
+
+
+def all_finite(trainer: L.Trainer, tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of `tensors` is finite, on every rank (one synchronisation)."""
+    # The largest magnitude: NaN when any element is NaN, and no overflow. Empty shards (a rank's share of a small
+    # sharded tensor) have none, and would raise on this rank alone while the others wait for it.
+    largest = torch.nn.utils.get_total_norm([t for t in tensors if t.numel()], norm_type=math.inf)
+    return trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(largest)), all=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,6 +50,32 @@ def writable_dir(path: str | os.PathLike, key: str) -> Path:
             f"{key}: {path} must be a writable folder (writing there failed: {error.strerror or error})"
         ) from None
     return path
+
+
+@contextmanager
+def locked_run_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold `path`/.lock while a run writes `path`; a second run into it stops at once with a UserError naming the
+    process that holds it. The lock (flock) goes with the process: a crashed or killed run leaves none behind."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "a+", encoding="utf-8") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            raise UserError(
+                f"run dir {path} is in use: the run of process {holder} is writing it (two runs in one dir would mix "
+                "their checkpoints and logs); wait for that run to end or stop it, or run in another dir"
+            ) from None
+        file.truncate(0)
+        file.write(f"{os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        try:
+            yield path
+        finally:
+            # Explicitly: data-loader workers forked from this process share the lock until they exit.
+            fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -35,7 +37,7 @@ from framework.checkpoints import check_checkpoint, is_sharded_checkpoint, load_
 from framework.config import flatten
 from framework.distributed import gather_objects
 from framework.errors import UserError
-from framework.files import atomic_write, write_json
+from framework.files import atomic_write, locked_run_dir, write_json
 from framework.fsdp import FSDP2Strategy
 from framework.hardware import resolve_trainer
 from framework.launch import isolated_job
@@ -51,19 +53,25 @@ def run(cfg: DictConfig) -> float | None:
     """
     output_dir = Path(cfg.paths.output_dir)
     try:
-        if cfg.mode not in MODES:
-            raise UserError(f"mode={cfg.mode} is not one of {', '.join(MODES)}")
-        resolve_trainer(cfg.trainer)
-        if cfg.get("seed") is not None:
-            L.seed_everything(cfg.seed, workers=True)
-        save_config(cfg, output_dir)
-        with isolated_job():
-            metrics = {"train": train, "eval": evaluate, "predict": predict, "export": export}[cfg.mode](
-                cfg, output_dir
-            )
-        if rank_zero_only.rank == 0:
-            write_json(output_dir / "metrics.json", metrics)
-        print_summary(cfg, output_dir, metrics)
+        # One run per dir. The ranks a multi-process job starts write into its dir too: global rank 0 holds the lock.
+        with (
+            locked_run_dir(output_dir)
+            if rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+            else nullcontext()
+        ):
+            if cfg.mode not in MODES:
+                raise UserError(f"mode={cfg.mode} is not one of {', '.join(MODES)}")
+            resolve_trainer(cfg.trainer)
+            if cfg.get("seed") is not None:
+                L.seed_everything(cfg.seed, workers=True)
+            save_config(cfg, output_dir)
+            with isolated_job():
+                metrics = {"train": train, "eval": evaluate, "predict": predict, "export": export}[cfg.mode](
+                    cfg, output_dir
+                )
+            if rank_zero_only.rank == 0:
+                write_json(output_dir / "metrics.json", metrics)
+            print_summary(cfg, output_dir, metrics)
     except Exception as error:
         log.error("run failed (%s: %s); run dir: %s", type(error).__name__, error, output_dir)
         raise

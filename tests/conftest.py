@@ -89,6 +89,19 @@ def run_cli(
     return result
 
 
+def one_error_line(result: subprocess.CompletedProcess, run_dir: Path) -> str:
+    """What a run stopped by a UserError prints (run_cli with full_error=False): exit code 1, no traceback, and one
+    line that mentions an error, the message with the run dir (besides INFO lines, e.g. Lightning's saying that it
+    saved last.ckpt on that error)."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    info = ("INFO:", "[INFO]")
+    errors = [line for line in output.splitlines() if "error" in line.lower() and not any(i in line for i in info)]
+    assert len(errors) == 1 and errors[0].endswith(f"; run dir: {run_dir}"), output[-3000:]
+    assert "Traceback" not in output
+    return errors[0]
+
+
 def prepared(module: L.LightningModule) -> L.LightningModule:
     """`module` ready to use outside a Trainer: its preparation step run, then set up as trainer.predict does."""
     module.prepare_data()

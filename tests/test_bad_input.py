@@ -31,7 +31,7 @@ from framework.errors import UserError
 from framework.runner import instantiate, run
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.explain.classifier import ShapesClassifier
-from tests.conftest import TINY_MODEL, TINY_SHAPES, compose_config, prepared, run_cli
+from tests.conftest import TINY_MODEL, TINY_SHAPES, compose_config, one_error_line, prepared, run_cli
 from tests.test_readers import coco_tree, flickr8k_tree
 
 SKIP_HINT = "data.skip_bad_images=true"
@@ -39,16 +39,6 @@ SKIP_HINT = "data.skip_bad_images=true"
 
 def output(result) -> str:
     return result.stdout + result.stderr
-
-
-def one_error_line(result, run_dir: Path) -> str:
-    """What a run stopped by a UserError prints (run_cli with full_error=False): exit code 1, no traceback, and one
-    line that mentions an error: the message, with the run dir."""
-    assert result.returncode == 1, output(result)[-3000:]
-    errors = [line for line in output(result).splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].endswith(f"; run dir: {run_dir}"), output(result)[-3000:]
-    assert "Traceback" not in output(result)
-    return errors[0]
 
 
 # ------------------------------------------------------------------------------------- explaining photos

@@ -1,14 +1,19 @@
 """Preemption and divergence: SIGTERM saves a checkpoint and exits cleanly, resume=auto finishes the run
-with the weights of an uninterrupted one, a NaN loss stops the run with its step before the weights change."""
+with the weights of an uninterrupted one, a NaN loss or non-finite weights stop the run with its step and the last
+finite weights."""
 
 import math
+import os
+import re
+import socket
 
 import pytest
 import torch
 
 from framework.errors import UserError
+from framework.files import locked_run_dir
 from framework.runner import run
-from tests.conftest import TINY_SHAPES, compose_config, read_metrics, run_cli
+from tests.conftest import TINY_SHAPES, compose_config, one_error_line, read_metrics, run_cli
 
 STEPS_PER_EPOCH = 6  # 48 training images, batches of 8
 ARGS = [*TINY_SHAPES, "trainer.max_epochs=2", "logger=csv", "data.num_workers=1"]
@@ -61,9 +66,31 @@ def test_nan_loss_stops_the_run_with_its_step(tmp_path, data_dir):
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
 
 
+def test_a_step_that_makes_the_weights_non_finite_stops_the_run_with_the_weights_before_it(tmp_path, data_dir):
+    result = run_cli([*ARGS, "model.optimizer.lr=inf"], tmp_path, data_dir, check=False, full_error=False)
+    error = one_error_line(result, tmp_path)
+    assert "the weights are not finite after the optimizer step at global step 0 (epoch 0, batch 0; " in error
+    saved = last_checkpoint(tmp_path)
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+
+
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, data_dir):
     run(compose_config([*TINY_SHAPES, "trainer.fast_dev_run=true", "resume=auto"], tmp_path, data_dir))
     assert math.isfinite(read_metrics(tmp_path)["test/CIDEr"])
+
+
+def test_a_run_dir_holds_one_run_at_a_time(tmp_path, data_dir):
+    fast = [*TINY_SHAPES, "trainer.fast_dev_run=true"]
+    with locked_run_dir(tmp_path):  # as a run writing tmp_path holds it
+        in_use = f"run dir {tmp_path} is in use: the run of process {os.getpid()} on {socket.gethostname()} is writing"
+        result = run_cli(fast, tmp_path, data_dir, check=False, full_error=False)
+        assert in_use in one_error_line(result, tmp_path)
+        with pytest.raises(UserError, match=re.escape(in_use)):
+            run(compose_config(fast, tmp_path, data_dir))
+        assert not (tmp_path / "config.yaml").exists()  # stopped before writing
+    run(compose_config(fast, tmp_path, data_dir))
+    with locked_run_dir(tmp_path):  # released when the run ended
+        assert (tmp_path / "metrics.json").is_file()
 
 
 def test_unknown_resume_value(tmp_path, data_dir):
