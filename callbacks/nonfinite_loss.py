@@ -50,7 +50,10 @@ class NonFiniteLossGuard(L.Callback):
         named = weights(pl_module)
         tensors = [tensor for _, tensor in named]
         if all_finite(trainer, tensors):
-            torch._foreach_copy_(self.copy, tensors)
+            if same_shapes(self.copy, tensors):
+                torch._foreach_copy_(self.copy, tensors)
+            else:  # the module replaced tensors (style transfer's image at its next scale)
+                self.copy = [tensor.clone() for tensor in tensors]
             self.step = trainer.global_step
             return
         bad = [name for name, tensor in named if not torch.isfinite(tensor).all()]
@@ -63,7 +66,13 @@ class NonFiniteLossGuard(L.Callback):
         )
 
     def restore(self, pl_module: L.LightningModule) -> None:
-        torch._foreach_copy_([tensor for _, tensor in weights(pl_module)], self.copy)
+        tensors = [tensor for _, tensor in weights(pl_module)]
+        if same_shapes(tensors, self.copy):  # else the module replaced them since the copy, with finite ones
+            torch._foreach_copy_(tensors, self.copy)
+
+
+def same_shapes(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> bool:
+    return [t.shape for t in tensors] == [t.shape for t in others]
 
 
 def weights(pl_module: L.LightningModule) -> list[tuple[str, torch.Tensor]]:
