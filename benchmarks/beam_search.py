@@ -1,102 +1,107 @@
-"""Batched beam search against decoding one image at a time, on the CPU.
+"""Our batched beam search against Show-Attend-Tell's own per-image beam search, on the CPU.
 
-Both decode the same encoder features with the same decoder and must give the same captions; the
-encoder is left out (it runs once per image either way). Two decoders:
+Peer: sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning caption.py `caption_image_beam_search` (commit 01f749f):
+one image at a time, its encoder output expanded to k rows, k shrinking as hypotheses emit <end> (they are
+set aside with their scores, the best of them wins), at most 51 words. Written again here from reading it,
+on the same decoder as ours; as in SAT's Attention module, the encoder output is projected again at every
+step. Left out in its favour: the attention maps it also gathers for every hypothesis (ours returns none).
 
-- shapes: conf/model/cnn_rnn.yaml as `python run.py` trains it (random weights, or --ckpt a trained one);
-- show-attend-tell: the COCO-size decoder of Xu et al. 2015 (9,487 words, 512-d embedding, LSTM and
-  attention, ResNet-50 7x7x2048 grid), random weights.
+Sizes are SAT's: 9,487 words, 512-d embedding, LSTM and attention, a 14x14 grid of 2048 ResNet channels,
+beam 5; random weights, the same for both, and the same random encoder features (the encoder runs once per
+image either way, so it is left out). Both decode up to 51 words; the captions are compared (counted).
 
-Prints images/s for beam 3 and 5, then one `ratio:` line per decoder and beam size
-(one-at-a-time time / batched time; above 1: batched is faster).
+Prints the times, then `ratio: beam_vs_show_attend_tell = SAT's time / ours` (above 1: ours is faster).
 
-    python benchmarks/beam_search.py [--images 100] [--ckpt outputs/.../checkpoints/last.ckpt]
+    python benchmarks/beam_search.py [--images 20] [--repeats 3] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
-from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from framework.allocator import keep_freed_memory
 from lightning_modules.captioning.decoding import beam_search
 from lightning_modules.captioning.nets import RNNDecoder
 
-ROOT = Path(__file__).resolve().parents[1]
-SHAPES_VOCAB = 30
+PEER = "sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning caption.py @ 01f749f503c01e2698fdf77287480892b6d07610"
+VOCAB, GRID, CHANNELS, BEAM, BOS, EOS = 9487, 14 * 14, 2048, 5, 1, 2
+MAX_WORDS = 51  # SAT stops after step 51; our max_len counts the words before <eos>: 50 (+1)
 
 
-def shapes_decoder(images: int, ckpt: str | None) -> tuple[RNNDecoder, torch.Tensor, int]:
-    """The default captioner's decoder and its encoder's features for random 64 px images."""
-    from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
-
-    if ckpt:
-        model = CNNRNNCaptioner.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    else:
-        cfg = OmegaConf.load(ROOT / "conf" / "model" / "cnn_rnn.yaml")
-        vocab = ["<pad>", "<bos>", "<eos>", "<unk>", *(f"w{i}" for i in range(SHAPES_VOCAB - 4))]
-        model = CNNRNNCaptioner(
-            vocab=vocab, encoder=cfg.encoder, decoder=cfg.decoder, optimizer={}, max_len=cfg.max_len
-        )
-    model.eval()
-    with torch.no_grad():
-        features, _ = model.encode(torch.randn(images, 3, 64, 64))
-    return model.decoder, features, model.hparams.max_len
-
-
-def show_attend_tell_decoder(images: int) -> tuple[RNNDecoder, torch.Tensor, int]:
-    decoder = RNNDecoder(vocab_size=9487, feature_dim=2048, embed_dim=512, hidden_dim=512, attention_dim=512)
-    return decoder.eval(), torch.randn(images, 49, 2048).relu(), 20
-
-
-def fastest(fn, repeats: int) -> tuple[float, object]:
-    """Best wall time of `repeats` calls (the least disturbed by other work), and the result."""
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
+@torch.no_grad()
+def show_attend_tell_beam_search(decoder: RNNDecoder, features: torch.Tensor, k: int) -> list[int]:
+    """caption_image_beam_search for one image's features [N, C]; returns the words after <start>."""
+    encoder_out = features[None].expand(k, -1, -1)
+    _, (h, c) = decoder.start(encoder_out)
+    previous = torch.full((k,), BOS, dtype=torch.long)
+    sequences, top_scores = previous[:, None], torch.zeros(k, 1)
+    complete, complete_scores = [], []
+    for step in range(1, MAX_WORDS + 1):
+        memory = (encoder_out, decoder.attention.feature_proj(encoder_out))
+        logits, (h, c), _ = decoder.step(previous, memory, (h, c))
+        scores = top_scores.expand_as(logits) + logits.log_softmax(dim=1)
+        # at the first step the k rows are the same: expand only the first
+        top_scores, top_words = (scores[0] if step == 1 else scores.view(-1)).topk(k)
+        rows, words = top_words // VOCAB, top_words % VOCAB
+        sequences = torch.cat([sequences[rows], words[:, None]], dim=1)
+        ended = words == EOS
+        complete += sequences[ended].tolist()
+        complete_scores += top_scores[ended].tolist()
+        k -= int(ended.sum())
+        if k == 0:
+            break
+        going = (~ended).nonzero().flatten()
+        sequences, top_scores, previous = sequences[going], top_scores[going, None], words[going]
+        h, c, encoder_out = h[rows[going]], c[rows[going]], encoder_out[rows[going]]
+    if not complete:  # SAT's max() of no scores would raise here: the best live hypothesis, as ours returns
+        complete, complete_scores = sequences.tolist(), top_scores.flatten().tolist()
+    return complete[complete_scores.index(max(complete_scores))][1:]
 
 
-def trim(row: torch.Tensor, eos: int = 2) -> list[int]:
-    tokens = row.tolist()
-    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+def trim(tokens: list[int]) -> list[int]:
+    return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ckpt", help="a trained CNNRNNCaptioner checkpoint for the shapes decoder")
+    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, taking turns (medians)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     keep_freed_memory()  # as run.py does
     torch.manual_seed(0)
-    print(f"{args.images} images, {torch.get_num_threads()} threads, best of {args.repeats}")
-
-    ratios = {}
-    for name, (decoder, features, max_len) in {
-        "shapes": shapes_decoder(args.images, args.ckpt),
-        "show_attend_tell": show_attend_tell_decoder(args.images),
-    }.items():
-        for beam in (3, 5):
-            decode = lambda batch: beam_search(decoder, batch, 1, 2, max_len, beam)  # noqa: E731
-            batched_time, batched = fastest(lambda: decode(features), args.repeats)
-            single_time, single = fastest(lambda: [decode(f[None])[0] for f in features], args.repeats)
-            same = sum(trim(a) == trim(b) for a, b in zip(batched, single))
-            print(
-                f"{name:>16} beam {beam}: batched {args.images / batched_time:8.1f} images/s | "
-                f"one at a time {args.images / single_time:8.1f} images/s | same captions {same}/{args.images}"
-            )
-            if same != args.images:
-                raise SystemExit(f"{name} beam {beam}: batched and one-at-a-time decoding disagree")
-            ratios[f"{name}_beam{beam}_batched_vs_one_at_a_time"] = single_time / batched_time
-    for name, ratio in ratios.items():
-        print(f"ratio: {name} = {ratio:.2f}")
+    print(f"peer: {PEER}")
+    print(
+        f"settings: {args.images} images, vocabulary {VOCAB}, 512-d decoder, {GRID} x {CHANNELS} encoder grid, "
+        f"beam {BEAM}, up to {MAX_WORDS} words, random weights; {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}"
+    )
+    decoder = RNNDecoder(VOCAB, CHANNELS, embed_dim=512, hidden_dim=512, attention_dim=512).eval()
+    features = torch.randn(args.images, GRID, CHANNELS).relu()
+    runs = {
+        "show_attend_tell": lambda: [show_attend_tell_beam_search(decoder, f, BEAM) for f in features],
+        "ours": lambda: [trim(row) for row in beam_search(decoder, features, BOS, EOS, MAX_WORDS - 1, BEAM).tolist()],
+    }
+    times, captions = {name: [] for name in runs}, {}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            captions[name] = run()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    same = sum(a == b for a, b in zip(captions["show_attend_tell"], captions["ours"]))
+    ended = sum(EOS in caption for caption in captions["ours"])
+    print(
+        f"show-attend-tell {args.images / median['show_attend_tell']:.2f} images/s, "
+        f"ours {args.images / median['ours']:.2f} images/s; same captions {same}/{args.images} "
+        f"({ended} ended with <eos> before {MAX_WORDS} words)"
+    )
+    print(f"ratio: beam_vs_show_attend_tell = {median['show_attend_tell'] / median['ours']:.2f}")
 
 
 if __name__ == "__main__":

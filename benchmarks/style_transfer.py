@@ -1,38 +1,52 @@
-"""Gatys et al. iterations and fast style inference, ours against the straightforward way, in one process.
+"""Gatys et al. style transfer against the PyTorch neural-style tutorial's algorithm, and fast style inference.
 
-Gatys: one Adam iteration (loss, gradient, update) on a 256 px image with the default layers (content relu4_2,
-style relu1_1..relu5_1), the same random-weight VGG19 for both:
-- baseline, written the usual way: the whole VGG19 `features` (torchvision's layers, up to pool5) runs on the
-  image every iteration, and the style image goes through it again every iteration to recompute its Grams
-  (VGG weights frozen in both, so neither builds a graph for the style pass);
-- ours: `PerceptualLoss` as GatysStyleTransfer uses it: VGG19 cut after relu5_1, style Grams computed once.
-Both compute the same loss (checked); glibc keeps freed memory for both, as run.py sets it.
-Then fast style inference (Johnson et al.'s TransformerNet, 256 px):
-images/s one image at a time against batches.
+Peer: pytorch/tutorials advanced_source/neural_style_tutorial.py (commit 0a7e686): loss modules inserted after
+the chosen convolutions of a copy of VGG19's `features` (its in-place ReLUs made out-of-place), the content
+features and style Grams computed once while building it, the copy cut after the last loss module, then
+`optim.LBFGS` (defaults: max_iter 20, history 100) whose closure clamps the image to [0, 1] first. Written again
+here from reading it, with one change in its favour: the VGG weights are frozen (`requires_grad_(False)`; the
+tutorial leaves them trainable, so its backward also computes weight gradients).
 
-Prints the times, then `ratio: gatys_iteration = baseline / ours` and
-`ratio: fast_style_batched = one-at-a-time time / batched time` (per image).
+Ours: `task=style_transfer`'s module (GatysStyleTransfer under a Lightning Trainer, LBFGS with max_iter 1,
+one training step per evaluation). Both get the same content and style (the task's scikit-image defaults
+at --size), the same random-weight VGG19, the same layers (on the conv outputs, where the tutorial puts
+its losses) and weights (content 1, style 1e6, each style layer 1) and the same number of loss evaluations;
+neither logs. Timed: the whole optimisation, targets included; the two take turns (--repeats), medians.
 
-    python benchmarks/style_transfer.py [--size 256] [--iterations 10] [--device cuda]
+Prints the times and final losses, then `ratio: gatys_vs_pytorch_tutorial_<layers> = tutorial time / ours`
+for the tutorial's layers and Gatys', and `ratio: fast_style_batched = one-at-a-time time / batched time`
+(Johnson et al.'s TransformerNet at --size, per image).
+
+    python benchmarks/style_transfer.py [--size 256] [--evaluations 40] [--repeats 2] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import logging
 import statistics
 import time
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch import nn
 
+from datamodules.images import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.style import StyleImagesDataModule
 from framework.allocator import keep_freed_memory
-from lightning_modules.style.losses import PerceptualLoss, gram_matrix
+from lightning_modules.style.gatys import GatysStyleTransfer
 from lightning_modules.style.nets import TransformerNet
 from lightning_modules.style.vgg import VGGFeatures, layer_names
 
-CONTENT_LAYERS = ["relu4_2"]
-STYLE_LAYERS = {name: 1.0 for name in ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")}
+PEER = "pytorch/tutorials advanced_source/neural_style_tutorial.py @ 0a7e68666de5faceafa90276ad2b7874cd32c5e0"
+# (content layers, style layers) in our names; the tutorial counts convolutions: conv_4 is conv2_2.
+LAYERS = {
+    "tutorial_layers": (["conv2_2"], ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1"]),
+    "gatys_layers": (["conv4_2"], ["conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"]),
+}
 STYLE_WEIGHT = 1e6
 
 
@@ -56,62 +70,152 @@ def timed(steps: dict, iterations: int, device: torch.device) -> dict[str, float
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-class BaselineGatys:
-    """The usual loop: the full VGG19 on the image and on the style image at every iteration."""
-
-    def __init__(self, ours: VGGFeatures, content: torch.Tensor, style: torch.Tensor):
-        self.vgg = torchvision.models.vgg19().features.to(content.device).requires_grad_(False)
-        self.vgg[: len(ours.body)].load_state_dict(ours.body.state_dict())  # the same weights where they overlap
-        self.names, self.mean, self.std = layer_names("vgg19"), ours.mean, ours.std
-        self.style = style
-        self.content_features = {k: v for k, v in self.features(content).items() if k in CONTENT_LAYERS}
-
-    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x, out = (images - self.mean) / self.std, {}
-        for name, layer in zip(self.names, self.vgg):
-            x = layer(x)
-            if name in CONTENT_LAYERS or name in STYLE_LAYERS:
-                out[name] = x.clone() if name in CONTENT_LAYERS else x  # in-place ReLUs: keep a copy
-        return out
-
-    def loss(self, image: torch.Tensor) -> torch.Tensor:
-        features, style = self.features(image), self.features(self.style)
-        content = sum(F.mse_loss(features[k], v) for k, v in self.content_features.items())
-        grams = sum(w * F.mse_loss(gram_matrix(features[k]), gram_matrix(style[k])) for k, w in STYLE_LAYERS.items())
-        return content + STYLE_WEIGHT * grams
+# The tutorial's algorithm.
+def tutorial_gram(features: torch.Tensor) -> torch.Tensor:
+    a, b, c, d = features.shape
+    flat = features.view(a * b, c * d)
+    return flat @ flat.t() / (a * b * c * d)
 
 
-def adam_step(optimizer: torch.optim.Optimizer, loss_fn) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss_fn().backward()
-    optimizer.step()
+class ContentLoss(nn.Module):
+    """Passes its input through and keeps its distance to the content features as `.loss`."""
+
+    def __init__(self, target: torch.Tensor):
+        super().__init__()
+        self.target = target.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.loss = F.mse_loss(x, self.target)
+        return x
 
 
-def gatys(size: int, iterations: int, device: torch.device) -> float:
-    torch.manual_seed(0)
-    content, style = torch.rand(1, 3, size, size, device=device), torch.rand(1, 3, size, size, device=device)
-    features = VGGFeatures([*CONTENT_LAYERS, *STYLE_LAYERS], pretrained=False).to(device)
-    ours = PerceptualLoss(features, CONTENT_LAYERS, STYLE_LAYERS, 1.0, STYLE_WEIGHT, 0.0)
-    ours.set_style([style], [1.0])
-    targets = ours.content_targets(content)
-    baseline = BaselineGatys(features, content, style)
+class StyleLoss(nn.Module):
+    def __init__(self, target: torch.Tensor):
+        super().__init__()
+        self.target = tutorial_gram(target).detach()
 
-    images = {name: content.clone().requires_grad_(True) for name in ("baseline", "ours")}
-    losses = {
-        "baseline": lambda: baseline.loss(images["baseline"]),
-        "ours": lambda: ours(images["ours"], targets)["loss"],
-    }
-    start = {name: loss().item() for name, loss in losses.items()}
-    assert abs(start["ours"] - start["baseline"]) <= 1e-3 * abs(start["baseline"]), start
-    print(f"gatys loss at the start: ours {start['ours']:.6g}, baseline {start['baseline']:.6g}")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.loss = F.mse_loss(tutorial_gram(x), self.target)
+        return x
 
-    optimizers = {name: torch.optim.Adam([image], lr=0.01) for name, image in images.items()}
-    results = timed(
-        {name: lambda name=name: adam_step(optimizers[name], losses[name]) for name in losses}, iterations, device
+
+class Normalization(nn.Module):
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(-1, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(-1, 1, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.mean) / self.std
+
+
+def tutorial_model(cnn: nn.Sequential, content, style, content_layers, style_layers):
+    """The tutorial's get_style_model_and_losses (layer names ours: conv1_1, relu1_1, pool1, ...)."""
+    cnn = copy.deepcopy(cnn)
+    model, content_losses, style_losses = nn.Sequential(Normalization(content.device)), [], []
+    for name, layer in zip(layer_names("vgg19"), cnn.children()):
+        model.add_module(name, nn.ReLU(inplace=False) if isinstance(layer, nn.ReLU) else layer)
+        if name in content_layers:
+            content_losses.append(ContentLoss(model(content).detach()))
+            model.add_module(f"content_loss_{name}", content_losses[-1])
+        if name in style_layers:
+            style_losses.append(StyleLoss(model(style).detach()))
+            model.add_module(f"style_loss_{name}", style_losses[-1])
+    last = max(i for i, module in enumerate(model) if isinstance(module, (ContentLoss, StyleLoss)))
+    return model[: last + 1], style_losses, content_losses
+
+
+def run_tutorial(cnn, content, style, layers, evaluations: int) -> list[float]:
+    """The tutorial's run_style_transfer, stopped after `evaluations` closure calls. Returns the losses."""
+    model, style_losses, content_losses = tutorial_model(cnn, content, style, *layers)
+    image = content.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([image])
+    losses = []
+    while len(losses) < evaluations:
+
+        def closure():
+            image.data.clamp_(0, 1)
+            optimizer.zero_grad()
+            model(image)
+            loss = STYLE_WEIGHT * sum(s.loss for s in style_losses) + sum(c.loss for c in content_losses)
+            loss.backward()
+            losses.append(loss.item())
+            return loss
+
+        optimizer.step(closure)
+    return losses
+
+
+# Ours.
+class Losses(L.Callback):
+    def __init__(self):
+        self.values = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(float(outputs["loss"]))
+
+
+def run_ours(inputs: dict, layers, evaluations: int, device: torch.device) -> list[float]:
+    content_layers, style_layers = layers
+    model = GatysStyleTransfer(
+        inputs["content"],
+        inputs["styles"],
+        [1.0],
+        vgg={"arch": "vgg19", "pretrained": False},
+        optimizer={"_target_": "torch.optim.LBFGS", "_partial_": True, "lr": 1.0, "max_iter": 1, "history_size": 100},
+        content_layers=content_layers,
+        style_layers=dict.fromkeys(style_layers, 1.0),
+        style_weight=STYLE_WEIGHT,
+        output="/dev/null",
     )
-    for name, seconds in results.items():
-        print(f"gatys iteration at {size} px, {name}: {seconds * 1000:.1f} ms")
-    return results["baseline"] / results["ours"]
+    losses = Losses()
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[losses],
+    )
+    data = StyleImagesDataModule("unused", "unused", iterations=evaluations)
+    trainer.fit(model, train_dataloaders=data.train_dataloader())
+    return losses.values
+
+
+def gatys(inputs: dict, name: str, evaluations: int, repeats: int, device: torch.device) -> float:
+    layers = LAYERS[name]
+    content, style = inputs["content"][None].to(device), inputs["styles"][0][None].to(device)
+    cnn = torchvision.models.vgg19().features.to(device).eval().requires_grad_(False)  # frozen: see the docstring
+    ours_vgg = VGGFeatures([*layers[0], *layers[1]], pretrained=False)  # the weights ours will draw
+    cnn[: len(ours_vgg.body)].load_state_dict(ours_vgg.body.state_dict())
+    runs = {
+        "pytorch_tutorial": lambda n: run_tutorial(cnn, content, style, layers, n),
+        "ours": lambda n: run_ours(inputs, layers, n, device),
+    }
+    for run in runs.values():
+        run(2)  # warm-up: oneDNN's kernels, Lightning's first Trainer
+    times, losses = {k: [] for k in runs}, {}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            losses[key] = run(evaluations)
+            sync(device)
+            times[key].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    first, final = losses["pytorch_tutorial"], losses["ours"]
+    assert len(first) == len(final) == evaluations, (len(first), len(final))
+    assert abs(final[0] - first[0]) <= 1e-4 * abs(first[0]), (final[0], first[0])  # the same loss function
+    print(
+        f"gatys {name} (content {', '.join(layers[0])}; style {', '.join(layers[1])}), {evaluations} evaluations: "
+        f"tutorial {median['pytorch_tutorial']:.2f} s, ours {median['ours']:.2f} s "
+        f"(runs: {', '.join(f'{t:.2f}' for t in times['pytorch_tutorial'])} | "
+        f"{', '.join(f'{t:.2f}' for t in times['ours'])}); loss at the start {first[0]:.6g} both, "
+        f"final: tutorial {first[-1]:.6g}, ours {final[-1]:.6g} ({final[-1] / first[-1] - 1:+.1%})"
+    )
+    return median["pytorch_tutorial"] / median["ours"]
 
 
 @torch.inference_mode()
@@ -137,18 +241,29 @@ def fast_style(size: int, images: int, batch: int, device: torch.device) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--iterations", type=int, default=10, help="timed Gatys iterations (median)")
+    parser.add_argument("--size", type=int, default=256, help="longer side of the content, px")
+    parser.add_argument("--evaluations", type=int, default=40, help="Gatys: loss evaluations per run")
+    parser.add_argument("--repeats", type=int, default=2, help="Gatys: timed runs of each (medians)")
     parser.add_argument("--images", type=int, default=16, help="fast style: images per timed pass")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     keep_freed_memory()  # as run.py does, for both: large temporaries stay in the heap instead of fresh mmaps
+    logging.disable(logging.WARNING)  # the style image's resizing notice and Lightning's hints
+    print(f"peer: {PEER}")
+    print(
+        f"settings: {args.size} px content and style (skimage chelsea, coffee), random VGG19 (seed 0) frozen in both, "
+        f"{args.evaluations} LBFGS evaluations (lr 1, history 100), content weight 1, style weight {STYLE_WEIGHT:g}"
+    )
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    gatys_ratio = gatys(args.size, args.iterations, device)
+    inputs = StyleImagesDataModule("skimage:chelsea", "skimage:coffee", image_size=args.size).model_inputs()
+    ratios = {name: gatys(inputs, name, args.evaluations, args.repeats, device) for name in LAYERS}
     batched_ratio = fast_style(args.size, args.images, args.batch, device)
-    print(f"ratio: gatys_iteration = {gatys_ratio:.2f}")
+    for name, ratio in ratios.items():
+        print(f"ratio: gatys_vs_pytorch_tutorial_{name} = {ratio:.2f}")
     print(f"ratio: fast_style_batched = {batched_ratio:.2f}")
 
 

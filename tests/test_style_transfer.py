@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -16,7 +17,7 @@ from datamodules.style import StyleImagesDataModule
 from framework.errors import UserError
 from lightning_modules.style.gatys import GatysStyleTransfer
 from lightning_modules.style.images import rgb_to_yiq
-from lightning_modules.style.losses import content_loss, gram_matrix, style_loss, total_variation
+from lightning_modules.style.losses import PerceptualLoss, content_loss, gram_matrix, style_loss, total_variation
 from lightning_modules.style.vgg import VGGFeatures, layer_names
 from tests.conftest import read_metrics, run_cli
 
@@ -88,6 +89,41 @@ def test_style_loss_serves_a_batch_from_one_target():
     target = gram_matrix(features["x"][:1])
     per_image = [style_loss({"x": f[None]}, {"x": target}, {"x": 1.0}) for f in features["x"]]
     assert style_loss(features, {"x": target}, {"x": 1.0}).item() == pytest.approx(float(sum(per_image) / 3))
+
+
+def test_perceptual_loss_and_its_gradient_equal_a_plain_computation():
+    """Ours (in-place ReLUs where no conv output is asked for, channels_last, Grams of [H*W, C] views) against
+    the loss written plainly: NCHW, every ReLU out of place, Grams of [C, H*W]."""
+    content_layers, style_layers = ["conv2_2"], {"conv1_1": 1.0, "relu1_2": 0.5, "conv2_1": 2.0}
+    features = VGGFeatures([*content_layers, *style_layers], pretrained=False)
+    loss = PerceptualLoss(features, content_layers, style_layers, 2.0, 1e3, 0.5)
+    torch.manual_seed(0)
+    content, style = torch.rand(1, 3, 24, 32), torch.rand(1, 3, 32, 32)
+    image = torch.rand(1, 3, 24, 32, requires_grad=True)
+    loss.set_style([style], [1.0])
+    ours = loss(image, loss.content_targets(content))["loss"]
+    (ours_grad,) = torch.autograd.grad(ours, image)
+
+    def plain(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x, out = (x - features.mean) / features.std, {}
+        for name, layer in zip(features.names, features.body):
+            x = torch.relu(x) if name.startswith("relu") else layer(x)
+            out[name] = x
+        return out
+
+    def gram(f: torch.Tensor) -> torch.Tensor:
+        flat = f.flatten(2)
+        return flat @ flat.transpose(1, 2) / f[0].numel()
+
+    mine, target, styled = plain(image), plain(content), plain(style)
+    expected = (
+        2.0 * F.mse_loss(mine["conv2_2"], target["conv2_2"])
+        + 1e3 * sum(w * F.mse_loss(gram(mine[k]), gram(styled[k])) for k, w in style_layers.items())
+        + 0.5 * total_variation(image)
+    )
+    (expected_grad,) = torch.autograd.grad(expected, image)
+    assert torch.allclose(ours, expected, rtol=1e-4)
+    assert torch.allclose(ours_grad, expected_grad, rtol=1e-3, atol=1e-6 * expected_grad.abs().max().item())
 
 
 def test_vgg_names_cut_and_pre_activation_outputs():

@@ -126,13 +126,15 @@ class GatysStyleTransfer(L.LightningModule):
             self.enter_scale(index)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        # Back into [0, 1] before each evaluation, as the PyTorch tutorial does: LBFGS's first full steps leave the
+        # range far behind, and unclamped runs stalled there (loss 781 -> 780 in 20 evaluations, 2.5 clamped).
+        self.image.data.clamp_(0, 1)
         parts = self.loss(self.rgb_view(self.image), self.content_targets)
         self.log_dict({f"train/{name}": value for name, value in parts.items() if name != "loss"}, batch_size=1)
         self.log("train/loss", parts["loss"], prog_bar=True, batch_size=1)
         return parts["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # The pixels are not clamped while optimising (that would break LBFGS's curvature pairs); the result is.
         if self.global_step % self.hparams.image_every_n_steps == 0:
             self.log_image("train/image")
 

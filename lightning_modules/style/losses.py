@@ -13,8 +13,9 @@ from lightning_modules.style.vgg import VGGFeatures, check_layers
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, C, C] feature correlations, divided by C*H*W so that layers and sizes compare."""
     batch, channels, height, width = features.shape
-    flat = features.reshape(batch, channels, height * width)
-    return flat @ flat.transpose(1, 2) / (channels * height * width)
+    # [B, H*W, C]: a view of VGGFeatures' channels_last activations (the [B, C, H*W] view would copy them)
+    flat = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+    return flat.transpose(1, 2) @ flat / (channels * height * width)
 
 
 def content_loss(features: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -69,7 +69,7 @@ class VGGFeatures(nn.Module):
         names = layer_names(arch)
         self.wanted = frozenset(layers)
         self.names = names[: max(names.index(layer) for layer in layers) + 1]
-        self.body = nn.Sequential(*self._build(arch, len(self.names), POOLS[pool]))
+        self.body = nn.Sequential(*self._build(arch, len(self.names), POOLS[pool], self.wanted))
         self.weights = self._load(arch, pretrained, allow_random_features)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -78,13 +78,14 @@ class VGGFeatures(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     @staticmethod
-    def _build(arch: str, count: int, pool: type[nn.Module]) -> list[nn.Module]:
+    def _build(arch: str, count: int, pool: type[nn.Module], wanted: frozenset) -> list[nn.Module]:
         layers, channels = [], 3
-        for block, convs in enumerate(BLOCKS[arch]):
-            width = 64 * 2 ** min(block, 3)
-            for _ in range(convs):
-                # Not in place: a conv* output asked for must survive its ReLU.
-                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+        for block, convs in enumerate(BLOCKS[arch], start=1):
+            width = 64 * 2 ** min(block - 1, 3)
+            for conv in range(1, convs + 1):
+                # In place (no extra activation to write) unless the conv output is asked for: it must survive.
+                inplace = f"conv{block}_{conv}" not in wanted
+                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=inplace)]
                 channels = width
             layers.append(pool(2, 2))
         return layers[:count]
