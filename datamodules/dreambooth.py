@@ -1,193 +1,54 @@
-"""Data for personalising a text-to-image model (DreamBooth, style LoRA).
+"""Data for personalising a text-to-image model (DreamBooth, style LoRA): the data module.
 
-Readers (`source`, a Hydra `_partial_`) give the training examples, each an image and its prompt:
-- `read_instance_folder`: a folder of images of one subject, all with one instance prompt
-  ("a photo of sks dog");
-- `read_captioned_images`: per-image prompts, from a Hugging Face imagefolder's `metadata.jsonl`
-  (`{"file_name": ..., "prompt": ...}` per line) or `metadata.csv` (file_name and prompt columns), or from a
-  Hugging Face `datasets` folder written by `save_to_disk` (image and prompt columns).
-
-Each training item holds an instance example and, with prior preservation, a class example (the
-diffusers script's layout: instance halves first, class halves second, in one batch). Images are
-resized (shorter side to `resolution`, with the `interpolation` filter), cropped (centre or random),
-optionally flipped; the item keeps the SDXL micro-conditioning inputs: the original size, the crop's top-left
-corner and the target size.
-With `buckets`, images keep their aspect ratio instead: each is resized and cropped to its aspect-ratio bucket
-and every batch comes from one bucket (datamodules/buckets.py).
-With `cache_latents`, every image and its mirror image are encoded once by the model's VAE (see
-`enable_latent_cache`) and items carry the latent distribution instead of pixels.
+Training examples come from a reader (`source`: dreambooth_sources.py); training items and prompt sets are
+dreambooth_items.py's. Each training item holds an instance example and, with prior preservation, a class example
+(the diffusers script's layout: instance halves first, class halves second, in one batch), resized to `resolution`
+or, with `buckets`, to its aspect-ratio bucket (datamodules/buckets.py), every batch from one bucket.
 Validation, test and predict items are prompts with seeds.
+
+Preparation that needs the model is two explicit methods the LightningModule calls at fit start, each given the
+model function it needs (the data module holds no model): `prepare_class_images(generate)` fills data.class_images
+(prior preservation), `enable_latent_cache(encode)` encodes every image and its mirror image once
+(data.cache_latents), after which items carry the latent distribution instead of pixels.
 """
 
 from __future__ import annotations
 
-import csv
-import functools
-import io
 import itertools
-import json
 import logging
-import os
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import functional as TF
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datamodules.buckets import Buckets, BucketSampler, bucket_sizes, cover_size, nearest_bucket
-from datamodules.images import IMAGE_ERRORS, IMAGE_SUFFIXES, bad_image, keep_readable, load_rgb
-from datamodules.sampling import EpochSampler, fit_position, item_key
+from datamodules.buckets import BucketSampler, bucket_sizes, nearest_bucket
+from datamodules.dreambooth_items import (
+    PromptSet,
+    TrainingImages,
+    collate_prompts,
+    collate_training,
+    crop_and_flip,
+    interpolation_mode,
+    read_prompts,
+)
+from datamodules.dreambooth_sources import Example, image_files, read_captioned_images, read_instance_folder
+from datamodules.images import IMAGE_SUFFIXES, keep_readable
+from datamodules.sampling import EpochSampler, fit_position
 from framework.config import positive
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 from framework.files import atomic_write, writable_dir
 
+# The readers are data.source targets in conf/data/ and, with crop_and_flip, imported from here.
+__all__ = ["DreamBoothDataModule", "crop_and_flip", "prompt_slug", "read_captioned_images", "read_instance_folder"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FileImage:
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    def load(self) -> Image.Image:
-        return load_rgb(self.path)
-
-    def size(self) -> tuple[int, int]:
-        """(width, height) from the file header."""
-        with Image.open(self.path) as image:
-            return image.size
-
-
-@dataclass(frozen=True)
-class DatasetImage:
-    """Row `index` of a `datasets` folder written by save_to_disk (opened once per process)."""
-
-    folder: str
-    index: int
-    column: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.folder}#{self.index}"
-
-    def load(self) -> Image.Image:
-        try:  # the datasets library decodes the image when the row is read
-            return _open_dataset(self.folder)[self.index][self.column].convert("RGB")
-        except IMAGE_ERRORS as error:
-            raise bad_image(self.name, error) from error
-
-    def size(self) -> tuple[int, int]:
-        return self.load().size
-
-
-@dataclass(frozen=True)
-class Example:
-    image: FileImage | DatasetImage
-    prompt: str
-
-
-def read_instance_folder(folder: str | os.PathLike, prompt: str) -> list[Example]:
-    """Every image in `folder` (not recursive), each with `prompt`; other files are skipped and listed once."""
-    if not prompt or not prompt.strip():
-        raise UserError("data.source.prompt is empty: give the instance prompt, e.g. 'a photo of sks dog'")
-    return [Example(image, prompt) for image in _image_files(Path(folder), "data.source.folder")]
-
-
-def read_captioned_images(
-    folder: str | os.PathLike, prompt_column: str = "prompt", image_column: str = "image"
-) -> list[Example]:
-    """Images with their own prompts: a Hugging Face imagefolder (`folder/metadata.jsonl` or `metadata.csv`: the
-    file_name and prompt columns), or a `datasets` folder written by save_to_disk (image + prompt columns)."""
-    folder = Path(folder)
-    for metadata in (folder / "metadata.jsonl", folder / "metadata.csv"):
-        if metadata.is_file():
-            return _read_metadata(metadata, prompt_column)
-    if (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file():
-        dataset = _open_dataset(str(folder))
-        missing = {image_column, prompt_column} - set(dataset.column_names)
-        if missing:
-            raise UserError(
-                f"the dataset in {folder} has no column(s) {sorted(missing)} (columns: "
-                f"{dataset.column_names}); set data.source.image_column / data.source.prompt_column"
-            )
-        return [
-            Example(DatasetImage(str(folder), i, image_column), str(prompt))
-            for i, prompt in enumerate(dataset[prompt_column])
-        ]
-    raise UserError(
-        f"{folder} has neither metadata.jsonl / metadata.csv nor a Hugging Face dataset saved with save_to_disk "
-        "(data.source.folder)"
-    )
-
-
-def _read_metadata(metadata: Path, prompt_column: str) -> list[Example]:
-    """An imagefolder's images and prompts: metadata.jsonl (a JSON object per line) or metadata.csv (a header row)."""
-    text = metadata.read_text(encoding="utf-8")
-    if metadata.suffix == ".csv":
-        rows = list(enumerate(csv.DictReader(io.StringIO(text)), 2))
-    else:
-        rows = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    examples = []
-    for number, row in rows:
-        try:
-            row = json.loads(row) if isinstance(row, str) else row
-            name, prompt = row["file_name"], row[prompt_column]
-            if name is None or prompt is None:  # a short csv row
-                raise KeyError("file_name" if name is None else prompt_column)
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            what = "a row" if metadata.suffix == ".csv" else "a JSON object"
-            raise UserError(
-                f"{metadata}, line {number}: expected {what} with 'file_name' and "
-                f"'{prompt_column}' (data.source.prompt_column) ({error})"
-            ) from None
-        path = metadata.parent / name
-        if not path.is_file():
-            raise UserError(f"{metadata}, line {number}: image {path} does not exist")
-        examples.append(Example(FileImage(path), str(prompt)))
-    if not examples:
-        raise UserError(f"{metadata} lists no images")
-    return examples
-
-
-@functools.cache
-def _open_dataset(folder: str):
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(
-            f"{folder} is a Hugging Face dataset folder: reading it needs `pip install datasets` "
-            "(or convert it to images + metadata.jsonl)"
-        ) from None
-    dataset = datasets.load_from_disk(folder)
-    if isinstance(dataset, datasets.DatasetDict):
-        if "train" not in dataset:
-            raise UserError(f"the dataset in {folder} has no 'train' split (splits: {list(dataset)})")
-        dataset = dataset["train"]
-    return dataset
-
-
-def _image_files(folder: Path, key: str) -> list[FileImage]:
-    if not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist ({key})")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [FileImage(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-    if others:
-        log.warning("skipping %d non-image file(s) in %s: %s", len(others), folder, ", ".join(others))
-    if not images:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder} ({key})")
-    return images
 
 
 def prompt_slug(prompt: str, limit: int = 40) -> str:
@@ -219,150 +80,6 @@ def ensure_class_images(
             for index, image in zip(seeds, generate([prompt] * len(seeds), seeds)):
                 atomic_write(folder / f"class_{index:05d}.png", lambda f, im=image: im.save(f, format="PNG"), "wb")
             progress.update(len(seeds))
-
-
-def interpolation_mode(name: str) -> TF.InterpolationMode:
-    """torchvision's resampling filter by name (diffusers' --image_interpolation_mode names: lanczos, nearest_exact)."""
-    try:
-        return TF.InterpolationMode[str(name).upper()]
-    except KeyError:
-        names = ", ".join(mode.name.lower() for mode in TF.InterpolationMode)
-        raise UserError(f"data.interpolation={name} is not one of {names}") from None
-
-
-def crop_and_flip(image: Image.Image, size: tuple[int, int], top_left: tuple[int, int], flip: bool) -> dict:
-    """The `size` (height, width) crop, optionally mirrored, in [-1, 1] with the SDXL micro-conditioning inputs
-    of the crop: its top-left corner and the target size.
-
-    `image` is already resized to cover `size`. The crop corner of a mirrored image is
-    mirrored too, so the conditioning describes the pixels the model sees.
-    """
-    height, width = size
-    top, left = top_left
-    pixels = TF.to_tensor(image.crop((left, top, left + width, top + height)))
-    if flip:
-        pixels = pixels.flip(-1)
-        left = image.width - left - width
-    return {"pixels": pixels * 2 - 1, "crop_top_left": torch.tensor([top, left]), "target_size": torch.tensor(size)}
-
-
-class TrainingImages(Dataset):
-    """Instance examples (repeated `repeats` times) paired with class examples (prior preservation).
-
-    Without a latent cache an item decodes its images, with a random or centre crop and a random
-    flip; with one (`latents`: per example, the latent distribution of the unflipped and the flipped
-    crop) it draws only the flip. The flip is drawn first in both, from the item's seed (the sampler's): the same
-    draws in a resumed run and in any loader worker.
-    With `buckets` (data.buckets), an item's examples are resized and cropped to its aspect-ratio bucket
-    (`Buckets`), not to a `resolution` square.
-    """
-
-    def __init__(
-        self,
-        instances: list[Example],
-        classes: list[Example],
-        resolution: int,
-        center_crop: bool,
-        random_flip: bool,
-        repeats: int = 1,
-        latents: dict | None = None,
-        buckets: bool = False,
-        interpolation: TF.InterpolationMode = TF.InterpolationMode.BILINEAR,
-    ):
-        self.instances, self.classes = instances * repeats, classes
-        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.latents, self.interpolation = latents, interpolation
-        self.buckets = Buckets(resolution, self.instances, classes, len(self)) if buckets else None
-
-    def __len__(self) -> int:
-        return max(len(self.instances), len(self.classes))
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, seed = item_key(key)  # the samplers' keys are (index, item seed) pairs
-        rng = random.Random(random.getrandbits(64) if seed is None else seed)
-        size, class_index = self.layout(index)
-        item = {"instance": self.example(self.instances[index % len(self.instances)], size, rng)}
-        if self.classes:
-            item["class"] = self.example(self.classes[class_index], size, rng)
-        return item
-
-    def layout(self, index: int) -> tuple[tuple[int, int], int | None]:
-        """The (height, width) of item `index`'s examples and the index of its class example (None: no classes)."""
-        if self.buckets is not None:
-            return self.buckets.item(index)
-        return (self.resolution, self.resolution), index % len(self.classes) if self.classes else None
-
-    def views(self) -> list[tuple[Example, tuple[int, int]]]:
-        """Every (example, size) that items show, once: what the latent cache encodes."""
-        views = {}
-        for index in range(len(self)):
-            size, class_index = self.layout(index)
-            shown = [self.instances[index % len(self.instances)]] + (
-                [self.classes[class_index]] if self.classes else []
-            )
-            views.update({(example.image.name, size): (example, size) for example in shown})
-        return list(views.values())
-
-    def example(self, example: Example, size: tuple[int, int], rng: random.Random) -> dict:
-        flip = self.random_flip and rng.random() < 0.5
-        if self.latents is not None:
-            return {**self.latents[example.image.name, size][flip], "prompt": example.prompt}
-        image, original_size = self.resized(example, size)
-        return {
-            **crop_and_flip(image, size, self.crop_corner(image, size, rng), flip),
-            "original_size": original_size,
-            "prompt": example.prompt,
-        }
-
-    def resized(self, example: Example, size: tuple[int, int]) -> tuple[Image.Image, torch.Tensor]:
-        """The image resized to cover `size` with its aspect ratio kept (for a square: shorter side = resolution)."""
-        image = example.image.load()
-        original_size = torch.tensor([image.height, image.width])
-        cover = list(cover_size(image.height, image.width, size))
-        return TF.resize(image, cover, interpolation=self.interpolation), original_size
-
-    def crop_corner(self, image: Image.Image, size: tuple[int, int], rng: random.Random) -> tuple[int, int]:
-        spare_h, spare_w = image.height - size[0], image.width - size[1]
-        if self.center_crop:
-            return round(spare_h / 2), round(spare_w / 2)
-        return rng.randint(0, spare_h), rng.randint(0, spare_w)
-
-
-def collate_training(items: list[dict]) -> dict:
-    """Instance examples first, then class examples; `num_instance` tells the loss where they split."""
-    examples = [item["instance"] for item in items] + [item["class"] for item in items if "class" in item]
-    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0] if key != "prompt"}
-    return {**batch, "prompts": [e["prompt"] for e in examples], "num_instance": len(items)}
-
-
-class PromptSet(Dataset):
-    """Every prompt with every seed: items {"prompt", "seed", "index"} (predict names its files by index)."""
-
-    def __init__(self, prompts: Sequence[str], seeds: Sequence[int]):
-        self.items = [(prompt, seed) for prompt in prompts for seed in seeds]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        prompt, seed = self.items[index]
-        return {"prompt": prompt, "seed": seed, "index": index}
-
-
-def collate_prompts(items: list[dict]) -> dict:
-    return {key: [item[key] for item in items] for key in items[0]}
-
-
-def read_prompts(prompts: str | Sequence[str] | None, key: str) -> list[str]:
-    """A list of prompts, or a text file with one prompt per line."""
-    if prompts is None:
-        return []
-    if isinstance(prompts, str):
-        path = Path(prompts)
-        if not path.is_file():
-            raise UserError(f"{key}={prompts}: give a list of prompts or a text file with one prompt per line")
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [str(p) for p in prompts]
 
 
 class DreamBoothDataModule(L.LightningDataModule):
@@ -467,7 +184,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         if not self.prior_preservation:
             return []
         if self._classes is None:
-            images = _image_files(self.class_images, "data.class_images")[: self.num_class_images]
+            images = image_files(self.class_images, "data.class_images")[: self.num_class_images]
             self._classes = self._readable([Example(image, self.class_prompt) for image in images], "data.class_images")
         return self._classes
 

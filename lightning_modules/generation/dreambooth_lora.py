@@ -1,85 +1,44 @@
 """DreamBooth / style LoRA for Stable Diffusion XL, as diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py
-trains it, in a LightningModule.
+trains it, in a LightningModule: the wiring, the loss, the optimizers and Lightning's hooks. The parts it drives:
 
-- The base model (UNet, VAE, both CLIP text encoders and tokenizers, DDPM noise scheduler) comes from
-  `pretrained`, an optional separate `vae` replaces the pipeline's. All of it is frozen; peft LoRA adapters
+- parts.py: the base model (UNet, VAE, both CLIP text encoders and tokenizers, DDPM noise scheduler) from
+  `pretrained`, an optional separate `vae` replacing the pipeline's. All of it is frozen; peft LoRA adapters
   on the UNet attention projections (and, with `train_text_encoder`, on both text encoders, with their
   own learning rate) are what trains. Under bf16/fp16 mixed precision the frozen UNet and text-encoder weights
   are cast to that dtype, the adapters stay fp32; the VAE runs in fp32 (`vae_fp32`), or in the 16-bit dtype where
   it is safe there (`vae_dtype`: under fp16 only a VAE made for it, such as madebyollin/sdxl-vae-fp16-fix).
-- Guards: generated images with NaN, or a validation/test prompt whose images are all black, stop the run with
-  the step; after training the optimizer state and cached memory are freed before the test pass.
-- Loss: MSE to the noise (or the velocity, as the scheduler's prediction_type says), min-SNR weighting
-  (`snr_gamma`), `noise_offset`, and with class examples in the batch prior preservation
-  (`prior_loss_weight`); SDXL micro-conditioning from each image's original size, crop and target size
-  (the resolution square, or with data.buckets the image's aspect-ratio bucket).
-- Speed: frozen text encoders -> each prompt is encoded once (`cache_prompt_embeddings`); the data
-  module's latent cache (data.cache_latents) is filled by `encode_latent_parameters` at fit start.
-- Validation / test / predict generate images for prompts with fixed seeds; validation and test score
-  them (CLIP-T, CLIP-I, DINO: fidelity.py). Checkpoints hold only the adapters (megabytes, not gigabytes).
-- `export` writes pytorch_lora_weights.safetensors (diffusers layout; optionally Kohya) and a model card.
+- sampling.py: validation / test / predict generate images for prompts with fixed seeds; validation and test score
+  them (CLIP-T, CLIP-I, DINO: fidelity.py). Generated images with NaN, or a validation/test prompt whose images are
+  all black, stop the run with the step.
+- export.py: `export` writes pytorch_lora_weights.safetensors (diffusers layout; optionally Kohya) and a model card.
   Without ckpt_path, eval/predict use the base model plus an exported LoRA folder (`lora_weights`).
+
+Here: the loss (MSE to the noise or the velocity, as the scheduler's prediction_type says; min-SNR `snr_gamma`,
+`noise_offset`, prior preservation with class examples in the batch; SDXL micro-conditioning from each image's
+original size, crop and target size), prompt embeddings encoded once while the text encoders are frozen, the
+optimizers, checkpoints holding only the adapters, and at fit start the data module's preparation (`on_fit_start`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import json
-import logging
 from pathlib import Path
 
-import diffusers
 import hydra
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionXLPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.training_utils import cast_training_params, compute_snr
+from diffusers.training_utils import compute_snr
 from lightning.pytorch.strategies import FSDPStrategy
-from peft import LoraConfig, inject_adapter_in_model
 
-from datamodules.dreambooth import prompt_slug
 from framework.config import to_plain
-from framework.distributed import gather_objects
 from framework.errors import UserError
-from framework.files import atomic_dir, atomic_write, write_json
-from lightning_modules.generation.fidelity import Fidelity
-from lightning_modules.generation.sdxl import (
-    TEXT_ENCODERS,
-    encode_prompts,
-    load_sdxl,
-    save_lora,
-    set_lora_enabled,
-    time_ids,
-)
+from lightning_modules.generation import parts, sampling
+from lightning_modules.generation.export import export_lora
+from lightning_modules.generation.sdxl import TEXT_ENCODERS, encode_prompts, load_sdxl, time_ids
 
-log = logging.getLogger(__name__)
-
-LORA_DEFAULTS = {
-    "rank": 4,
-    "alpha": None,
-    "dropout": 0.0,
-    "use_dora": False,
-    "target_modules": ["to_k", "to_q", "to_v", "to_out.0"],
-}
-TEXT_ENCODER_DEFAULTS = {
-    "lr": 5.0e-6,
-    "weight_decay": 1.0e-3,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"],
-}
 INFERENCE_DEFAULTS = {"scheduler": None, "num_inference_steps": 25, "guidance_scale": 5.0}
-MIXED_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-GENERATION_HINT = (
-    "the run stopped. Under trainer.precision=16-mixed set model.vae_fp32=true (or an fp16-fixed model.vae); "
-    "otherwise training diverged: lower model.optimizer.lr or set trainer.gradient_clip_val"
-)
-TEXT_ENCODER_DORA = (
-    "diffusers 0.42's load_lora_weights (with transformers 5) drops the text encoders' DoRA magnitudes, so the "
-    "exported LoRA would draw other images than the trained model"
-)
 
 
 class DreamBoothLoRA(L.LightningModule):
@@ -113,17 +72,17 @@ class DreamBoothLoRA(L.LightningModule):
         card: dict | None = None,
     ):
         super().__init__()
-        lora = {**LORA_DEFAULTS, **(to_plain(lora) or {})}
-        text_encoder = {**TEXT_ENCODER_DEFAULTS, **(to_plain(text_encoder) or {})}
+        lora = {**parts.LORA_DEFAULTS, **(to_plain(lora) or {})}
+        text_encoder = {**parts.TEXT_ENCODER_DEFAULTS, **(to_plain(text_encoder) or {})}
         inference = {**INFERENCE_DEFAULTS, **(to_plain(inference) or {})}
         fidelity, optimizer, scheduler, card = (to_plain(x) for x in (fidelity, optimizer, scheduler, card))
         self.save_hyperparameters(logger=False)
 
-        parts = load_sdxl(pretrained, vae)
-        self.unet, self.vae = parts["unet"], parts["vae"]
-        self.text_encoder, self.text_encoder_2 = parts["text_encoder"], parts["text_encoder_2"]
-        self.tokenizers = [parts["tokenizer"], parts["tokenizer_2"]]
-        self.noise_scheduler = parts["scheduler"]
+        loaded = load_sdxl(pretrained, vae)
+        self.unet, self.vae = loaded["unet"], loaded["vae"]
+        self.text_encoder, self.text_encoder_2 = loaded["text_encoder"], loaded["text_encoder_2"]
+        self.tokenizers = [loaded["tokenizer"], loaded["tokenizer_2"]]
+        self.noise_scheduler = loaded["scheduler"]
         if prediction_type:
             self.noise_scheduler.register_to_config(prediction_type=prediction_type)
         if self.noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
@@ -131,15 +90,8 @@ class DreamBoothLoRA(L.LightningModule):
                 f"prediction type '{self.noise_scheduler.config.prediction_type}' is not supported "
                 "(model.prediction_type: epsilon or v_prediction)"
             )
-        self.inference_scheduler = self._inference_scheduler(inference["scheduler"])
-        for module in (self.unet, self.vae, *self.text_encoders):
-            module.requires_grad_(False)
-        # Lightning keeps each submodule's mode: the trained ones train (LoRA dropout), the rest stay in eval.
-        self.unet.train()
-        for encoder in self.text_encoders:
-            encoder.train(train_text_encoder)
-        self.vae.eval()
-
+        self.inference_scheduler = parts.inference_scheduler(self.noise_scheduler, pretrained, inference["scheduler"])
+        parts.freeze(self.unet, self.vae, self.text_encoders, train_text_encoder)
         if lora_weights:  # inference with an exported LoRA, loaded the way users load it
             if not Path(lora_weights).exists():
                 raise UserError(
@@ -150,27 +102,11 @@ class DreamBoothLoRA(L.LightningModule):
             for module in (self.unet, *self.text_encoders):
                 module.requires_grad_(False)
         else:
-            self.unet.add_adapter(self._lora_config(lora["target_modules"]))
-            if train_text_encoder:
-                # With peft itself, as diffusers' add_adapter does for the UNet: transformers' add_adapter checks
-                # the peft version (5.24: peft >= 0.22, newer than any peft release). Adapter "default", as there.
-                for encoder in self.text_encoders:
-                    inject_adapter_in_model(self._lora_config(text_encoder["target_modules"]), encoder, "default")
-                if lora["use_dora"]:
-                    log.warning(
-                        "model.lora.use_dora with model.train_text_encoder: the LoRA cannot be exported (%s); "
-                        "set export_after_train=false and use the checkpoints (ckpt_path) for predict/eval",
-                        TEXT_ENCODER_DORA,
-                    )
+            parts.add_adapters(self.unet, self.text_encoders, lora, text_encoder, train_text_encoder)
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if train_text_encoder:
-                for encoder in self.text_encoders:
-                    # Non-reentrant: the frozen embeddings' output needs no requires_grad for the adapters' gradients
-                    # (transformers 4 defaults to reentrant and only fixes that for its own add_adapter).
-                    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            parts.enable_gradient_checkpointing(self.unet, self.text_encoders, train_text_encoder)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._fidelity: Fidelity | None = None
+        self._fidelity = sampling.LazyFidelity(fidelity)
         self._fused = False
         self.trained_steps: int | None = None  # from a loaded checkpoint, for the model card
         self.generated: dict[str, list[dict]] = {"val": [], "test": []}  # prompt, seed, image (for callbacks)
@@ -180,59 +116,26 @@ class DreamBoothLoRA(L.LightningModule):
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.text_encoder_2]
 
-    def _lora_config(self, target_modules: list[str]) -> LoraConfig:
-        lora = self.hparams.lora
-        return LoraConfig(
-            r=lora["rank"],
-            lora_alpha=lora["alpha"] or lora["rank"],
-            lora_dropout=lora["dropout"],
-            use_dora=lora["use_dora"],
-            init_lora_weights="gaussian",
-            target_modules=target_modules,
-        )
+    def pipeline(self):
+        """A StableDiffusionXLPipeline over this module's parts (shared, not copied): adapters included."""
+        return parts.pipeline(self.unet, self.vae, self.text_encoders, self.tokenizers, self.inference_scheduler)
 
-    def _inference_scheduler(self, name: str | None):
-        """The pipeline's own sampler (from pretrained/scheduler) or a diffusers scheduler class by name."""
-        config = self.noise_scheduler.load_config(self.hparams.pretrained, subfolder="scheduler", local_files_only=True)
-        name = name or config.get("_class_name", "EulerDiscreteScheduler")
-        if not hasattr(diffusers, name):
-            raise UserError(
-                f"model.inference.scheduler={name} is not a diffusers scheduler class "
-                "(e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler)"
-            )
-        return getattr(diffusers, name).from_config(config)
-
-    def pipeline(self) -> StableDiffusionXLPipeline:
-        """A pipeline over this module's parts (shared, not copied): adapters included."""
-        pipeline = StableDiffusionXLPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer=self.tokenizers[0],
-            tokenizer_2=self.tokenizers[1],
-            unet=self.unet,
-            scheduler=self.inference_scheduler,
-            add_watermarker=False,
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    @contextlib.contextmanager
     def base_model(self):
-        """The adapters switched off, e.g. to generate class images with the base model after a resume."""
-        for module in (self.unet, *self.text_encoders):
-            set_lora_enabled(module, False)
-        try:
-            yield
-        finally:
-            for module in (self.unet, *self.text_encoders):
-                set_lora_enabled(module, True)
+        """The adapters switched off (a context), e.g. to generate class images with the base model after a resume."""
+        return parts.adapters_disabled([self.unet, *self.text_encoders])
 
-    @contextlib.contextmanager
-    def full_precision(self):
-        """No autocast: the VAE runs in its own dtype (fp32 unless model.vae_fp32=false) whatever the trainer's."""
-        with torch.autocast(self.device.type, enabled=False):
-            yield
+    def vae_dtype(self, precision: str) -> torch.dtype:
+        """The VAE's dtype under `precision` (parts.vae_dtype)."""
+        vae = self.hparams.vae or f"{self.hparams.pretrained}/vae"
+        return parts.vae_dtype(self.vae, precision, self.hparams.vae_fp32, vae)
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        vae_dtype = self.vae_dtype(precision)
+        if self.vae.dtype != vae_dtype:  # (diffusers warns on every cast to a dtype)
+            self.vae.to(vae_dtype)
+        if not isinstance(self.trainer.strategy, FSDPStrategy):  # FSDP keeps one dtype per unit, casts for compute
+            parts.cast_frozen([self.unet, *self.text_encoders], precision)
 
     # ------------------------------------------------------------------------------------- encoding
     def prompt_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,8 +157,9 @@ class DreamBoothLoRA(L.LightningModule):
 
     @torch.no_grad()
     def encode_latent_parameters(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The VAE's latent distribution (mean and log variance) of images in [-1, 1], in fp32."""
-        with self.full_precision():
+        """The VAE's latent distribution (mean and log variance) of images in [-1, 1], in fp32. No autocast: the VAE
+        runs in its own dtype (fp32 unless model.vae_fp32=false) whatever the trainer's."""
+        with torch.autocast(self.device.type, enabled=False):
             return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters.float()
 
     def sample_latents(self, batch: dict) -> torch.Tensor:
@@ -266,33 +170,16 @@ class DreamBoothLoRA(L.LightningModule):
         return DiagonalGaussianDistribution(parameters.float()).sample() * self.vae.config.scaling_factor
 
     # ------------------------------------------------------------------------------------- training
-    def setup(self, stage: str) -> None:
-        dtype = MIXED_DTYPES.get(str(self.trainer.precision))
-        vae_dtype = self.vae_dtype(str(self.trainer.precision))
-        if self.vae.dtype != vae_dtype:  # (diffusers warns on every cast to a dtype)
-            self.vae.to(vae_dtype)
-        # Frozen weights in the autocast dtype, adapters in fp32 (as the diffusers script); FSDP keeps one dtype
-        # per unit and casts for compute itself.
-        if dtype is not None and not isinstance(self.trainer.strategy, FSDPStrategy):
-            for module in (self.unet, *self.text_encoders):
-                module.to(dtype)
-            cast_training_params([self.unet, *self.text_encoders], torch.float32)
-
-    def vae_dtype(self, precision: str) -> torch.dtype:
-        """fp32, or with model.vae_fp32=false the 16-bit dtype of `precision`; fp16 only for a VAE that is safe in
-        it (config force_upcast=false, as diffusers marks madebyollin/sdxl-vae-fp16-fix): SDXL's own VAE overflows
-        to NaN (black images) in fp16."""
-        dtype = MIXED_DTYPES.get(precision)
-        if self.hparams.vae_fp32 or dtype is None:
-            return torch.float32
-        if dtype == torch.float16 and self.vae.config.get("force_upcast", True):
-            vae = self.hparams.vae or f"{self.hparams.pretrained}/vae"
-            raise UserError(
-                f"trainer.precision=16-mixed with model.vae_fp32=false: the VAE {vae} is not made for fp16 (its "
-                "config has force_upcast=true) and would give NaN, black images. Set model.vae_fp32=true, or "
-                "model.vae=madebyollin/sdxl-vae-fp16-fix"
-            )
-        return dtype
+    def on_fit_start(self) -> None:
+        """The data module's preparation that needs this model: class images, then the latent cache."""
+        datamodule = self.trainer.datamodule
+        if hasattr(datamodule, "prepare_class_images"):
+            if self.trainer.is_global_zero:
+                with self.base_model():
+                    datamodule.prepare_class_images(self.generate)
+            self.trainer.strategy.barrier()
+        if hasattr(datamodule, "enable_latent_cache"):
+            datamodule.enable_latent_cache(self.encode_latent_parameters)
 
     def on_train_end(self) -> None:
         """Before the test pass that follows training (generation and the fidelity models need memory): the optimizer
@@ -302,16 +189,6 @@ class DreamBoothLoRA(L.LightningModule):
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def on_fit_start(self) -> None:
-        datamodule = self.trainer.datamodule
-        if hasattr(datamodule, "prepare_class_images"):
-            if self.trainer.is_global_zero:
-                with self.base_model():
-                    datamodule.prepare_class_images(self.generate)
-            self.trainer.strategy.barrier()
-        if hasattr(datamodule, "enable_latent_cache"):
-            datamodule.enable_latent_cache(self.encode_latent_parameters)
 
     def loss(self, batch: dict) -> torch.Tensor:
         latents = self.sample_latents(batch)
@@ -414,50 +291,17 @@ class DreamBoothLoRA(L.LightningModule):
         self.trained_steps = checkpoint.get("global_step", 0)
 
     # ----------------------------------------------------------------------------------- generation
-    @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> list:
-        """PIL images for prompts, one fixed seed each (CPU generators: the same images on any device)."""
-        pipeline = self.pipeline()
-        inference = self.hparams.inference
-        latents = pipeline(
-            prompt=list(prompts),
-            height=self.hparams.resolution,
-            width=self.hparams.resolution,
-            num_inference_steps=inference["num_inference_steps"],
-            guidance_scale=inference["guidance_scale"],
-            generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
-            output_type="latent",
-        ).images
-        with self.full_precision():
-            images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        broken = sorted({p for p, image in zip(prompts, images) if not torch.isfinite(image).all()})
-        if broken:
-            raise UserError(
-                f"images generated{self._at_step()} hold NaN or inf (prompts: {' | '.join(broken)}): {GENERATION_HINT}"
-            )
-        return pipeline.image_processor.postprocess(images.float(), output_type="pil")
+        """PIL images for prompts, one fixed seed each (sampling.generate)."""
+        return sampling.generate(
+            self.pipeline(), prompts, seeds, self.hparams.resolution, self.hparams.inference, self._at_step()
+        )
 
     def _at_step(self) -> str:
         return f" at global step {self.trainer.global_step}" if self._trainer is not None else ""
 
-    def _check_black(self, stage: str) -> None:
-        """Stop when every image of a prompt (its grid) is black: a broken VAE or a diverged model."""
-        grids: dict[str, list[bool]] = {}
-        for row in self.generated[stage]:
-            grids.setdefault(row["prompt"], []).append(not np.asarray(row["image"]).any())
-        black = [prompt for prompt, flags in grids.items() if all(flags)]
-        if black:
-            raise UserError(
-                f"the {stage} images{self._at_step()} are all black for prompt(s) {' | '.join(black)}: "
-                f"{GENERATION_HINT}"
-            )
-
     def _generate_rows(self, batch: dict) -> list[dict]:
-        images = self.generate(batch["prompt"], batch["seed"])
-        return [
-            {"prompt": p, "seed": s, "index": i, "image": image}
-            for p, s, i, image in zip(batch["prompt"], batch["seed"], batch["index"], images)
-        ]
+        return sampling.image_rows(batch, self.generate(batch["prompt"], batch["seed"]))
 
     def _fuse_once(self) -> None:
         if self.hparams.fuse_lora and not self._fused:
@@ -486,125 +330,26 @@ class DreamBoothLoRA(L.LightningModule):
 
     def _score(self, stage: str) -> None:
         """Fidelity of the stage's images (every rank's, once each): stage/CLIP-T, stage/CLIP-I, stage/DINO."""
-        rows = {row["index"]: row for part in gather_objects(self.generated[stage]) for row in part}
-        self.generated[stage] = [rows[i] for i in sorted(rows)]
-        self._check_black(stage)
+        self.generated[stage] = sampling.gather_rows(self.generated[stage])
+        sampling.check_black(self.generated[stage], stage, self._at_step())
         metrics = {}
-        if self.trainer.is_global_zero and self.generated[stage] and self.fidelity() is not None:
+        if self.trainer.is_global_zero:
             datamodule = self.trainer.datamodule
-            references = datamodule.reference_images() if hasattr(datamodule, "reference_images") else None
-            metrics = self.fidelity().to(self.device)(
-                [r["image"] for r in self.generated[stage]], [r["prompt"] for r in self.generated[stage]], references
-            )
+            references = getattr(datamodule, "reference_images", lambda: None)  # the real instance images
+            metrics = self._fidelity.score(self.generated[stage], references, self.device)
         for name, value in self.trainer.strategy.broadcast(metrics).items():
             self.log(f"{stage}/{name}", value)
-
-    def fidelity(self) -> Fidelity | None:
-        """The fidelity models (model.fidelity.clip / .dino), loaded on first use; None when neither is set."""
-        config = self.hparams.fidelity or {}
-        if self._fidelity is None and (config.get("clip") or config.get("dino")):
-            self._fidelity = Fidelity(config.get("clip"), config.get("dino"))
-        return self._fidelity
 
     def on_predict_start(self) -> None:
         self._fuse_once()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        return [
-            {
-                "image": f"{row['index']:04d}_{prompt_slug(row['prompt'])}_seed{row['seed']}.png",
-                "prompt": row["prompt"],
-                "seed": row["seed"],
-                "pil": row["image"],
-            }
-            for row in self._generate_rows(batch)
-        ]
+        return sampling.prediction_rows(self._generate_rows(batch))
 
-    def save_predictions(self, rows: list[dict], output_dir: Path) -> dict[str, float]:
-        """PNGs under output_dir/images/ and predictions.json / prompts.csv: file, prompt, seed."""
-        for row in rows:
-            atomic_write(output_dir / "images" / row["image"], lambda f, im=row["pil"]: im.save(f, format="PNG"), "wb")
-        listing = [{key: row[key] for key in ("image", "prompt", "seed")} for row in rows]
-        write_json(output_dir / "predictions.json", listing)
-        log.info("wrote %d images to %s", len(rows), output_dir / "images")
-        return {"predict/images": float(len(rows))}
+    save_predictions = staticmethod(sampling.save_predictions)  # what the runner calls with predict's rows
 
     # ---------------------------------------------------------------------------------------- export
     def export(self, directory: str | Path) -> Path:
         """pytorch_lora_weights.safetensors (+ the Kohya layout with model.kohya=true) and a README.md model card."""
-        if self.hparams.lora_weights:
-            raise UserError(
-                "model.lora_weights is already an exported LoRA: export a training checkpoint "
-                "(mode=export ckpt_path=...) instead"
-            )
-        if self.hparams.lora["use_dora"] and self.hparams.train_text_encoder:
-            raise UserError(
-                f"a LoRA with model.lora.use_dora=true and model.train_text_encoder=true is not exported: "
-                f"{TEXT_ENCODER_DORA}. Nothing was written; use the checkpoint (ckpt_path=...) for predict/eval, or "
-                "train with model.lora.use_dora=false or model.train_text_encoder=false"
-            )
-        directory = Path(directory)
-        alpha = self.hparams.lora["alpha"] or self.hparams.lora["rank"]
-        with atomic_dir(directory) as tmp:
-            save_lora(
-                tmp,
-                {"unet": self.unet, **dict(zip(TEXT_ENCODERS, self.text_encoders))},
-                kohya_alpha=alpha if self.hparams.kohya else None,
-            )
-            (tmp / "README.md").write_text(self.model_card(), encoding="utf-8")
-        return directory
-
-    def model_card(self) -> str:
-        hp, card = self.hparams, self.hparams.card or {}
         steps = self.trainer.global_step if self._trainer is not None else self.trained_steps
-        trigger = card.get("trigger_word") or "(none)"
-        settings = {
-            "rank": hp.lora["rank"],
-            "alpha": hp.lora["alpha"] or hp.lora["rank"],
-            "dropout": hp.lora["dropout"],
-            "DoRA": hp.lora["use_dora"],
-            "target modules": hp.lora["target_modules"],
-            "text encoder LoRA": hp.train_text_encoder,
-            "learning rate": (hp.optimizer or {}).get("lr"),
-            "training steps": steps,
-            "resolution": hp.resolution,
-            "snr_gamma": hp.snr_gamma,
-            "noise_offset": hp.noise_offset,
-            "prior preservation": card.get("prior_preservation"),
-            "VAE": hp.vae or "the pipeline's",
-        }
-        rows = "\n".join(
-            f"| {key} | {json.dumps(value) if isinstance(value, list) else value} |" for key, value in settings.items()
-        )
-        prompt = card.get("instance_prompt") or f"a photo of {trigger}"
-        prior = " and prior preservation" if card.get("prior_preservation") else ""
-        return f"""---
-base_model: {hp.pretrained}
-library_name: diffusers
-tags: [text-to-image, stable-diffusion-xl, lora, dreambooth]
-instance_prompt: {json.dumps(prompt)}
----
-
-# SDXL LoRA ({card.get("name") or "DreamBooth"})
-
-LoRA adapters for `{hp.pretrained}`, trained with DreamBooth{prior}.
-
-**Trigger word:** `{trigger}`. Use it in prompts, e.g. "{prompt}".
-
-```python
-import torch
-from diffusers import StableDiffusionXLPipeline
-
-pipe = StableDiffusionXLPipeline.from_pretrained("{hp.pretrained}", torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors
-image = pipe({json.dumps(prompt)}, num_inference_steps=25).images[0]
-```
-
-`pytorch_lora_weights_kohya.safetensors`, when present, is the same LoRA in the Kohya layout
-(AUTOMATIC1111, ComfyUI; in diffusers:
-`pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights_kohya.safetensors")`).
-
-| setting | value |
-| --- | --- |
-{rows}
-"""
+        return export_lora(directory, self.unet, self.text_encoders, self.hparams, steps)

@@ -1,0 +1,162 @@
+"""What DreamBooth batches hold: training items (an instance example and, with prior preservation, a class example,
+each cropped, maybe flipped, with its SDXL micro-conditioning) and the prompt sets of validation, test and predict."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+
+from datamodules.buckets import Buckets, cover_size
+from datamodules.dreambooth_sources import Example
+from datamodules.sampling import item_key
+from framework.errors import UserError
+
+
+def interpolation_mode(name: str) -> TF.InterpolationMode:
+    """torchvision's resampling filter by name (diffusers' --image_interpolation_mode names: lanczos, nearest_exact)."""
+    try:
+        return TF.InterpolationMode[str(name).upper()]
+    except KeyError:
+        names = ", ".join(mode.name.lower() for mode in TF.InterpolationMode)
+        raise UserError(f"data.interpolation={name} is not one of {names}") from None
+
+
+def crop_and_flip(image: Image.Image, size: tuple[int, int], top_left: tuple[int, int], flip: bool) -> dict:
+    """The `size` (height, width) crop, optionally mirrored, in [-1, 1] with the SDXL micro-conditioning inputs
+    of the crop: its top-left corner and the target size.
+
+    `image` is already resized to cover `size`. The crop corner of a mirrored image is
+    mirrored too, so the conditioning describes the pixels the model sees.
+    """
+    height, width = size
+    top, left = top_left
+    pixels = TF.to_tensor(image.crop((left, top, left + width, top + height)))
+    if flip:
+        pixels = pixels.flip(-1)
+        left = image.width - left - width
+    return {"pixels": pixels * 2 - 1, "crop_top_left": torch.tensor([top, left]), "target_size": torch.tensor(size)}
+
+
+class TrainingImages(Dataset):
+    """Instance examples (repeated `repeats` times) paired with class examples (prior preservation).
+
+    Without a latent cache an item decodes its images, with a random or centre crop and a random
+    flip; with one (`latents`: per example, the latent distribution of the unflipped and the flipped
+    crop) it draws only the flip. The flip is drawn first in both, from the item's seed (the sampler's): the same
+    draws in a resumed run and in any loader worker.
+    With `buckets` (data.buckets), an item's examples are resized and cropped to its aspect-ratio bucket
+    (`Buckets`), not to a `resolution` square.
+    """
+
+    def __init__(
+        self,
+        instances: list[Example],
+        classes: list[Example],
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        repeats: int = 1,
+        latents: dict | None = None,
+        buckets: bool = False,
+        interpolation: TF.InterpolationMode = TF.InterpolationMode.BILINEAR,
+    ):
+        self.instances, self.classes = instances * repeats, classes
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.latents, self.interpolation = latents, interpolation
+        self.buckets = Buckets(resolution, self.instances, classes, len(self)) if buckets else None
+
+    def __len__(self) -> int:
+        return max(len(self.instances), len(self.classes))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, seed = item_key(key)  # the samplers' keys are (index, item seed) pairs
+        rng = random.Random(random.getrandbits(64) if seed is None else seed)
+        size, class_index = self.layout(index)
+        item = {"instance": self.example(self.instances[index % len(self.instances)], size, rng)}
+        if self.classes:
+            item["class"] = self.example(self.classes[class_index], size, rng)
+        return item
+
+    def layout(self, index: int) -> tuple[tuple[int, int], int | None]:
+        """The (height, width) of item `index`'s examples and the index of its class example (None: no classes)."""
+        if self.buckets is not None:
+            return self.buckets.item(index)
+        return (self.resolution, self.resolution), index % len(self.classes) if self.classes else None
+
+    def views(self) -> list[tuple[Example, tuple[int, int]]]:
+        """Every (example, size) that items show, once: what the latent cache encodes."""
+        views = {}
+        for index in range(len(self)):
+            size, class_index = self.layout(index)
+            shown = [self.instances[index % len(self.instances)]] + (
+                [self.classes[class_index]] if self.classes else []
+            )
+            views.update({(example.image.name, size): (example, size) for example in shown})
+        return list(views.values())
+
+    def example(self, example: Example, size: tuple[int, int], rng: random.Random) -> dict:
+        flip = self.random_flip and rng.random() < 0.5
+        if self.latents is not None:
+            return {**self.latents[example.image.name, size][flip], "prompt": example.prompt}
+        image, original_size = self.resized(example, size)
+        return {
+            **crop_and_flip(image, size, self.crop_corner(image, size, rng), flip),
+            "original_size": original_size,
+            "prompt": example.prompt,
+        }
+
+    def resized(self, example: Example, size: tuple[int, int]) -> tuple[Image.Image, torch.Tensor]:
+        """The image resized to cover `size` with its aspect ratio kept (for a square: shorter side = resolution)."""
+        image = example.image.load()
+        original_size = torch.tensor([image.height, image.width])
+        cover = list(cover_size(image.height, image.width, size))
+        return TF.resize(image, cover, interpolation=self.interpolation), original_size
+
+    def crop_corner(self, image: Image.Image, size: tuple[int, int], rng: random.Random) -> tuple[int, int]:
+        spare_h, spare_w = image.height - size[0], image.width - size[1]
+        if self.center_crop:
+            return round(spare_h / 2), round(spare_w / 2)
+        return rng.randint(0, spare_h), rng.randint(0, spare_w)
+
+
+def collate_training(items: list[dict]) -> dict:
+    """Instance examples first, then class examples; `num_instance` tells the loss where they split."""
+    examples = [item["instance"] for item in items] + [item["class"] for item in items if "class" in item]
+    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0] if key != "prompt"}
+    return {**batch, "prompts": [e["prompt"] for e in examples], "num_instance": len(items)}
+
+
+class PromptSet(Dataset):
+    """Every prompt with every seed: items {"prompt", "seed", "index"} (predict names its files by index)."""
+
+    def __init__(self, prompts: Sequence[str], seeds: Sequence[int]):
+        self.items = [(prompt, seed) for prompt in prompts for seed in seeds]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        prompt, seed = self.items[index]
+        return {"prompt": prompt, "seed": seed, "index": index}
+
+
+def collate_prompts(items: list[dict]) -> dict:
+    return {key: [item[key] for item in items] for key in items[0]}
+
+
+def read_prompts(prompts: str | Sequence[str] | None, key: str) -> list[str]:
+    """A list of prompts, or a text file with one prompt per line."""
+    if prompts is None:
+        return []
+    if isinstance(prompts, str):
+        path = Path(prompts)
+        if not path.is_file():
+            raise UserError(f"{key}={prompts}: give a list of prompts or a text file with one prompt per line")
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [str(p) for p in prompts]

@@ -1,0 +1,162 @@
+"""Readers of DreamBooth training examples (data.source, a Hydra `_partial_`), each example an image and its prompt:
+- `read_instance_folder`: a folder of images of one subject, all with one instance prompt ("a photo of sks dog");
+- `read_captioned_images`: per-image prompts, from a Hugging Face imagefolder's `metadata.jsonl`
+  (`{"file_name": ..., "prompt": ...}` per line) or `metadata.csv` (file_name and prompt columns), or from a
+  Hugging Face `datasets` folder written by `save_to_disk` (image and prompt columns).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from datamodules.images import IMAGE_ERRORS, IMAGE_SUFFIXES, bad_image, load_rgb
+from framework.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileImage:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def load(self) -> Image.Image:
+        return load_rgb(self.path)
+
+    def size(self) -> tuple[int, int]:
+        """(width, height) from the file header."""
+        with Image.open(self.path) as image:
+            return image.size
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """Row `index` of a `datasets` folder written by save_to_disk (opened once per process)."""
+
+    folder: str
+    index: int
+    column: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.folder}#{self.index}"
+
+    def load(self) -> Image.Image:
+        try:  # the datasets library decodes the image when the row is read
+            return _open_dataset(self.folder)[self.index][self.column].convert("RGB")
+        except IMAGE_ERRORS as error:
+            raise bad_image(self.name, error) from error
+
+    def size(self) -> tuple[int, int]:
+        return self.load().size
+
+
+@dataclass(frozen=True)
+class Example:
+    image: FileImage | DatasetImage
+    prompt: str
+
+
+def read_instance_folder(folder: str | os.PathLike, prompt: str) -> list[Example]:
+    """Every image in `folder` (not recursive), each with `prompt`; other files are skipped and listed once."""
+    if not prompt or not prompt.strip():
+        raise UserError("data.source.prompt is empty: give the instance prompt, e.g. 'a photo of sks dog'")
+    return [Example(image, prompt) for image in image_files(Path(folder), "data.source.folder")]
+
+
+def read_captioned_images(
+    folder: str | os.PathLike, prompt_column: str = "prompt", image_column: str = "image"
+) -> list[Example]:
+    """Images with their own prompts: a Hugging Face imagefolder (`folder/metadata.jsonl` or `metadata.csv`: the
+    file_name and prompt columns), or a `datasets` folder written by save_to_disk (image + prompt columns)."""
+    folder = Path(folder)
+    for metadata in (folder / "metadata.jsonl", folder / "metadata.csv"):
+        if metadata.is_file():
+            return _read_metadata(metadata, prompt_column)
+    if (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file():
+        dataset = _open_dataset(str(folder))
+        missing = {image_column, prompt_column} - set(dataset.column_names)
+        if missing:
+            raise UserError(
+                f"the dataset in {folder} has no column(s) {sorted(missing)} (columns: "
+                f"{dataset.column_names}); set data.source.image_column / data.source.prompt_column"
+            )
+        return [
+            Example(DatasetImage(str(folder), i, image_column), str(prompt))
+            for i, prompt in enumerate(dataset[prompt_column])
+        ]
+    raise UserError(
+        f"{folder} has neither metadata.jsonl / metadata.csv nor a Hugging Face dataset saved with save_to_disk "
+        "(data.source.folder)"
+    )
+
+
+def _read_metadata(metadata: Path, prompt_column: str) -> list[Example]:
+    """An imagefolder's images and prompts: metadata.jsonl (a JSON object per line) or metadata.csv (a header row)."""
+    text = metadata.read_text(encoding="utf-8")
+    if metadata.suffix == ".csv":
+        rows = list(enumerate(csv.DictReader(io.StringIO(text)), 2))
+    else:
+        rows = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    examples = []
+    for number, row in rows:
+        try:
+            row = json.loads(row) if isinstance(row, str) else row
+            name, prompt = row["file_name"], row[prompt_column]
+            if name is None or prompt is None:  # a short csv row
+                raise KeyError("file_name" if name is None else prompt_column)
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            what = "a row" if metadata.suffix == ".csv" else "a JSON object"
+            raise UserError(
+                f"{metadata}, line {number}: expected {what} with 'file_name' and "
+                f"'{prompt_column}' (data.source.prompt_column) ({error})"
+            ) from None
+        path = metadata.parent / name
+        if not path.is_file():
+            raise UserError(f"{metadata}, line {number}: image {path} does not exist")
+        examples.append(Example(FileImage(path), str(prompt)))
+    if not examples:
+        raise UserError(f"{metadata} lists no images")
+    return examples
+
+
+@functools.cache
+def _open_dataset(folder: str):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"{folder} is a Hugging Face dataset folder: reading it needs `pip install datasets` "
+            "(or convert it to images + metadata.jsonl)"
+        ) from None
+    dataset = datasets.load_from_disk(folder)
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise UserError(f"the dataset in {folder} has no 'train' split (splits: {list(dataset)})")
+        dataset = dataset["train"]
+    return dataset
+
+
+def image_files(folder: Path, key: str) -> list[FileImage]:
+    if not folder.is_dir():
+        raise UserError(f"image folder {folder} does not exist ({key})")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [FileImage(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        log.warning("skipping %d non-image file(s) in %s: %s", len(others), folder, ", ".join(others))
+    if not images:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder} ({key})")
+    return images

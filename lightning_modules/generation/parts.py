@@ -1,0 +1,148 @@
+"""The SDXL parts a DreamBooth LoRA trains: the frozen base model with peft LoRA adapters on the UNet (and the text
+encoders), the dtype each part runs in under mixed precision, the inference sampler, and a pipeline over the parts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import diffusers
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig, inject_adapter_in_model
+
+from framework.errors import UserError
+from lightning_modules.generation.sdxl import set_lora_enabled
+
+log = logging.getLogger(__name__)
+
+LORA_DEFAULTS = {
+    "rank": 4,
+    "alpha": None,
+    "dropout": 0.0,
+    "use_dora": False,
+    "target_modules": ["to_k", "to_q", "to_v", "to_out.0"],
+}
+TEXT_ENCODER_DEFAULTS = {
+    "lr": 5.0e-6,
+    "weight_decay": 1.0e-3,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
+MIXED_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+TEXT_ENCODER_DORA = (
+    "diffusers 0.42's load_lora_weights (with transformers 5) drops the text encoders' DoRA magnitudes, so the "
+    "exported LoRA would draw other images than the trained model"
+)
+
+
+def lora_config(lora: dict, target_modules: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=lora["rank"],
+        lora_alpha=lora["alpha"] or lora["rank"],
+        lora_dropout=lora["dropout"],
+        use_dora=lora["use_dora"],
+        init_lora_weights="gaussian",
+        target_modules=target_modules,
+    )
+
+
+def freeze(unet, vae, text_encoders: list[torch.nn.Module], train_text_encoder: bool) -> None:
+    """Every base weight frozen. Lightning keeps each submodule's mode: the trained ones train (LoRA dropout), the
+    rest stay in eval."""
+    for module in (unet, vae, *text_encoders):
+        module.requires_grad_(False)
+    unet.train()
+    for encoder in text_encoders:
+        encoder.train(train_text_encoder)
+    vae.eval()
+
+
+def add_adapters(unet, text_encoders: list[torch.nn.Module], lora: dict, text_encoder: dict, train_text_encoder: bool):
+    """The trained LoRA adapters (adapter "default") on the UNet, and with `train_text_encoder` on both encoders."""
+    unet.add_adapter(lora_config(lora, lora["target_modules"]))
+    if train_text_encoder:
+        # With peft itself, as diffusers' add_adapter does for the UNet: transformers' add_adapter checks
+        # the peft version (5.24: peft >= 0.22, newer than any peft release). Adapter "default", as there.
+        for encoder in text_encoders:
+            inject_adapter_in_model(lora_config(lora, text_encoder["target_modules"]), encoder, "default")
+        if lora["use_dora"]:
+            log.warning(
+                "model.lora.use_dora with model.train_text_encoder: the LoRA cannot be exported (%s); "
+                "set export_after_train=false and use the checkpoints (ckpt_path) for predict/eval",
+                TEXT_ENCODER_DORA,
+            )
+
+
+def enable_gradient_checkpointing(unet, text_encoders: list[torch.nn.Module], train_text_encoder: bool) -> None:
+    unet.enable_gradient_checkpointing()
+    if train_text_encoder:
+        for encoder in text_encoders:
+            # Non-reentrant: the frozen embeddings' output needs no requires_grad for the adapters' gradients
+            # (transformers 4 defaults to reentrant and only fixes that for its own add_adapter).
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def inference_scheduler(noise_scheduler, pretrained: str, name: str | None):
+    """The pipeline's own sampler (from pretrained/scheduler) or a diffusers scheduler class by name."""
+    config = noise_scheduler.load_config(pretrained, subfolder="scheduler", local_files_only=True)
+    name = name or config.get("_class_name", "EulerDiscreteScheduler")
+    if not hasattr(diffusers, name):
+        raise UserError(
+            f"model.inference.scheduler={name} is not a diffusers scheduler class "
+            "(e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler)"
+        )
+    return getattr(diffusers, name).from_config(config)
+
+
+def pipeline(unet, vae, text_encoders: list[torch.nn.Module], tokenizers: list, scheduler) -> StableDiffusionXLPipeline:
+    """A pipeline over these parts (shared, not copied): adapters included."""
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoders[0],
+        text_encoder_2=text_encoders[1],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def adapters_disabled(modules: list[torch.nn.Module]):
+    """The base model: every LoRA adapter in `modules` switched off, and on again after."""
+    for module in modules:
+        set_lora_enabled(module, False)
+    try:
+        yield
+    finally:
+        for module in modules:
+            set_lora_enabled(module, True)
+
+
+def vae_dtype(vae, precision: str, vae_fp32: bool, vae_name: str) -> torch.dtype:
+    """fp32, or with model.vae_fp32=false the 16-bit dtype of `precision`; fp16 only for a VAE that is safe in
+    it (config force_upcast=false, as diffusers marks madebyollin/sdxl-vae-fp16-fix): SDXL's own VAE overflows
+    to NaN (black images) in fp16."""
+    dtype = MIXED_DTYPES.get(precision)
+    if vae_fp32 or dtype is None:
+        return torch.float32
+    if dtype == torch.float16 and vae.config.get("force_upcast", True):
+        raise UserError(
+            f"trainer.precision=16-mixed with model.vae_fp32=false: the VAE {vae_name} is not made for fp16 (its "
+            "config has force_upcast=true) and would give NaN, black images. Set model.vae_fp32=true, or "
+            "model.vae=madebyollin/sdxl-vae-fp16-fix"
+        )
+    return dtype
+
+
+def cast_frozen(modules: list[torch.nn.Module], precision: str) -> None:
+    """Frozen weights in the autocast dtype of `precision`, adapters in fp32 (as the diffusers script)."""
+    dtype = MIXED_DTYPES.get(precision)
+    if dtype is not None:
+        for module in modules:
+            module.to(dtype)
+        cast_training_params(modules, torch.float32)
