@@ -109,10 +109,10 @@ def test_the_sharded_checkpoint_exports_and_loads_on_one_process(runs):
     assert captioner.keys() == model.keys() and all(torch.equal(captioner[k], model[k]) for k in model)
 
 
+# Resuming and preemption are the framework's path, not the model's: BLIP's runs are enough.
+@pytest.mark.parametrize("runs", ["blip_shapes"], indirect=True)
 def test_a_sharded_checkpoint_resumes_on_one_process_and_refuses_an_unsharded_trainer(runs, data_dir):
     task, root = runs
-    if task != "blip_shapes":
-        pytest.skip("one model is enough for resuming (it is the framework's path, not the model's)")
     args = [f"task={task}", f"model.pretrained={tiny_blip_dir(data_dir)}", *STEPS_ARGS, "trainer.max_epochs=2"]
     last = root / "fsdp" / "checkpoints" / "last.ckpt"
     with pytest.raises(UserError, match=r"is sharded \(written by trainer=fsdp\): resume it with trainer=fsdp"):
@@ -125,10 +125,9 @@ def test_a_sharded_checkpoint_resumes_on_one_process_and_refuses_an_unsharded_tr
     assert torch.load(root / "one" / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 6
 
 
+@pytest.mark.parametrize("runs", ["blip_shapes"], indirect=True)
 def test_sigterm_to_one_rank_saves_on_all_and_resume_auto_ends_with_the_uninterrupted_weights(runs, data_dir):
     task, root = runs
-    if task != "blip_shapes":
-        pytest.skip("one model is enough for preemption (it is the framework's path, not the model's)")
     args = [f"task={task}", f"model.pretrained={tiny_blip_dir(data_dir)}", *STEPS_ARGS, "trainer=fsdp_sim"]
     # Rank 1 alone is signalled after step 1: the ranks agree at the next batch, train it and save step 2 of 3.
     sigterm = ["+callbacks.fault._target_=tests.fault_injection.SigtermAtStep", "+callbacks.fault.step=1"]
