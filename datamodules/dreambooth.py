@@ -38,12 +38,12 @@ from datamodules.dreambooth_items import (
     read_prompts,
 )
 from datamodules.dreambooth_sources import Example, image_files, read_captioned_images, read_instance_folder
-from datamodules.images import IMAGE_SUFFIXES, keep_readable
+from datamodules.images import image_paths, keep_readable
 from datamodules.sampling import EpochSampler, fit_position
 from framework.config import positive
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
-from framework.files import atomic_write, writable_dir
+from framework.files import writable_dir, write_png
 
 # The readers are data.source targets in conf/data/ and, with crop_and_flip, imported from here.
 __all__ = ["DreamBoothDataModule", "crop_and_flip", "prompt_slug", "read_captioned_images", "read_instance_folder"]
@@ -69,7 +69,7 @@ def ensure_class_images(
     run leaves only complete images and the next run generates the rest.
     """
     writable_dir(folder, "data.class_images")
-    have = len([p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES])
+    have = len(image_paths(folder)[0])
     missing = count - have
     if missing <= 0:
         return
@@ -78,7 +78,7 @@ def ensure_class_images(
         for start in range(have, count, batch_size):
             seeds = [seed + i for i in range(start, min(start + batch_size, count))]
             for index, image in zip(seeds, generate([prompt] * len(seeds), seeds)):
-                atomic_write(folder / f"class_{index:05d}.png", lambda f, im=image: im.save(f, format="PNG"), "wb")
+                write_png(folder / f"class_{index:05d}.png", image)
             progress.update(len(seeds))
 
 

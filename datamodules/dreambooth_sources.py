@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from datamodules.images import IMAGE_ERRORS, IMAGE_SUFFIXES, bad_image, load_rgb
+from datamodules.images import IMAGE_ERRORS, bad_image, list_images, load_rgb
 from framework.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ class Example:
 
 
 def read_instance_folder(folder: str | os.PathLike, prompt: str) -> list[Example]:
-    """Every image in `folder` (not recursive), each with `prompt`; other files are skipped and listed once."""
+    """Every image under `folder` (datamodules.images.image_paths), each with `prompt`; other files are skipped and
+    listed once."""
     if not prompt or not prompt.strip():
         raise UserError("data.source.prompt is empty: give the instance prompt, e.g. 'a photo of sks dog'")
     return [Example(image, prompt) for image in image_files(Path(folder), "data.source.folder")]
@@ -150,13 +151,4 @@ def _open_dataset(folder: str):
 
 
 def image_files(folder: Path, key: str) -> list[FileImage]:
-    if not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist ({key})")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [FileImage(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-    if others:
-        log.warning("skipping %d non-image file(s) in %s: %s", len(others), folder, ", ".join(others))
-    if not images:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder} ({key})")
-    return images
+    return [FileImage(p) for p in list_images(folder, key)]

@@ -76,11 +76,25 @@ def image_transform(image_size: int) -> transforms.Compose:
     )
 
 
+def image_paths(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The one listing rule for a folder of images: every file under it, subfolders included, sorted by path, split
+    into images (by suffix, IMAGE_SUFFIXES) and other files. Hidden files and folders (names starting with '.', such
+    as macOS' ._* copies or .ipynb_checkpoints) are not listed."""
+    visible = (p for p in folder.rglob("*") if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(p for p in visible if p.is_file())
+    is_image = [p.suffix.lower() in IMAGE_SUFFIXES for p in files]
+    return [p for p, image in zip(files, is_image) if image], [p for p, image in zip(files, is_image) if not image]
+
+
 def list_images(folder: str | os.PathLike, key: str = "data.images") -> list[Path]:
+    """The images of `folder` (`image_paths`); other files are named in one warning; no image is a UserError."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist (set {key} to a folder of images)")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths, others = image_paths(folder)
+    if others:
+        names = [str(p.relative_to(folder)) for p in others]
+        log.warning("skipping %d non-image file(s) in %s (%s): %s", len(names), folder, key, ", ".join(names[:10]))
     if not paths:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder} ({key})")
     return paths

@@ -15,46 +15,15 @@ import argparse
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
+from framework.pretrained import MODELS, Weights  # noqa: E402  (the one table; runs' errors name its entries)
 
 HF_HOST, TORCHVISION_HOST = "huggingface.co", "download.pytorch.org"
 CONNECT_TIMEOUT_S = 5.0
 
 
-@dataclass(frozen=True)
-class Weights:
-    source: str  # "hub" (a Hugging Face repository) or "torchvision" (a model name)
-    name: str
-    used_by: str
-    allow: tuple[str, ...] | None = None  # hub files to fetch (None: all but other frameworks' duplicates)
-
-
-MODELS = {
-    "blip-base": Weights("hub", "Salesforce/blip-image-captioning-base", "task=blip_coco/blip_flickr8k (default)"),
-    "blip-large": Weights(
-        "hub",
-        "Salesforce/blip-image-captioning-large",
-        "task=blip_* model.pretrained=Salesforce/blip-image-captioning-large",
-    ),
-    "vit-gpt2": Weights("hub", "nlpconnect/vit-gpt2-image-captioning", "task=vit_gpt2_coco (default)"),
-    "vit-base": Weights("hub", "google/vit-base-patch16-224-in21k", "task=vit_gpt2_coco model.encoder_pretrained"),
-    "gpt2": Weights("hub", "openai-community/gpt2", "task=vit_gpt2_coco model.decoder_pretrained"),
-    "sdxl-base": Weights(
-        "hub",
-        "stabilityai/stable-diffusion-xl-base-1.0",
-        "SDXL DreamBooth LoRA (fp32 weights)",
-        allow=("*.json", "*.txt", "*/model.safetensors", "*/diffusion_pytorch_model.safetensors"),
-    ),
-    "sdxl-vae-fp16": Weights("hub", "madebyollin/sdxl-vae-fp16-fix", "SDXL: a VAE that runs in fp16"),
-    "clip-vit-b32": Weights(
-        "hub", "openai/clip-vit-base-patch32", "SDXL DreamBooth fidelity: CLIP-T, CLIP-I (model.fidelity.clip)"
-    ),
-    "dino-vits16": Weights("hub", "facebook/dino-vits16", "SDXL DreamBooth fidelity: DINO (model.fidelity.dino)"),
-    "resnet50": Weights("torchvision", "resnet50", "CNN-RNN encoder (model.encoder.pretrained=true), saliency"),
-    "densenet201": Weights("torchvision", "densenet201", "CNN-RNN encoder (model.encoder.name=densenet201)"),
-    "vgg19": Weights("torchvision", "vgg19", "style transfer (Gatys et al.)"),
-    "vgg16": Weights("torchvision", "vgg16", "style transfer (perceptual loss of fast style transfer)"),
-}
 # Duplicates of the safetensors/PyTorch weights in other frameworks' formats.
 OTHER_FORMATS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "*.mlmodel", "*.pb")
 

@@ -425,11 +425,18 @@ def test_bad_instance_folders(tmp_path, caplog):
     folder = save_images(tmp_path / "small", 2, size=32)
     (folder / "notes.txt").write_text("x")
     (folder / "labels.csv").write_text("x")
+    save_images(folder / "more", 1, size=32)  # the one listing rule (datamodules.images): subfolders are read,
+    save_images(folder / ".cache", 1, size=32)  # hidden files and folders are not
+    (folder / "._img_0.png").write_bytes(b"macOS metadata")
     caplog.clear()
     data = DreamBoothDataModule(
         source=lambda: read_instance_folder(folder, "a photo of a dog"), trigger_token="sks", resolution=64
     )
-    assert len(data.instances) == 2
+    assert [example.image.path.relative_to(folder).as_posix() for example in data.instances] == [
+        "img_0.png",
+        "img_1.png",
+        "more/img_0.png",
+    ]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert sum("non-image" in w and "labels.csv, notes.txt" in w for w in warnings) == 1
     assert any("smaller than data.resolution=64" in w for w in warnings)

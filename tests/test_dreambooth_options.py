@@ -102,7 +102,7 @@ def test_8bit_adam_refuses_another_optimizer(tiny_sdxl, dog, tmp_path, data_dir)
     args = tiny_args(tiny_sdxl, dog, "experiment=sdxl_prodigy", "model.use_8bit_adam=true")
     model, _ = build(tmp_path, data_dir, args)
     with pytest.raises(UserError, match=r"model.optimizer._target_=prodigyopt.Prodigy set it false"):
-        model._optimizer_factory()
+        model.optimizer_factory()
 
 
 def test_interpolation_is_the_resize_filter(dog, tmp_path, data_dir):

@@ -6,12 +6,11 @@ from functools import cache
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.trainer.states import TrainerFn
 
 from datamodules.images import SkippedImages
 from framework.distributed import gather_objects
-from framework.errors import UserError
+from framework.optim import ConfiguredOptimizers
 from lightning_modules.captioning.metrics import CaptionMetrics
 
 
@@ -21,7 +20,7 @@ def shared_metrics(spice: bool) -> CaptionMetrics:
     return CaptionMetrics(spice=spice)
 
 
-class CaptioningModule(L.LightningModule):
+class CaptioningModule(ConfiguredOptimizers, L.LightningModule):
     """Subclasses implement `loss(batch)` and `caption_batch(batch) -> list[str]`.
 
     Corpus metrics are computed once per val/test epoch on rank zero, over the predictions of every
@@ -54,16 +53,6 @@ class CaptioningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The class name lets Captioner.from_pretrained pick the class that loads a checkpoint.
         checkpoint["captioner"] = type(self).__name__
-
-    def optimizers_from_config(self, params) -> dict | torch.optim.Optimizer:
-        """The hparams' `_partial_` optimizer over `params` (tensors or groups), with its scheduler (per epoch)."""
-        if not self.hparams.get("optimizer"):
-            raise UserError("model.optimizer is not set: give a _partial_ optimizer config to train (see conf/model/)")
-        optimizer = instantiate(self.hparams.optimizer)(params=params)
-        if not self.hparams.get("scheduler"):
-            return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def training_step(self, batch: dict, batch_idx: int):
         if not self.skipped_images.has_images(batch, "train"):

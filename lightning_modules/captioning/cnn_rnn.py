@@ -330,9 +330,9 @@ class CNNRNNCaptioner(CaptioningModule):
             return words, None
         return words, alphas[0, : len(words)].reshape(len(words), *grid)
 
-    def configure_optimizers(self):
+    def optimizer_params(self) -> list[dict]:
         encoder_params = [p for p in self.encoder.parameters() if p.requires_grad]
         groups = [{"params": list(self.decoder.parameters())}]
         if encoder_params:
             groups.append({"params": encoder_params, **({"lr": self.encoder.lr} if self.encoder.lr else {})})
-        return self.optimizers_from_config(groups)
+        return groups

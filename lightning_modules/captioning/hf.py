@@ -30,6 +30,7 @@ from framework.distributed import global_token_mean
 from framework.errors import UserError
 from framework.files import atomic_dir
 from framework.fsdp import ShardedByLayers, full_state_dict, is_sharded
+from framework.pretrained import load_offline
 from lightning_modules.captioning.base import CaptioningModule
 
 IGNORE = -100  # target id that cross-entropy skips (prompt, padding)
@@ -50,24 +51,6 @@ class ImageProcessorTransform:
         return f"{type(self).__name__}({self.image_processor.to_json_string()})"
 
 
-def load_pretrained(load, source: str, config_key: str, download_name: str):
-    """`load(source, local_files_only=True)`; a bad directory or an uncached hub id is one UserError."""
-    try:
-        return load(source, local_files_only=True)
-    except (OSError, ValueError) as error:
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-        if os.path.isdir(source):
-            raise UserError(
-                f"{config_key}={source} is not a save_pretrained directory of this model ({reason})"
-            ) from None
-        raise UserError(
-            f"{config_key}={source} is neither a local directory nor in the Hugging Face cache "
-            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}/hub), and runs never download. On a machine with "
-            f"network run `python scripts/download_models.py {download_name}` (then copy the cache here if needed), "
-            f"or set {config_key}=/path/to/a/save_pretrained/dir ({reason})"
-        ) from None
-
-
 class HFCaptioner(ShardedByLayers, CaptioningModule):
     """A transformers image-to-text model as a captioner. Subclasses set `model_class` and implement
     `logits_and_targets`, `generate_ids`, `vision_tower`, and for task=caption_explain `decoder_inputs` and
@@ -76,7 +59,7 @@ class HFCaptioner(ShardedByLayers, CaptioningModule):
     builds_from_config = True  # mode=eval/predict/export work on `pretrained` without a checkpoint
     inference_hparams = ("generation", "spice")
     model_class: type[PreTrainedModel]
-    download_name = ""  # scripts/download_models.py name of the default weights
+    download_name = ""  # scripts/download_models.py name suggested for a missing hub id (framework/pretrained.py)
     usage = ""  # model-card snippet; {prompt} is filled in
     fsdp_methods = ("generate",)
 
@@ -161,7 +144,7 @@ class HFCaptioner(ShardedByLayers, CaptioningModule):
                 "save_pretrained directory"
             )
         loaders = (self.model_class.from_pretrained, AutoImageProcessor.from_pretrained, AutoTokenizer.from_pretrained)
-        return tuple(load_pretrained(load, source, "model.pretrained", self.download_name) for load in loaders)
+        return tuple(load_offline(load, source, "model.pretrained", download=self.download_name) for load in loaders)
 
     def architecture_files(self) -> dict[str, str]:
         """The model config and processor files (text), without weights."""
@@ -259,6 +242,3 @@ class HFCaptioner(ShardedByLayers, CaptioningModule):
     def caption_batch(self, batch: dict) -> list[str]:
         ids = self.generate_ids(batch["images"])
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-    def configure_optimizers(self):
-        return self.optimizers_from_config([p for p in self.trainer.model.parameters() if p.requires_grad])

@@ -7,7 +7,8 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEn
 from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
 
 from framework.errors import UserError
-from lightning_modules.captioning.hf import IGNORE, HFCaptioner, load_pretrained
+from framework.pretrained import load_offline
+from lightning_modules.captioning.hf import IGNORE, HFCaptioner
 
 
 class ViTGPT2Captioner(HFCaptioner):
@@ -61,14 +62,15 @@ caption = tokenizer.decode(ids[0], skip_special_tokens=True).strip()
                 decoder_config=decoder_config,
             )
 
-        model = load_pretrained(
-            assemble, f"{encoder} + {decoder}", "model.encoder_pretrained/decoder_pretrained", "vit-base gpt2"
+        # The processor and tokenizer first: a missing encoder or decoder is an error naming its own key.
+        processor = load_offline(
+            AutoImageProcessor.from_pretrained, encoder, "model.encoder_pretrained", download="vit-base"
         )
-        return (
-            model,
-            load_pretrained(AutoImageProcessor.from_pretrained, encoder, "model.encoder_pretrained", "vit-base"),
-            load_pretrained(AutoTokenizer.from_pretrained, decoder, "model.decoder_pretrained", "gpt2"),
+        tokenizer = load_offline(AutoTokenizer.from_pretrained, decoder, "model.decoder_pretrained", download="gpt2")
+        model = load_offline(
+            assemble, f"{encoder} + {decoder}", "model.encoder_pretrained/decoder_pretrained", download="vit-base gpt2"
         )
+        return model, processor, tokenizer
 
     def prepare_special_tokens(self) -> None:
         if self.tokenizer.pad_token is None:

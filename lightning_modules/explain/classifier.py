@@ -25,6 +25,7 @@ from framework.config import to_plain
 from framework.errors import UserError
 from framework.files import atomic_dir, writable_dir
 from framework.launch import single_process_environment
+from framework.optim import ConfiguredOptimizers
 from framework.weights import imagenet_state_dict
 from lightning_modules.captioning.nets import SmallCNN
 
@@ -93,7 +94,7 @@ def shapes_net(num_classes: int, width: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(blocks + head))
 
 
-class ShapesClassifier(L.LightningModule):
+class ShapesClassifier(ConfiguredOptimizers, L.LightningModule):
     """A small CNN telling the shape of a shapes image (task=shapes_classifier); `classifier` is what is explained."""
 
     def __init__(
@@ -133,15 +134,6 @@ class ShapesClassifier(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "test")
-
-    def configure_optimizers(self):
-        from hydra.utils import instantiate  # here, not at the top: benchmarks import this module without Hydra
-
-        optimizer = instantiate(self.hparams.optimizer)(params=self.trainer.model.parameters())
-        if not self.hparams.scheduler:
-            return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
 def ensure_shapes_classifier(cache_dir: str | Path, data_dir: str | Path, overrides: tuple[str, ...] = ()) -> Path:

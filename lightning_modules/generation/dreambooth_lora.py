@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from framework.config import to_plain
 from framework.errors import UserError
+from framework.optim import ConfiguredOptimizers
 from lightning_modules.generation import parts, sampling
 from lightning_modules.generation.export import export_lora
 from lightning_modules.generation.sdxl import TEXT_ENCODERS, encode_prompts, load_sdxl, time_ids
@@ -41,7 +41,8 @@ from lightning_modules.generation.sdxl import TEXT_ENCODERS, encode_prompts, loa
 INFERENCE_DEFAULTS = {"scheduler": None, "num_inference_steps": 25, "guidance_scale": 5.0}
 
 
-class DreamBoothLoRA(L.LightningModule):
+class DreamBoothLoRA(ConfiguredOptimizers, L.LightningModule):
+    scheduler_interval = "step"
     builds_from_config = True
     inference_hparams = ("inference", "fidelity", "lora_weights", "fuse_lora", "lora_scale", "kohya")
 
@@ -233,7 +234,7 @@ class DreamBoothLoRA(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["num_instance"])
         return loss
 
-    def configure_optimizers(self):
+    def optimizer_params(self) -> list[dict]:
         named = [(name, p) for name, p in self.trainer.model.named_parameters() if p.requires_grad]
         if not named:
             raise UserError(
@@ -250,15 +251,10 @@ class DreamBoothLoRA(L.LightningModule):
                     "weight_decay": self.hparams.text_encoder["weight_decay"],
                 }
             )
-        optimizer = self._optimizer_factory()(groups)
-        if not self.hparams.scheduler:
-            return optimizer
-        scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return groups
 
-    def _optimizer_factory(self):
-        # Plain lists, not ListConfig (e.g. Prodigy keeps `betas` as given): checkpoints load with weights_only.
-        factory = hydra.utils.instantiate(self.hparams.optimizer, _convert_="all")
+    def optimizer_factory(self):
+        factory = super().optimizer_factory()
         if not self.hparams.use_8bit_adam:
             return factory
         if factory.func is not torch.optim.AdamW:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
 
-from lightning_modules.generation.sdxl import load_pretrained
+from framework.pretrained import load_offline
 
 
 def embedding(output) -> torch.Tensor:
@@ -38,10 +38,10 @@ class Fidelity:
     """CLIP-T, CLIP-I and DINO from the configured models (either may be null: its metrics are left out)."""
 
     def __init__(self, clip: str | None = None, dino: str | None = None, key: str = "model.fidelity"):
-        self.clip = load_pretrained(CLIPModel, clip, None, f"{key}.clip").eval() if clip else None
-        self.clip_processor = load_pretrained(CLIPProcessor, clip, None, f"{key}.clip") if clip else None
-        self.dino = load_pretrained(ViTModel, dino, None, f"{key}.dino").eval() if dino else None
-        self.dino_processor = load_pretrained(AutoImageProcessor, dino, None, f"{key}.dino") if dino else None
+        self.clip = load_offline(CLIPModel.from_pretrained, clip, f"{key}.clip").eval() if clip else None
+        self.clip_processor = load_offline(CLIPProcessor.from_pretrained, clip, f"{key}.clip") if clip else None
+        self.dino = load_offline(ViTModel.from_pretrained, dino, f"{key}.dino").eval() if dino else None
+        self.dino_processor = load_offline(AutoImageProcessor.from_pretrained, dino, f"{key}.dino") if dino else None
 
     @torch.no_grad()
     def clip_t(self, images: list[Image.Image], prompts: list[str]) -> float:

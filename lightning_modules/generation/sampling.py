@@ -14,7 +14,7 @@ from PIL import Image
 from datamodules.dreambooth import prompt_slug
 from framework.distributed import gather_objects
 from framework.errors import UserError
-from framework.files import atomic_write, write_json
+from framework.files import write_json, write_png
 from lightning_modules.generation.fidelity import Fidelity
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def prediction_rows(rows: list[dict]) -> list[dict]:
 def save_predictions(rows: list[dict], output_dir: Path) -> dict[str, float]:
     """PNGs under output_dir/images/ and predictions.json: file, prompt, seed."""
     for row in rows:
-        atomic_write(output_dir / "images" / row["image"], lambda f, im=row["pil"]: im.save(f, format="PNG"), "wb")
+        write_png(output_dir / "images" / row["image"], row["pil"])
     listing = [{key: row[key] for key in ("image", "prompt", "seed")} for row in rows]
     write_json(output_dir / "predictions.json", listing)
     log.info("wrote %d images to %s", len(rows), output_dir / "images")

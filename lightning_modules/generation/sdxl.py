@@ -14,6 +14,7 @@ from peft.utils import get_peft_model_state_dict
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from framework.errors import UserError
+from framework.pretrained import load_offline
 
 COMPONENTS = {
     "unet": UNet2DConditionModel,
@@ -25,54 +26,26 @@ COMPONENTS = {
     "scheduler": DDPMScheduler,
 }
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-# scripts/download_models.py names of the default models
-DOWNLOAD_NAMES = {
-    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base",
-    "madebyollin/sdxl-vae-fp16-fix": "sdxl-vae-fp16",
-    "openai/clip-vit-base-patch32": "clip-vit-b32",
-    "facebook/dino-vits16": "dino-vits16",
-}
 
 
-def load_pretrained(cls, source: str, subfolder: str | None, key: str):
-    """`cls.from_pretrained` from a local folder or the local Hugging Face cache (nothing is downloaded)."""
-    local = Path(source).expanduser()
-    where = f"{source}/{subfolder}" if subfolder else source
-    if source.startswith(("/", ".", "~")) and not local.is_dir():
-        raise UserError(f"the folder {source} ({key}) does not exist")
-    if local.is_dir() and subfolder and not (local / subfolder).is_dir():
+def load_component(cls, pretrained: str, subfolder: str):
+    """One component of an SDXL pipeline (a folder or a hub id in the local cache)."""
+    local = Path(pretrained).expanduser()
+    if local.is_dir() and not (local / subfolder).is_dir():
         raise UserError(
-            f"the pipeline folder {source} ({key}) has no '{subfolder}' component: an SDXL pipeline "
+            f"the pipeline folder {pretrained} (model.pretrained) has no '{subfolder}' component: an SDXL pipeline "
             f"folder needs {', '.join(COMPONENTS)} (as StableDiffusionXLPipeline.save_pretrained writes)"
         )
-    try:
-        return cls.from_pretrained(
-            str(local) if local.is_dir() else source,
-            local_files_only=True,
-            **({"subfolder": subfolder} if subfolder else {}),
-        )
-    except (OSError, ValueError) as error:
-        hint = (
-            f"python scripts/download_models.py {DOWNLOAD_NAMES[source]}"
-            if source in DOWNLOAD_NAMES
-            else f"hf download {source}"
-        )
-        raise UserError(
-            f"cannot load {where} ({key}): it is neither a local folder nor in the local Hugging Face "
-            f"cache. On a machine with network run `{hint}` (or save the model with save_pretrained) "
-            f"and set {key} to its folder. ({type(error).__name__}: {str(error)[:200]})"
-        ) from None
+    return load_offline(cls.from_pretrained, pretrained, "model.pretrained", subfolder=subfolder)
 
 
 def load_sdxl(pretrained: str, vae: str | None = None) -> dict:
     """The SDXL components by name; `vae` replaces the pipeline's VAE (e.g. an fp16-fixed one)."""
     parts = {
-        name: load_pretrained(cls, pretrained, name, "model.pretrained")
-        for name, cls in COMPONENTS.items()
-        if not (name == "vae" and vae)
+        name: load_component(cls, pretrained, name) for name, cls in COMPONENTS.items() if not (name == "vae" and vae)
     }
     if vae:
-        parts["vae"] = load_pretrained(AutoencoderKL, vae, None, "model.vae")
+        parts["vae"] = load_offline(AutoencoderKL.from_pretrained, vae, "model.vae")
     return parts
 
 

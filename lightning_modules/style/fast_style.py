@@ -12,12 +12,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 
 from datamodules.images import SkippedImages, to_rgb
 from framework.config import to_plain
+from framework.contracts import Exports
 from framework.files import atomic_dir, write_json, write_png
 from framework.loggers import tensorboard
+from framework.optim import ConfiguredOptimizers
 from lightning_modules.style.losses import build_perceptual_loss
 from lightning_modules.style.nets import TransformerNet
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STYLE_LAYERS = {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0, "relu4_3": 1.0}
 
 
-class FastStyle(L.LightningModule):
+class FastStyle(ConfiguredOptimizers, L.LightningModule, Exports):
     """Trains `TransformerNet` for the `style` image ([3, H, W] in [0, 1], from the data module; only needed to
     train). The VGG loss network is not saved in checkpoints: stylising needs the transformation net only."""
 
@@ -128,5 +129,6 @@ class FastStyle(L.LightningModule):
             )
         return Path(directory)
 
-    def configure_optimizers(self):
-        return instantiate(self.hparams.optimizer)(params=self.trainer.model.parameters())
+    def optimizer_params(self):
+        # Every parameter, the frozen loss network's too, as before: resumed checkpoints hold groups of that size.
+        return self.trainer.model.parameters()

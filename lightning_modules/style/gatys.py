@@ -14,7 +14,6 @@ import logging
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import nn
 
 from datamodules.images import to_rgb
@@ -22,6 +21,7 @@ from framework.config import to_plain
 from framework.errors import UserError
 from framework.files import write_png
 from framework.loggers import tensorboard
+from framework.optim import ConfiguredOptimizers
 from lightning_modules.style.images import matched_luminance, rgb_to_yiq, yiq_to_rgb
 from lightning_modules.style.losses import build_perceptual_loss
 
@@ -30,7 +30,7 @@ INITS = ("content", "noise")
 DEFAULT_STYLE_LAYERS = {"relu1_1": 1.0, "relu2_1": 1.0, "relu3_1": 1.0, "relu4_1": 1.0, "relu5_1": 1.0}
 
 
-class GatysStyleTransfer(L.LightningModule):
+class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
     """`content` [3, H, W] and `styles` ([3, h, w] each, blended with `style_weights`) are RGB in [0, 1].
 
     Each of `scales` (fractions of the content size, ascending) gets an equal share of the training steps;
@@ -156,7 +156,3 @@ class GatysStyleTransfer(L.LightningModule):
         if self.trainer.is_global_zero:
             self.log_image("result")
             log.info("wrote the stylised image to %s", write_png(self.hparams.output, to_rgb(self.result())))
-
-    def configure_optimizers(self):
-        trainable = [p for p in self.trainer.model.parameters() if p.requires_grad]  # the image
-        return instantiate(self.hparams.optimizer)(params=trainable)

@@ -1,0 +1,37 @@
+"""Optimizers and schedulers from config: one `configure_optimizers` for every LightningModule."""
+
+from __future__ import annotations
+
+import torch
+
+from framework.errors import UserError
+
+
+class ConfiguredOptimizers:
+    """Mix into a LightningModule (before `L.LightningModule`) whose hparams hold `optimizer` and optionally
+    `scheduler`, both `_partial_` configs. What differs between tasks are the hooks below."""
+
+    scheduler_interval = "epoch"  # Lightning's lr_scheduler "interval": "epoch" or "step"
+
+    def optimizer_params(self):
+        """The parameters (or parameter groups) to optimise: by default the trainable ones of `trainer.model`, the
+        module as the strategy wrapped it (FSDP-safe)."""
+        return [p for p in self.trainer.model.parameters() if p.requires_grad]
+
+    def optimizer_factory(self):
+        """`params -> optimizer`: the `_partial_` optimizer config, with plain lists rather than ListConfig (e.g.
+        `betas`), so that checkpoints load with weights_only."""
+        from hydra.utils import instantiate  # here, not at the top: benchmarks import the modules without Hydra
+
+        return instantiate(self.hparams.optimizer, _convert_="all")
+
+    def configure_optimizers(self) -> dict | torch.optim.Optimizer:
+        from hydra.utils import instantiate
+
+        if not self.hparams.get("optimizer"):
+            raise UserError("model.optimizer is not set: give a _partial_ optimizer config to train (see conf/model/)")
+        optimizer = self.optimizer_factory()(self.optimizer_params())
+        if not self.hparams.get("scheduler"):
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
