@@ -2,7 +2,7 @@
 
 The model of benchmarks/blip_throughput.py (BlipForConditionalGeneration with the sizes of
 Salesforce/blip-image-captioning-base, random weights, nothing downloaded), trained for one step with AdamW: once in
-one process, once sharded as trainer=fsdp shards it (`framework.fsdp.shard` with blip_coco's `fsdp_layers`) over 2
+one process, once sharded as trainer=fsdp shards it (`framework.fsdp.shard` with BLIP's `fsdp_layers`) over 2
 processes (gloo on the CPU). What is measured is the training state each process holds between steps: parameters,
 gradients and optimizer states, counted as the bytes of each process's tensors (for FSDP, their local shards).
 Activations and the parameters a unit gathers for its forward and backward are transient and not counted.
@@ -58,7 +58,7 @@ def sharded_rank(rank: int, port: int, results) -> None:
     try:
         torch.manual_seed(0)
         model = blip_base()
-        layers = OmegaConf.load(os.path.join(ROOT, "conf", "task", "blip_coco.yaml")).fsdp_layers
+        layers = OmegaConf.load(os.path.join(ROOT, "conf", "model", "sharding", "blip.yaml")).fsdp_layers
         shard(model, import_classes(layers), init_device_mesh("cpu", (RANKS,)), mixed_precision("32-true"))
         results[rank] = training_state_bytes(model)
     finally:

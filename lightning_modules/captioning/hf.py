@@ -10,7 +10,8 @@
 - self-contained checkpoints: config and processor files travel in the checkpoint's hyperparameters, so
   `load_from_checkpoint` rebuilds the model without `pretrained`;
 - `export(directory)`: save_pretrained of model (safetensors) and processor, plus a model card;
-- trainer=fsdp: the transformers model is sharded by the task's `fsdp_layers` (framework/fsdp.py), `generate` included.
+- trainer=fsdp: the transformers model is sharded by its family's `fsdp_layers` (conf/model/sharding/,
+  framework/fsdp.py), `generate` included.
 """
 
 from __future__ import annotations
