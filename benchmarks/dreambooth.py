@@ -90,6 +90,14 @@ def save_mixed_images(folder: Path, count: int, resolution: int) -> Path:
     return folder
 
 
+def tiny_settings(pipeline: Path, resolution: int, **values) -> dict:
+    """conf/model/sdxl_lora.yaml's settings on the tiny pipeline, without training schedule, model card or fidelity."""
+    from framework.config import model_settings
+
+    fixed = {"pretrained": str(pipeline), "resolution": resolution, "scheduler": None, "card": None, "fidelity": None}
+    return model_settings("sdxl_lora", **fixed, **values)
+
+
 def train_steps(model, loader, steps: int, device: str, warmup: int = 1) -> tuple[float, float]:
     """First-step loss and seconds per step (after `warmup` untimed steps) of plain LoRA training steps."""
     model.to(device)
@@ -128,9 +136,7 @@ def cache_benchmark(args) -> None:
         for cached in (False, True):
             torch.manual_seed(0)
             random.seed(0)
-            model = DreamBoothLoRA(
-                pretrained=str(pipeline), resolution=args.resolution, fidelity=None, cache_prompt_embeddings=cached
-            )
+            model = DreamBoothLoRA(**tiny_settings(pipeline, args.resolution, cache_prompt_embeddings=cached))
             data = DreamBoothDataModule(
                 source=partial(read_instance_folder, images, "a photo of sks dog"),
                 resolution=args.resolution,
@@ -176,7 +182,7 @@ def bucket_benchmark(args) -> None:
         for buckets in (False, True):
             torch.manual_seed(0)
             random.seed(0)
-            model = DreamBoothLoRA(pretrained=str(pipeline), resolution=args.resolution, fidelity=None)
+            model = DreamBoothLoRA(**tiny_settings(pipeline, args.resolution))
             data = DreamBoothDataModule(
                 source=partial(read_instance_folder, images, "a photo of sks dog"),
                 resolution=args.resolution,

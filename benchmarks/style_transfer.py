@@ -37,6 +37,7 @@ from torch import nn
 from datamodules.images import IMAGENET_MEAN, IMAGENET_STD
 from datamodules.style import StyleImagesDataModule
 from framework.allocator import keep_freed_memory
+from framework.config import model_settings
 from lightning_modules.style.gatys import GatysStyleTransfer
 from lightning_modules.style.nets import TransformerNet
 from lightning_modules.style.vgg import VGGFeatures, layer_names
@@ -157,10 +158,8 @@ class Losses(L.Callback):
 
 def run_ours(inputs: dict, layers, evaluations: int, device: torch.device) -> list[float]:
     content_layers, style_layers = layers
-    model = GatysStyleTransfer(
-        inputs["content"],
-        inputs["styles"],
-        [1.0],
+    settings = model_settings(
+        "gatys",
         vgg={"arch": "vgg19", "pretrained": False},
         optimizer={"_target_": "torch.optim.LBFGS", "_partial_": True, "lr": 1.0, "max_iter": 1, "history_size": 100},
         content_layers=content_layers,
@@ -168,6 +167,7 @@ def run_ours(inputs: dict, layers, evaluations: int, device: torch.device) -> li
         style_weight=STYLE_WEIGHT,
         output="/dev/null",
     )
+    model = GatysStyleTransfer(inputs["content"], inputs["styles"], [1.0], **settings)
     losses = Losses()
     trainer = L.Trainer(
         accelerator=device.type,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from framework.errors import UserError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def to_plain(value: Any) -> Any:
@@ -26,6 +29,21 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def model_settings(name: str, **values: Any) -> dict[str, Any]:
+    """The constructor arguments conf/model/<name>.yaml gives (the one home of a module's defaults), `values` replacing
+    some: for code that builds a module without Hydra (tests, benchmarks). Keys whose value is an interpolation of the
+    composed config (e.g. `resolution: ${data.resolution}`) must be among `values`."""
+    config = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"), resolve=False)
+    settings = {key: value for key, value in config.items() if not key.startswith("_") and key != "defaults"}
+    settings.update(values)
+    unresolved = [key for key, value in flatten(settings).items() if isinstance(value, str) and "${" in value]
+    if unresolved:
+        raise ValueError(
+            f"conf/model/{name}.yaml: give {', '.join(unresolved)} (interpolations of the composed config)"
+        )
+    return settings
 
 
 def positive(value: Any, key: str, integer: bool = False) -> Any:

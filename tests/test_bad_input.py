@@ -27,6 +27,7 @@ from datamodules.readers import read_caption_folder, read_coco, read_flickr8k
 from datamodules.shapes import SHAPES
 from datamodules.style import ContentFolderDataModule, StyleImagesDataModule
 from framework.checkpoints import check_checkpoint, read_checkpoint
+from framework.config import model_settings
 from framework.errors import UserError
 from framework.runner import instantiate, run
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
@@ -44,12 +45,9 @@ def output(result) -> str:
 # ------------------------------------------------------------------------------------- explaining photos
 def shapes_classifier_checkpoint(path: Path, image_size: int | None = 64) -> Path:
     """A (random) shapes classifier saved as Lightning saves it, recording the image size it was trained on."""
-    module = ShapesClassifier(
-        list(SHAPES),
-        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
-        width=4,
-        image_size=image_size,
-    )
+    optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
+    settings = model_settings("shapes_classifier", optimizer=optimizer, scheduler=None, width=4)
+    module = ShapesClassifier(list(SHAPES), **settings, image_size=image_size)
     record = {"name": "shapes_classifier", "module": "lightning_modules.explain.classifier.ShapesClassifier"}
     torch.save(
         {

@@ -10,10 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from framework.config import model_settings
 from lightning_modules.generation.tiny import clip_text_config, clip_tokenizer, save_tiny_sdxl
 from tests.conftest import compose_config, read_metrics, run_cli
 
 RESOLUTION = 64
+# conf/model/sdxl_lora.yaml's settings for modules built here: no training schedule, model card or fidelity models.
+SDXL = model_settings("sdxl_lora", resolution=RESOLUTION, scheduler=None, card=None, fidelity=None)
 
 
 def save_images(folder: Path, count: int, size: int = RESOLUTION, seed: int = 0) -> Path:
@@ -114,6 +117,14 @@ def run_here(run_dir: Path, data_dir: Path, args: list[str]) -> dict[str, float]
 
     run(compose_config(args, run_dir, data_dir))
     return read_metrics(run_dir)
+
+
+def sdxl_lora(pipeline: Path, lora: dict | None = None, inference: dict | None = None, **settings):
+    """DreamBoothLoRA on `pipeline` with SDXL's settings; `lora` and `inference` update those blocks."""
+    from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
+
+    blocks = {"lora": {**SDXL["lora"], **(lora or {})}, "inference": {**SDXL["inference"], **(inference or {})}}
+    return DreamBoothLoRA(**{**SDXL, "pretrained": str(pipeline), **blocks, **settings})
 
 
 def lora_keys(path: Path) -> list[str]:
@@ -233,9 +244,7 @@ def test_resume_continues_from_the_checkpoint(trained, tiny_sdxl, dog, tmp_path,
 def test_dora_adapters_load_in_diffusers_exactly(tiny_sdxl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
-
-    model = DreamBoothLoRA(pretrained=str(tiny_sdxl), resolution=RESOLUTION, lora={"use_dora": True}, fidelity=None)
+    model = sdxl_lora(tiny_sdxl, lora={"use_dora": True})
     with torch.no_grad():  # stand-in for training: move every adapter weight, magnitudes included
         for parameter in (p for p in model.parameters() if p.requires_grad):
             parameter.add_(0.05 * torch.randn_like(parameter))

@@ -13,14 +13,14 @@ from peft.utils import get_peft_model_state_dict
 from framework.errors import UserError
 from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
 from lightning_modules.generation.sdxl import KOHYA_FILE
-from tests.test_dreambooth import RESOLUTION, generate, lora_keys, tiny_sdxl  # noqa: F401 (fixture)
+from tests.test_dreambooth import RESOLUTION, generate, lora_keys, sdxl_lora, tiny_sdxl  # noqa: F401 (fixture)
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def trained_stand_in(pipeline, **settings) -> DreamBoothLoRA:
     """A model whose adapter weights all moved, as training moves them."""
-    model = DreamBoothLoRA(pretrained=str(pipeline), resolution=RESOLUTION, fidelity=None, **settings)
+    model = sdxl_lora(pipeline, **settings)
     torch.manual_seed(0)
     with torch.no_grad():
         for parameter in (p for p in model.parameters() if p.requires_grad):
@@ -73,7 +73,7 @@ def test_kohya_export_loads_in_diffusers_with_every_weight_and_draws_the_same_im
     ids=["kohya-dora", "text-encoder-dora"],
 )
 def test_loras_that_cannot_be_exported_faithfully_are_refused(tiny_sdxl, tmp_path, settings, message):
-    model = DreamBoothLoRA(pretrained=str(tiny_sdxl), resolution=RESOLUTION, fidelity=None, **settings)
+    model = sdxl_lora(tiny_sdxl, **settings)
     with pytest.raises(UserError, match=message):
         model.export(tmp_path / "export")
     assert not any(tmp_path.iterdir())  # no file, no partial folder

@@ -8,18 +8,19 @@ import torch
 from diffusers import AutoencoderKL
 
 from framework.errors import UserError
-from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
-from tests.test_dreambooth import RESOLUTION, build, dog, run_here, tiny_args, tiny_sdxl  # noqa: F401 (fixtures)
+from tests.test_dreambooth import (  # noqa: F401 (fixtures)
+    RESOLUTION,
+    build,
+    dog,
+    run_here,
+    sdxl_lora,
+    tiny_args,
+    tiny_sdxl,
+)
 
 
 def test_vae_precision_guard(tiny_sdxl):
-    model = DreamBoothLoRA(
-        pretrained=str(tiny_sdxl),
-        resolution=RESOLUTION,
-        vae_fp32=False,
-        fidelity=None,
-        inference={"num_inference_steps": 2},
-    )
+    model = sdxl_lora(tiny_sdxl, vae_fp32=False, inference={"num_inference_steps": 2})
     assert model.vae.config.force_upcast  # SDXL's own VAE (and the tiny one) is marked unsafe in fp16
     with pytest.raises(UserError, match=r"16-mixed with model.vae_fp32=false.*Set model.vae_fp32=true"):
         model.vae_dtype("16-mixed")

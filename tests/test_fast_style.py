@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from datamodules.style import ContentFolderDataModule, SameSizeBatches
+from framework.config import model_settings
 from framework.errors import UserError
 from lightning_modules.style.fast_style import FastStyle
 from lightning_modules.style.nets import TransformerNet
@@ -60,7 +61,7 @@ def test_fast_style_learns_on_generated_images(folders, tmp_path):
     data = ContentFolderDataModule(
         str(folders / "content"), str(folders / "style.png"), image_size=32, batch_size=2, num_workers=0
     )
-    model = FastStyle(**TINY, style=data.model_inputs()["style"])
+    model = FastStyle(**model_settings("fast_style", **TINY), style=data.model_inputs()["style"])
     losses = []
 
     class Record(L.Callback):

@@ -14,6 +14,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules.style import StyleImagesDataModule
+from framework.config import model_settings
 from framework.errors import UserError
 from lightning_modules.style.gatys import GatysStyleTransfer
 from lightning_modules.style.images import rgb_to_yiq
@@ -39,8 +40,8 @@ def gatys(content=None, styles=None, optimizer=ADAM, **overrides) -> GatysStyleT
     torch.manual_seed(0)
     content = torch.rand(3, 24, 32) if content is None else content
     styles = [torch.rand(3, 32, 32)] if styles is None else styles
-    kwargs = {**SMALL_LAYERS, "vgg": RANDOM_VGG, "optimizer": optimizer, **overrides}
-    return GatysStyleTransfer(content, styles, [1.0] * len(styles), **kwargs)
+    values = {**SMALL_LAYERS, "vgg": RANDOM_VGG, "optimizer": optimizer, "output": "stylized.png", **overrides}
+    return GatysStyleTransfer(content, styles, [1.0] * len(styles), **model_settings("gatys", **values))
 
 
 class LossHistory(L.Callback):

@@ -101,12 +101,13 @@ class ShapesClassifier(ConfiguredOptimizers, L.LightningModule):
         self,
         classes: list[str],
         optimizer: dict,
-        scheduler: dict | None = None,
-        width: int = 32,
-        label_smoothing: float = 0.0,
+        scheduler: dict | None,
+        width: int,
+        label_smoothing: float,
         image_size: int | None = None,
     ):
-        """`image_size`: of the training images (from the data; None in checkpoints written before it was kept)."""
+        """Defaults: conf/model/shapes_classifier.yaml. `image_size`: of the training images (from the data; None in
+        checkpoints written before it was kept)."""
         super().__init__()
         classes, optimizer, scheduler = to_plain(classes), to_plain(optimizer), to_plain(scheduler)
         self.save_hyperparameters(logger=False)

@@ -38,8 +38,6 @@ from lightning_modules.generation import parts, sampling
 from lightning_modules.generation.export import export_lora
 from lightning_modules.generation.sdxl import TEXT_ENCODERS, encode_prompts, load_sdxl, time_ids
 
-INFERENCE_DEFAULTS = {"scheduler": None, "num_inference_steps": 25, "guidance_scale": 5.0}
-
 
 class DreamBoothLoRA(ConfiguredOptimizers, L.LightningModule):
     scheduler_interval = "step"
@@ -48,35 +46,35 @@ class DreamBoothLoRA(ConfiguredOptimizers, L.LightningModule):
 
     def __init__(
         self,
-        pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0",
-        vae: str | None = None,
-        vae_fp32: bool = True,
-        resolution: int = 1024,
-        lora: dict | None = None,
-        train_text_encoder: bool = False,
-        text_encoder: dict | None = None,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
-        use_8bit_adam: bool = False,
-        prediction_type: str | None = None,
-        snr_gamma: float | None = None,
-        noise_offset: float = 0.0,
-        prior_loss_weight: float = 1.0,
-        gradient_checkpointing: bool = False,
-        cache_prompt_embeddings: bool = True,
-        inference: dict | None = None,
-        fidelity: dict | None = None,
-        lora_weights: str | None = None,
-        fuse_lora: bool = False,
-        lora_scale: float = 1.0,
-        kohya: bool = False,
-        card: dict | None = None,
+        pretrained: str,
+        vae: str | None,
+        resolution: int,
+        lora: dict,
+        train_text_encoder: bool,
+        text_encoder: dict,
+        optimizer: dict | None,
+        scheduler: dict | None,
+        use_8bit_adam: bool,
+        prediction_type: str | None,
+        snr_gamma: float | None,
+        noise_offset: float,
+        prior_loss_weight: float,
+        gradient_checkpointing: bool,
+        cache_prompt_embeddings: bool,
+        inference: dict,
+        fidelity: dict | None,
+        lora_weights: str | None,
+        fuse_lora: bool,
+        lora_scale: float,
+        kohya: bool,
+        card: dict | None,
+        vae_fp32: bool = True,  # a default only for checkpoints written before the key existed
     ):
+        """The arguments and their defaults: conf/model/sdxl_lora.yaml."""
         super().__init__()
-        lora = {**parts.LORA_DEFAULTS, **(to_plain(lora) or {})}
-        text_encoder = {**parts.TEXT_ENCODER_DEFAULTS, **(to_plain(text_encoder) or {})}
-        inference = {**INFERENCE_DEFAULTS, **(to_plain(inference) or {})}
-        fidelity, optimizer, scheduler, card = (to_plain(x) for x in (fidelity, optimizer, scheduler, card))
+        lora, text_encoder, inference, fidelity, optimizer, scheduler, card = (
+            to_plain(x) for x in (lora, text_encoder, inference, fidelity, optimizer, scheduler, card)
+        )
         self.save_hyperparameters(logger=False)
 
         loaded = load_sdxl(pretrained, vae)

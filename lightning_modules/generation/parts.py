@@ -17,18 +17,6 @@ from lightning_modules.generation.sdxl import set_lora_enabled
 
 log = logging.getLogger(__name__)
 
-LORA_DEFAULTS = {
-    "rank": 4,
-    "alpha": None,
-    "dropout": 0.0,
-    "use_dora": False,
-    "target_modules": ["to_k", "to_q", "to_v", "to_out.0"],
-}
-TEXT_ENCODER_DEFAULTS = {
-    "lr": 5.0e-6,
-    "weight_decay": 1.0e-3,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"],
-}
 MIXED_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 TEXT_ENCODER_DORA = (
     "diffusers 0.42's load_lora_weights (with transformers 5) drops the text encoders' DoRA magnitudes, so the "

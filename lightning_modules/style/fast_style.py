@@ -23,30 +23,30 @@ from lightning_modules.style.losses import build_perceptual_loss
 from lightning_modules.style.nets import TransformerNet
 
 log = logging.getLogger(__name__)
-DEFAULT_STYLE_LAYERS = {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0, "relu4_3": 1.0}
 
 
 class FastStyle(ConfiguredOptimizers, L.LightningModule, Exports):
     """Trains `TransformerNet` for the `style` image ([3, H, W] in [0, 1], from the data module; only needed to
-    train). The VGG loss network is not saved in checkpoints: stylising needs the transformation net only."""
+    train). The VGG loss network is not saved in checkpoints: stylising needs the transformation net only. The other
+    arguments and their defaults: conf/model/fast_style.yaml."""
 
     def __init__(
         self,
         net: dict,
         vgg: dict,
         optimizer: dict,
+        allow_random_features: bool,
+        content_layers: list[str],
+        style_layers: dict[str, float],
+        content_weight: float,
+        style_weight: float,
+        tv_weight: float,
+        image_every_n_steps: int,
         style: torch.Tensor | None = None,
-        allow_random_features: bool = False,
-        content_layers: list[str] = ("relu2_2",),
-        style_layers: dict[str, float] | None = None,
-        content_weight: float = 1.0,
-        style_weight: float = 1e5,
-        tv_weight: float = 0.0,
-        image_every_n_steps: int = 50,
     ):
         super().__init__()
         net, vgg, optimizer = to_plain(net), to_plain(vgg), to_plain(optimizer)
-        content_layers, style_layers = list(to_plain(content_layers)), to_plain(style_layers) or DEFAULT_STYLE_LAYERS
+        content_layers, style_layers = list(to_plain(content_layers)), to_plain(style_layers)
         self.save_hyperparameters(ignore=["style"], logger=False)
         self.net = TransformerNet(**net)
         self.skipped_images = SkippedImages()

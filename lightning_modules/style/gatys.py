@@ -27,7 +27,6 @@ from lightning_modules.style.losses import build_perceptual_loss
 
 log = logging.getLogger(__name__)
 INITS = ("content", "noise")
-DEFAULT_STYLE_LAYERS = {"relu1_1": 1.0, "relu2_1": 1.0, "relu3_1": 1.0, "relu4_1": 1.0, "relu5_1": 1.0}
 
 
 class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
@@ -35,7 +34,8 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
 
     Each of `scales` (fractions of the content size, ascending) gets an equal share of the training steps;
     at each new scale the image is upsampled, the targets recomputed and the optimizer started afresh. The style
-    targets are computed once per scale. After fitting, the result is written to `output` (PNG).
+    targets are computed once per scale. After fitting, the result is written to `output` (PNG). The other
+    arguments and their defaults: conf/model/gatys.yaml.
     """
 
     def __init__(
@@ -45,21 +45,21 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
         style_weights: list[float],
         vgg: dict,
         optimizer: dict,
-        allow_random_features: bool = False,
-        content_layers: list[str] = ("relu4_2",),
-        style_layers: dict[str, float] | None = None,
-        content_weight: float = 1.0,
-        style_weight: float = 1e6,
-        tv_weight: float = 0.0,
-        init: str = "content",
-        preserve_color: bool = False,
-        scales: list[float] = (1.0,),
-        output: str = "stylized.png",
-        image_every_n_steps: int = 10,
+        allow_random_features: bool,
+        content_layers: list[str],
+        style_layers: dict[str, float],
+        content_weight: float,
+        style_weight: float,
+        tv_weight: float,
+        init: str,
+        preserve_color: bool,
+        scales: list[float],
+        output: str,
+        image_every_n_steps: int,
     ):
         super().__init__()
         vgg, optimizer, scales = to_plain(vgg), to_plain(optimizer), list(to_plain(scales))
-        content_layers, style_layers = list(to_plain(content_layers)), to_plain(style_layers) or DEFAULT_STYLE_LAYERS
+        content_layers, style_layers = list(to_plain(content_layers)), to_plain(style_layers)
         if init not in INITS:
             raise UserError(f"model.init={init} is not one of {', '.join(INITS)}")
         if not scales or any(s <= 0 for s in scales) or scales != sorted(scales):
