@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from datamodules.images import load_rgb
+from framework.contracts import Attends, HasCaptionPredictions, ServesValExamples
 from framework.loggers import tensorboard
 
 TILE = 160  # pixels per panel
@@ -62,7 +63,8 @@ class CaptionMedia(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_validation_end runs after the module has gathered every rank's predictions.
         board = tensorboard(trainer)
-        predictions = list(getattr(pl_module, "predictions", {}).get("val", {}).values())[: self.num_samples]
+        takes_part = isinstance(pl_module, HasCaptionPredictions)
+        predictions = list(pl_module.predictions["val"].values())[: self.num_samples] if takes_part else []
         if board is None or trainer.sanity_checking or not trainer.is_global_zero or not predictions:
             return
         step = trainer.global_step
@@ -73,11 +75,11 @@ class CaptionMedia(L.Callback):
         board.add_text("val/predictions", "\n".join(table), step)
         panels = [with_caption(_tile(p["path"]), p["caption"]) for p in predictions]
         board.add_image("val/captions", grid(panels, self.columns), step, dataformats="HWC")
-        if hasattr(pl_module, "attend"):
+        if isinstance(pl_module, Attends):
             self._log_attention(board, trainer, pl_module, step)
 
     def _log_attention(self, board, trainer: L.Trainer, pl_module, step: int) -> None:
-        examples = trainer.datamodule.val_examples(1) if hasattr(trainer.datamodule, "val_examples") else []
+        examples = trainer.datamodule.val_examples(1) if isinstance(trainer.datamodule, ServesValExamples) else []
         if not examples:
             return
         example = examples[0]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 
+from framework.contracts import HasCaptionPredictions
 from framework.files import atomic_write, write_json
 
 
@@ -21,7 +22,7 @@ class CaptionPredictions(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_test_end runs after the module has gathered every rank's predictions (on_test_epoch_end).
-        predictions = getattr(pl_module, "predictions", {}).get("test")
+        predictions = pl_module.predictions["test"] if isinstance(pl_module, HasCaptionPredictions) else None
         if not trainer.is_global_zero or not predictions:
             return
         write_json(

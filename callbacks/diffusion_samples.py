@@ -7,6 +7,7 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 
+from framework.contracts import HasGeneratedSamples
 from framework.loggers import tensorboard
 
 
@@ -24,7 +25,7 @@ class DiffusionSamples(L.Callback):
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         board = tensorboard(trainer)
-        rows = getattr(pl_module, "generated", {}).get(stage, [])
+        rows = pl_module.generated[stage] if isinstance(pl_module, HasGeneratedSamples) else []
         if board is None or trainer.sanity_checking or not trainer.is_global_zero or not rows:
             return
         by_prompt: dict[str, list[np.ndarray]] = {}

@@ -1,9 +1,11 @@
-"""Captioned images: the datasets and the captioning DataModules (the data sets' readers: datamodules/readers.py)."""
+"""Captioned images: the datasets, the batch captioners read (`CaptionBatch`) and the captioning DataModules (the data
+sets' readers: datamodules/readers.py)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -19,11 +21,37 @@ from datamodules.sampling import EpochSampler, fit_position, item_key
 from datamodules.shapes import generate_shapes
 from datamodules.vocabulary import Vocabulary
 from framework.config import positive
+from framework.contracts import (
+    CachesFeatures,
+    ProvidesModelInputs,
+    ServesValExamples,
+    TakesImageTransform,
+)
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 
 log = logging.getLogger(__name__)
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
+
+
+@dataclass
+class CaptionBatch:
+    """A batch of captioned images, as the captioning data modules' loaders give it (`collate_captions`) and the
+    captioners read it. Lightning moves its tensors to the device (a dataclass is a collection it traverses)."""
+
+    size: int  # images in the batch, after leaving out the unreadable ones
+    images: torch.Tensor | None = None  # [size, 3, H, W], prepared by the data module's transform
+    features: torch.Tensor | None = None  # [size, C, h, w], a frozen encoder's cached feature maps instead of images
+    paths: list[str] = field(default_factory=list)  # the image files
+    image_ids: list[int | str] = field(default_factory=list)  # train/val/test: the data set's ids
+    references: list[list[str]] = field(default_factory=list)  # train/val/test: every reference caption of an image
+    tokens: list[list[str]] = field(default_factory=list)  # train/val/test: the caption to train on, as words
+    skipped: int = 0  # unreadable images left out (data.skip_bad_images=true)
+
+
+def collate_captions(samples: list[dict | None]) -> CaptionBatch:
+    """Items (CaptionDataset, CachedCaptionDataset, ImageFolderDataset) -> CaptionBatch, by `collate`'s naming."""
+    return CaptionBatch(**collate(samples))
 
 
 class CaptionDataset(Dataset):
@@ -42,7 +70,13 @@ class CaptionDataset(Dataset):
         return None if image is None else {"image": image, **caption_item(item, item_seed)}
 
 
-class CaptionDataModule(L.LightningDataModule):
+class CaptionDataModule(
+    L.LightningDataModule,
+    ProvidesModelInputs,
+    TakesImageTransform,
+    CachesFeatures,
+    ServesValExamples,
+):
     """Captioned images with train/val/test splits, plus a folder of images for predict mode.
 
     `source` reads the splits: a reader such as `read_karpathy`, given as a Hydra `_partial_` config
@@ -119,7 +153,7 @@ class CaptionDataModule(L.LightningDataModule):
             sampler=self._train_sampler(len(dataset)) if train else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate,
+            collate_fn=collate_captions,
             generator=torch.Generator(),
         )
 

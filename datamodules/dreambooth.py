@@ -41,6 +41,7 @@ from datamodules.dreambooth_sources import Example, image_files, read_captioned_
 from datamodules.images import image_paths, keep_readable
 from datamodules.sampling import EpochSampler, fit_position
 from framework.config import positive
+from framework.contracts import PreparedWithModel, ServesReferenceImages
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 from framework.files import writable_dir, write_png
@@ -82,7 +83,7 @@ def ensure_class_images(
             progress.update(len(seeds))
 
 
-class DreamBoothDataModule(L.LightningDataModule):
+class DreamBoothDataModule(L.LightningDataModule, PreparedWithModel, ServesReferenceImages):
     """Training examples from `source`, optional class images for prior preservation, prompt sets for
     validation (`validation_prompts`), test (`test_prompts`, mode=eval) and predict (`prompts`)."""
 

@@ -19,6 +19,7 @@ from torchvision import transforms
 from datamodules.images import IMAGE_ERRORS, ImageFolderDataset, collate, list_images, read_or_skip
 from datamodules.shapes import SHAPES, generate_shapes
 from framework.config import positive
+from framework.contracts import ProvidesModelInputs, ServesImageFolder
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 
@@ -87,7 +88,7 @@ class LabelledImages(Dataset):
         }
 
 
-class ShapeClassesDataModule(L.LightningDataModule):
+class ShapeClassesDataModule(L.LightningDataModule, ProvidesModelInputs):
     """The embedded shapes data (generated into `root` on first use) as a 4-class shape classification set.
 
     train/val/test serve the classifier; predict serves the first `num_predict` test images (all: null)
@@ -177,7 +178,7 @@ class ShapeClassesDataModule(L.LightningDataModule):
         return self._split_loader("test", limit=self.num_predict)
 
 
-class ShapeObjectsDataModule(ShapeClassesDataModule):
+class ShapeObjectsDataModule(ShapeClassesDataModule, ServesImageFolder):
     """The embedded shapes data with every image's objects (one or two; their shape, colour, size and box), for
     explaining captioners: predict serves the first `num_predict` test images, or with `images` a folder of images
     (no objects)."""
@@ -203,7 +204,7 @@ class ShapeObjectsDataModule(ShapeClassesDataModule):
         return self._loader(dataset)
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(L.LightningDataModule, ProvidesModelInputs, ServesImageFolder):
     """Every image under `images` (e.g. photos for an ImageNet classifier), resized to `image_size`."""
 
     def __init__(

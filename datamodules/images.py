@@ -164,8 +164,12 @@ class SkippedImages:
 
     def has_images(self, batch: dict, stage: str) -> bool:
         """Count the batch's skipped images; False when nothing is left of the batch."""
-        self.counts[stage] += batch["skipped"]
-        return batch["size"] > 0
+        return self.count(stage, batch["skipped"], batch["size"])
+
+    def count(self, stage: str, skipped: int, size: int) -> bool:
+        """Count `skipped` images left out of a batch that kept `size`; False when it kept none."""
+        self.counts[stage] += skipped
+        return size > 0
 
     def report(self, stage: str) -> None:
         if self.counts[stage]:

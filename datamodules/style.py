@@ -21,6 +21,7 @@ from torchvision.transforms.functional import to_tensor
 
 from datamodules.images import IMAGE_ERRORS, bad_image, collate, keep_readable, list_images, load_rgb, read_or_skip
 from framework.config import positive, to_plain
+from framework.contracts import ProvidesModelInputs
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 
@@ -78,7 +79,7 @@ def longer_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize(scaled_size(image.size, size), Image.LANCZOS)
 
 
-class StyleImagesDataModule(L.LightningDataModule):
+class StyleImagesDataModule(L.LightningDataModule, ProvidesModelInputs):
     """One content image and one or more style images (blended with `style_weights`) for Gatys et al.
 
     The content is scaled so that its longer side is `image_size`; each style so that its longer side is
@@ -189,7 +190,7 @@ class SameSizeBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
-class ContentFolderDataModule(L.LightningDataModule):
+class ContentFolderDataModule(L.LightningDataModule, ProvidesModelInputs):
     """A folder of content images to train a fast style network on (random square crops of `image_size`),
     the style image (longer side `style_size`), and for mode=predict the folder `images` to stylise.
 

@@ -1,29 +1,22 @@
 """train / eval / predict / export from a composed config; every run dir ends with its config and metrics.json.
 
-What a task's LightningModule may add to take part (all optional):
-- `inference_hparams`: hparams that eval/predict/export may override from cfg.model (beam size, ...);
-- `builds_from_config = True`: eval/predict/export without ckpt_path use the model built from cfg.model
-  (e.g. pretrained weights named there); with `explains_ckpt_path = True` also with one: ckpt_path then names the
-  model the module explains (its config reads it as ${ckpt_path}), not a checkpoint of the module;
-- `save_predictions(rows, output_dir) -> metrics`: writes what predict produced (default: predictions.json/.csv);
-- `export(directory) -> Path`: writes the format its ecosystem loads; run by mode=export and after training.
-predict_step returns a list of dicts, each with a unique "image" key.
-
-Building a data module or a LightningModule only records its arguments (tests/test_constructors.py). Work that
-writes files (generating data, training the classifier an explaining task explains) is the preparation step,
-Lightning's `prepare_data` hook of either: the Trainer runs it on local rank 0 of each node while the other ranks
-wait at a barrier (whether they were started by Lightning, framework/launch.py, torchrun or SLURM); loading what
-it prepared is `setup`, on every rank. (`model_inputs` runs the data module's earlier, in every process, when the
-model is built from the data: e.g. the vocabulary.)
+What a task's module and data module may implement to take part (export, predictions, inference overrides, building
+without a checkpoint, model inputs) are the contracts of framework/contracts.py; docs/ARCHITECTURE.md (Protocols)
+says who implements and who calls each. Building a data module or a LightningModule only records its arguments;
+the work that writes files is the preparation step, Lightning's `prepare_data` (docs/ARCHITECTURE.md, Construction,
+preparation, loading), which `model_inputs` runs first where the module is built from the data.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import logging
 import math
 import os
-from contextlib import nullcontext
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import hydra
@@ -35,6 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.checkpoints import check_checkpoint, is_sharded_checkpoint, load_module
 from framework.config import flatten
+from framework.contracts import (
+    BuildsFromConfig,
+    ExplainsCheckpoint,
+    Exports,
+    InferenceOverrides,
+    ProvidesModelInputs,
+    SavesPredictions,
+)
 from framework.distributed import gather_objects
 from framework.errors import UserError
 from framework.files import atomic_write, locked_run_dir, write_json
@@ -110,26 +111,42 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 def load_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None) -> L.LightningModule:
     """The checkpoint's model (inference settings such as the beam size may be overridden from cfg.model),
-    or, without ckpt_path, the model cfg.model builds where the module allows it (`builds_from_config`)."""
+    or, without ckpt_path, the model cfg.model builds where the module allows it (`BuildsFromConfig`)."""
     module_class = hydra.utils.get_class(cfg.model._target_)
     ckpt_path = cfg.get("ckpt_path")
-    if getattr(module_class, "builds_from_config", False) and (
-        not ckpt_path or getattr(module_class, "explains_ckpt_path", False)
-    ):
+    if issubclass(module_class, BuildsFromConfig) and (not ckpt_path or issubclass(module_class, ExplainsCheckpoint)):
         return instantiate(cfg.model, **model_inputs(datamodule))
     if not ckpt_path:
         raise UserError(f"mode={cfg.mode} needs ckpt_path=path/to/checkpoint.ckpt (e.g. a run's checkpoints/last.ckpt)")
     check_checkpoint(ckpt_path, module_class, cfg.task_name)
-    overrides = {key: cfg.model[key] for key in getattr(module_class, "inference_hparams", ()) if key in cfg.model}
+    names = module_class.inference_hparams if issubclass(module_class, InferenceOverrides) else ()
+    overrides = {key: cfg.model[key] for key in names if key in cfg.model}
     return load_module(module_class, ckpt_path, **overrides)
 
 
 def model_inputs(datamodule: L.LightningDataModule | None) -> dict:
-    """What the model needs from the data (e.g. the vocabulary), for data modules that provide it."""
-    if datamodule is None or not hasattr(datamodule, "model_inputs"):
+    """What the model needs from the data (e.g. the vocabulary), for data modules that provide it.
+
+    The data module's `prepare_data` runs first, by one process of the node at a time: the first prepares (e.g.
+    generates the shapes data set) while the others (the job's other ranks, however they were started, and other
+    jobs) wait, then find it prepared (prepare_data is idempotent: Lightning runs it again in fit).
+    """
+    if not isinstance(datamodule, ProvidesModelInputs):
         return {}
-    datamodule.prepare_data()
+    with node_lock("prepare"):
+        datamodule.prepare_data()
     return datamodule.model_inputs()
+
+
+@contextmanager
+def node_lock(name: str) -> Iterator[None]:
+    """An exclusive lock of this node's processes (flock: a process that dies releases it)."""
+    with open(Path(tempfile.gettempdir()) / f"framework-{name}-{os.getuid()}.lock", "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -175,7 +192,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             log.warning("no best checkpoint (no checkpoint callback or no validation): testing the last weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics |= final_metrics(trainer)
-    if hasattr(model, "export") and cfg.get("export_after_train", True):
+    if isinstance(model, Exports) and cfg.get("export_after_train", True):
         # Sharded weights are gathered by every rank; the export is written by rank 0 alone.
         if trainer.is_global_zero or isinstance(trainer.strategy, FSDP2Strategy):
             path = model.export(output_dir / "export")
@@ -202,7 +219,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     rows = [unique[image] for image in sorted(unique)]
     if not trainer.is_global_zero:
         return {}
-    return (getattr(model, "save_predictions", None) or save_predictions)(rows, output_dir)
+    return (model.save_predictions if isinstance(model, SavesPredictions) else save_predictions)(rows, output_dir)
 
 
 def save_predictions(rows: list[dict], output_dir: Path) -> dict[str, float]:
@@ -214,7 +231,7 @@ def save_predictions(rows: list[dict], output_dir: Path) -> dict[str, float]:
 
 def export(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     model = load_model(cfg, build_datamodule(cfg))
-    if not hasattr(model, "export"):
+    if not isinstance(model, Exports):
         raise UserError(f"task_name={cfg.task_name}: {type(model).__name__} has no export format (mode=export)")
     log.info("exported to %s", model.export(output_dir / "export"))
     return {}

@@ -18,6 +18,7 @@ from transformers import (
     pipeline,
 )
 
+from datamodules.captions import CaptionBatch
 from datamodules.shapes import COLOURS, PAIR_TEMPLATES, RELATIONS, SHAPES, SINGLE_TEMPLATES, SIZES
 from framework.errors import UserError
 from framework.runner import run
@@ -169,7 +170,7 @@ def check_module_captions(module_class, run_dir: Path, data_dir: Path) -> tuple[
         run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     ).eval()
     pixels = torch.stack([module.image_transform()(image) for image in images])
-    assert module.caption_batch({"images": pixels}) == captions
+    assert module.caption_batch(CaptionBatch(size=len(pixels), images=pixels)) == captions
     return images, captions
 
 

@@ -130,7 +130,9 @@ def test_training_runs_from_the_cache(tmp_path, data_dir, monkeypatch):
     served_features = []
     loss = CNNRNNCaptioner.loss
     monkeypatch.setattr(
-        CNNRNNCaptioner, "loss", lambda self, batch: served_features.append("features" in batch) or loss(self, batch)
+        CNNRNNCaptioner,
+        "loss",
+        lambda self, batch: served_features.append(batch.features is not None) or loss(self, batch),
     )
     run(
         compose_config(

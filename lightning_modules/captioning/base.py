@@ -8,7 +8,9 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
+from datamodules.captions import CaptionBatch
 from datamodules.images import SkippedImages
+from framework.contracts import HasCaptionPredictions
 from framework.distributed import gather_objects
 from framework.optim import ConfiguredOptimizers
 from lightning_modules.captioning.metrics import CaptionMetrics
@@ -20,8 +22,8 @@ def shared_metrics(spice: bool) -> CaptionMetrics:
     return CaptionMetrics(spice=spice)
 
 
-class CaptioningModule(ConfiguredOptimizers, L.LightningModule):
-    """Subclasses implement `loss(batch)` and `caption_batch(batch) -> list[str]`.
+class CaptioningModule(ConfiguredOptimizers, L.LightningModule, HasCaptionPredictions):
+    """Subclasses implement `loss(batch)` and `caption_batch(batch) -> list[str]` (batches: CaptionBatch).
 
     Corpus metrics are computed once per val/test epoch on rank zero, over the predictions of every
     rank deduplicated by image id (DistributedSampler pads by repeating samples), then broadcast so
@@ -34,49 +36,47 @@ class CaptioningModule(ConfiguredOptimizers, L.LightningModule):
         self.predictions: dict[str, dict] = {"val": {}, "test": {}}  # image_id -> caption, references, path
         self.skipped_images = SkippedImages()
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: CaptionBatch) -> torch.Tensor:
         """Cross-entropy of the batch's captions (also logged as val/loss and test/loss)."""
         raise NotImplementedError
 
-    def training_loss(self, batch: dict) -> torch.Tensor:
+    def training_loss(self, batch: CaptionBatch) -> torch.Tensor:
         """What training minimises; cross-entropy unless a subclass has another stage (e.g. SCST)."""
         return self.loss(batch)
 
-    def caption_batch(self, batch: dict) -> list[str]:
+    def caption_batch(self, batch: CaptionBatch) -> list[str]:
         """Captions for a batch from the data loader (images, or cached encoder features)."""
         raise NotImplementedError
 
     def image_transform(self):
-        """PIL image -> the image tensor `caption_batch` expects in batch["images"] (captioning new images)."""
+        """PIL image -> the image tensor `caption_batch` expects in batch.images (captioning new images)."""
         raise NotImplementedError
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The class name lets Captioner.from_pretrained pick the class that loads a checkpoint.
         checkpoint["captioner"] = type(self).__name__
 
-    def training_step(self, batch: dict, batch_idx: int):
-        if not self.skipped_images.has_images(batch, "train"):
+    def training_step(self, batch: CaptionBatch, batch_idx: int):
+        if not self.skipped_images.count("train", batch.skipped, batch.size):
             return None
         loss = self.training_loss(batch)
         # Averaged over ranks: each rank's share of the global-batch loss (global_token_mean) makes the mean the loss
         # of the whole batch, as one process logs it.
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["size"], sync_dist=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.size, sync_dist=True)
         return loss
 
-    def _evaluation_step(self, batch: dict, stage: str) -> None:
-        if not self.skipped_images.has_images(batch, stage):
+    def _evaluation_step(self, batch: CaptionBatch, stage: str) -> None:
+        if not self.skipped_images.count(stage, batch.skipped, batch.size):
             return
-        self.log(f"{stage}/loss", self.loss(batch), batch_size=batch["size"], sync_dist=True)
+        self.log(f"{stage}/loss", self.loss(batch), batch_size=batch.size, sync_dist=True)
         captions = self.caption_batch(batch)
-        for image_id, caption, references, path in zip(
-            batch["image_ids"], captions, batch["references"], batch["paths"]
-        ):
+        for image_id, caption, references, path in zip(batch.image_ids, captions, batch.references, batch.paths):
             self.predictions[stage][image_id] = {"caption": caption, "references": references, "path": path}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: CaptionBatch, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: CaptionBatch, batch_idx: int) -> None:
         self._evaluation_step(batch, "test")
 
     def on_validation_epoch_start(self) -> None:
@@ -122,7 +122,7 @@ class CaptioningModule(ConfiguredOptimizers, L.LightningModule):
         that ModelCheckpoint files those weights under their own score."""
         return scores
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        if not self.skipped_images.has_images(batch, "predict"):
+    def predict_step(self, batch: CaptionBatch, batch_idx: int) -> list[dict]:
+        if not self.skipped_images.count("predict", batch.skipped, batch.size):
             return []
-        return [{"image": path, "caption": caption} for path, caption in zip(batch["paths"], self.caption_batch(batch))]
+        return [{"image": path, "caption": caption} for path, caption in zip(batch.paths, self.caption_batch(batch))]

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
+from datamodules.captions import CaptionBatch
 from lightning_modules.captioning.hf import IGNORE, HFCaptioner
 
 
@@ -47,7 +48,7 @@ caption = pipe(image, text={prompt!r}, return_full_text=False,
         ids = self.tokenizer(self.hparams.prompt, return_tensors="pt").input_ids
         return ids.repeat(batch_size, 1).to(self.device)
 
-    def logits_and_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits_and_targets(self, batch: CaptionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         text = self.tokenizer(
             [self.hparams.prompt + caption for caption in self.caption_texts(batch)],
             padding="longest",
@@ -59,9 +60,7 @@ caption = pipe(image, text={prompt!r}, return_full_text=False,
         input_ids[:, 0] = self.model.config.text_config.bos_token_id
         targets = input_ids.masked_fill(text.attention_mask == 0, IGNORE)
         targets[:, : self.prompt_ids(1).shape[1] - 1] = IGNORE  # BOS and the prompt words ([SEP] is not in it)
-        logits = self.model(
-            pixel_values=batch["images"], input_ids=input_ids, attention_mask=text.attention_mask
-        ).logits
+        logits = self.model(pixel_values=batch.images, input_ids=input_ids, attention_mask=text.attention_mask).logits
         return logits[:, :-1], targets[:, 1:]  # position t predicts token t + 1
 
     def generate_ids(self, images: torch.Tensor, generation_config=None) -> torch.Tensor:

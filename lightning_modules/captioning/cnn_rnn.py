@@ -7,9 +7,11 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from datamodules.captions import CaptionBatch
 from datamodules.images import image_transform
 from datamodules.vocabulary import Vocabulary, tokenize
 from framework.config import positive, to_plain
+from framework.contracts import Attends, CachesFeatures, InferenceOverrides
 from framework.distributed import global_token_mean
 from framework.errors import UserError
 from lightning_modules.captioning.base import CaptioningModule
@@ -24,7 +26,7 @@ SCST_STARTS = ("epoch", "plateau")
 SCST_BASELINES = ("greedy", "mean")
 
 
-class CNNRNNCaptioner(CaptioningModule):
+class CNNRNNCaptioner(CaptioningModule, InferenceOverrides, Attends):
     """Everything needed to rebuild the model (vocabulary included) is in its hyperparameters,
     so `CNNRNNCaptioner.load_from_checkpoint(path)` needs no config and no data.
 
@@ -85,8 +87,8 @@ class CNNRNNCaptioner(CaptioningModule):
 
     def setup(self, stage: str) -> None:
         # A frozen encoder gives the same features every epoch: let the data module cache them.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if self.encoder.finetune == "none" and hasattr(datamodule, "enable_feature_cache"):
+        datamodule = self.trainer.datamodule
+        if self.encoder.finetune == "none" and isinstance(datamodule, CachesFeatures):
             datamodule.enable_feature_cache(self.encoder)
         if stage == "fit" and self.scst_planned():
             # CIDEr-D document frequencies come from the training references, as in Rennie et al.
@@ -121,19 +123,19 @@ class CNNRNNCaptioner(CaptioningModule):
     def flatten_grid(feature_map: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         return feature_map.flatten(2).transpose(1, 2), tuple(feature_map.shape[-2:])
 
-    def batch_features(self, batch: dict) -> torch.Tensor:
+    def batch_features(self, batch: CaptionBatch) -> torch.Tensor:
         """Encoder features [B, h*w, C] of a batch: cached feature maps when the loader serves them."""
-        if "features" in batch:
-            return self.flatten_grid(batch["features"].to(self.dtype))[0]
-        return self.encode(batch["images"])[0]
+        if batch.features is not None:
+            return self.flatten_grid(batch.features.to(self.dtype))[0]
+        return self.encode(batch.images)[0]
 
     def targets(self, token_lists: list[list[str]]) -> torch.Tensor:
         """<bos> words <eos> ids, right-padded: [B, T]."""
         encoded = [torch.tensor(self.vocab.encode(tokens, self.hparams.max_len)) for tokens in token_lists]
         return torch.nn.utils.rnn.pad_sequence(encoded, batch_first=True, padding_value=self.vocab.pad).to(self.device)
 
-    def loss(self, batch: dict) -> torch.Tensor:
-        ids = self.targets(batch["tokens"])
+    def loss(self, batch: CaptionBatch) -> torch.Tensor:
+        ids = self.targets(batch.tokens)
         logits, alphas = self.decoder(self.batch_features(batch), ids[:, :-1])
         targets = ids[:, 1:]
         token_losses = F.cross_entropy(
@@ -150,16 +152,16 @@ class CNNRNNCaptioner(CaptioningModule):
             loss = loss + self.hparams.attention_penalty * ((1.0 - (alphas * mask).sum(1)) ** 2).mean()
         return loss
 
-    def training_loss(self, batch: dict) -> torch.Tensor:
+    def training_loss(self, batch: CaptionBatch) -> torch.Tensor:
         return self.self_critical_loss(batch) if self.self_critical else self.loss(batch)
 
-    def self_critical_loss(self, batch: dict) -> torch.Tensor:
+    def self_critical_loss(self, batch: CaptionBatch) -> torch.Tensor:
         """REINFORCE with a baseline: -(CIDEr-D(sample) - baseline) * log p(sample), over sampled words."""
         features, samples = self.batch_features(batch), self.hparams.scst["num_samples"]
         tokens, log_probs, mask = sample_decode(
             self.decoder, features, self.vocab.bos, self.vocab.eos, self.hparams.max_len, samples
         )
-        per_image = [[tokenize(r) for r in refs] for refs in batch["references"]]
+        per_image = [[tokenize(r) for r in refs] for refs in batch.references]
         rewards = self._rewards(tokens, [refs for refs in per_image for _ in range(samples)]).view(-1, samples)
         if self.hparams.scst["baseline"] == "greedy":
             self.eval()  # the test-time caption: no dropout
@@ -168,7 +170,7 @@ class CNNRNNCaptioner(CaptioningModule):
             baseline = self._rewards(greedy, per_image).unsqueeze(1)
         else:  # mean reward of the image's other samples
             baseline = (rewards.sum(1, keepdim=True) - rewards) / (samples - 1)
-        self.log("train/reward", rewards.mean(), batch_size=batch["size"])
+        self.log("train/reward", rewards.mean(), batch_size=batch.size)
         advantage = (rewards - baseline).view(-1, 1)
         return -(advantage * log_probs * mask).sum() / mask.sum()
 
@@ -196,7 +198,7 @@ class CNNRNNCaptioner(CaptioningModule):
         ):
             self.start_self_critical(f"epoch {self.current_epoch}, model.scst.start_epoch={scst['start_epoch']}")
 
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: CaptionBatch, batch_idx: int) -> None:
         # SCST runs at its own constant learning rate, whatever the CE schedule says (set per step: a plateau
         # start may come from a validation in the middle of an epoch).
         if self.self_critical:
@@ -317,7 +319,7 @@ class CNNRNNCaptioner(CaptioningModule):
         return [self.vocab.decode(row.tolist()) for row in tokens]
 
     @torch.no_grad()
-    def caption_batch(self, batch: dict) -> list[str]:
+    def caption_batch(self, batch: CaptionBatch) -> list[str]:
         return self.captions(self.decode_tokens(self.batch_features(batch)))
 
     @torch.no_grad()

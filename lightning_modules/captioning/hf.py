@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
+from datamodules.captions import CaptionBatch
 from framework.config import positive, to_plain
+from framework.contracts import BuildsFromConfig, Exports, InferenceOverrides, TakesImageTransform
 from framework.distributed import global_token_mean
 from framework.errors import UserError
 from framework.files import atomic_dir
@@ -52,12 +54,11 @@ class ImageProcessorTransform:
         return f"{type(self).__name__}({self.image_processor.to_json_string()})"
 
 
-class HFCaptioner(ShardedByLayers, CaptioningModule):
+class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, InferenceOverrides, Exports):
     """A transformers image-to-text model as a captioner. Subclasses set `model_class` and implement
     `logits_and_targets`, `generate_ids`, `vision_tower`, and for task=caption_explain `decoder_inputs` and
     `decoder_logits`."""
 
-    builds_from_config = True  # mode=eval/predict/export work on `pretrained` without a checkpoint
     inference_hparams = ("generation", "spice")
     model_class: type[PreTrainedModel]
     download_name = ""  # scripts/download_models.py name suggested for a missing hub id (framework/pretrained.py)
@@ -108,7 +109,7 @@ class HFCaptioner(ShardedByLayers, CaptioningModule):
         """(model, image processor, tokenizer) from the pretrained weights the hparams name."""
         return self.load_dir(self.hparams.pretrained)
 
-    def logits_and_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits_and_targets(self, batch: CaptionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits [B, T, V] and the aligned targets [B, T] (IGNORE where no loss) of the batch's captions."""
         raise NotImplementedError
 
@@ -218,11 +219,11 @@ class HFCaptioner(ShardedByLayers, CaptioningModule):
         return ImageProcessorTransform(self.image_processor)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "set_image_transform"):
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, TakesImageTransform):
             datamodule.set_image_transform(self.image_transform())
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: CaptionBatch) -> torch.Tensor:
         """Mean cross-entropy over the caption tokens of the global batch (see global_token_mean)."""
         logits, targets = self.logits_and_targets(batch)
         token_losses = F.cross_entropy(
@@ -234,12 +235,12 @@ class HFCaptioner(ShardedByLayers, CaptioningModule):
         )
         return global_token_mean(token_losses, (targets != IGNORE).sum())
 
-    def caption_texts(self, batch: dict) -> list[str]:
+    def caption_texts(self, batch: CaptionBatch) -> list[str]:
         """The training caption of each item: its words as the data's tokenizer gives them (lower case, no
         punctuation), as BLIP's `pre_caption` and the Karpathy splits prepare captions."""
-        return [" ".join(tokens) for tokens in batch["tokens"]]
+        return [" ".join(tokens) for tokens in batch.tokens]
 
     @torch.no_grad()
-    def caption_batch(self, batch: dict) -> list[str]:
-        ids = self.generate_ids(batch["images"])
+    def caption_batch(self, batch: CaptionBatch) -> list[str]:
+        ids = self.generate_ids(batch.images)
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

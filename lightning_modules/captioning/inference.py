@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from datamodules.captions import CaptionBatch
 from datamodules.images import load_rgb
 from framework.checkpoints import is_sharded_checkpoint, load_module, read_checkpoint
 from framework.errors import UserError
@@ -75,7 +76,8 @@ class Captioner:
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="captioning", unit="batch", disable=len(starts) <= 1):
             pixels = torch.stack([self.transform(self._rgb(image)) for image in images[start : start + batch_size]])
-            captions += self.module.caption_batch({"images": pixels.to(self.module.device, self.module.dtype)})
+            pixels = pixels.to(self.module.device, self.module.dtype)
+            captions += self.module.caption_batch(CaptionBatch(size=len(pixels), images=pixels))
         return captions
 
     @staticmethod

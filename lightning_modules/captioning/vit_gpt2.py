@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
 
+from datamodules.captions import CaptionBatch
 from framework.errors import UserError
 from framework.pretrained import load_offline
 from lightning_modules.captioning.hf import IGNORE, HFCaptioner
@@ -88,7 +89,7 @@ caption = tokenizer.decode(ids[0], skip_special_tokens=True).strip()
     def vision_tower(self) -> torch.nn.Module:
         return self.model.encoder
 
-    def logits_and_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits_and_targets(self, batch: CaptionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         eos = self.tokenizer.eos_token
         text = self.tokenizer(
             [caption + eos for caption in self.caption_texts(batch)],
@@ -101,7 +102,7 @@ caption = tokenizer.decode(ids[0], skip_special_tokens=True).strip()
         decoder_input_ids = shift_tokens_right(
             targets, self.model.config.pad_token_id, self.model.config.decoder_start_token_id
         )
-        logits = self.model(pixel_values=batch["images"], decoder_input_ids=decoder_input_ids).logits
+        logits = self.model(pixel_values=batch.images, decoder_input_ids=decoder_input_ids).logits
         return logits, targets  # the decoder inputs are the targets shifted right: already aligned
 
     def generate_ids(self, images: torch.Tensor, generation_config=None) -> torch.Tensor:

@@ -22,6 +22,7 @@ from captum.robust import FGSM, PGD
 
 from callbacks.caption_media import grid, with_caption
 from datamodules.images import to_rgb
+from framework.contracts import SavesPredictions
 from framework.errors import UserError
 from framework.files import write_png
 from lightning_modules.explain.base import (
@@ -63,7 +64,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-class AdversarialModule(ExplainModule):
+class AdversarialModule(ExplainModule, SavesPredictions):
     """Adversarial examples of `attack` for each image; see the module docstring."""
 
     def __init__(

@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from datamodules.images import SkippedImages, load_rgb
 from framework.config import to_plain
+from framework.contracts import BuildsFromConfig, ServesImageFolder
 from framework.errors import UserError
 from framework.files import atomic_write, write_json, write_png
 from lightning_modules.explain.classifier import PixelClassifier, classifier_to_explain, prepare_classifier
@@ -27,10 +28,9 @@ from lightning_modules.explain.classifier import PixelClassifier, classifier_to_
 log = logging.getLogger(__name__)
 
 
-class ExplainBase(L.LightningModule):
-    """What every explaining module does in the predict loop: count skipped images, name and place its files."""
-
-    builds_from_config = True  # mode=predict builds it from cfg.model, which names the model under explanation
+class ExplainBase(L.LightningModule, BuildsFromConfig):
+    """What every explaining module does in the predict loop: count skipped images, name and place its files.
+    mode=predict builds it from cfg.model, which names the model under explanation (BuildsFromConfig)."""
 
     def __init__(self):
         super().__init__()
@@ -49,7 +49,8 @@ class ExplainBase(L.LightningModule):
 
     def image_name(self, path: str) -> str:
         """A file name for an image: its path under the data's folder (data.images), or its stem."""
-        root = getattr(self.trainer.datamodule, "images", None)
+        datamodule = self.trainer.datamodule
+        root = datamodule.images if isinstance(datamodule, ServesImageFolder) else None
         relative = Path(path).relative_to(root) if root and Path(path).is_relative_to(root) else Path(Path(path).name)
         return "__".join(relative.with_suffix("").parts)
 

@@ -36,6 +36,7 @@ from torch import nn
 from callbacks.caption_media import attention_overlay, grid, with_caption
 from datamodules.images import to_rgb
 from framework.checkpoints import read_checkpoint
+from framework.contracts import ExplainsCheckpoint, SavesPredictions
 from framework.errors import UserError
 from framework.files import write_png
 from lightning_modules.captioning.base import CaptioningModule
@@ -87,10 +88,9 @@ class Words:
         return Words(*(getattr(self, field.name)[index] for field in fields(self)))
 
 
-class CaptionExplainModule(ExplainBase):
-    """Per-word attribution maps of a captioner (`captioner`: its checkpoint, from ckpt_path), measured."""
-
-    explains_ckpt_path = True  # ckpt_path is the captioner under explanation, not a checkpoint of this module
+class CaptionExplainModule(ExplainBase, ExplainsCheckpoint, SavesPredictions):
+    """Per-word attribution maps of a captioner (`captioner`: its checkpoint, from ckpt_path: ExplainsCheckpoint),
+    measured."""
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from callbacks.caption_media import grid, with_caption
 from datamodules.images import to_rgb
+from framework.contracts import SavesPredictions
 from framework.files import write_png
 from lightning_modules.explain.base import (
     ExplainModule,
@@ -27,7 +28,7 @@ from lightning_modules.explain.base import (
 TILE = 160
 
 
-class ClassVisualisationModule(ExplainModule):
+class ClassVisualisationModule(ExplainModule, SavesPredictions):
     """Visualises the classes the data module lists (data.targets; all by default)."""
 
     def __init__(

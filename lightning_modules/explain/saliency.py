@@ -23,6 +23,7 @@ from torch import nn
 
 from callbacks.caption_media import attention_overlay, grid
 from datamodules.images import to_rgb
+from framework.contracts import SavesPredictions
 from framework.files import write_png
 from lightning_modules.explain.attributions import Attributions
 from lightning_modules.explain.base import (
@@ -45,7 +46,7 @@ from lightning_modules.explain.measures import (
 TILE = 128  # pixels per image in the contact sheets
 
 
-class SaliencyModule(ExplainModule):
+class SaliencyModule(ExplainModule, SavesPredictions):
     """Attribution maps of `methods` for the predicted class (or the class `target`), measured."""
 
     def __init__(

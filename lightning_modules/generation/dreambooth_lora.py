@@ -32,6 +32,16 @@ from diffusers.training_utils import compute_snr
 from lightning.pytorch.strategies import FSDPStrategy
 
 from framework.config import to_plain
+from framework.contracts import (
+    BuildsFromConfig,
+    Exports,
+    HasGeneratedSamples,
+    InferenceOverrides,
+    PreparedWithModel,
+    PreparesData,
+    SavesPredictions,
+    ServesReferenceImages,
+)
 from framework.errors import UserError
 from framework.optim import ConfiguredOptimizers
 from lightning_modules.generation import parts, sampling
@@ -39,9 +49,17 @@ from lightning_modules.generation.export import export_lora
 from lightning_modules.generation.sdxl import TEXT_ENCODERS, encode_prompts, load_sdxl, time_ids
 
 
-class DreamBoothLoRA(ConfiguredOptimizers, L.LightningModule):
+class DreamBoothLoRA(
+    ConfiguredOptimizers,
+    L.LightningModule,
+    BuildsFromConfig,
+    InferenceOverrides,
+    PreparesData,
+    HasGeneratedSamples,
+    SavesPredictions,
+    Exports,
+):
     scheduler_interval = "step"
-    builds_from_config = True
     inference_hparams = ("inference", "fidelity", "lora_weights", "fuse_lora", "lora_scale", "kohya")
 
     def __init__(
@@ -170,14 +188,14 @@ class DreamBoothLoRA(ConfiguredOptimizers, L.LightningModule):
 
     # ------------------------------------------------------------------------------------- training
     def on_fit_start(self) -> None:
-        """The data module's preparation that needs this model: class images, then the latent cache."""
+        """The data module's preparation that needs this model (PreparedWithModel): class images, then the latent
+        cache."""
         datamodule = self.trainer.datamodule
-        if hasattr(datamodule, "prepare_class_images"):
+        if isinstance(datamodule, PreparedWithModel):
             if self.trainer.is_global_zero:
                 with self.base_model():
                     datamodule.prepare_class_images(self.generate)
             self.trainer.strategy.barrier()
-        if hasattr(datamodule, "enable_latent_cache"):
             datamodule.enable_latent_cache(self.encode_latent_parameters)
 
     def on_train_end(self) -> None:
@@ -329,7 +347,8 @@ class DreamBoothLoRA(ConfiguredOptimizers, L.LightningModule):
         metrics = {}
         if self.trainer.is_global_zero:
             datamodule = self.trainer.datamodule
-            references = getattr(datamodule, "reference_images", lambda: None)  # the real instance images
+            # the real instance images, read only if the stage is scored
+            references = datamodule.reference_images if isinstance(datamodule, ServesReferenceImages) else lambda: None
             metrics = self._fidelity.score(self.generated[stage], references, self.device)
         for name, value in self.trainer.strategy.broadcast(metrics).items():
             self.log(f"{stage}/{name}", value)
