@@ -1,11 +1,17 @@
 """TensorBoard review of a captioner after each validation epoch.
 
-- text: a table of sample predictions against their references;
-- image: a grid of validation images, each captioned with its prediction;
+- text: a table of sample predictions against their references (`val/predictions`, images by short name);
+- images: one card per sample image, captioned with its prediction (`val/captions/<short name>`), at a size whose
+  caption TensorBoard shows readable at its default card size;
 - image: for attention decoders, one fixed validation image with a heat map per generated word.
+Every validation is logged at its global step: TensorBoard keeps 10 steps per card unless started with
+`--samples_per_plugin images=N,text=N` (framework/loggers.py REVIEW_FLAGS, printed at the end of a run).
 """
 
 from __future__ import annotations
+
+import os
+import re
 
 import cv2
 import lightning as L
@@ -17,27 +23,37 @@ from framework.contracts import Attends, HasCaptionPredictions, ServesValExample
 from framework.loggers import tensorboard
 
 TILE = 160  # pixels per panel
-CAPTION_BAND = 36
+CARD = 320  # pixels per captioned validation image: narrower than TensorBoard's default card, so shown 1:1
+CARD_TEXT = 0.6  # cv2 font scale of its caption: letters about 13 pixels high
 
 
-def _tile(path: str) -> np.ndarray:
-    return cv2.resize(np.asarray(load_rgb(path)), (TILE, TILE), interpolation=cv2.INTER_AREA)
+def _tile(path: str, size: int = TILE) -> np.ndarray:
+    return cv2.resize(np.asarray(load_rgb(path)), (size, size), interpolation=cv2.INTER_AREA)
 
 
-def with_caption(image: np.ndarray, text: str) -> np.ndarray:
-    """The image above a white band holding `text` (wrapped to two lines)."""
-    band = np.full((CAPTION_BAND, image.shape[1], 3), 255, np.uint8)
+def with_caption(image: np.ndarray, text: str, scale: float = 0.35, max_lines: int = 2) -> np.ndarray:
+    """The image above a white band holding `text` in cv2's font at `scale`, wrapped to at most `max_lines` lines."""
+    height = round(15 * scale / 0.35)  # pixels per line
+    band = np.full((height * max_lines + 6, image.shape[1], 3), 255, np.uint8)
     words, lines = text.split(), [""]
     for word in words:
         candidate = f"{lines[-1]} {word}".strip()
-        width = cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, 0.35, 1)[0][0]
+        width = cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
         if width > image.shape[1] - 6 and lines[-1]:
             lines.append(word)
         else:
             lines[-1] = candidate
-    for row, line in enumerate(lines[:2]):
-        cv2.putText(band, line, (3, 14 + 15 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    for row, line in enumerate(lines[:max_lines]):
+        cv2.putText(band, line, (3, height * (row + 1) - 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([image, band], axis=0)
+
+
+def short_names(paths: list[str]) -> list[str]:
+    """Image file names without the part they share and leading zeros: COCO_val2014_000000391895.jpg -> 391895."""
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+    shared = os.path.commonprefix(stems) if len(stems) > 1 else ""
+    shared = shared[: max(shared.rfind(separator) + 1 for separator in "_-. ")]  # whole words only
+    return [re.sub(r"^0+(?=\d)", "", stem[len(shared) :]) for stem in stems]
 
 
 def grid(panels: list[np.ndarray], columns: int) -> np.ndarray:
@@ -57,8 +73,8 @@ def attention_overlay(image: np.ndarray, attention: np.ndarray) -> np.ndarray:
 class CaptionMedia(L.Callback):
     """Logs captioning media to TensorBoard (other loggers are left alone)."""
 
-    def __init__(self, num_samples: int = 8, columns: int = 4):
-        self.num_samples, self.columns = num_samples, columns
+    def __init__(self, num_samples: int = 8):
+        self.num_samples = num_samples
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_validation_end runs after the module has gathered every rank's predictions.
@@ -68,13 +84,13 @@ class CaptionMedia(L.Callback):
         if board is None or trainer.sanity_checking or not trainer.is_global_zero or not predictions:
             return
         step = trainer.global_step
+        names = short_names([p["path"] for p in predictions])
         table = ["| image | prediction | references |", "|---|---|---|"]
-        table += [
-            f"| {p['path'].rsplit('/', 1)[-1]} | {p['caption']} | {' / '.join(p['references'])} |" for p in predictions
-        ]
+        table += [f"| {n} | {p['caption']} | {' / '.join(p['references'])} |" for n, p in zip(names, predictions)]
         board.add_text("val/predictions", "\n".join(table), step)
-        panels = [with_caption(_tile(p["path"]), p["caption"]) for p in predictions]
-        board.add_image("val/captions", grid(panels, self.columns), step, dataformats="HWC")
+        for name, p in zip(names, predictions):
+            card = with_caption(_tile(p["path"], CARD), p["caption"], CARD_TEXT, 3)
+            board.add_image(f"val/captions/{name}", card, step, dataformats="HWC")
         if isinstance(pl_module, Attends):
             self._log_attention(board, trainer, pl_module, step)
 

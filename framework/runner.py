@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
-from framework.checkpoints import check_checkpoint, is_sharded_checkpoint, load_module
+from framework.checkpoints import check_checkpoint, is_sharded_checkpoint, load_module, read_checkpoint
 from framework.config import flatten
 from framework.contracts import (
     BuildsFromConfig,
@@ -42,6 +42,14 @@ from framework.files import atomic_write, locked_run_dir, write_json
 from framework.fsdp import FSDP2Strategy
 from framework.hardware import resolve_trainer
 from framework.launch import isolated_job
+from framework.loggers import (
+    REVIEW_FLAGS,
+    RUN_LOG,
+    add_review_layout,
+    has_events,
+    log_final_metrics,
+    share_console_logs,
+)
 
 log = logging.getLogger(__name__)
 MODES = ("train", "eval", "predict", "export")
@@ -53,6 +61,7 @@ def run(cfg: DictConfig) -> float | None:
     Returns `optimized_metric` from the final metrics, for sweepers.
     """
     output_dir = Path(cfg.paths.output_dir)
+    share_console_logs()
     try:
         # One run per dir. The ranks a multi-process job starts write into its dir too: global rank 0 holds the lock.
         with (
@@ -67,12 +76,16 @@ def run(cfg: DictConfig) -> float | None:
                 L.seed_everything(cfg.seed, workers=True)
             save_config(cfg, output_dir)
             with isolated_job():
-                metrics = {"train": train, "eval": evaluate, "predict": predict, "export": export}[cfg.mode](
-                    cfg, output_dir
-                )
+                if cfg.mode == "train":
+                    metrics, sources = train(cfg, output_dir)
+                else:  # every figure from the weights given
+                    metrics = {"eval": evaluate, "predict": predict, "export": export}[cfg.mode](cfg, output_dir)
+                    sources = dict.fromkeys(stages(metrics), given_weights(cfg, output_dir))
             if rank_zero_only.rank == 0:
+                if sources:
+                    write_json(output_dir / "metrics_provenance.json", sources)
                 write_json(output_dir / "metrics.json", metrics)
-            print_summary(cfg, output_dir, metrics)
+            print_summary(cfg, output_dir, metrics, sources)
     except Exception as error:
         log.error("run failed (%s: %s); run dir: %s", type(error).__name__, error, output_dir)
         raise
@@ -101,8 +114,13 @@ def build_trainer(cfg: DictConfig, with_loggers: bool = True) -> L.Trainer:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] if with_loggers else []
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
-        logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        logger.log_hyperparams(hyperparameters(cfg))
+    add_review_layout(trainer, cfg.get("optimized_metric"))
     return trainer
+
+
+def hyperparameters(cfg: DictConfig) -> dict:
+    return flatten(OmegaConf.to_container(cfg, resolve=True))
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -156,6 +174,32 @@ def final_metrics(trainer: L.Trainer) -> dict[str, float]:
     }
 
 
+def stages(metrics: dict[str, float]) -> list[str]:
+    return sorted({name.split("/", 1)[0] for name in metrics})
+
+
+def checkpoint_weights(path: str | os.PathLike, output_dir: Path, **more) -> dict:
+    """Where figures come from: a checkpoint (its path in the run dir when it is there), its epoch and step."""
+    saved, path = read_checkpoint(path, key=None), Path(path).resolve()
+    if path.is_relative_to(output_dir.resolve()):
+        path = path.relative_to(output_dir.resolve())
+    return {"checkpoint": str(path), "epoch": saved.get("epoch"), "global_step": saved.get("global_step"), **more}
+
+
+def given_weights(cfg: DictConfig, output_dir: Path) -> dict:
+    """eval/predict/export: the checkpoint ckpt_path names (an explaining task's: the model it explains), or none."""
+    path = cfg.get("ckpt_path")
+    return checkpoint_weights(path, output_dir) if path else {"checkpoint": None, "weights": "built from cfg.model"}
+
+
+def fitted_weights(trainer: L.Trainer, output_dir: Path) -> dict:
+    """The weights training ended with: last.ckpt where the run saves it (callbacks last_checkpoint)."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        return checkpoint_weights(last, output_dir)
+    return {"checkpoint": None, "weights": "the end of training, not saved", "global_step": trainer.global_step}
+
+
 def resume_from(cfg: DictConfig, output_dir: Path, trainer: L.Trainer) -> str | None:
     """ckpt_path, or with resume=auto this run dir's last.ckpt (saved every epoch and on SIGTERM/SIGUSR1; a folder
     under trainer=fsdp), checked to be a checkpoint of this task that `trainer` can resume."""
@@ -177,28 +221,42 @@ def resume_from(cfg: DictConfig, output_dir: Path, trainer: L.Trainer) -> str | 
     return path
 
 
-def train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    """Fit; then, where the task has a test stage, test the best checkpoint; then export it where the task can."""
+def train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[str, dict]]:
+    """Fit; then, where the task has a test stage, test the best checkpoint; then export it where the task can.
+
+    Returns the final metrics and, for each stage, the weights its figures come from: train/* and val/* from the
+    last ones, test/* from the best checkpoint.
+    """
     datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model, **model_inputs(datamodule))
     trainer = build_trainer(cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from(cfg, output_dir, trainer), weights_only=True)
     metrics = final_metrics(trainer)
+    sources = dict.fromkeys(stages(metrics), fitted_weights(trainer, output_dir))
     if trainer.interrupted:
-        return metrics
+        return metrics, sources
     if is_overridden("test_step", model) and is_overridden("test_dataloader", datamodule):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("no best checkpoint (no checkpoint callback or no validation): testing the last weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics |= final_metrics(trainer)
+        if best:
+            checkpoint = trainer.checkpoint_callback
+            score = checkpoint.best_model_score
+            sources["test"] = checkpoint_weights(
+                best, output_dir, monitor=checkpoint.monitor, score=None if score is None else float(score)
+            )
+        else:
+            sources["test"] = fitted_weights(trainer, output_dir)
     if isinstance(model, Exports) and cfg.get("export_after_train", True):
         # Sharded weights are gathered by every rank; the export is written by rank 0 alone.
         if trainer.is_global_zero or isinstance(trainer.strategy, FSDP2Strategy):
             path = model.export(output_dir / "export")
             if trainer.is_global_zero:
                 log.info("exported to %s", path)
-    return metrics
+    log_final_metrics(trainer, hyperparameters(cfg), metrics)
+    return metrics, sources
 
 
 def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
@@ -206,7 +264,9 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     model = load_model(cfg, datamodule)
     trainer = build_trainer(cfg)
     trainer.test(model, datamodule=datamodule)
-    return final_metrics(trainer)
+    metrics = final_metrics(trainer)
+    log_final_metrics(trainer, hyperparameters(cfg), metrics)
+    return metrics
 
 
 def predict(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
@@ -244,16 +304,33 @@ def write_csv(file, rows: list[dict]) -> None:
 
 
 @rank_zero_only
-def print_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, float]) -> None:
+def print_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, float], sources: dict[str, dict]) -> None:
+    """The final metrics and the weights they come from, the run dir and, where the run wrote event files, the
+    command that shows them; on the console and in the run's log."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{cfg.task_name}: mode={cfg.mode}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in metrics.items():
-        table.add_row(name, f"{value:.4f}")
-    console = Console(soft_wrap=True)  # long paths stay on one line, ready to copy
-    console.print(table)
+    console = Console(soft_wrap=True, record=True)  # soft_wrap: long paths stay on one line, ready to copy
+    if metrics:
+        table = Table(title=f"{cfg.task_name}: mode={cfg.mode}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in metrics.items():
+            table.add_row(name, f"{value:.4f}")
+        console.print(table)
+    for where in {str(record): record for record in sources.values()}.values():
+        named = ", ".join(f"{stage}/*" for stage, record in sources.items() if record == where)
+        console.print(f"{named} from {describe_weights(where)}")
     console.print(f"run dir: {output_dir}")
-    console.print(f"review:  tensorboard --logdir {output_dir}")
+    if has_events(output_dir):
+        console.print(f"review:  tensorboard --logdir {output_dir} {REVIEW_FLAGS}")
+    RUN_LOG.info("summary:\n%s", console.export_text().rstrip())
+
+
+def describe_weights(record: dict) -> str:
+    """'checkpoints/epoch_003.ckpt (epoch 3, step 40, best val/CIDEr 1.2345)', from a metrics_provenance.json entry."""
+    where = record["checkpoint"] or f"the weights {record['weights']}"
+    known = [f"{key.replace('global_', '')} {record[key]}" for key in ("epoch", "global_step") if key in record]
+    if record.get("score") is not None:
+        known.append(f"best {record['monitor']} {record['score']:.4f}")
+    return f"{where} ({', '.join(known)})" if known else where

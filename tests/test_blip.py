@@ -156,7 +156,8 @@ def test_training_lowers_the_loss_and_logs_metrics_and_media(blip_run):
     assert TEST_KEYS | {"val/CIDEr", "val/loss"} <= set(metrics)
     board = EventAccumulator(str(blip_run / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
     board.Reload()
-    assert "val/captions" in board.Tags()["images"] and "val/predictions/text_summary" in board.Tags()["tensors"]
+    assert any(tag.startswith("val/captions/") for tag in board.Tags()["images"])
+    assert "val/predictions/text_summary" in board.Tags()["tensors"]
     assert (blip_run / "test_predictions.json").is_file()
 
 

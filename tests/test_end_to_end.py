@@ -2,6 +2,12 @@
 
 import csv
 import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +16,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from framework.loggers import REVIEW_FLAGS
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from tests.conftest import read_metrics, run_cli
 
@@ -56,9 +63,83 @@ def test_run_dir_holds_config_metrics_checkpoints_and_media(trained):
     assert set(TEST_KEYS) <= set(metrics) and "val/CIDEr" in metrics
     board = EventAccumulator(str(trained / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
     board.Reload()
-    assert {"val/captions", "val/attention"} <= set(board.Tags()["images"])
+    captions = [tag for tag in board.Tags()["images"] if tag.startswith("val/captions/")]
+    assert len(captions) == 8 and "val/attention" in board.Tags()["images"]  # one card per sample image
     assert "val/predictions/text_summary" in board.Tags()["tensors"]
     assert {"train/loss", "val/CIDEr", "test/CIDEr"} <= set(board.Tags()["scalars"])
+    # The run's log: our lines, Lightning's, the summary with the run dir.
+    log = (trained / "run.log").read_text()
+    assert "[framework.hardware][INFO] - trainer: accelerator=cpu" in log and "`Trainer.fit` stopped" in log
+    assert f"test/CIDEr   │ {metrics['test/CIDEr']:.4f}" in log and f"run dir: {trained}" in log
+
+
+def test_metrics_provenance_names_the_checkpoint_of_each_figure(trained):
+    provenance = json.loads((trained / "metrics_provenance.json").read_text())
+    last = {"checkpoint": "checkpoints/last.ckpt", "epoch": EPOCHS - 1, "global_step": EPOCHS * STEPS_PER_EPOCH}
+    assert provenance["train"] == provenance["val"] == last
+    cider = epoch_metrics(trained, "val/CIDEr")
+    best = cider.index(max(cider))
+    assert provenance["test"] == {
+        "checkpoint": f"checkpoints/{best_checkpoint(trained).name}",
+        "epoch": best,
+        "global_step": (best + 1) * STEPS_PER_EPOCH,
+        "monitor": "val/CIDEr",
+        "score": pytest.approx(max(cider)),
+    }
+    assert read_metrics(trained)["val/CIDEr"] == pytest.approx(cider[-1])  # val/*: the last epoch, not the best
+
+
+@contextmanager
+def tensorboard_server(logdir: Path):
+    """`tensorboard --logdir LOGDIR` with the flags the run's summary prints; its URL."""
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", "0"]
+    server = subprocess.Popen([*command, *REVIEW_FLAGS.split()], stderr=subprocess.PIPE, text=True)
+    try:
+        url = next(match[1] for line in server.stderr if (match := re.search(r"(http://127\.0\.0\.1:\d+/)", line)))
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def get(url: str, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_shows_final_metrics_with_hparams_loss_first_and_every_validation(trained):
+    """What a person sees in TensorBoard, read back from a TensorBoard server through the HTTP API its pages use."""
+    with tensorboard_server(trained) as url:
+        statuses = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
+        query = {"experimentName": "", "allowedStatuses": statuses, "colParams": [], "startIndex": 0, "sliceSize": 9}
+        deadline = time.monotonic() + 60
+        while not (groups := get(f"{url}data/plugin/hparams/session_groups", query)["sessionGroups"]):
+            assert time.monotonic() < deadline, "TensorBoard found no HPARAMS session"
+            time.sleep(0.5)
+        # HPARAMS: the run is one session, with its hyperparameters and the final metrics of metrics.json.
+        (session,) = groups
+        assert (
+            session["hparams"]["trainer.max_epochs"] == EPOCHS and session["hparams"]["model.decoder.hidden_dim"] == 128
+        )
+        shown = {value["name"]["tag"]: value["value"] for value in session["metricValues"]}
+        assert {name: shown[name] for name in read_metrics(trained)} == pytest.approx(read_metrics(trained))
+        # CUSTOM SCALARS: loss, then the optimised metric, of every stage.
+        (category,) = get(f"{url}data/plugin/custom_scalars/layout")["category"]
+        assert category["title"] == "loss and val/CIDEr"
+        assert [chart["title"] for chart in category["chart"]] == ["loss", "CIDEr"]
+        # IMAGES and TEXT: every validation, at its step.
+        validations = [STEPS_PER_EPOCH * (epoch + 1) for epoch in range(EPOCHS)]
+        tags = get(f"{url}data/plugin/images/tags")["tensorboard"]
+        cards = sorted(tag for tag in tags if tag.startswith("val/captions/"))
+        assert len(cards) == 8
+        for tag in [cards[0], "val/attention"]:
+            images = get(f"{url}data/plugin/images/images?run=tensorboard&tag={tag}")
+            assert [image["step"] for image in images] == validations
+        tables = get(f"{url}data/plugin/text/text?run=tensorboard&tag=val/predictions/text_summary")
+        assert [table["step"] for table in tables] == validations
+        assert f"<td>{cards[0].removeprefix('val/captions/')}</td>" in tables[-1]["text"]  # the card's short name
 
 
 class NoSpice:
@@ -122,6 +203,8 @@ def test_eval_reproduces_the_train_runs_test_metrics(trained, tmp_path, data_dir
     run_cli([*SMALL_SHAPES, "mode=eval", f"ckpt_path={best_checkpoint(trained)}"], tmp_path, data_dir)
     evaluated, during_training = read_metrics(tmp_path), read_metrics(trained)
     assert {k: evaluated[k] for k in TEST_KEYS} == {k: during_training[k] for k in TEST_KEYS}
+    provenance = json.loads((tmp_path / "metrics_provenance.json").read_text())
+    assert list(provenance) == ["test"] and provenance["test"]["checkpoint"] == str(best_checkpoint(trained))
 
 
 def test_ddp_sim_eval_gives_the_single_process_metrics(trained, tmp_path, data_dir):

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf, read_write
 from PIL import Image
 
 from framework.hardware import resolve_trainer
+from framework.loggers import has_events
 from tests.conftest import CONF, ROOT, fake_gpus
 
 
@@ -277,7 +278,7 @@ class Runs:
     """Runs README commands in the workspace, each once, and remembers the dir each one printed."""
 
     def __init__(self, workspace: Path):
-        self.workspace, self.dirs = workspace, {}
+        self.workspace, self.dirs, self.printed = workspace, {}, {}
 
     def __call__(self, command: str) -> Path:
         if command not in self.dirs:
@@ -306,6 +307,7 @@ class Runs:
             printed = re.findall(r"^(?:run|sweep) dir: (.+)$", result.stdout, re.M)
             assert printed, f"python run.py {command} printed no run dir:\n{result.stdout[-2000:]}"
             self.dirs[command] = Path(printed[-1])
+            self.printed[command] = result.stdout
         return self.dirs[command]
 
 
@@ -335,9 +337,20 @@ def test_command_runs_as_typed(command, runs, workspace):
         job_dirs = [run_dir / str(job) for job in range(len(rows))]
     else:
         job_dirs = [run_dir]
+    if "debug=fdr" in args:  # under the task's folder, apart from its runs
+        assert run_dir.parent == workspace / "outputs" / "shapes_captioning" / "debug"
+    printed = runs.printed[command]
+    assert ("review:  tensorboard --logdir" in printed) == any(has_events(job_dir) for job_dir in job_dirs)
+    assert "INFO: GPU available" not in printed  # Lightning's lines once, not also through its own handler
     for job_dir in job_dirs:
         metrics = json.loads((job_dir / "metrics.json").read_text())
         assert all(math.isfinite(value) for value in metrics.values()), metrics
+        assert f"run dir: {job_dir}" in (job_dir / "run.log").read_text()  # the run's log ends with its summary
+        if metrics:  # the weights of each stage's figures
+            provenance = json.loads((job_dir / "metrics_provenance.json").read_text())
+            assert set(provenance) == {name.split("/", 1)[0] for name in metrics}
+        else:
+            assert "┏" not in printed  # no empty table
         config = OmegaConf.load(job_dir / "config.yaml")
         assert config.trainer.accelerator == "cpu" and config.trainer.precision != "auto"
         if "trainer=ddp_sim" in args:  # the job's second rank wrote into the job's own dir
