@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,17 @@ def share_console_logs() -> None:
 
 def has_events(directory: Path) -> bool:
     return next(directory.rglob("events.out.tfevents.*"), None) is not None
+
+
+def review_url(metrics: dict[str, float], optimized_metric: str | None) -> str:
+    """TensorBoard's first page (TIME SERIES) with the losses and the optimised metric pinned on top: otherwise it
+    begins with `epoch` and the learning rates. Its default address; TensorBoard prints the one it serves."""
+    names = ["train/loss", "val/loss"]
+    if optimized_metric and "/" in optimized_metric:
+        names += [optimized_metric, "test/" + optimized_metric.split("/", 1)[1]]
+    pinned = [{"plugin": "scalars", "tag": name} for name in dict.fromkeys(names) if name in metrics]
+    cards = urllib.parse.quote(json.dumps(pinned, separators=(",", ":")), safe="/[]{}:,")
+    return f"http://localhost:6006/?pinnedCards={cards}#timeseries"
 
 
 def add_review_layout(trainer: L.Trainer, optimized_metric: str | None) -> None:

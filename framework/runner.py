@@ -48,6 +48,7 @@ from framework.loggers import (
     add_review_layout,
     has_events,
     log_final_metrics,
+    review_url,
     share_console_logs,
 )
 
@@ -324,6 +325,7 @@ def print_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, float], 
     console.print(f"run dir: {output_dir}")
     if has_events(output_dir):
         console.print(f"review:  tensorboard --logdir {output_dir} {REVIEW_FLAGS}")
+        console.print(f"then:    {review_url(metrics, cfg.get('optimized_metric'))}")
     RUN_LOG.info("summary:\n%s", console.export_text().rstrip())
 
 

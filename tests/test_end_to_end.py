@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +72,13 @@ def test_run_dir_holds_config_metrics_checkpoints_and_media(trained):
     log = (trained / "run.log").read_text()
     assert "[framework.hardware][INFO] - trainer: accelerator=cpu" in log and "`Trainer.fit` stopped" in log
     assert f"test/CIDEr   │ {metrics['test/CIDEr']:.4f}" in log and f"run dir: {trained}" in log
+    pinned = re.search(r"then: +http://localhost:6006/\?pinnedCards=(\S+)#timeseries", log)[1]
+    assert [card["tag"] for card in json.loads(urllib.parse.unquote(pinned))] == [
+        "train/loss",
+        "val/loss",
+        "val/CIDEr",
+        "test/CIDEr",
+    ]
 
 
 def test_metrics_provenance_names_the_checkpoint_of_each_figure(trained):
