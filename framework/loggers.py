@@ -64,11 +64,9 @@ def add_review_layout(trainer: L.Trainer, optimized_metric: str | None) -> None:
     board = tensorboard(trainer)
     if board is None:
         return
-    charts = {"loss": ["Multiline", [r"^[^/]+/loss$"]]}
-    if optimized_metric and "/" in optimized_metric:
-        name = optimized_metric.split("/", 1)[1]
-        charts[name] = ["Multiline", [rf"^[^/]+/{re.escape(name)}$"]]
-    board.add_custom_scalars({f"loss and {optimized_metric or 'loss'}": charts})
+    name = optimized_metric.split("/", 1)[1] if optimized_metric and "/" in optimized_metric else "loss"
+    charts = {chart: ["Multiline", [rf"^[^/]+/{re.escape(chart)}$"]] for chart in dict.fromkeys(["loss", name])}
+    board.add_custom_scalars({"loss" if name == "loss" else f"loss and {optimized_metric}": charts})
 
 
 def log_final_metrics(trainer: L.Trainer, config: dict[str, Any], metrics: dict[str, float]) -> None:
