@@ -17,7 +17,7 @@ from datamodules.feature_cache import CachedCaptionDataset, FeatureCache
 from datamodules.images import ImageFolderDataset, collate, image_transform, prepared_image
 from datamodules.items import CaptionedImage, caption_item
 from datamodules.readers import SPLITS, read_karpathy
-from datamodules.sampling import EpochSampler, fit_position, item_key
+from datamodules.sampling import EpochSampler, ResumableLoader, fit_position, item_key
 from datamodules.shapes import generate_shapes
 from datamodules.vocabulary import Vocabulary
 from framework.config import positive
@@ -147,7 +147,7 @@ class CaptionDataModule(
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         # The loader's own generator keeps its worker seeding off the global RNG, which after a resume
         # must continue exactly where the interrupted run left it (dropout, sampling).
-        return DataLoader(
+        return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=self.train_batch_size if train else self.eval_batch_size,
             sampler=self._train_sampler(len(dataset)) if train else None,

@@ -39,7 +39,7 @@ from datamodules.dreambooth_items import (
 )
 from datamodules.dreambooth_sources import Example, image_files, read_captioned_images, read_instance_folder
 from datamodules.images import image_paths, keep_readable
-from datamodules.sampling import EpochSampler, fit_position
+from datamodules.sampling import EpochSampler, ResumableLoader, fit_position
 from framework.config import positive
 from framework.contracts import PreparedWithModel, ServesReferenceImages
 from framework.distributed import per_device_batch_size
@@ -253,7 +253,7 @@ class DreamBoothDataModule(L.LightningDataModule, PreparedWithModel, ServesRefer
     def train_dataloader(self) -> DataLoader:
         dataset = self.training_images()
         batch_size = per_device_batch_size(self.batch_size, self.trainer)
-        return DataLoader(
+        return ResumableLoader(
             dataset,
             batch_size=batch_size,
             sampler=self._sampler(dataset, batch_size),

@@ -4,15 +4,20 @@ The default RandomSampler draws its permutation from the global RNG when an epoc
 datasets that pick one of several captions draw from it again per item; after a mid-epoch resume
 neither can be replayed. `EpochSampler` instead derives the permutation and a per-item seed from
 (seed, epoch), shards them over the ranks like DistributedSampler, and on a mid-epoch restart skips
-the samples the interrupted run had already trained on.
+the samples the interrupted run had already trained on. `ResumableLoader` is the training loader over it: resumable
+in Lightning's sense, so Lightning does not warn that a mid-epoch resume is unreliable.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
+
+log = logging.getLogger(__name__)
 
 
 def item_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
@@ -64,3 +69,26 @@ class EpochSampler(DistributedSampler):
         order = torch.cat([order, order[: self.total_size - len(order)]])  # pad to an even shard size
         shard = order[self.rank : self.total_size : self.num_replicas][done:]
         return iter([(int(i), int(item_seeds[i])) for i in shard])
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader over an `EpochSampler`, stateful as Lightning counts it (`state_dict`/`load_state_dict`,
+    kept in checkpoints): the order of an epoch is a function of (seed, epoch) and the sampler finds where to go on
+    from the trainer's progress, so the state is the seed, and loading it checks that the resumed run has it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["seed"] != self.seed:
+            log.warning(
+                "the checkpoint's training order came from seed %s, this run's from %s: the rest of the interrupted "
+                "epoch is not what the interrupted run would have trained (resume with its seed for the same run)",
+                state["seed"],
+                self.seed,
+            )
+
+    @property
+    def seed(self) -> int | None:
+        # None where Lightning replaced the sampler (trainer.overfit_batches: the same batches every epoch).
+        return getattr(self.sampler, "seed", None)

@@ -15,30 +15,23 @@ Checkpoints are torch.distributed.checkpoint directories (one shard file per ran
 framework/checkpoints.py reads them on one process, and DCP reshards them when a run resumes on another number of
 processes.
 
-SIGTERM (preemption): saving a sharded checkpoint is a collective of every rank, and Lightning's own SIGTERM handling is
-not safe for it: its handler broadcasts from inside the signal handler (whatever collective the other ranks are in at
-that moment), and its loops stop on a rank's own flag, so a rank that got the signal saves alone. Here the handler
-only notes the signal (`AgreedSigterm`); at the start of each training batch the ranks agree on it (one all-reduce),
-and when any rank got it they all finish that batch, save `last.ckpt` together and exit cleanly.
+Signals (SIGTERM, SIGINT, SIGUSR1): saving a sharded checkpoint is a collective of every rank. Lightning's own SIGTERM
+handling broadcasts from inside the signal handler and stops each rank on its own flag, so a rank that got the signal
+would save alone (a run hung); callbacks/signals.py has the ranks agree on a signal at the start of each training
+batch, so they stop after the same batch and save `last.ckpt` together.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import hydra
-import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
-from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from framework.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 def import_classes(names: Sequence[str]) -> tuple[type, ...]:
@@ -77,35 +70,6 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
-
-    def setup(self, trainer: L.Trainer) -> None:
-        # Lightning registers the connector's handlers after this hook, and has no public way to replace them.
-        trainer._signal_connector = AgreedSigterm(trainer)
-        super().setup(trainer)
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        self.lightning_module.trainer._signal_connector.agree()
-
-
-class AgreedSigterm(_SignalConnector):
-    """Lightning's SIGTERM handling without collectives in the signal handler: the handler only notes the signal;
-    `agree` (called by every rank at the same point) sets `trainer.received_sigterm` on all ranks when any rank got
-    it, and Lightning's loops then stop every rank after the same batch (ModelCheckpoint's `save_on_exception`
-    saves there). A SIGTERM after the last training batch (final validation, test, export) does not stop the run."""
-
-    def register_signal_handlers(self) -> None:
-        self.pending = False
-        super().register_signal_handlers()
-
-    def _sigterm_notifier_fn(self, signum, frame) -> None:
-        # Not forwarded to the processes Lightning started: agree() tells them.
-        log.info(rank_prefixed_message(f"Received SIGTERM: {signum}", self.trainer.local_rank))
-        self.pending = True
-
-    def agree(self) -> None:
-        if not self.received_sigterm:
-            self.received_sigterm = self.trainer.strategy.reduce_boolean_decision(self.pending, all=False)
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:

@@ -1,25 +1,25 @@
 """Callbacks that break a run on purpose, added from the command line by the fault-tolerance tests:
-python run.py +callbacks.fault._target_=tests.fault_injection.SigtermAtStep +callbacks.fault.step=12
+python run.py +callbacks.fault._target_=tests.fault_injection.SignalAtStep +callbacks.fault.step=12
 """
 
 import os
-import signal
+import signal as signals
 
 import lightning as L
 import torch
 
 
-class SigtermAtStep(L.Callback):
-    """Sends SIGTERM to this process once, after the optimizer step that reaches `step` (a preemption); with `rank`,
-    only in that rank's process."""
+class SignalAtStep(L.Callback):
+    """Sends `signal` (SIGTERM: a preemption; SIGINT: Ctrl-C) to this process once, after the optimizer step that
+    reaches `step`; with `rank`, only in that rank's process."""
 
-    def __init__(self, step: int, rank: int | None = None):
-        self.step, self.rank, self.sent = step, rank, False
+    def __init__(self, step: int, signal: str = "SIGTERM", rank: int | None = None):
+        self.step, self.signal, self.rank, self.sent = step, signals.Signals[signal], rank, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and not self.sent and self.rank in (None, trainer.global_rank):
             self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signal)
 
 
 class NanLossAtStep(L.Callback):

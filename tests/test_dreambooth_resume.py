@@ -41,7 +41,7 @@ def test_sigterm_and_resume_auto_end_with_the_weights_of_an_uninterrupted_run(ti
     killed = run_cli(
         args(
             "classes_killed",
-            "+callbacks.fault._target_=tests.fault_injection.SigtermAtStep",
+            "+callbacks.fault._target_=tests.fault_injection.SignalAtStep",
             "+callbacks.fault.step=3",  # epoch 0, 3 of its 4 batches done
         ),
         tmp_path / "run",

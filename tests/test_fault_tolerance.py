@@ -1,19 +1,24 @@
-"""Preemption and divergence: SIGTERM saves a checkpoint and exits cleanly, resume=auto finishes the run
-with the weights of an uninterrupted one, a NaN loss or non-finite weights stop the run with its step and the last
-finite weights."""
+"""Preemption and divergence: SIGTERM or Ctrl-C saves a checkpoint at a batch boundary, resume=auto finishes the
+run with the weights of an uninterrupted one, a NaN loss or non-finite weights stop the run with its step
+and the last finite weights."""
 
 import math
 import os
 import re
 import socket
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
 
+from callbacks.signals import StopOnSignal
 from framework.errors import UserError
 from framework.files import locked_run_dir
 from framework.runner import run
 from tests.conftest import TINY_SHAPES, compose_config, one_error_line, read_metrics, run_cli
+from tests.fault_injection import SignalAtStep
 
 STEPS_PER_EPOCH = 6  # 48 training images, batches of 8
 ARGS = [*TINY_SHAPES, "trainer.max_epochs=2", "logger=csv", "data.num_workers=1"]
@@ -23,33 +28,70 @@ def last_checkpoint(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-def test_sigterm_mid_epoch_saves_and_resume_auto_finishes_the_run(tmp_path, data_dir):
-    killed = run_cli(
-        [
-            *ARGS,
-            "+callbacks.fault._target_=tests.fault_injection.SigtermAtStep",
-            f"+callbacks.fault.step={STEPS_PER_EPOCH + 2}",
-        ],
-        tmp_path,
-        data_dir,
-        check=False,
-    )
-    assert killed.returncode == 0, killed.stderr[-2000:]
-    assert "Received SIGTERM" in killed.stdout + killed.stderr
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir) -> dict[str, torch.Tensor]:
+    """The weights of the run the interrupted ones must end with."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_cli(ARGS, run_dir, data_dir)
+    return last_checkpoint(run_dir)["state_dict"]
+
+
+@pytest.mark.parametrize(("signal", "exit_code"), [("SIGTERM", 0), ("SIGINT", 130)])
+def test_a_signal_mid_epoch_saves_and_resume_auto_finishes_the_run(
+    signal, exit_code, uninterrupted, tmp_path, data_dir
+):
+    fault = ["+callbacks.fault._target_=tests.fault_injection.SignalAtStep", f"+callbacks.fault.signal={signal}"]
+    killed = run_cli([*ARGS, *fault, f"+callbacks.fault.step={STEPS_PER_EPOCH + 2}"], tmp_path, data_dir, check=False)
+    assert killed.returncode == exit_code, killed.stderr[-2000:]
+    assert f"Received {signal}: stopping at the next batch boundary" in killed.stdout + killed.stderr
     interrupted = last_checkpoint(tmp_path)
     assert (interrupted["epoch"], interrupted["global_step"]) == (1, STEPS_PER_EPOCH + 2)
+    progress = interrupted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert progress["started"] == progress["completed"] == STEPS_PER_EPOCH + 2  # stopped between two batches
     assert not (tmp_path / "metrics.json").exists()  # the run did not finish
 
     resumed = run_cli([*ARGS, "resume=auto"], tmp_path, data_dir)
-    assert f"resume=auto: continuing from {tmp_path / 'checkpoints' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
+    output = resumed.stdout + resumed.stderr
+    assert f"resume=auto: continuing from {tmp_path / 'checkpoints' / 'last.ckpt'}" in output
+    assert "dataloader is not resumable" not in output and "training order came from seed" not in output
     assert last_checkpoint(tmp_path)["global_step"] == 2 * STEPS_PER_EPOCH
     assert "test/CIDEr" in read_metrics(tmp_path)
 
     # The same weights as a run that was never interrupted: same batches, same captions, same dropout.
-    run_cli(ARGS, tmp_path / "uninterrupted", data_dir)
-    expected = last_checkpoint(tmp_path / "uninterrupted")["state_dict"]
     for name, tensor in last_checkpoint(tmp_path)["state_dict"].items():
-        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_slurm_requeue_signal_saves_last_ckpt_at_a_batch_boundary_then_requeues_the_job(tmp_path, monkeypatch):
+    # A SLURM job with Lightning's auto-requeue; scontrol records its arguments and what checkpoints/ held then.
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(
+        f'#!/bin/sh\nls {tmp_path}/checkpoints > {tmp_path}/requeued; echo "$@" >> {tmp_path}/requeued\n'
+    )
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}:{os.environ['PATH']}")
+    for name, value in {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0",
+    }.items():
+        monkeypatch.setenv(name, value)
+    last = ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="last", save_on_exception=True)
+    trainer = L.Trainer(
+        max_steps=10,
+        callbacks=[StopOnSignal(), last, SignalAtStep(2, "SIGUSR1")],
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(SystemExit) as stop:
+        trainer.fit(BoringModel())
+    assert stop.value.code == 0
+    assert (tmp_path / "requeued").read_text() == "last.ckpt\nrequeue 4242\n"  # requeued once last.ckpt was saved
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
 def test_nan_loss_stops_the_run_with_its_step(tmp_path, data_dir):

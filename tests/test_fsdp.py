@@ -130,7 +130,7 @@ def test_sigterm_to_one_rank_saves_on_all_and_resume_auto_ends_with_the_uninterr
     task, root = runs
     args = [f"task={task}", f"model.pretrained={tiny_blip_dir(data_dir)}", *STEPS_ARGS, "trainer=fsdp_sim"]
     # Rank 1 alone is signalled after step 1: the ranks agree at the next batch, train it and save step 2 of 3.
-    sigterm = ["+callbacks.fault._target_=tests.fault_injection.SigtermAtStep", "+callbacks.fault.step=1"]
+    sigterm = ["+callbacks.fault._target_=tests.fault_injection.SignalAtStep", "+callbacks.fault.step=1"]
     killed = run_cli([*args, *sigterm, "+callbacks.fault.rank=1"], root / "sigterm", data_dir, timeout=120)
     assert "[rank: 1] Received SIGTERM" in killed.stdout + killed.stderr
     last = root / "sigterm" / "checkpoints" / "last.ckpt"
