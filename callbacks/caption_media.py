@@ -1,9 +1,10 @@
 """TensorBoard review of a captioner after each validation epoch.
 
-- text: a table of sample predictions against their references (`val/predictions`, images by short name);
+- text: sample predictions, each with its image's short name and references (`val/predictions`; a list, as
+  TensorBoard squeezes a table's short columns to a few letters wide);
 - images: one card per sample image, captioned with its prediction (`val/captions/<short name>`), at a size whose
   caption TensorBoard shows readable at its default card size;
-- image: for attention decoders, one fixed validation image with a heat map per generated word.
+- image: for attention decoders, one fixed validation image with a heat map per generated word, two panels a row.
 Every validation is logged at its global step: TensorBoard keeps 10 steps per card unless started with
 `--samples_per_plugin images=N,text=N` (framework/loggers.py REVIEW_FLAGS, printed at the end of a run).
 """
@@ -85,9 +86,11 @@ class CaptionMedia(L.Callback):
             return
         step = trainer.global_step
         names = short_names([p["path"] for p in predictions])
-        table = ["| image | prediction | references |", "|---|---|---|"]
-        table += [f"| {n} | {p['caption']} | {' / '.join(p['references'])} |" for n, p in zip(names, predictions)]
-        board.add_text("val/predictions", "\n".join(table), step)
+        samples = [
+            f"- **{name}**: {p['caption']}\n    - references: {' / '.join(p['references'])}"
+            for name, p in zip(names, predictions)
+        ]
+        board.add_text("val/predictions", "\n".join(samples), step)
         for name, p in zip(names, predictions):
             card = with_caption(_tile(p["path"], CARD), p["caption"], CARD_TEXT, 3)
             board.add_image(f"val/captions/{name}", card, step, dataformats="HWC")
@@ -104,6 +107,7 @@ class CaptionMedia(L.Callback):
         if attention is None or not words:
             return
         image = _tile(example["path"])
-        panels = [with_caption(image, "(image)")]
-        panels += [with_caption(attention_overlay(image, a.float().cpu().numpy()), w) for w, a in zip(words, attention)]
-        board.add_image("val/attention", grid(panels, min(len(panels), 6)), step, dataformats="HWC")
+        maps = [attention_overlay(image, a.float().cpu().numpy()) for a in attention]
+        panels = [with_caption(panel, word, CARD_TEXT, 1) for panel, word in zip([image, *maps], ["(image)", *words])]
+        # Two columns: as wide as a captioned card, so that the words read at TensorBoard's default card size.
+        board.add_image("val/attention", grid(panels, 2), step, dataformats="HWC")

@@ -147,7 +147,7 @@ def test_tensorboard_shows_final_metrics_with_hparams_loss_first_and_every_valid
             assert [image["step"] for image in images] == validations
         tables = get(f"{url}data/plugin/text/text?run=tensorboard&tag=val/predictions/text_summary")
         assert [table["step"] for table in tables] == validations
-        assert f"<td>{cards[0].removeprefix('val/captions/')}</td>" in tables[-1]["text"]  # the card's short name
+        assert f"<li><strong>{cards[0].removeprefix('val/captions/')}</strong>: " in tables[-1]["text"]  # short name
 
 
 class NoSpice:
