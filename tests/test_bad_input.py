@@ -448,14 +448,16 @@ def test_checkpoints_of_another_module_class(tmp_path):
     ):
         check_checkpoint(classifier, CNNRNNCaptioner, "shapes_captioning")
     check_checkpoint(classifier, ShapesClassifier, "shapes_classifier")
-    # Written before checkpoints recorded their task: the module's required arguments are looked for.
+    # Written before checkpoints recorded their task (with every argument, as save_hyperparameters keeps them): the
+    # module's required arguments are looked for.
     legacy = tmp_path / "legacy.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"classes": list(SHAPES), "optimizer": {}}}, legacy)
+    hparams = {"classes": list(SHAPES), "optimizer": {}, "scheduler": None, "width": 16, "label_smoothing": 0.0}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams}, legacy)
     with pytest.raises(
         UserError,
         match=r"legacy.ckpt \(ckpt_path\) is not a checkpoint of task=shapes_captioning: "
         r"its module class CNNRNNCaptioner needs vocab, encoder, decoder, which the "
-        r"checkpoint does not hold \(its hyperparameters: classes, optimizer\)",
+        r"checkpoint does not hold \(its hyperparameters: classes, optimizer, scheduler, width, label_smoothing\)",
     ):
         check_checkpoint(legacy, CNNRNNCaptioner, "shapes_captioning")
     check_checkpoint(legacy, ShapesClassifier, "shapes_classifier")
