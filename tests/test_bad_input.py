@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datamodules.captions import CaptionDataModule
+from datamodules.captions import CaptionBatch, CaptionDataModule
 from datamodules.dreambooth import DreamBoothDataModule, read_instance_folder
 from datamodules.explain import ImageFolderDataModule
 from datamodules.images import ImageFolderDataset, SkippedImages, collate, image_transform
@@ -138,8 +138,9 @@ BAD_NAMES = {"empty": "empty.jpg", "truncated": "truncated.jpg", "text": "notes.
 
 
 def served(loader: DataLoader, counter: SkippedImages) -> int:
-    """Images the loader serves, counting the skipped ones as the LightningModules do."""
-    served = sum(batch["size"] for batch in loader if counter.has_images(batch, "predict"))
+    """Images the loader serves, counting the skipped ones as the LightningModules do (captioning: CaptionBatch)."""
+    counts = [(b.skipped, b.size) if isinstance(b, CaptionBatch) else (b["skipped"], b["size"]) for b in loader]
+    served = sum(size for skipped, size in counts if counter.count("predict", skipped, size))
     counter.report("predict")
     return served
 
