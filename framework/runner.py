@@ -202,16 +202,20 @@ def fitted_weights(trainer: L.Trainer, output_dir: Path) -> dict:
 
 
 def resume_from(cfg: DictConfig, output_dir: Path, trainer: L.Trainer) -> str | None:
-    """ckpt_path, or with resume=auto this run dir's last.ckpt (saved every epoch and on SIGTERM/SIGUSR1; a folder
-    under trainer=fsdp), checked to be a checkpoint of this task that `trainer` can resume."""
+    """ckpt_path, or with resume=auto this run dir's last.ckpt (saved every epoch and when a signal stops the run; a
+    folder under trainer=fsdp), checked to be a checkpoint of this task that `trainer` can resume. The run dir is the
+    one resume=auto chose (framework/resume.py), or hydra.run.dir."""
     resume = cfg.get("resume")
     if resume not in (None, "auto"):
         raise UserError(f"resume={resume} is not supported: use resume=auto, or ckpt_path=PATH for a given checkpoint")
     last = output_dir / "checkpoints" / "last.ckpt"
     path = cfg.get("ckpt_path")
-    if resume == "auto" and not path and last.exists():
-        log.info("resume=auto: continuing from %s", last)
-        path = str(last)
+    if resume == "auto" and not path:
+        if last.exists():
+            log.info("resume=auto: continuing from %s", last)
+            path = str(last)
+        else:
+            log.info("resume=auto: no unfinished run with these overrides, starting fresh in %s", output_dir)
     if path:
         check_checkpoint(path, hydra.utils.get_class(cfg.model._target_), cfg.task_name)
         if is_sharded_checkpoint(path) and not isinstance(trainer.strategy, FSDP2Strategy):

@@ -62,16 +62,18 @@ def compose_config(overrides: list[str], output_dir: Path, data_dir: Path) -> Di
 
 def run_cli(
     args: list[str],
-    run_dir: Path,
+    run_dir: Path | None,
     data_dir: Path,
     multirun: bool = False,
     check: bool = True,
     timeout: int = 600,
     full_error: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """`python run.py ARGS` in a subprocess, its run dir (or sweep dir) at `run_dir`; with `full_error`
-    (HYDRA_FULL_ERROR=1) a failure prints its whole traceback, without it as a user sees it."""
-    where = [f"hydra.sweep.dir={run_dir}"] if multirun else [f"hydra.run.dir={run_dir}"]
+    """`python run.py ARGS` in a subprocess, its run dir (or sweep dir) at `run_dir` (None: where Hydra names it, under
+    paths.log_dir); with `full_error` (HYDRA_FULL_ERROR=1) a failure prints its whole traceback, without it as a user
+    sees it; `env`: variables to add to the environment."""
+    where = [] if run_dir is None else [f"hydra.{'sweep' if multirun else 'run'}.dir={run_dir}"]
     command = [
         sys.executable,
         str(ROOT / "run.py"),
@@ -80,10 +82,11 @@ def run_cli(
         *where,
         *args,
     ]
-    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"} | {"PYTHONUNBUFFERED": "1"}
+    environment = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    environment |= {"PYTHONUNBUFFERED": "1", **(env or {})}
     if full_error:
-        env["HYDRA_FULL_ERROR"] = "1"
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        environment["HYDRA_FULL_ERROR"] = "1"
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result

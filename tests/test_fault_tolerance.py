@@ -1,23 +1,30 @@
-"""Preemption and divergence: SIGTERM or Ctrl-C saves a checkpoint at a batch boundary, resume=auto finishes the
-run with the weights of an uninterrupted one, a NaN loss or non-finite weights stop the run with its step
+"""Preemption and divergence: SIGTERM or Ctrl-C saves a checkpoint at a batch boundary, resume=auto finds the run
+and finishes it with the weights of an uninterrupted one, a NaN loss or non-finite weights stop the run with its step
 and the last finite weights."""
 
+import logging
 import math
 import os
 import re
+import shutil
 import socket
+import time
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
+from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from callbacks.signals import StopOnSignal
 from framework.errors import UserError
 from framework.files import locked_run_dir
+from framework.resume import ResumeAuto
 from framework.runner import run
-from tests.conftest import TINY_SHAPES, compose_config, one_error_line, read_metrics, run_cli
+from tests.conftest import CONF, TINY_SHAPES, compose_config, one_error_line, read_metrics, run_cli
 from tests.fault_injection import SignalAtStep
 
 STEPS_PER_EPOCH = 6  # 48 training images, batches of 8
@@ -37,28 +44,46 @@ def uninterrupted(tmp_path_factory, data_dir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("signal", "exit_code"), [("SIGTERM", 0), ("SIGINT", 130)])
-def test_a_signal_mid_epoch_saves_and_resume_auto_finishes_the_run(
+def test_a_signal_mid_epoch_saves_and_resume_auto_finds_the_run_and_finishes_it(
     signal, exit_code, uninterrupted, tmp_path, data_dir
 ):
+    # As typed: no hydra.run.dir, the runs go to <PROJECT_ROOT>/outputs/shapes_captioning/runs/<time>.
     fault = ["+callbacks.fault._target_=tests.fault_injection.SignalAtStep", f"+callbacks.fault.signal={signal}"]
-    killed = run_cli([*ARGS, *fault, f"+callbacks.fault.step={STEPS_PER_EPOCH + 2}"], tmp_path, data_dir, check=False)
+    command = [*ARGS, *fault, f"+callbacks.fault.step={STEPS_PER_EPOCH + 2}"]
+    project = {"PROJECT_ROOT": str(tmp_path)}
+    killed = run_cli(command, None, data_dir, check=False, env=project)
     assert killed.returncode == exit_code, killed.stderr[-2000:]
     assert f"Received {signal}: stopping at the next batch boundary" in killed.stdout + killed.stderr
-    interrupted = last_checkpoint(tmp_path)
+    runs = tmp_path / "outputs" / "shapes_captioning" / "runs"
+    [run_dir] = runs.iterdir()
+    interrupted = last_checkpoint(run_dir)
     assert (interrupted["epoch"], interrupted["global_step"]) == (1, STEPS_PER_EPOCH + 2)
     progress = interrupted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
     assert progress["started"] == progress["completed"] == STEPS_PER_EPOCH + 2  # stopped between two batches
-    assert not (tmp_path / "metrics.json").exists()  # the run did not finish
+    assert not (run_dir / "metrics.json").exists()  # the run did not finish
 
-    resumed = run_cli([*ARGS, "resume=auto"], tmp_path, data_dir)
+    # Beside it: an older unfinished run of the same command, newer ones of another command or finished.
+    record = Path(".hydra/overrides.yaml")
+    started = (run_dir / record).stat().st_mtime
+    decoys = {name: runs / name for name in ("older", "other", "finished")}
+    for name, decoy in decoys.items():
+        shutil.copytree(run_dir, decoy)
+        os.utime(decoy / record, (started - 100,) * 2 if name == "older" else (started + 100,) * 2)
+    with open(decoys["other"] / record, "a") as overrides:
+        overrides.write("- seed=7\n")
+    (decoys["finished"] / "metrics.json").write_text("{}")
+
+    resumed = run_cli([*command, "resume=auto"], None, data_dir, env=project)
     output = resumed.stdout + resumed.stderr
-    assert f"resume=auto: continuing from {tmp_path / 'checkpoints' / 'last.ckpt'}" in output
+    assert f"resume=auto: continuing from {run_dir / 'checkpoints' / 'last.ckpt'}" in output
     assert "dataloader is not resumable" not in output and "training order came from seed" not in output
-    assert last_checkpoint(tmp_path)["global_step"] == 2 * STEPS_PER_EPOCH
-    assert "test/CIDEr" in read_metrics(tmp_path)
+    assert sorted(runs.iterdir()) == sorted([run_dir, *decoys.values()])  # no new run dir
+    assert last_checkpoint(run_dir)["global_step"] == 2 * STEPS_PER_EPOCH
+    assert "test/CIDEr" in read_metrics(run_dir)
+    assert not (decoys["older"] / "metrics.json").exists() and not (decoys["other"] / "metrics.json").exists()
 
     # The same weights as a run that was never interrupted: same batches, same captions, same dropout.
-    for name, tensor in last_checkpoint(tmp_path)["state_dict"].items():
+    for name, tensor in last_checkpoint(run_dir)["state_dict"].items():
         torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
@@ -116,9 +141,38 @@ def test_a_step_that_makes_the_weights_non_finite_stops_the_run_with_the_weights
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
 
 
-def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, data_dir):
-    run(compose_config([*TINY_SHAPES, "trainer.fast_dev_run=true", "resume=auto"], tmp_path, data_dir))
+def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, data_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="framework.runner"):
+        run(compose_config([*TINY_SHAPES, "trainer.fast_dev_run=true", "resume=auto"], tmp_path, data_dir))
+    assert f"resume=auto: no unfinished run with these overrides, starting fresh in {tmp_path}" in caplog.text
     assert math.isfinite(read_metrics(tmp_path)["test/CIDEr"])
+
+
+def test_resume_auto_continues_the_newest_unfinished_grid_sweep_with_the_same_overrides(tmp_path):
+    overrides = [f"paths.log_dir={tmp_path}", "trainer.max_epochs=3", "seed=1"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        config = compose("config", overrides=[*overrides, "resume=auto"], return_hydra_config=True)
+    sweeps = tmp_path / "shapes_captioning" / "multiruns"
+    now = time.time()
+    for name, recorded, age in [
+        ("older", overrides, 100),
+        ("newest", overrides[::-1], 0),  # in another order
+        ("finished", overrides, -100),
+        ("other", [*overrides[:2], "seed=2"], -100),
+    ]:
+        (sweeps / name).mkdir(parents=True)
+        (sweeps / name / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": recorded}}}))
+        os.utime(sweeps / name / "multirun.yaml", (now - age, now - age))
+    (sweeps / "finished" / "summary.csv").write_text("job\n")
+
+    optuna = config.copy()
+    optuna.hydra.sweeper._target_ = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    ResumeAuto().on_multirun_start(optuna)  # its job N would have other parameters: a new sweep
+    assert optuna.hydra.sweep.dir != str(sweeps / "newest") and not optuna.hydra.overrides.hydra
+
+    ResumeAuto().on_multirun_start(config)  # its jobs are composed with the hydra overrides
+    assert config.hydra.sweep.dir == str(sweeps / "newest")
+    assert list(config.hydra.overrides.hydra) == [f"hydra.sweep.dir={sweeps / 'newest'}"]
 
 
 def test_a_run_dir_holds_one_run_at_a_time(tmp_path, data_dir):
