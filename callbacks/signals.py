@@ -10,7 +10,8 @@ same batch, ModelCheckpoint's `save_on_exception` saves last.ckpt there, and the
 SIGINT (the shell's convention for Ctrl-C), 0 after SIGTERM or SIGUSR1. A second Ctrl-C stops at once, as Lightning
 does (its checkpoint is then not exact). Under SLURM with auto-requeue (Lightning's default there), the requeue
 signal (SIGUSR1 unless set otherwise) also requeues the job once last.ckpt is saved; the requeued job continues from
-it with resume=auto on its command line.
+it with resume=auto on its command line. A launcher's handler of these signals or of submitit's preemption signal
+(SIGUSR2, or SUBMITIT_PREEMPT_SIGNAL), e.g. submitit's requeue-and-exit, is called once last.ckpt is saved.
 """
 
 from __future__ import annotations
@@ -48,36 +49,54 @@ class StopOnSignal(L.Callback):
 class BatchBoundarySignals(_SignalConnector):
     def register_signal_handlers(self) -> None:
         self.received_sigterm = False
-        self.signum: int | None = None
+        self.noted: list[int] = []  # the signals received, first first
         self._original_handlers = self._get_current_signal_handlers()
         environment = self.trainer._accelerator_connector.cluster_environment
         slurm = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
         self.requeue_signal = environment.requeue_signal if slurm else None
-        for signum in {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, self.requeue_signal} - {None}:
+        signals = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, self.requeue_signal} - {None}
+        # A handler installed before, by a launcher (submitit's requeue on its preemption signal), runs once
+        # last.ckpt is saved instead of in the middle of a step.
+        launcher = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+        self.deferred = {
+            signum: handler
+            for signum in signals | {launcher}
+            if callable(handler := self._original_handlers.get(signum)) and handler is not signal.default_int_handler
+        }
+        for signum in signals | set(self.deferred):
             self._register_signal(signum, self.note)
 
+    @property
+    def signum(self) -> int | None:
+        return self.noted[0] if self.noted else None
+
     def note(self, signum: int, frame) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+        if signum == signal.SIGINT and signal.SIGINT in self.noted:
             raise KeyboardInterrupt
-        if self.signum is None:
+        if not self.noted:
             name = signal.Signals(signum).name
             again = " (Ctrl-C again stops at once, without an exact checkpoint)" if signum == signal.SIGINT else ""
             message = f"Received {name}: stopping at the next batch boundary, saving checkpoints/last.ckpt{again}"
             log.warning(rank_prefixed_message(message, self.trainer.local_rank))
-            self.signum = signum
+        if signum not in self.noted:
+            self.noted.append(signum)
         if self.trainer.world_size == 1:
             self.received_sigterm = True
 
     def agree(self) -> None:
         """Sets `received_sigterm` on every rank when any rank noted a signal; every rank calls it at the same point."""
         if not self.received_sigterm:
-            self.received_sigterm = self.trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
+            self.received_sigterm = self.trainer.strategy.reduce_boolean_decision(bool(self.noted), all=False)
 
     def teardown(self) -> None:
         # After the checkpoint: on_exception has saved last.ckpt by the time Lightning tears the trainer down.
-        if self.signum is not None and self.signum == self.requeue_signal and self.trainer.is_global_zero:
+        stopped = self.noted if self.received_sigterm else []
+        if self.requeue_signal in stopped and self.trainer.is_global_zero:
             requeue()
         super().teardown()
+        for signum in stopped:
+            if signum in self.deferred:
+                self.deferred[signum](signum, None)
 
 
 def requeue() -> None:

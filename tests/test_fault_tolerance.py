@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import signal as signals
 import socket
 import time
 from pathlib import Path
@@ -87,26 +88,12 @@ def test_a_signal_mid_epoch_saves_and_resume_auto_finds_the_run_and_finishes_it(
         torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_slurm_requeue_signal_saves_last_ckpt_at_a_batch_boundary_then_requeues_the_job(tmp_path, monkeypatch):
-    # A SLURM job with Lightning's auto-requeue; scontrol records its arguments and what checkpoints/ held then.
-    scontrol = tmp_path / "bin" / "scontrol"
-    scontrol.parent.mkdir()
-    scontrol.write_text(
-        f'#!/bin/sh\nls {tmp_path}/checkpoints > {tmp_path}/requeued; echo "$@" >> {tmp_path}/requeued\n'
-    )
-    scontrol.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{scontrol.parent}:{os.environ['PATH']}")
-    for name, value in {
-        "SLURM_NTASKS": "1",
-        "SLURM_JOB_NAME": "train",
-        "SLURM_JOB_ID": "4242",
-        "SLURM_PROCID": "0",
-    }.items():
-        monkeypatch.setenv(name, value)
-    last = ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="last", save_on_exception=True)
+def fit_until_signal(checkpoints, signal: str) -> L.Trainer:
+    """A tiny Lightning run with the framework's signal handling, sent `signal` after step 2: it stops there."""
+    last = ModelCheckpoint(dirpath=checkpoints, filename="last", save_on_exception=True)
     trainer = L.Trainer(
         max_steps=10,
-        callbacks=[StopOnSignal(), last, SignalAtStep(2, "SIGUSR1")],
+        callbacks=[StopOnSignal(), last, SignalAtStep(2, signal)],
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
@@ -115,8 +102,38 @@ def test_slurm_requeue_signal_saves_last_ckpt_at_a_batch_boundary_then_requeues_
     with pytest.raises(SystemExit) as stop:
         trainer.fit(BoringModel())
     assert stop.value.code == 0
-    assert (tmp_path / "requeued").read_text() == "last.ckpt\nrequeue 4242\n"  # requeued once last.ckpt was saved
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+    return trainer
+
+
+def test_slurm_requeue_signal_saves_last_ckpt_at_a_batch_boundary_then_requeues_the_job(tmp_path, monkeypatch):
+    # A SLURM job with Lightning's auto-requeue; scontrol records its arguments and what checkpoints/ held then.
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    record = tmp_path / "requeued"
+    scontrol.write_text(f'#!/bin/sh\nls {tmp_path}/checkpoints > {record}; echo "$@" >> {record}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}:{os.environ['PATH']}")
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    fit_until_signal(tmp_path / "checkpoints", "SIGUSR1")
+    assert record.read_text() == "last.ckpt\nrequeue 4242\n"  # requeued once last.ckpt was saved
+
+
+def test_a_launchers_preemption_handler_runs_once_last_ckpt_is_saved(tmp_path):
+    calls = []
+
+    def requeue(signum, frame):  # as submitit's on SIGUSR2 (requeue the job, exit), installed before the run
+        calls.append((signum, (tmp_path / "last.ckpt").exists()))
+
+    previous = signals.signal(signals.SIGUSR2, requeue)
+    try:
+        fit_until_signal(tmp_path, "SIGUSR2")
+        assert calls == [(signals.SIGUSR2, True)]
+        assert signals.getsignal(signals.SIGUSR2) is requeue  # given back after the run
+    finally:
+        signals.signal(signals.SIGUSR2, previous)
 
 
 def test_nan_loss_stops_the_run_with_its_step(tmp_path, data_dir):
