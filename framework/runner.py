@@ -188,9 +188,14 @@ def checkpoint_weights(path: str | os.PathLike, output_dir: Path, **more) -> dic
 
 
 def given_weights(cfg: DictConfig, output_dir: Path) -> dict:
-    """eval/predict/export: the checkpoint ckpt_path names (an explaining task's: the model it explains), or none."""
+    """eval/predict/export: the checkpoint ckpt_path names (an explaining task's: the model it explains, which may be
+    an export dir), or none."""
     path = cfg.get("ckpt_path")
-    return checkpoint_weights(path, output_dir) if path else {"checkpoint": None, "weights": "built from cfg.model"}
+    if not path:
+        return {"checkpoint": None, "weights": "built from cfg.model"}
+    if Path(path).is_dir() and not is_sharded_checkpoint(path):
+        return {"checkpoint": None, "weights": str(path)}
+    return checkpoint_weights(path, output_dir)
 
 
 def fitted_weights(trainer: L.Trainer, output_dir: Path) -> dict:
