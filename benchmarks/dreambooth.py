@@ -1,12 +1,17 @@
-"""DreamBooth LoRA training speed: with the caches against without, and an SDXL-sized UNet on a GPU.
+"""DreamBooth LoRA training speed: against diffusers' script, with the latent cache, buckets, an SDXL-sized UNet.
 
-1. (default) LoRA training steps of DreamBoothLoRA on a tiny SDXL pipeline of the real classes
-   (lightning_modules/generation/tiny.py) in one process: from images and prompts (every step decodes
-   and crops the images, encodes them with the VAE and the prompts with both text encoders) against
-   from the caches (data.cache_latents: latent distributions encoded once; cache_prompt_embeddings:
-   each prompt encoded once). Same initial weights, batches and random draws: the first-step losses
-   are printed and agree. Prints steps/s of both, the cache build time, then
-   `ratio: dreambooth_cache_step_speedup = <uncached step time / cached step time>`.
+1. (default) `task=sdxl_dreambooth` against its peer, the training step of huggingface/diffusers
+   examples/dreambooth/train_dreambooth_lora_sdxl.py (PEER_COMMIT below) as the script writes it, re-implemented
+   here (DiffusersScript), on a tiny SDXL pipeline of the real classes (lightning_modules/generation/tiny.py): same
+   images, resolution, batch size, rank-4 LoRA on the same UNet modules, fp32, seed. Ours is DreamBoothLoRA and its
+   data module through a Lightning Trainer, as run.py trains them (the Trainer's per-step work is part of what users
+   get; the task's callbacks, validation, logger and progress bar are left out, as the script's tracker and bar).
+   At 64 and 128 px, batch 1 and 2: the script, ours with defaults and ours with data.cache_latents=true timed in
+   interleaved rounds; the median round's steady-state steps/s of each; first-step losses on one batch with the
+   same draws. Then, the lowest over the settings,
+   `ratio: dreambooth_vs_diffusers_script = <ours steps/s / the script's>` (defaults: prompt embeddings cached, VAE
+   encode every step, as the script), `ratio: dreambooth_vs_diffusers_script_cached = ...` (latent cache too: the
+   script at that commit has none) and `ratio: dreambooth_cache_step_speedup = <cached / uncached steps/s of ours>`.
 2. `--sdxl-unet --device cuda`: a UNet with the configuration of stabilityai/stable-diffusion-xl-base-1.0
    (written below, random weights; needs no download), frozen in bf16 with LoRA rank-4 adapters in fp32
    on to_q/k/v/out, one 1024 px training step (latents 128x128, batch --batch-size) under bf16 autocast,
@@ -21,7 +26,7 @@
    `ratio: dreambooth_buckets_vs_center_crop = <centre-crop step time / bucketed step time>` (about 1: a bucket
    holds no more pixels than the square, and batches from one bucket stack as the squares do).
 
-    python benchmarks/dreambooth.py [--steps 10] [--resolution 128] [--device cuda]
+    python benchmarks/dreambooth.py [--steps 40] [--rounds 3] [--resolutions 64 128] [--batch-sizes 1 2]
     python benchmarks/dreambooth.py --sdxl-unet --device cuda [--batch-size 1]
     python benchmarks/dreambooth.py --buckets [--steps 6] [--rounds 5] [--resolution 256]
 """
@@ -66,14 +71,20 @@ SDXL_UNET = dict(
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
-# ------------------------------------------------------------------------------------- 1. caches, tiny pipeline
-def save_instance_images(folder: Path, count: int, size: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+# ------------------------------------------------------------------------------- 1. the diffusers script, tiny pipeline
+PEER = "huggingface/diffusers examples/dreambooth/train_dreambooth_lora_sdxl.py"
+PEER_COMMIT = "000280f56a6a81e355313e77ec831575ad571d8b"
+PROMPT = "a photo of sks dog"
+
+
+def save_instance_images(folder: Path, count: int, size: int, height: int | None = None) -> Path:
+    """`count` noise images of `size` px wide and `height` (default 1.25 x size) tall."""
     from PIL import Image
 
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
     for i in range(count):
-        Image.fromarray(rng.integers(0, 255, (size + size // 4, size, 3), np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (height or size + size // 4, size, 3), np.uint8)).save(folder / f"{i}.png")
     return folder
 
 
@@ -95,7 +106,24 @@ def tiny_settings(pipeline: Path, resolution: int, **values) -> dict:
     from framework.config import model_settings
 
     fixed = {"pretrained": str(pipeline), "resolution": resolution, "scheduler": None, "card": None, "fidelity": None}
-    return model_settings("sdxl_lora", **fixed, **values)
+    return model_settings("sdxl_lora", **{**fixed, **values})
+
+
+def tiny_dreambooth(pipeline: Path, images: Path, resolution: int, batch_size: int, model: dict, **data):
+    """DreamBoothLoRA (conf/model/sdxl_lora.yaml with `model` replacing some) and its data module on the tiny
+    pipeline and an image folder, seeded as run.py seeds a run; `data` replaces data module settings."""
+    import random
+
+    from datamodules.dreambooth import DreamBoothDataModule, read_instance_folder
+    from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
+
+    torch.manual_seed(0)
+    random.seed(0)
+    module = DreamBoothLoRA(**tiny_settings(pipeline, resolution, **model))
+    datamodule = DreamBoothDataModule(
+        source=partial(read_instance_folder, images, PROMPT), resolution=resolution, batch_size=batch_size, **data
+    )
+    return module, datamodule
 
 
 def train_steps(model, loader, steps: int, device: str, warmup: int = 1) -> tuple[float, float]:
@@ -118,56 +146,236 @@ def train_steps(model, loader, steps: int, device: str, warmup: int = 1) -> tupl
     return first, (time.perf_counter() - start) / steps
 
 
-def cache_benchmark(args) -> None:
-    import random
+class ScriptImages(torch.utils.data.Dataset):
+    """The script's DreamBoothDataset without class images: resize (shorter side), random or centre crop, to
+    tensor, normalise to [-1, 1]; every item read from its file."""
 
-    from datamodules.dreambooth import DreamBoothDataModule, read_instance_folder
-    from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
+    def __init__(self, folder: Path, size: int, center_crop: bool = False):
+        from torchvision import transforms
+
+        self.paths = list(folder.iterdir())
+        crop = transforms.CenterCrop(size) if center_crop else transforms.RandomCrop(size)
+        resize = transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR)
+        self.transforms = transforms.Compose([resize, crop, transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+        from PIL.ImageOps import exif_transpose
+
+        image = exif_transpose(Image.open(self.paths[index]))
+        return {"instance_images": self.transforms(image.convert("RGB") if image.mode != "RGB" else image)}
+
+
+def script_collate(examples: list[dict]) -> dict:
+    pixels = torch.stack([e["instance_images"] for e in examples])
+    return {"pixel_values": pixels.to(memory_format=torch.contiguous_format).float()}
+
+
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+
+
+class DiffusersScript:
+    """The training step of the diffusers script (PEER at PEER_COMMIT) with its defaults, fp32, no prior
+    preservation, frozen text encoders: the parts loaded from the pipeline folder as the script loads them, rank-4
+    LoRA on the UNet's to_q/k/v/out.0, the prompt embeddings and add_time_ids computed once, its shuffled DataLoader
+    (main process); per step: VAE encode and sample, noise, timesteps, add_noise, UNet, MSE to the noise, backward,
+    clip_grad_norm_(1.0), AdamW (its betas, eps, weight decay 1e-2), the lr scheduler, zero_grad, loss.item().
+    The LoRA layers are peft's (unet.add_adapter, as the script's later versions add them): the commit's
+    LoRALinearLayer.set_lora_layer is gone from the diffusers installed here; the arithmetic is the same.
+    Left out: Accelerate (no-ops on one CPU process), its tqdm bar and tracker logging (ours runs without progress
+    bar and logger too) and checkpoints every 500 steps."""
+
+    def __init__(self, pipeline: Path, images: Path, resolution: int, batch_size: int, lr: float, seed: int = 0):
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers.optimization import get_scheduler
+        from peft import LoraConfig
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        from lightning_modules.generation.sdxl import encode_prompts
+
+        torch.manual_seed(seed)
+        tokenizers = [AutoTokenizer.from_pretrained(pipeline, subfolder=f, use_fast=False) for f in TOKENIZERS]
+        encoders = [
+            CLIPTextModel.from_pretrained(pipeline, subfolder="text_encoder"),
+            CLIPTextModelWithProjection.from_pretrained(pipeline, subfolder="text_encoder_2"),
+        ]
+        self.noise_scheduler = DDPMScheduler.from_pretrained(pipeline, subfolder="scheduler")
+        self.vae = AutoencoderKL.from_pretrained(pipeline, subfolder="vae")
+        self.unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet")
+        for part in (self.vae, self.unet, *encoders):
+            part.requires_grad_(False)
+        self.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        self.lr_scheduler = get_scheduler("constant", self.optimizer, num_warmup_steps=0, num_training_steps=10**6)
+        self.time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+        with torch.no_grad():  # encode_prompts is the script's encode_prompt (penultimate states, pooled of the 2nd)
+            self.hidden, self.pooled = encode_prompts(tokenizers, encoders, [PROMPT])
+        self.loader = torch.utils.data.DataLoader(
+            ScriptImages(images, resolution), batch_size=batch_size, shuffle=True, collate_fn=script_collate
+        )
+
+    def loss(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample() * self.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        n = len(latents)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,)).long()
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        conditions = {"time_ids": self.time_ids.repeat(n, 1), "text_embeds": self.pooled.repeat(n, 1)}
+        prediction = self.unet(noisy, timesteps, self.hidden.repeat(n, 1, 1), added_cond_kwargs=conditions).sample
+        return torch.nn.functional.mse_loss(prediction.float(), noise.float(), reduction="mean")
+
+    def train(self, steps: int, clock: list[float]) -> None:
+        """`steps` training steps (epochs over the loader as the script's loop), the time after each in `clock`."""
+        self.unet.train()
+        while len(clock) < steps:
+            for batch in self.loader:
+                loss = self.loss(batch["pixel_values"])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad()
+                self.logged = {"loss": loss.detach().item(), "lr": self.lr_scheduler.get_last_lr()[0]}  # as it logs
+                clock.append(time.perf_counter())
+                if len(clock) == steps:
+                    break
+
+
+def fit_ours(module, datamodule, steps: int) -> list[float]:
+    """`steps` steps of `task=sdxl_dreambooth`'s training through a Lightning Trainer (its trainer settings less
+    precision, validation, logger, checkpoints and progress bar); the time after each step."""
+    import lightning as L
+
+    class StepClock(L.Callback):
+        def __init__(self):
+            self.clock: list[float] = []
+
+        def on_train_batch_end(self, *args) -> None:
+            self.clock.append(time.perf_counter())
+
+    clock = StepClock()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=steps,
+        max_epochs=-1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        log_every_n_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
+    trainer.fit(module, datamodule)
+    return clock.clock
+
+
+def first_step_losses(tmp: Path, pipeline: Path, resolution: int, batch_size: int) -> dict[str, float]:
+    """The first loss of each side on the same batch (copies of one square image at `resolution`: no crop or order to
+    draw) with the same random draws (VAE sample, noise, timesteps) from seed 0."""
+    import shutil
+
+    folder = save_instance_images(tmp / f"square_{resolution}_{batch_size}", 1, resolution, height=resolution)
+    for i in range(1, batch_size):
+        shutil.copy(folder / "0.png", folder / f"{i}.png")
+    losses = {}
+    script = DiffusersScript(pipeline, folder, resolution, batch_size, lr=1e-4)
+    pixels = next(iter(script.loader))["pixel_values"]
+    torch.manual_seed(0)
+    losses["script"] = script.loss(pixels).item()
+    for name, cached in (("ours", False), ("ours cached", True)):
+        module, data = tiny_dreambooth(pipeline, folder, resolution, batch_size, {}, cache_latents=cached)
+        data.enable_latent_cache(module.encode_latent_parameters)
+        batch = next(iter(data.train_dataloader()))
+        torch.manual_seed(0)
+        losses[name] = module.loss(batch).item()
+    return losses
+
+
+def steps_per_second(clock: list[float], warmup: int) -> float:
+    return (len(clock) - warmup) / (clock[-1] - clock[warmup - 1])
+
+
+def peer_benchmark(args) -> None:
+    """Per setting: the script, ours with defaults and ours with data.cache_latents=true, each built once, then timed
+    in interleaved rounds (script, ours, ours cached; each round `warmup` untimed steps then `steps`); steps/s is the
+    median over rounds."""
+    import logging
+    import statistics
+
     from lightning_modules.generation.tiny import save_tiny_sdxl
 
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    print(f"peer: {PEER} @ {PEER_COMMIT} (training step re-implemented here: DiffusersScript)")
+    print(
+        f"settings: tiny SDXL pipeline of the real classes (lightning_modules/generation/tiny.py), {args.images} "
+        f"noise images (w x 1.25w px, random crop, no flip), resolutions {args.resolutions}, batch sizes "
+        f"{args.batch_sizes}, LoRA rank 4 on to_q/k/v/out.0, fp32, AdamW lr 1e-4 constant, grad clip 1.0, seed 0, "
+        f"{args.rounds} interleaved rounds of {args.warmup} untimed + {args.steps} timed steps, "
+        f"{torch.get_num_threads()} threads, {args.device}"
+    )
+    print(
+        "first-step loss: every side on one batch (copies of one square image) with the same draws from seed 0; at "
+        "batch > 1 the script's randn_like follows its latents' strided layout, so its noise holds the same numbers "
+        "in other places and its loss differs"
+    )
+    print("ours: DreamBoothLoRA + DreamBoothDataModule (conf/model/sdxl_lora.yaml, conf/data/dreambooth_folder.yaml)")
+    print("      through a Lightning Trainer (task=sdxl_dreambooth's trainer settings, no validation/logger/bar)")
+    sides = ("script", "ours", "ours cached")
+    ratios = {"dreambooth_vs_diffusers_script": [], "dreambooth_vs_diffusers_script_cached": []}
+    ratios["dreambooth_cache_step_speedup"] = []
+    constant = {"_target_": "diffusers.optimization.get_scheduler", "_partial_": True, "name": "constant"}
+    constant |= {"num_warmup_steps": 0, "num_training_steps": 10**6}
     with tempfile.TemporaryDirectory() as tmp:
-        pipeline = save_tiny_sdxl(Path(tmp) / "pipeline", args.resolution)
-        images = save_instance_images(Path(tmp) / "images", args.images, args.resolution)
-        print(
-            f"tiny SDXL pipeline on {args.device}, {args.images} instance images at {args.resolution} px, "
-            f"batch {args.batch_size}, {args.steps} timed steps, {torch.get_num_threads()} threads"
-        )
-        results = {}
-        for cached in (False, True):
-            torch.manual_seed(0)
-            random.seed(0)
-            model = DreamBoothLoRA(**tiny_settings(pipeline, args.resolution, cache_prompt_embeddings=cached))
-            data = DreamBoothDataModule(
-                source=partial(read_instance_folder, images, "a photo of sks dog"),
-                resolution=args.resolution,
-                center_crop=True,
-                random_flip=True,
-                batch_size=args.batch_size,
-                cache_latents=cached,
-            )
-            model.to(args.device)
-            if cached:
-                start = time.perf_counter()
-                data.enable_latent_cache(model.encode_latent_parameters)
-                print(f"latent cache build: {time.perf_counter() - start:.2f} s")
-            random.seed(0)
-            results[cached] = train_steps(model, data.train_dataloader(), args.steps, args.device)
-            name = "cached" if cached else "uncached"
-            print(
-                f"{name:>8}: first-step loss {results[cached][0]:.6f}, {1 / results[cached][1]:.2f} steps/s "
-                f"({results[cached][1] * 1000:.1f} ms/step)"
-            )
-        print(f"ratio: dreambooth_cache_step_speedup = {results[False][1] / results[True][1]:.2f}")
+        tmp = Path(tmp)
+        for resolution in args.resolutions:
+            pipeline = save_tiny_sdxl(tmp / f"pipeline_{resolution}", resolution)
+            images = save_instance_images(tmp / f"images_{resolution}", args.images, resolution)
+            for batch_size in args.batch_sizes:
+                losses = first_step_losses(tmp, pipeline, resolution, batch_size)
+                script = DiffusersScript(pipeline, images, resolution, batch_size, lr=1e-4)
+                runs = {"script": lambda clock, s=script: s.train(args.warmup + args.steps, clock)}
+                for name, cached in (("ours", False), ("ours cached", True)):
+                    module, data = tiny_dreambooth(
+                        pipeline, images, resolution, batch_size, {"scheduler": constant}, cache_latents=cached
+                    )
+                    runs[name] = lambda clock, m=module, d=data: clock.extend(fit_ours(m, d, args.warmup + args.steps))
+                rates = {name: [] for name in sides}
+                for _ in range(args.rounds):
+                    for name in sides:
+                        clock = []
+                        runs[name](clock)
+                        rates[name].append(steps_per_second(clock, args.warmup))
+                median = {name: statistics.median(rates[name]) for name in sides}
+                for name in sides:
+                    rounds = ", ".join(f"{r:.2f}" for r in rates[name])
+                    print(
+                        f"{resolution:>4} px batch {batch_size}  {name:>11}: {median[name]:6.2f} steps/s "
+                        f"(rounds: {rounds}), first-step loss {losses[name]:.6f}"
+                    )
+                ratios["dreambooth_vs_diffusers_script"].append(median["ours"] / median["script"])
+                ratios["dreambooth_vs_diffusers_script_cached"].append(median["ours cached"] / median["script"])
+                ratios["dreambooth_cache_step_speedup"].append(median["ours cached"] / median["ours"])
+    print("ratios per setting (" + ", ".join(f"{r}px/b{b}" for r in args.resolutions for b in args.batch_sizes) + ")")
+    for name, values in ratios.items():
+        print(f"  {name}: " + ", ".join(f"{v:.2f}" for v in values))
+    for name, values in ratios.items():  # the lowest setting: what holds at every one
+        print(f"ratio: {name} = {min(values):.2f}")
 
 
 def bucket_benchmark(args) -> None:
     """Both set-ups built once, then timed in alternating rounds (each after an untimed epoch, so that every bucket
     shape has run once), so that a load that changes over time weighs on both alike; the median round counts."""
-    import random
     import statistics
 
-    from datamodules.dreambooth import DreamBoothDataModule, read_instance_folder
-    from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
     from lightning_modules.generation.tiny import save_tiny_sdxl
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,15 +388,8 @@ def bucket_benchmark(args) -> None:
         )
         runs = {}
         for buckets in (False, True):
-            torch.manual_seed(0)
-            random.seed(0)
-            model = DreamBoothLoRA(**tiny_settings(pipeline, args.resolution))
-            data = DreamBoothDataModule(
-                source=partial(read_instance_folder, images, "a photo of sks dog"),
-                resolution=args.resolution,
-                center_crop=True,
-                buckets=buckets,
-                batch_size=args.batch_size,
+            model, data = tiny_dreambooth(
+                pipeline, images, args.resolution, args.batch_size, {}, center_crop=True, buckets=buckets
             )
             runs[buckets] = model, data.train_dataloader()
         seconds = {False: [], True: []}
@@ -277,24 +478,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sdxl-unet", action="store_true", help="the SDXL-sized UNet at 1024 px (GPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 tiny, 5 SDXL)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 2 tiny, 1 SDXL")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 40 peer, 6 buckets, 5 SDXL)")
+    parser.add_argument("--batch-size", type=int, default=None, help="--buckets, --sdxl-unet (default: 2, 1)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2], help="against the script")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], help="against the script")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per round against the script")
     parser.add_argument("--buckets", action="store_true", help="aspect-ratio buckets against the centre crop")
-    parser.add_argument("--resolution", type=int, default=None, help="tiny pipeline image size (default: 128, 256)")
-    parser.add_argument("--images", type=int, default=None, help="default: 4, with --buckets 6")
-    parser.add_argument("--rounds", type=int, default=5, help="--buckets: alternating timed rounds")
+    parser.add_argument("--resolution", type=int, default=256, help="--buckets: the pixel budget's side")
+    parser.add_argument("--images", type=int, default=None, help="default: 5, with --buckets 6")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds (default: 3, --buckets 5)")
     args = parser.parse_args()
     if args.sdxl_unet:
         args.steps, args.batch_size = args.steps or 5, args.batch_size or 1
         sdxl_benchmark(args)
     elif args.buckets:
         args.steps, args.batch_size = args.steps or 6, args.batch_size or 2
-        args.resolution, args.images = args.resolution or 256, args.images or 6
+        args.images, args.rounds = args.images or 6, args.rounds or 5
         bucket_benchmark(args)
     else:
-        args.resolution, args.images = args.resolution or 128, args.images or 4
-        args.steps, args.batch_size = args.steps or 10, args.batch_size or 2
-        cache_benchmark(args)
+        args.steps, args.images, args.rounds = args.steps or 40, args.images or 5, args.rounds or 3
+        peer_benchmark(args)
 
 
 if __name__ == "__main__":
