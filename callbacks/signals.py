@@ -47,9 +47,16 @@ class StopOnSignal(L.Callback):
 
 
 class BatchBoundarySignals(_SignalConnector):
+    def __init__(self, trainer: L.Trainer) -> None:
+        super().__init__(trainer)
+        # Set here too: a run that fails before Lightning registers the handlers still tears the connector down.
+        self.noted: list[int] = []  # the signals received, first first
+        self.requeue_signal: int | None = None
+        self.deferred: dict = {}
+
     def register_signal_handlers(self) -> None:
         self.received_sigterm = False
-        self.noted: list[int] = []  # the signals received, first first
+        self.noted = []
         self._original_handlers = self._get_current_signal_handlers()
         environment = self.trainer._accelerator_connector.cluster_environment
         slurm = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
