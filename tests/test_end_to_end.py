@@ -139,6 +139,8 @@ def test_tensorboard_shows_final_metrics_with_hparams_loss_first_and_every_valid
         assert [chart["title"] for chart in category["chart"]] == ["loss", "CIDEr"]
         # IMAGES and TEXT: every validation, at its step.
         validations = [STEPS_PER_EPOCH * (epoch + 1) for epoch in range(EPOCHS)]
+        scalars = get(f"{url}data/plugin/scalars/tags")["tensorboard"]
+        assert {"lr-AdamW/decoder", "lr-AdamW/encoder"} <= set(scalars)  # named learning rates, not pg1 and pg2
         tags = get(f"{url}data/plugin/images/tags")["tensorboard"]
         cards = sorted(tag for tag in tags if tag.startswith("val/captions/"))
         assert len(cards) == 8

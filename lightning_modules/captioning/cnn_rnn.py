@@ -334,7 +334,10 @@ class CNNRNNCaptioner(CaptioningModule, InferenceOverrides, Attends):
 
     def optimizer_params(self) -> list[dict]:
         encoder_params = [p for p in self.encoder.parameters() if p.requires_grad]
-        groups = [{"params": list(self.decoder.parameters())}]
+        # Named groups: LearningRateMonitor logs lr-<optimizer>/decoder and /encoder (not pg1, pg2).
+        groups = [{"name": "decoder", "params": list(self.decoder.parameters())}]
         if encoder_params:
-            groups.append({"params": encoder_params, **({"lr": self.encoder.lr} if self.encoder.lr else {})})
+            groups.append(
+                {"name": "encoder", "params": encoder_params, **({"lr": self.encoder.lr} if self.encoder.lr else {})}
+            )
         return groups
