@@ -78,7 +78,7 @@ def log_final_metrics(trainer: L.Trainer, config: dict[str, Any], metrics: dict[
     logdir, with the hyperparameters that differ between runs (a sweep's) first.
     """
     board = tensorboard(trainer)
-    if board is None or not metrics:
+    if board is None or not metrics or not trainer.is_global_zero:  # other ranks' experiment is a stand-in
         return
     for name, value in metrics.items():
         board.add_scalar(name, value, trainer.global_step)
