@@ -293,7 +293,7 @@ def first_step_losses(tmp: Path, pipeline: Path, resolution: int, batch_size: in
     losses["script"] = script.loss(pixels).item()
     for name, cached in (("ours", False), ("ours cached", True)):
         module, data = tiny_dreambooth(pipeline, folder, resolution, batch_size, {}, cache_latents=cached)
-        data.enable_latent_cache(module.encode_latent_parameters)
+        data.set_latent_cache([(v, module.encode_latent_parameters(pixels)) for v, pixels in data.views_to_encode()])
         batch = next(iter(data.train_dataloader()))
         torch.manual_seed(0)
         losses[name] = module.loss(batch).item()

@@ -6,10 +6,11 @@ dreambooth_items.py's. Each training item holds an instance example and, with pr
 or, with `buckets`, to its aspect-ratio bucket (datamodules/buckets.py), every batch from one bucket.
 Validation, test and predict items are prompts with seeds.
 
-Preparation that needs the model is two explicit methods the LightningModule calls at fit start, each given the
-model function it needs (the data module holds no model): `prepare_class_images(generate)` fills data.class_images
-(prior preservation), `enable_latent_cache(encode)` encodes every image and its mirror image once
-(data.cache_latents), after which items carry the latent distribution instead of pixels.
+Preparation that needs the model is named as data and its results taken as data (the data module holds no model;
+NeedsModelOutputs): `missing_class_images()` names the class images data.class_images lacks (prior preservation),
+which the LightningModule writes there; `views_to_encode()` gives every image and its mirror image once
+(data.cache_latents), whose latent distributions `set_latent_cache` takes back, after which items carry those
+instead of pixels.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import itertools
 import logging
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -41,10 +42,10 @@ from datamodules.dreambooth_sources import Example, image_files, read_captioned_
 from datamodules.images import image_paths, keep_readable
 from datamodules.sampling import EpochSampler, ResumableLoader, fit_position
 from framework.config import positive
-from framework.contracts import PreparedWithModel, ServesReferenceImages
+from framework.contracts import NeedsModelOutputs, ServesReferenceImages
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
-from framework.files import writable_dir, write_png
+from framework.files import writable_dir
 
 # The readers are data.source targets in conf/data/ and, with crop_and_flip, imported from here.
 __all__ = ["DreamBoothDataModule", "crop_and_flip", "prompt_slug", "read_captioned_images", "read_instance_folder"]
@@ -56,34 +57,7 @@ def prompt_slug(prompt: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:limit] or "prompt"
 
 
-def ensure_class_images(
-    folder: Path,
-    prompt: str,
-    count: int,
-    generate: Callable[[list[str], list[int]], list],
-    batch_size: int,
-    seed: int = 0,
-) -> None:
-    """Fill `folder` up to `count` images of `prompt` (prior preservation), `batch_size` at a time.
-
-    Images already there are kept and reused; each new one is written atomically, so an interrupted
-    run leaves only complete images and the next run generates the rest.
-    """
-    writable_dir(folder, "data.class_images")
-    have = len(image_paths(folder)[0])
-    missing = count - have
-    if missing <= 0:
-        return
-    log.info("generating %d class images of '%s' into %s", missing, prompt, folder)
-    with tqdm(total=missing, desc="class images", unit="img") as progress:
-        for start in range(have, count, batch_size):
-            seeds = [seed + i for i in range(start, min(start + batch_size, count))]
-            for index, image in zip(seeds, generate([prompt] * len(seeds), seeds)):
-                write_png(folder / f"class_{index:05d}.png", image)
-            progress.update(len(seeds))
-
-
-class DreamBoothDataModule(L.LightningDataModule, PreparedWithModel, ServesReferenceImages):
+class DreamBoothDataModule(L.LightningDataModule, NeedsModelOutputs, ServesReferenceImages):
     """Training examples from `source`, optional class images for prior preservation, prompt sets for
     validation (`validation_prompts`), test (`test_prompts`, mode=eval) and predict (`prompts`)."""
 
@@ -181,7 +155,7 @@ class DreamBoothDataModule(L.LightningDataModule, PreparedWithModel, ServesRefer
                 )
 
     def class_examples(self) -> list[Example]:
-        """The class images of prior preservation, read and checked once (after `prepare_class_images`)."""
+        """The class images of prior preservation, read and checked once (after `missing_class_images` were written)."""
         if not self.prior_preservation:
             return []
         if self._classes is None:
@@ -189,13 +163,22 @@ class DreamBoothDataModule(L.LightningDataModule, PreparedWithModel, ServesRefer
             self._classes = self._readable([Example(image, self.class_prompt) for image in images], "data.class_images")
         return self._classes
 
-    def prepare_class_images(self, generate: Callable[[list[str], list[int]], list]) -> None:
-        """Generate the class images prior preservation still lacks (`generate(prompts, seeds) -> PIL images`)."""
-        if self.prior_preservation:
-            self._classes = None  # read again once complete
-            ensure_class_images(
-                self.class_images, self.class_prompt, self.num_class_images, generate, self.class_batch_size
-            )
+    def missing_class_images(self) -> list[tuple[str, int, Path]]:
+        """(prompt, seed, path) of each class image prior preservation still lacks, for the module to write there.
+        Images already there are kept and reused; each is written atomically, so an interrupted run leaves only
+        complete images and the next run names the rest."""
+        if not self.prior_preservation:
+            return []
+        self._classes = None  # read again once complete
+        folder, prompt = self.class_images, self.class_prompt
+        writable_dir(folder, "data.class_images")
+        missing = [
+            (prompt, i, folder / f"class_{i:05d}.png")
+            for i in range(len(image_paths(folder)[0]), self.num_class_images)
+        ]
+        if missing:
+            log.info("generating %d class images of '%s' into %s", len(missing), prompt, folder)
+        return missing
 
     def train_prompts(self) -> set[str]:
         return {e.prompt for e in self.instances} | ({self.class_prompt} if self.prior_preservation else set())
@@ -204,9 +187,10 @@ class DreamBoothDataModule(L.LightningDataModule, PreparedWithModel, ServesRefer
         """The real instance images, for subject fidelity (CLIP-I, DINO)."""
         return [e.image.load() for e in self.instances]
 
-    def enable_latent_cache(self, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 8) -> None:
-        """With data.cache_latents: encode every training image and its mirror image once with `encode`
-        (pixels in [-1, 1] -> latent distribution parameters); training then reads them from memory.
+    def views_to_encode(self, batch_size: int = 8) -> Iterator[tuple[list, torch.Tensor]]:
+        """With data.cache_latents, until `set_latent_cache`: every training image and its mirror image, as batches of
+        one size (views, pixels in [-1, 1]), read as they are drawn; hand their latent parameters to
+        `set_latent_cache`, training then reads them from memory.
 
         Each image's crop is fixed here (centre, or one random draw: as in the diffusers script; from the seed and the
         image, so a resumed run caches the same), per size it is
@@ -219,23 +203,26 @@ class DreamBoothDataModule(L.LightningDataModule, PreparedWithModel, ServesRefer
         for _, group in itertools.groupby(sorted(dataset.views(), key=lambda view: view[1]), key=lambda view: view[1]):
             group = list(group)
             chunks += [group[start : start + batch_size] for start in range(0, len(group), batch_size)]
-        latents = {}
         for chunk in tqdm(chunks, desc="caching latents", unit="batch"):
             views = []
             for example, size in chunk:
                 image, original_size = dataset.resized(example, size)
                 corner = dataset.crop_corner(image, size, random.Random(f"{torch.initial_seed()}:{example.image.name}"))
-                views += [
+                pair = [
                     {**crop_and_flip(image, size, corner, flip), "original_size": original_size}
                     for flip in (False, True)
                 ]
-            parameters = encode(torch.stack([view.pop("pixels") for view in views])).float().cpu()
-            for i, (example, size) in enumerate(chunk):
-                latents[example.image.name, size] = [
-                    {**view, "latent_parameters": parameters[2 * i + flip]}
-                    for flip, view in enumerate(views[2 * i : 2 * i + 2])
-                ]
-        self._latents = latents
+                views += [((example.image.name, size), view) for view in pair]
+            yield views, torch.stack([view.pop("pixels") for _, view in views])
+
+    def set_latent_cache(self, encoded: list[tuple[list, torch.Tensor]]) -> None:
+        """Serve the views of `views_to_encode` with their latent parameters (mean and log variance, one per view)
+        from now on; an empty list (nothing was to encode) changes nothing."""
+        latents = {}
+        for views, parameters in encoded:
+            for (key, view), latent in zip(views, parameters.float().cpu()):
+                latents.setdefault(key, []).append({**view, "latent_parameters": latent})  # unflipped, then flipped
+        self._latents = latents or self._latents
 
     def training_images(self) -> TrainingImages:
         return TrainingImages(

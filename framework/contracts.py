@@ -10,7 +10,7 @@ instance attribute it never sets is an AttributeError where it is read. Nothing 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -116,28 +116,25 @@ class TakesImageTransform(Contract, Protocol):
 
 
 @runtime_checkable
-class PreparedWithModel(Contract, Protocol):
-    """A data module whose preparation needs the model (DreamBooth: generated class images, the VAE's latents).
-    The module calls both at fit start (`on_fit_start`), with the methods of its side, `PreparesData`."""
+class NeedsModelOutputs(Contract, Protocol):
+    """A data module whose preparation needs the model's outputs (DreamBooth: generated class images, the VAE's
+    latents). It names what it needs as data and takes the results as data; the module does the model's work at fit
+    start (`on_fit_start`): global rank 0 writes the class images while the other ranks wait at a barrier, then every
+    rank encodes the latent cache. `class_batch_size`: how many class images to generate at a time."""
 
-    def prepare_class_images(self, generate: Callable[[list[str], list[int]], list]) -> None:
-        """Generate the class images the data still lacks with `generate(prompts, seeds) -> PIL images`. Called on
-        global rank 0 while the other ranks wait at a barrier."""
+    class_batch_size: int
 
-    def enable_latent_cache(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Encode the training images once with `encode` (pixels in [-1, 1] -> latent distribution parameters) and
-        serve those from then on, if the data is configured to (data.cache_latents). Called on every rank."""
+    def missing_class_images(self) -> list[tuple[str, int, Path]]:
+        """(prompt, seed, path) of each class image the data still lacks: write each there (framework.files.write_png)
+        before the data is read."""
 
+    def views_to_encode(self) -> Iterator[tuple[list, torch.Tensor]]:
+        """The training views the latent cache needs (none without data.cache_latents, or once set): batches
+        (views, pixels in [-1, 1]), read as they are drawn."""
 
-@runtime_checkable
-class PreparesData(Contract, Protocol):
-    """The module's side of `PreparedWithModel`: what it hands to the data module's preparation."""
-
-    def generate(self, prompts: list[str], seeds: list[int]) -> list:
-        """PIL images for the prompts, one fixed seed each."""
-
-    def encode_latent_parameters(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The latent distribution parameters (mean and log variance) of images in [-1, 1]."""
+    def set_latent_cache(self, encoded: list[tuple[list, torch.Tensor]]) -> None:
+        """Serve the training items from the latent distribution parameters (mean and log variance) of the batches'
+        pixels, handed back with their views, from now on; an empty list changes nothing."""
 
 
 @runtime_checkable

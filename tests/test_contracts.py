@@ -26,8 +26,7 @@ from framework.contracts import (
     HasCaptionPredictions,
     HasGeneratedSamples,
     InferenceOverrides,
-    PreparedWithModel,
-    PreparesData,
+    NeedsModelOutputs,
     ProvidesModelInputs,
     SavesPredictions,
     ServesImageFolder,
@@ -58,8 +57,7 @@ FAMILIES = {
     "module -> data module": {
         CachesFeatures: CAPTION_DATA,
         TakesImageTransform: CAPTION_DATA,
-        PreparedWithModel: {"DreamBoothDataModule"},
-        PreparesData: {"DreamBoothLoRA"},
+        NeedsModelOutputs: {"DreamBoothDataModule"},
         ServesReferenceImages: {"DreamBoothDataModule"},
         ServesImageFolder: {"ShapeObjectsDataModule", "ImageFolderDataModule"},
     },
@@ -110,13 +108,16 @@ def test_a_declared_contract_with_a_misspelt_member_is_an_error():
             def exprot(self, directory):
                 return directory
 
-    with pytest.raises(TypeError, match=r"does not define enable_latent_cache \(PreparedWithModel\)"):
+    with pytest.raises(TypeError, match=r"does not define set_latent_cache \(NeedsModelOutputs\)"):
 
-        class HalfPrepared(L.LightningDataModule, PreparedWithModel):
-            def prepare_class_images(self, generate):
-                pass
+        class HalfPrepared(L.LightningDataModule, NeedsModelOutputs):
+            def missing_class_images(self):
+                return []
 
-            def enable_latents_cache(self, encode):
+            def views_to_encode(self):
+                return iter(())
+
+            def set_latents_cache(self, encoded):
                 pass
 
     with pytest.raises(TypeError, match=r"inference_hparams=\('beam_sise',\): give a tuple of __init__ parameters"):

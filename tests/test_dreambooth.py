@@ -351,7 +351,7 @@ def test_prior_preservation_generates_class_images_once_and_adds_their_loss(tiny
     assert sorted(made) == ["class_00000.png", "class_00001.png", "class_00002.png"]
     assert Image.open(classes / "class_00000.png").size == (RESOLUTION, RESOLUTION)
     model, data = build(tmp_path, data_dir, args)
-    data.prepare_class_images(lambda prompts, seeds: pytest.fail("class images were generated again"))
+    assert data.missing_class_images() == []  # nothing to generate again
     assert {p.name: p.stat().st_mtime_ns for p in classes.iterdir()} == made  # reused, not regenerated
 
     batch = next(iter(data.train_dataloader()))
@@ -378,7 +378,7 @@ def test_loss_falls_when_overfitting_two_images(tiny_sdxl, dog, tmp_path, data_d
             "data.batch_size=2",
         ),
     )
-    data.enable_latent_cache(model.encode_latent_parameters)
+    data.set_latent_cache([(v, model.encode_latent_parameters(pixels)) for v, pixels in data.views_to_encode()])
     batch = next(iter(data.train_dataloader()))
     before = fixed_loss(model, batch, draws=16)
     trainer = L.Trainer(

@@ -113,7 +113,7 @@ def test_prior_preservation_and_the_latent_cache_go_through_the_same_buckets(ins
         (320, 192): {"448x252.png", "64x64.png"},  # its two items: the first two of all class images
     }
 
-    data.enable_latent_cache(fake_encode)
+    data.set_latent_cache([(views, fake_encode(pixels)) for views, pixels in data.views_to_encode()])
     shown = {(Path(name).name, size) for name, size in data._latents}
     assert shown == {(Path(e.image.name).name, size) for e, size in dataset.views()}
     assert ("64x64.png", (320, 192)) in shown and ("64x64.png", (256, 256)) in shown  # one class image, two sizes

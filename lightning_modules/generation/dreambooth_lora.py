@@ -16,7 +16,8 @@ trains it, in a LightningModule: the wiring, the loss, the optimizers and Lightn
 Here: the loss (MSE to the noise or the velocity, as the scheduler's prediction_type says; min-SNR `snr_gamma`,
 `noise_offset`, prior preservation with class examples in the batch; SDXL micro-conditioning from each image's
 original size, crop and target size), prompt embeddings encoded once while the text encoders are frozen, the
-optimizers, checkpoints holding only the adapters, and at fit start the data module's preparation (`on_fit_start`).
+optimizers, checkpoints holding only the adapters, and at fit start the data's preparation that needs the model
+(`on_fit_start`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ from framework.contracts import (
     Exports,
     HasGeneratedSamples,
     InferenceOverrides,
-    PreparedWithModel,
-    PreparesData,
+    NeedsModelOutputs,
     SavesPredictions,
     ServesReferenceImages,
 )
@@ -54,7 +54,6 @@ class DreamBoothLoRA(
     L.LightningModule,
     BuildsFromConfig,
     InferenceOverrides,
-    PreparesData,
     HasGeneratedSamples,
     SavesPredictions,
     Exports,
@@ -188,15 +187,17 @@ class DreamBoothLoRA(
 
     # ------------------------------------------------------------------------------------- training
     def on_fit_start(self) -> None:
-        """The data module's preparation that needs this model (PreparedWithModel): class images, then the latent
-        cache."""
+        """The data's preparation that needs this model (NeedsModelOutputs), here and not in `prepare_data`, where the
+        model is not on its device yet: global rank 0 writes the class images the data lacks, with the base model,
+        while the other ranks wait; then every rank encodes the views the latent cache needs and hands them back."""
         datamodule = self.trainer.datamodule
-        if isinstance(datamodule, PreparedWithModel):
+        if isinstance(datamodule, NeedsModelOutputs):
             if self.trainer.is_global_zero:
                 with self.base_model():
-                    datamodule.prepare_class_images(self.generate)
+                    sampling.write_images(self.generate, datamodule.missing_class_images(), datamodule.class_batch_size)
             self.trainer.strategy.barrier()
-            datamodule.enable_latent_cache(self.encode_latent_parameters)
+            views = datamodule.views_to_encode()  # one batch at a time; each batch's latents go to the CPU
+            datamodule.set_latent_cache([(v, self.encode_latent_parameters(pixels).cpu()) for v, pixels in views])
 
     def on_train_end(self) -> None:
         """Before the test pass that follows training (generation and the fidelity models need memory): the optimizer

@@ -1,5 +1,6 @@
 """Images from a DreamBooth LoRA: generation with fixed seeds, the guards that stop a run on NaN or all-black images,
-fidelity scoring (fidelity.py) of a stage's images, and predict's rows and files."""
+fidelity scoring (fidelity.py) of a stage's images, predict's rows and files, and the class images of prior
+preservation."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from datamodules.dreambooth import prompt_slug
 from framework.distributed import gather_objects
@@ -45,6 +47,16 @@ def generate(pipeline, prompts: list[str], seeds: list[int], resolution: int, in
     if broken:
         raise UserError(f"images generated{at_step} hold NaN or inf (prompts: {' | '.join(broken)}): {GENERATION_HINT}")
     return pipeline.image_processor.postprocess(images.float(), output_type="pil")
+
+
+def write_images(generate: Callable[[list[str], list[int]], list], requests: list[tuple], batch_size: int) -> None:
+    """Generates each (prompt, seed, path) of `requests`, `batch_size` at a time, and writes it there (atomically)."""
+    with tqdm(total=len(requests), desc="class images", unit="img", disable=not requests) as progress:
+        for start in range(0, len(requests), batch_size):
+            prompts, seeds, paths = zip(*requests[start : start + batch_size])
+            for path, image in zip(paths, generate(list(prompts), list(seeds))):
+                write_png(path, image)
+            progress.update(len(paths))
 
 
 def image_rows(batch: dict, images: list[Image.Image]) -> list[dict]:
