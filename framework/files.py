@@ -78,6 +78,17 @@ def locked_run_dir(path: str | os.PathLike) -> Iterator[Path]:
             fcntl.flock(file, fcntl.LOCK_UN)
 
 
+@contextmanager
+def node_lock(name: str) -> Iterator[None]:
+    """An exclusive lock of this node's processes (flock: a process that dies releases it)."""
+    with open(Path(tempfile.gettempdir()) / f"framework-{name}-{os.getuid()}.lock", "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: json.dump(obj, f, indent=2, ensure_ascii=False))
 

@@ -10,13 +10,10 @@ preparation, loading), which `model_inputs` runs first where the module is built
 from __future__ import annotations
 
 import csv
-import fcntl
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -38,7 +35,7 @@ from framework.contracts import (
 )
 from framework.distributed import gather_objects
 from framework.errors import UserError
-from framework.files import atomic_write, locked_run_dir, write_json
+from framework.files import atomic_write, locked_run_dir, node_lock, write_json
 from framework.fsdp import FSDP2Strategy
 from framework.hardware import resolve_trainer
 from framework.launch import isolated_job
@@ -155,17 +152,6 @@ def model_inputs(datamodule: L.LightningDataModule | None) -> dict:
     with node_lock("prepare"):
         datamodule.prepare_data()
     return datamodule.model_inputs()
-
-
-@contextmanager
-def node_lock(name: str) -> Iterator[None]:
-    """An exclusive lock of this node's processes (flock: a process that dies releases it)."""
-    with open(Path(tempfile.gettempdir()) / f"framework-{name}-{os.getuid()}.lock", "a") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
