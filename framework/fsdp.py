@@ -13,7 +13,8 @@ as under DDP, so the ops autocast keeps in fp32 (softmax, norms, losses) stay in
 
 Checkpoints are torch.distributed.checkpoint directories (one shard file per rank plus Lightning's `meta.pt`);
 framework/checkpoints.py reads them on one process, and DCP reshards them when a run resumes on another number of
-processes.
+processes. A module whose checkpoints hold only the weights it trains (DreamBooth LoRA: the adapters, not the frozen
+SDXL) sets `strict_loading = False`: its sharded checkpoints load the weights they have, the others stay as built.
 
 Signals (SIGTERM, SIGINT, SIGUSR1): saving a sharded checkpoint is a collective of every rank. Lightning's own SIGTERM
 handling broadcasts from inside the signal handler and stops each rank on its own flag, so a rank that got the signal
@@ -24,11 +25,22 @@ batch, so they stop after the same batch and save `last.ckpt` together.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
+import torch.distributed.checkpoint as dcp
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from framework.errors import UserError
@@ -58,7 +70,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             name = module_class.__name__ if module_class else "none"
             raise UserError(
                 f"trainer=fsdp: task={task} (module {name}) does not shard itself: FSDP is supported for the BLIP and "
-                "ViT-GPT2 captioning tasks so far; use trainer=ddp (or trainer=ddp_sim on a CPU)"
+                "ViT-GPT2 captioning tasks and SDXL DreamBooth LoRA (task=sdxl_dreambooth) so far; use trainer=ddp "
+                "(or trainer=ddp_sim on a CPU)"
             )
         if not layers:
             raise UserError(
@@ -69,7 +82,41 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
+        # Lightning reseeds the global RNGs here (reset_seed); every process has run the same seeding and model
+        # building (the launcher starts each from the script), so keeping their states keeps them alike on all ranks
+        # and where one process has them: a sharded run draws (noise, dropout) what a one-process run draws.
+        states = _collect_rng_states()
         super().setup_environment()
+        _set_rng_states(states)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """ModelParallelStrategy's, except for a sharded checkpoint of a module with `strict_loading = False`: the
+        weights the checkpoint holds are loaded (Lightning's load asks for every weight of the module), the others
+        stay as the module was built; every trained parameter must be there."""
+        path = Path(self.broadcast(checkpoint_path))
+        module = self.lightning_module
+        if module.strict_loading or not (path / _METADATA_FILENAME).is_file():
+            return super().load_checkpoint(path, weights_only)
+        keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        saved = {key.removeprefix("state_dict.") for key in keys if key.startswith("state_dict.")}
+        weights = get_model_state_dict(self.model)
+        missing = sorted(name for name, p in module.named_parameters() if p.requires_grad and name not in saved)
+        unexpected = sorted(saved - set(weights))
+        if missing or unexpected:
+            example = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which this model has not"
+            raise UserError(
+                f"checkpoint {path} does not fit this model ({len(missing)} trained weights missing, "
+                f"{len(unexpected)} unknown; it {example}): it was written with other model settings"
+            )
+        weights = {k: v for k, v in weights.items() if k in saved}
+        dcp.load({"state_dict": weights}, checkpoint_id=path)
+        set_model_state_dict(self.model, weights, options=StateDictOptions(strict=False))
+        for index, optimizer in enumerate(self.optimizers):  # as Lightning's load
+            state = {f"optimizer_{index}": get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(state, checkpoint_id=path)
+            options = StateDictOptions(cpu_offload=True)
+            set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{index}"], options=options)
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:
@@ -97,10 +144,11 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded fp32 weights of a sharded `module`, on rank 0's CPU ({} on the other ranks); every rank must
-    call it (the shards are gathered)."""
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_state_dict(module: torch.nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded fp32 weights of a sharded `module` (with `trained_only`, its parameters that require grad and
+    its buffers), on rank 0's CPU ({} on the other ranks); every rank must call it (the shards are gathered)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)
+    return get_model_state_dict(module, options=options)
 
 
 class ShardedByLayers:

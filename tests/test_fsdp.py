@@ -22,6 +22,7 @@ from framework.runner import run
 from lightning_modules.captioning.inference import Captioner
 from tests.conftest import compose_config, read_metrics, run_cli
 from tests.test_blip import tiny_blip_dir
+from tests.test_dreambooth import fidelity_models, save_images, tiny_args, tiny_sdxl  # noqa: F401 (fixtures)
 from tests.test_vit_gpt2 import save_tiny_vit_gpt2
 
 STEPS_ARGS = [
@@ -143,3 +144,93 @@ def test_sigterm_to_one_rank_saves_on_all_and_resume_auto_ends_with_the_uninterr
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ SDXL DreamBooth LoRA
+# One image per rank per step; validation (a generated image per rank) and last.ckpt at the last step.
+DREAMBOOTH_STEPS = ["data.batch_size=2", "trainer.max_steps=3", "trainer.max_epochs=-1", "trainer.val_check_interval=3"]
+
+
+@pytest.fixture(scope="module")
+def dreambooth(tiny_sdxl, fidelity_models, tmp_path_factory, data_dir) -> tuple[list[str], Path, list[float]]:
+    """(args, root, the sharded run's losses before the signal): root/single trained on one process; root/fsdp sharded
+    over two, SIGTERM to rank 1 after step 1 (a sharded last.ckpt at step 2 of 3, mid-epoch), then resume=auto to the
+    end, exporting; root/export = mode=export from root/fsdp's sharded last.ckpt (step 3) on one process. Validation
+    and the test after training generate an image per rank through the sharded UNet (the pipeline calls its forward),
+    scored once (tiny CLIP and DINO).
+    Center crops and no flips: a random crop is drawn in the data loading, whose random numbers are each process's."""
+    root = tmp_path_factory.mktemp("dreambooth_fsdp")
+    images = save_images(root / "dog", 6)  # 3 steps per epoch
+    clip, dino = fidelity_models
+    args = tiny_args(tiny_sdxl, images, *DREAMBOOTH_STEPS, f"model.fidelity.clip={clip}", f"model.fidelity.dino={dino}")
+    run(compose_config(args, root / "single", data_dir))
+    sigterm = ["+callbacks.fault._target_=tests.fault_injection.SignalAtStep", "+callbacks.fault.step=1"]
+    sharded = [*args, "trainer=fsdp_sim"]
+    killed = run_cli([*sharded, *sigterm, "+callbacks.fault.rank=1"], root / "fsdp", data_dir, timeout=180)
+    assert "[rank: 1] Received SIGTERM" in killed.stdout + killed.stderr
+    assert torch.load(root / "fsdp" / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 2
+    assert not (root / "fsdp" / "metrics.json").exists()  # the run stopped there
+    losses = train_losses(root / "fsdp")
+    run_cli([*sharded, "resume=auto"], root / "fsdp", data_dir, timeout=180)
+    last = root / "fsdp" / "checkpoints" / "last.ckpt"
+    run(compose_config([*args, "mode=export", f"ckpt_path={last}"], root / "export", data_dir))
+    return args, root, losses
+
+
+def lora_weights(export: Path) -> dict[str, torch.Tensor]:
+    return load_file(export / "pytorch_lora_weights.safetensors")
+
+
+def test_sharded_dreambooth_gives_the_single_process_losses(dreambooth):
+    _, root, sharded = dreambooth
+    single = train_losses(root / "single")
+    assert len(single) == 3 and len(sharded) == 2  # the signal stopped the sharded run after step 2
+    assert sharded == pytest.approx(single[:2], rel=1e-5)
+
+
+def test_sharded_dreambooth_generates_the_single_process_images(dreambooth):
+    _, root, _ = dreambooth
+    single, sharded = read_metrics(root / "single"), read_metrics(root / "fsdp")
+    scores = [f"{stage}/{name}" for stage in ("val", "test") for name in ("CLIP-T", "CLIP-I", "DINO")]
+    assert {k: sharded[k] for k in scores} == pytest.approx({k: single[k] for k in scores}, rel=1e-4)
+
+
+def test_sharded_dreambooth_resumed_after_sigterm_exports_the_single_process_lora(dreambooth):
+    _, root, _ = dreambooth
+    single, sharded = lora_weights(root / "single" / "export"), lora_weights(root / "fsdp" / "export")
+    assert sharded.keys() == single.keys() and any("lora" in name for name in single)
+    for name, tensor in single.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    names = sorted(p.name for p in (root / "single" / "export").iterdir())
+    assert names == sorted(p.name for p in (root / "fsdp" / "export").iterdir())
+
+
+def test_the_sharded_dreambooth_checkpoint_exports_on_one_process_and_loads_in_diffusers(dreambooth, tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    _, root, _ = dreambooth
+    last = root / "fsdp" / "checkpoints" / "last.ckpt"
+    assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in last.iterdir()}
+    assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 3
+    exported, trained = lora_weights(root / "export" / "export"), lora_weights(root / "fsdp" / "export")
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipeline.load_lora_weights(root / "export" / "export")
+    assert pipeline.get_list_adapters() == {"unet": ["default_0"]}
+
+
+def test_sharded_dreambooth_refuses_text_encoder_lora(dreambooth, data_dir, tmp_path):
+    args, _, _ = dreambooth
+    cfg = compose_config(
+        [*args, "trainer=fsdp_sim", "trainer.devices=1", "model.train_text_encoder=true"], tmp_path, data_dir
+    )
+    with pytest.raises(UserError, match=r"trainer=fsdp shards the UNet only.*model.train_text_encoder=false"):
+        run(cfg)
+
+
+def test_a_sharded_dreambooth_checkpoint_of_other_lora_settings_is_refused(dreambooth, data_dir, tmp_path):
+    args, root, _ = dreambooth
+    last = root / "fsdp" / "checkpoints" / "last.ckpt"
+    other = [*args, "trainer=fsdp_sim", "trainer.devices=1", f"ckpt_path={last}", "model.lora.target_modules=[to_q]"]
+    with pytest.raises(UserError, match=r"does not fit this model \(0 trained weights missing, \d+ unknown; it has un"):
+        run(compose_config(other, tmp_path, data_dir))

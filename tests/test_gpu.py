@@ -26,7 +26,7 @@ def test_task_runs_on_a_gpu_in_bf16_mixed(task, tmp_path, data_dir, shapes_check
     check_finished(tmp_path / "run", accelerator="gpu", precision="bf16-mixed")
 
 
-@pytest.mark.parametrize("task", ["blip_shapes", "vit_gpt2_shapes"])
+@pytest.mark.parametrize("task", ["blip_shapes", "vit_gpt2_shapes", "sdxl_dreambooth"])
 def test_fsdp_trains_and_its_checkpoint_exports(task, tmp_path, data_dir):
     """FSDP2 on the GPUs there are (units from the task's fsdp_layers) in bf16-mixed; the export after training and
     mode=export from the sharded checkpoint (a folder) on one GPU write finite weights."""

@@ -98,6 +98,9 @@ COMMANDS: dict[str, Run | Compose] = {
     "trainer=ddp trainer.devices=4 trainer.precision=bf16-mixed": Compose("4 GPUs"),
     "task=blip_coco trainer=fsdp trainer.devices=4": Compose("BLIP weights, COCO, 4 GPUs"),
     "task=blip_shapes trainer=fsdp_sim": Compose("BLIP weights (tests/test_fsdp.py runs it with a tiny BLIP)"),
+    "task=sdxl_dreambooth trainer=fsdp trainer.devices=2 data.source.folder=path/to/dog": Compose(
+        "SDXL weights, 2 GPUs (tests/test_fsdp.py runs it on 2 CPU processes with a tiny SDXL)"
+    ),
     "task=blip_coco mode=export ckpt_path=outputs/blip_coco/runs/<time>/checkpoints/last.ckpt": Compose(
         "BLIP weights and a trainer=fsdp run"
     ),

@@ -18,6 +18,12 @@ Here: the loss (MSE to the noise or the velocity, as the scheduler's prediction_
 original size, crop and target size), prompt embeddings encoded once while the text encoders are frozen, the
 optimizers, checkpoints holding only the adapters, and at fit start the data's preparation that needs the model
 (`on_fit_start`).
+
+Under trainer=fsdp the UNet is sharded (conf/model/sharding/sdxl.yaml: its transformer and ResNet blocks are the FSDP
+units, the UNet the root); the VAE and the frozen text encoders are replicated on every rank, unsharded (LoRA on the
+text encoders is refused there: nothing would average their gradients). The random numbers of a step (latent sample,
+noise, timesteps) are drawn for the whole global batch on every rank, each keeping its rows (`rows_of_rank`), so a
+sharded run draws what one process draws.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_snr
@@ -43,6 +50,7 @@ from framework.contracts import (
     ServesReferenceImages,
 )
 from framework.errors import UserError
+from framework.fsdp import FSDP2Strategy, ShardedByLayers, full_state_dict, is_sharded
 from framework.optim import ConfiguredOptimizers
 from lightning_modules.generation import parts, sampling
 from lightning_modules.generation.export import export_lora
@@ -50,6 +58,7 @@ from lightning_modules.generation.sdxl import TEXT_ENCODERS, encode_prompts, loa
 
 
 class DreamBoothLoRA(
+    ShardedByLayers,
     ConfiguredOptimizers,
     L.LightningModule,
     BuildsFromConfig,
@@ -150,8 +159,20 @@ class DreamBoothLoRA(
         vae_dtype = self.vae_dtype(precision)
         if self.vae.dtype != vae_dtype:  # (diffusers warns on every cast to a dtype)
             self.vae.to(vae_dtype)
-        if not isinstance(self.trainer.strategy, FSDPStrategy):  # FSDP keeps one dtype per unit, casts for compute
+        if isinstance(self.trainer.strategy, FSDP2Strategy):
+            if self.hparams.train_text_encoder:
+                raise UserError(
+                    "trainer=fsdp shards the UNet only; the text encoders stay whole on every rank, where their LoRA "
+                    "gradients would not be averaged: set model.train_text_encoder=false, or use trainer=ddp"
+                )
+            parts.cast_frozen(self.text_encoders, precision)  # the sharded UNet: fp32, cast for compute by FSDP
+            # Checkpoints hold the adapters only (on_save_checkpoint): FSDP2Strategy loads a sharded one's alone.
+            self.strict_loading = False
+        elif not isinstance(self.trainer.strategy, FSDPStrategy):  # FSDP keeps one dtype per unit, casts for compute
             parts.cast_frozen([self.unet, *self.text_encoders], precision)
+
+    def fsdp_root(self) -> torch.nn.Module:
+        return self.unet
 
     # ------------------------------------------------------------------------------------- encoding
     def prompt_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,11 +200,22 @@ class DreamBoothLoRA(
             return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters.float()
 
     def sample_latents(self, batch: dict) -> torch.Tensor:
-        """A latent sample per image, from the cached distribution or from the pixels (the same draw)."""
+        """A latent sample per image, from the cached distribution or from the pixels (the same draw), as
+        DiagonalGaussianDistribution.sample draws it."""
         parameters = batch.get("latent_parameters")
         if parameters is None:
             parameters = self.encode_latent_parameters(batch["pixels"])
-        return DiagonalGaussianDistribution(parameters.float()).sample() * self.vae.config.scaling_factor
+        distribution = DiagonalGaussianDistribution(parameters.float())
+        sample = self.rows_of_rank(torch.randn, distribution.mean.shape, device=parameters.device)
+        return (distribution.mean + distribution.std * sample) * self.vae.config.scaling_factor
+
+    def rows_of_rank(self, draw, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
+        """`draw(shape, **kwargs)` (torch.randn, ...) for this rank's rows of the global batch: every rank draws the
+        rows of all W ranks from the global RNG (seeded alike on every rank, so it stays alike) and keeps rows r, r +
+        W, ...: the global batch's items rank r gets from the data's sampler (EpochSampler: positions r, r + W, ...).
+        One process (W = 1) draws exactly `draw(shape)`."""
+        world, rank = (self._trainer.world_size, self._trainer.global_rank) if self._trainer is not None else (1, 0)
+        return draw((shape[0] * world, *shape[1:]), **kwargs)[rank::world]
 
     # ------------------------------------------------------------------------------------- training
     def on_fit_start(self) -> None:
@@ -192,7 +224,12 @@ class DreamBoothLoRA(
         while the other ranks wait; then every rank encodes the views the latent cache needs and hands them back."""
         datamodule = self.trainer.datamodule
         if isinstance(datamodule, NeedsModelOutputs):
-            if self.trainer.is_global_zero:
+            if is_sharded(self.unet):  # the sharded UNet's forward is a collective: every rank generates, rank 0 writes
+                missing = self.trainer.strategy.broadcast(datamodule.missing_class_images())
+                with self.base_model():
+                    write = self.trainer.is_global_zero
+                    sampling.write_images(self.generate, missing, datamodule.class_batch_size, write)
+            elif self.trainer.is_global_zero:
                 with self.base_model():
                     sampling.write_images(self.generate, datamodule.missing_class_images(), datamodule.class_batch_size)
             self.trainer.strategy.barrier()
@@ -210,11 +247,14 @@ class DreamBoothLoRA(
 
     def loss(self, batch: dict) -> torch.Tensor:
         latents = self.sample_latents(batch)
-        noise = torch.randn(latents.shape, device=latents.device)  # not randn_like: it follows the memory layout
+        # not randn_like: it follows the memory layout
+        noise = self.rows_of_rank(torch.randn, latents.shape, device=latents.device)
         if self.hparams.noise_offset:
-            noise = noise + self.hparams.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=self.device)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device
+            offset = self.rows_of_rank(torch.randn, (*latents.shape[:2], 1, 1), device=self.device)
+            noise = noise + self.hparams.noise_offset * offset
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = self.rows_of_rank(
+            lambda shape, **kw: torch.randint(0, steps, shape, **kw), (len(latents),), device=self.device
         )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         hidden, pooled = self.prompt_embeddings(batch["prompts"])
@@ -249,7 +289,8 @@ class DreamBoothLoRA(
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         if self._logs_loss():
-            self.log("train/loss", loss, prog_bar=True, batch_size=batch["num_instance"])
+            # sync_dist: every rank's loss is its share's; their mean is the global batch's, as one process logs it
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch["num_instance"], sync_dist=True)
         return loss
 
     def _logs_loss(self) -> bool:
@@ -302,6 +343,9 @@ class DreamBoothLoRA(
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.trained_steps = checkpoint.get("global_step", 0)
+        if "state_dict" not in checkpoint:  # sharded: FSDP2Strategy.load_checkpoint loaded (and checked) the adapters
+            return
         missing = {name for name, p in self.named_parameters() if p.requires_grad} - set(checkpoint["state_dict"])
         if missing:
             raise UserError(
@@ -311,7 +355,6 @@ class DreamBoothLoRA(
             )
         # Checkpoints hold only the adapters: the frozen weights are those this module was built with.
         checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
-        self.trained_steps = checkpoint.get("global_step", 0)
 
     # ----------------------------------------------------------------------------------- generation
     def generate(self, prompts: list[str], seeds: list[int]) -> list:
@@ -376,4 +419,10 @@ class DreamBoothLoRA(
     def export(self, directory: str | Path) -> Path:
         """pytorch_lora_weights.safetensors (+ the Kohya layout with model.kohya=true) and a README.md model card."""
         steps = self.trainer.global_step if self._trainer is not None else self.trained_steps
-        return export_lora(directory, self.unet, self.text_encoders, self.hparams, steps)
+        if not is_sharded(self.unet):
+            return export_lora(directory, self.unet, self.text_encoders, self.hparams, steps)
+        # Every rank gathers the UNet's adapters (the frozen weights stay sharded); rank 0 writes.
+        unet = full_state_dict(self.unet, trained_only=True)
+        if dist.get_rank() == 0:
+            export_lora(directory, self.unet, self.text_encoders, self.hparams, steps, {"unet": unet})
+        return Path(directory)

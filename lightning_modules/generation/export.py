@@ -45,9 +45,17 @@ image = pipe({prompt_json}, num_inference_steps=25).images[0]
 """
 
 
-def export_lora(directory: str | Path, unet, text_encoders: list[torch.nn.Module], hp, steps: int | None) -> Path:
+def export_lora(
+    directory: str | Path,
+    unet,
+    text_encoders: list[torch.nn.Module],
+    hp,
+    steps: int | None,
+    weights: dict[str, dict] | None = None,
+) -> Path:
     """pytorch_lora_weights.safetensors (+ the Kohya layout with model.kohya=true) and a README.md model card;
-    `hp`: the module's hparams, `steps`: the training steps, for the card."""
+    `hp`: the module's hparams, `steps`: the training steps, for the card; `weights`: the state dicts of modules
+    whose own are sharded ({"unet": ...}), gathered."""
     if hp.lora_weights:
         raise UserError(
             "model.lora_weights is already an exported LoRA: export a training checkpoint "
@@ -66,6 +74,7 @@ def export_lora(directory: str | Path, unet, text_encoders: list[torch.nn.Module
             tmp,
             {"unet": unet, **dict(zip(TEXT_ENCODERS, text_encoders))},
             kohya_alpha=alpha if hp.kohya else None,
+            weights=weights,
         )
         (tmp / "README.md").write_text(model_card(hp, steps), encoding="utf-8")
     return directory

@@ -49,13 +49,18 @@ def generate(pipeline, prompts: list[str], seeds: list[int], resolution: int, in
     return pipeline.image_processor.postprocess(images.float(), output_type="pil")
 
 
-def write_images(generate: Callable[[list[str], list[int]], list], requests: list[tuple], batch_size: int) -> None:
-    """Generates each (prompt, seed, path) of `requests`, `batch_size` at a time, and writes it there (atomically)."""
-    with tqdm(total=len(requests), desc="class images", unit="img", disable=not requests) as progress:
+def write_images(
+    generate: Callable[[list[str], list[int]], list], requests: list[tuple], batch_size: int, write: bool = True
+) -> None:
+    """Generates each (prompt, seed, path) of `requests`, `batch_size` at a time, and writes it there (atomically);
+    `write=False`: generates only (a rank taking part in a sharded model's generation that another rank writes)."""
+    with tqdm(total=len(requests), desc="class images", unit="img", disable=not requests or not write) as progress:
         for start in range(0, len(requests), batch_size):
             prompts, seeds, paths = zip(*requests[start : start + batch_size])
-            for path, image in zip(paths, generate(list(prompts), list(seeds))):
-                write_png(path, image)
+            images = generate(list(prompts), list(seeds))
+            if write:
+                for path, image in zip(paths, images):
+                    write_png(path, image)
             progress.update(len(paths))
 
 

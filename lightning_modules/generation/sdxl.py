@@ -77,12 +77,14 @@ def set_lora_enabled(module: torch.nn.Module, enabled: bool) -> None:
             layer.enable_adapters(enabled)
 
 
-def lora_layers(modules: dict[str, torch.nn.Module]) -> dict:
-    """save_lora_weights arguments for the components with a trained ("default") peft adapter."""
+def lora_layers(modules: dict[str, torch.nn.Module], weights: dict[str, dict] | None = None) -> dict:
+    """save_lora_weights arguments for the components with a trained ("default") peft adapter; `weights`: state
+    dicts replacing some modules' own (gathered from a sharded module)."""
     layers = {}
     for name, module in modules.items():
         if "default" in (getattr(module, "peft_config", None) or {}):
-            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+            state_dict = get_peft_model_state_dict(module, state_dict=(weights or {}).get(name))
+            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state_dict)
             layers[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     return layers
 
@@ -90,15 +92,18 @@ def lora_layers(modules: dict[str, torch.nn.Module]) -> dict:
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
 
-def kohya_state_dict(modules: dict[str, torch.nn.Module], alpha: float) -> dict[str, torch.Tensor]:
+def kohya_state_dict(
+    modules: dict[str, torch.nn.Module], alpha: float, weights: dict[str, dict] | None = None
+) -> dict[str, torch.Tensor]:
     """The trained ("default") peft adapters in the Kohya layout that AUTOMATIC1111, ComfyUI and diffusers' loader
     for non-diffusers LoRAs map for SDXL: `lora_unet_<diffusers module path>`, `lora_te1_` / `lora_te2_` +
-    `text_model_<CLIP module path>`, each with `.lora_down.weight`, `.lora_up.weight` and `.alpha`."""
+    `text_model_<CLIP module path>`, each with `.lora_down.weight`, `.lora_up.weight` and `.alpha`; `weights` as for
+    `lora_layers`."""
     peft_layout = {}
     for name, module in modules.items():
         if "default" not in (getattr(module, "peft_config", None) or {}):
             continue
-        for key, value in get_peft_model_state_dict(module).items():
+        for key, value in get_peft_model_state_dict(module, state_dict=(weights or {}).get(name)).items():
             if key.endswith("lora_magnitude_vector"):
                 raise UserError(
                     "model.kohya=true with model.lora.use_dora=true: diffusers' loader for Kohya LoRAs drops DoRA "
@@ -114,11 +119,17 @@ def kohya_state_dict(modules: dict[str, torch.nn.Module], alpha: float) -> dict[
     return {key: torch.tensor(float(alpha)) if key.endswith(".alpha") else value for key, value in kohya.items()}
 
 
-def save_lora(directory: Path, modules: dict[str, torch.nn.Module], kohya_alpha: float | None = None) -> None:
+def save_lora(
+    directory: Path,
+    modules: dict[str, torch.nn.Module],
+    kohya_alpha: float | None = None,
+    weights: dict[str, dict] | None = None,
+) -> None:
     """pytorch_lora_weights.safetensors (diffusers layout, what StableDiffusionXLPipeline.load_lora_weights
-    reads); with `kohya_alpha`, also pytorch_lora_weights_kohya.safetensors (`kohya_state_dict`)."""
-    kohya = kohya_state_dict(modules, kohya_alpha) if kohya_alpha is not None else None  # refused before any write
-    StableDiffusionXLPipeline.save_lora_weights(directory, **lora_layers(modules))
+    reads); with `kohya_alpha`, also pytorch_lora_weights_kohya.safetensors (`kohya_state_dict`); `weights` as for
+    `lora_layers`."""
+    kohya = kohya_state_dict(modules, kohya_alpha, weights) if kohya_alpha is not None else None  # refused first
+    StableDiffusionXLPipeline.save_lora_weights(directory, **lora_layers(modules, weights))
     if kohya is not None:
         from safetensors.torch import save_file
 
