@@ -84,8 +84,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         # Lightning reseeds the global RNGs here (reset_seed); every process has run the same seeding and model
         # building (the launcher starts each from the script), so keeping their states keeps them alike on all ranks
-        # and where one process has them: a sharded run draws (noise, dropout) what a one-process run draws.
-        states = _collect_rng_states()
+        # and where one process has them: a sharded run draws (noise, dropout) what a one-process run draws. (Not the
+        # CUDA ones: nothing drew from them before, and reading every GPU's would open a context on each, per rank.)
+        states = _collect_rng_states(include_cuda=False)
         super().setup_environment()
         _set_rng_states(states)
 
