@@ -234,3 +234,13 @@ def test_a_sharded_dreambooth_checkpoint_of_other_lora_settings_is_refused(dream
     other = [*args, "trainer=fsdp_sim", "trainer.devices=1", f"ckpt_path={last}", "model.lora.target_modules=[to_q]"]
     with pytest.raises(UserError, match=r"does not fit this model \(0 trained weights missing, \d+ unknown; it has un"):
         run(compose_config(other, tmp_path, data_dir))
+
+
+def test_a_sharded_dreambooth_checkpoint_resumes_on_one_process(dreambooth, data_dir):
+    args, root, _ = dreambooth
+    # Two ranks' adapter shards into one process (FSDP2Strategy's partial load: the frozen SDXL is not in them).
+    shutil.copytree(root / "fsdp" / "checkpoints" / "last.ckpt", root / "one" / "checkpoints" / "last.ckpt")
+    one = [*args, "resume=auto", "trainer=fsdp_sim", "trainer.devices=1", "trainer.max_steps=6"]  # one more epoch
+    run(compose_config(one, root / "one", data_dir))
+    assert len(train_losses(root / "one")) == 3
+    assert torch.load(root / "one" / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 6
