@@ -127,6 +127,35 @@ def test_perceptual_loss_and_its_gradient_equal_a_plain_computation():
     assert torch.allclose(ours_grad, expected_grad, rtol=1e-3, atol=1e-6 * expected_grad.abs().max().item())
 
 
+def test_bfloat16_vgg_keeps_the_loss_and_its_gradient():
+    """model.vgg.dtype=bfloat16: the convolutions in bf16 autocast, the features handed over (and the Grams and
+    losses summed) in float32; loss and gradient stay close to float32's. "auto" picks it per device."""
+    layers = ["conv1_1", "relu2_1"]
+    exact = VGGFeatures(layers, pretrained=False)
+    bf16 = VGGFeatures(layers, pretrained=False, dtype="bfloat16")
+    losses = [
+        PerceptualLoss(vgg, ["relu2_1"], {"conv1_1": 1.0, "relu2_1": 1.0}, 1.0, 1e3, 0.0) for vgg in (exact, bf16)
+    ]
+    torch.manual_seed(0)
+    content, style, image = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    results = []
+    for loss in losses:
+        loss.set_style([style], [1.0])
+        assert all(g.dtype == torch.float32 for g in loss.style_grams.values())
+        x = image.clone().requires_grad_(True)
+        value = loss(x, loss.content_targets(content))["loss"]
+        results.append((value.detach(), torch.autograd.grad(value, x)[0]))
+    (loss32, grad32), (loss16, grad16) = results
+    assert loss16.dtype == torch.float32 and loss16.item() == pytest.approx(loss32.item(), rel=2e-2)
+    assert F.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0) > 0.99
+    assert not torch.equal(grad16, grad32)  # bf16 did run
+    assert VGGFeatures(layers, pretrained=False, dtype="auto").bf16(torch.device("cpu")) == (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    )
+    with pytest.raises(UserError, match="model.vgg.dtype=half is not one of auto, bfloat16, float32"):
+        VGGFeatures(layers, pretrained=False, dtype="half")
+
+
 def test_vgg_names_cut_and_pre_activation_outputs():
     assert layer_names("vgg19")[:5] == ["conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1"]
     assert len(layer_names("vgg19")) == 37 and len(layer_names("vgg16")) == 31  # torchvision's `features`
@@ -157,9 +186,14 @@ def test_vgg_weights_from_a_file_missing_weights_and_random_features(tmp_path, m
     assert fallback.weights == "random" and "RANDOM vgg19 features" in caplog.text
 
 
-@pytest.mark.parametrize("optimizer", [LBFGS, ADAM], ids=["lbfgs", "adam"])
-def test_total_loss_falls(optimizer, tmp_path):
-    model = gatys(optimizer=optimizer, init="noise", output=str(tmp_path / "out.png"))
+@pytest.mark.parametrize(
+    ("optimizer", "dtype"),
+    [(LBFGS, "float32"), (ADAM, "float32"), (LBFGS, "bfloat16")],
+    ids=["lbfgs", "adam", "lbfgs-bf16"],
+)
+def test_total_loss_falls(optimizer, dtype, tmp_path):
+    vgg = {**RANDOM_VGG, "dtype": dtype}
+    model = gatys(optimizer=optimizer, vgg=vgg, init="noise", output=str(tmp_path / "out.png"))
     losses = fit(model, 25, tmp_path)
     assert len(losses) == 25 and losses[-1] < 0.5 * losses[0], losses
 

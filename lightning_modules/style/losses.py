@@ -10,12 +10,29 @@ from framework.errors import UserError
 from lightning_modules.style.vgg import VGGFeatures, check_layers
 
 
+class _Gram(torch.autograd.Function):
+    """flat^T @ flat * scale for flat [B, N, C]. Autograd would differentiate the two operands apart (two
+    products and their sum); the product is symmetric, so one product makes the gradient: half the Gram's backward."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(flat)
+        ctx.scale = scale
+        return flat.transpose(1, 2) @ flat * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (flat,) = ctx.saved_tensors
+        # under a trainer.precision autocast the product was bfloat16 or float16: no autocast here to match the types
+        return flat @ ((grad + grad.transpose(1, 2)) * ctx.scale).to(flat.dtype), None
+
+
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, C, C] feature correlations, divided by C*H*W so that layers and sizes compare."""
     batch, channels, height, width = features.shape
     # [B, H*W, C]: a view of VGGFeatures' channels_last activations (the [B, C, H*W] view would copy them)
     flat = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-    return flat.transpose(1, 2) @ flat / (channels * height * width)
+    return _Gram.apply(flat, 1 / (channels * height * width))
 
 
 def content_loss(features: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -122,5 +139,6 @@ def build_perceptual_loss(
         pretrained=vgg.get("pretrained", True),
         pool=vgg.get("pool", "max"),
         allow_random_features=allow_random_features,
+        dtype=vgg.get("dtype", "float32"),
     )
     return PerceptualLoss(features, content_layers, style_layers, content_weight, style_weight, tv_weight)

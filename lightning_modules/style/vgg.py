@@ -6,6 +6,8 @@ ImageNet weights (local torch cache or a file, never downloaded); random feature
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 
 import torch
@@ -21,6 +23,17 @@ log = logging.getLogger(__name__)
 BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 RANDOM_SEED = 0  # random features are the same on every run and machine
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether `device_type` computes bfloat16 convolutions natively (elsewhere they are emulated: no faster)."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":  # oneDNN's bf16 kernels need AVX512-BF16 or AMX
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 def layer_names(arch: str) -> list[str]:
@@ -53,6 +66,10 @@ class VGGFeatures(nn.Module):
 
     `conv*` names are the convolutions' outputs before the ReLU; `relu*` names are after it (what Gatys et al.'s
     Caffe "conv4_2" blob held, as Caffe's ReLU works in place).
+
+    `dtype`: what the convolutions compute in. "bfloat16" runs the network under bfloat16 autocast (the weights
+    stay float32) and returns the activations as float32, so Gram matrices and losses are summed in float32;
+    "auto" is bfloat16 where the device has native bfloat16 kernels, float32 elsewhere.
     """
 
     def __init__(
@@ -62,10 +79,14 @@ class VGGFeatures(nn.Module):
         pretrained: bool | str = True,
         pool: str = "max",
         allow_random_features: bool = False,
+        dtype: str = "float32",
     ):
         super().__init__()
         if pool not in POOLS:
             raise UserError(f"model.vgg.pool={pool} is not one of {', '.join(POOLS)}")
+        if dtype not in DTYPES:
+            raise UserError(f"model.vgg.dtype={dtype} is not one of {', '.join(DTYPES)}")
+        self.dtype = dtype
         names = layer_names(arch)
         self.wanted = frozenset(layers)
         self.names = names[: max(names.index(layer) for layer in layers) + 1]
@@ -133,11 +154,17 @@ class VGGFeatures(nn.Module):
         """The smallest image side that still leaves a pixel at the last layer."""
         return 2 ** sum(name.startswith("pool") for name in self.names)
 
+    def bf16(self, device: torch.device) -> bool:
+        return self.dtype == "bfloat16" or (self.dtype == "auto" and native_bf16(device.type))
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         features = {}
-        for name, layer in zip(self.names, self.body):
-            x = layer(x)
-            if name in self.wanted:
-                features[name] = x
-        return features
+        # float32: no autocast of its own, so that a trainer.precision autocast still applies
+        bf16 = self.bf16(images.device)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            for name, layer in zip(self.names, self.body):
+                x = layer(x)
+                if name in self.wanted:
+                    features[name] = x
+        return {name: value.float() for name, value in features.items()}
