@@ -4,6 +4,7 @@ each cropped, maybe flipped, with its SDXL micro-conditioning) and the prompt se
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from datamodules.buckets import Buckets, cover_size
 from datamodules.dreambooth_sources import Example
 from datamodules.sampling import item_key
 from framework.errors import UserError
+
+# Resized training images kept in memory per process (`TrainingImages.resized`): at 1024 px about 4 MB each.
+RESIZED_KEPT = 64
 
 
 def interpolation_mode(name: str) -> TF.InterpolationMode:
@@ -46,10 +50,10 @@ def crop_and_flip(image: Image.Image, size: tuple[int, int], top_left: tuple[int
 class TrainingImages(Dataset):
     """Instance examples (repeated `repeats` times) paired with class examples (prior preservation).
 
-    Without a latent cache an item decodes its images, with a random or centre crop and a random
-    flip; with one (`latents`: per example, the latent distribution of the unflipped and the flipped
-    crop) it draws only the flip. The flip is drawn first in both, from the item's seed (the sampler's): the same
-    draws in a resumed run and in any loader worker.
+    Without a latent cache an item crops its images (decoded and resized once: `resized`), a random or centre
+    crop, and draws a random flip; with one (`latents`: per example, the latent distribution of the unflipped and
+    the flipped crop) it draws only the flip. The flip is drawn first in both, from the item's seed (the
+    sampler's): the same draws in a resumed run and in any loader worker.
     With `buckets` (data.buckets), an item's examples are resized and cropped to its aspect-ratio bucket
     (`Buckets`), not to a `resolution` square.
     """
@@ -70,6 +74,7 @@ class TrainingImages(Dataset):
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.latents, self.interpolation = latents, interpolation
         self.buckets = Buckets(resolution, self.instances, classes, len(self)) if buckets else None
+        self._resized: OrderedDict[tuple, tuple[Image.Image, torch.Tensor]] = OrderedDict()  # see `resized`
 
     def __len__(self) -> int:
         return max(len(self.instances), len(self.classes))
@@ -112,11 +117,22 @@ class TrainingImages(Dataset):
         }
 
     def resized(self, example: Example, size: tuple[int, int]) -> tuple[Image.Image, torch.Tensor]:
-        """The image resized to cover `size` with its aspect ratio kept (for a square: shorter side = resolution)."""
+        """The image resized to cover `size` with its aspect ratio kept (for a square: shorter side = resolution).
+
+        The last RESIZED_KEPT resized images stay in memory (in each process), so that a DreamBooth folder's few
+        images are decoded and resized once rather than every step, as the diffusers script reads them; the crop and
+        flip are still drawn every step."""
+        key = (example.image.name, size)
+        if key in self._resized:
+            self._resized.move_to_end(key)
+            return self._resized[key]
         image = example.image.load()
         original_size = torch.tensor([image.height, image.width])
         cover = list(cover_size(image.height, image.width, size))
-        return TF.resize(image, cover, interpolation=self.interpolation), original_size
+        self._resized[key] = TF.resize(image, cover, interpolation=self.interpolation), original_size
+        if len(self._resized) > RESIZED_KEPT:
+            self._resized.popitem(last=False)  # the least recently used
+        return self._resized[key]
 
     def crop_corner(self, image: Image.Image, size: tuple[int, int], rng: random.Random) -> tuple[int, int]:
         spare_h, spare_w = image.height - size[0], image.width - size[1]

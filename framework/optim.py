@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from framework.errors import UserError
+
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch's fused Adam/AdamW kernels run (plain tensors and FSDP2 DTensors)
+
+
+def fused_adam_by_default(factory, device: torch.device):
+    """`factory` (a partial of the optimizer config) with `fused=True` when it makes torch.optim.Adam or AdamW on a
+    device with the fused kernel and the config chooses no implementation (`fused` or `foreach`): one kernel for all
+    parameters instead of a Python loop over them (torch's default off CUDA; foreach on CUDA), the same update
+    within float rounding. It counts where there are many small tensors, such as LoRA's two matrices per layer."""
+    chosen = {"fused", "foreach"} & set(factory.keywords)
+    if factory.func not in (torch.optim.Adam, torch.optim.AdamW) or chosen or device.type not in FUSED_ADAM_DEVICES:
+        return factory
+    return functools.partial(factory, fused=True)
 
 
 class ConfiguredOptimizers:

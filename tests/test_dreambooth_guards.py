@@ -91,9 +91,25 @@ def test_memory_is_freed_after_training_and_nan_images_stop_validation(tiny_sdxl
     trainer.fit(model, train_dataloaders=data.train_dataloader())
     trainable = sum(p.requires_grad for p in model.parameters())
     assert sizes == [trainable, trainable]  # AdamW state for every adapter weight while training
+    assert trainer.optimizers[0].defaults["fused"]  # one fused kernel, not a loop over the adapters' tensors
     assert len(trainer.optimizers[0].state) == 0 and collected  # gone after training, before the test pass
 
     broken_decode(monkeypatch, float("nan"))
     trainer.limit_val_batches = 1.0
     with pytest.raises(UserError, match=r"images generated at global step 2 hold NaN or inf \(prompts: a photo of sks"):
         trainer.validate(model, data.val_dataloader())
+
+
+def test_adam_is_fused_unless_the_config_chooses_an_implementation():
+    from functools import partial
+
+    import torch
+
+    from framework.optim import fused_adam_by_default
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert fused_adam_by_default(partial(torch.optim.AdamW, lr=1e-4), cpu).keywords == {"lr": 1e-4, "fused": True}
+    for kept in (partial(torch.optim.AdamW, foreach=True), partial(torch.optim.Adam, fused=False)):
+        assert fused_adam_by_default(kept, cpu) is kept  # model.optimizer.foreach / fused as set
+    assert fused_adam_by_default(partial(torch.optim.SGD, lr=1.0), cpu).keywords == {"lr": 1.0}  # other optimizers
+    assert "fused" not in fused_adam_by_default(partial(torch.optim.AdamW), meta).keywords  # no fused kernel there

@@ -8,6 +8,7 @@ import csv
 import math
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +128,27 @@ def test_interpolation_is_the_resize_filter(dog, tmp_path, data_dir):
     assert not np.array_equal(lanczos, resized("bilinear"))
     with pytest.raises(UserError, match=r"data.interpolation=cubic is not one of nearest, nearest_exact, bilinear"):
         resized("cubic")
+
+
+def test_images_are_decoded_and_resized_once_and_cropped_every_step(dog, monkeypatch):
+    from functools import partial
+
+    from datamodules import dreambooth_items
+    from datamodules.dreambooth import DreamBoothDataModule, read_instance_folder
+    from datamodules.dreambooth_sources import FileImage
+
+    loads = []
+    load = FileImage.load
+    monkeypatch.setattr(FileImage, "load", lambda self: (loads.append(Path(self.name).name), load(self))[1])
+    data = DreamBoothDataModule(source=partial(read_instance_folder, dog, "a photo of sks dog"), resolution=32)
+    dataset = data.training_images()
+    loads.clear()  # reading the folder checks every image once
+    crops = {tuple(dataset[(0, seed)]["instance"]["crop_top_left"].tolist()) for seed in range(8)}
+    assert loads == ["img_0.png"] and len(crops) > 1  # one decode; a crop drawn per item (64 x 72 px -> 32 x 36)
+    monkeypatch.setattr(dreambooth_items, "RESIZED_KEPT", 1)
+    for index in (1, 0, 0):
+        dataset[(index, 0)]
+    assert loads == ["img_0.png", "img_1.png", "img_0.png"]  # one kept: the least recently used goes
 
 
 def test_imagefolder_metadata_csv_with_another_caption_column(dog, tmp_path, data_dir):
