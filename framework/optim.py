@@ -11,15 +11,17 @@ from framework.errors import UserError
 FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch's fused Adam/AdamW kernels run (plain tensors and FSDP2 DTensors)
 
 
-def fused_adam_by_default(factory, device: torch.device):
+def fused_adam_by_default(factory, device: torch.device, mixed_precision: bool):
     """`factory` (a partial of the optimizer config) with `fused=True` when it makes torch.optim.Adam or AdamW on a
     device with the fused kernel and the config chooses no implementation (`fused` or `foreach`): one kernel for all
     parameters instead of a Python loop over them (torch's default off CUDA; foreach on CUDA), the same update
-    within float rounding. It counts where there are many small tensors, such as LoRA's two matrices per layer."""
+    within float rounding. It counts where there are many small tensors, such as LoRA's two matrices per layer.
+    Under Lightning's mixed precision (`*-mixed`) `foreach=True` instead: Lightning refuses gradient clipping with
+    an optimizer that unscales gradients itself, as the fused ones declare."""
     chosen = {"fused", "foreach"} & set(factory.keywords)
     if factory.func not in (torch.optim.Adam, torch.optim.AdamW) or chosen or device.type not in FUSED_ADAM_DEVICES:
         return factory
-    return functools.partial(factory, fused=True)
+    return functools.partial(factory, **({"foreach": True} if mixed_precision else {"fused": True}))
 
 
 class ConfiguredOptimizers:

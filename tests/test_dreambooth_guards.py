@@ -100,7 +100,7 @@ def test_memory_is_freed_after_training_and_nan_images_stop_validation(tiny_sdxl
         trainer.validate(model, data.val_dataloader())
 
 
-def test_adam_is_fused_unless_the_config_chooses_an_implementation():
+def test_adam_is_fused_unless_mixed_precision_or_the_config_chooses_an_implementation():
     from functools import partial
 
     import torch
@@ -108,8 +108,17 @@ def test_adam_is_fused_unless_the_config_chooses_an_implementation():
     from framework.optim import fused_adam_by_default
 
     cpu, meta = torch.device("cpu"), torch.device("meta")
-    assert fused_adam_by_default(partial(torch.optim.AdamW, lr=1e-4), cpu).keywords == {"lr": 1e-4, "fused": True}
+    assert fused_adam_by_default(partial(torch.optim.AdamW, lr=1e-4), cpu, False).keywords == {
+        "lr": 1e-4,
+        "fused": True,
+    }
     for kept in (partial(torch.optim.AdamW, foreach=True), partial(torch.optim.Adam, fused=False)):
-        assert fused_adam_by_default(kept, cpu) is kept  # model.optimizer.foreach / fused as set
-    assert fused_adam_by_default(partial(torch.optim.SGD, lr=1.0), cpu).keywords == {"lr": 1.0}  # other optimizers
-    assert "fused" not in fused_adam_by_default(partial(torch.optim.AdamW), meta).keywords  # no fused kernel there
+        assert fused_adam_by_default(kept, cpu, False) is kept  # model.optimizer.foreach / fused as set
+    # bf16-mixed: Lightning refuses gradient clipping with a fused optimizer (it unscales gradients itself)
+    assert fused_adam_by_default(partial(torch.optim.AdamW), cpu, True).keywords == {"foreach": True}
+    assert fused_adam_by_default(partial(torch.optim.SGD, lr=1.0), cpu, False).keywords == {
+        "lr": 1.0
+    }  # other optimizers
+    assert (
+        "fused" not in fused_adam_by_default(partial(torch.optim.AdamW), meta, False).keywords
+    )  # no fused kernel there

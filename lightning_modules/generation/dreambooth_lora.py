@@ -326,7 +326,7 @@ class DreamBoothLoRA(
     def optimizer_factory(self):
         factory = super().optimizer_factory()
         if not self.hparams.use_8bit_adam:
-            return fused_adam_by_default(factory, self.device)
+            return fused_adam_by_default(factory, self.device, mixed_precision="mixed" in str(self.trainer.precision))
         if factory.func is not torch.optim.AdamW:
             raise UserError(
                 "model.use_8bit_adam=true replaces torch.optim.AdamW by bitsandbytes' AdamW8bit; with "
