@@ -90,6 +90,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
         _set_rng_states(states)
 
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """ModelParallelStrategy's, except that a module with `strict_loading = False` (its checkpoints hold only what
+        it trains) leaves its frozen parameters out here already: Lightning's copies every weight to the CPU first,
+        the frozen SDXL UNet's shards included, at every save."""
+        if self.lightning_module.strict_loading:
+            return super().lightning_module_state_dict()
+        options = StateDictOptions(
+            full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True, ignore_frozen_params=True
+        )
+        return get_model_state_dict(self.model, options=options)
+
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """ModelParallelStrategy's, except for a sharded checkpoint of a module with `strict_loading = False`: the
         weights the checkpoint holds are loaded (Lightning's load asks for every weight of the module), the others
