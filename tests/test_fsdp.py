@@ -12,8 +12,10 @@ import csv
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import BlipForConditionalGeneration, VisionEncoderDecoderModel
 
@@ -158,14 +160,18 @@ def dreambooth(tiny_sdxl, fidelity_models, tmp_path_factory, data_dir) -> tuple[
     end, exporting; root/export = mode=export from root/fsdp's sharded last.ckpt (step 3) on one process. Validation
     and the test after training generate an image per rank through the sharded UNet (the pipeline calls its forward),
     scored once (tiny CLIP and DINO).
+    With prior preservation: each of root/single and root/fsdp generates its class images at fit start (the sharded
+    run through the sharded UNet, on both ranks) into a folder of its own, root/<run>_classes.
     Center crops and no flips: a random crop is drawn in the data loading, whose random numbers are each process's."""
     root = tmp_path_factory.mktemp("dreambooth_fsdp")
     images = save_images(root / "dog", 6)  # 3 steps per epoch
     clip, dino = fidelity_models
     args = tiny_args(tiny_sdxl, images, *DREAMBOOTH_STEPS, f"model.fidelity.clip={clip}", f"model.fidelity.dino={dino}")
+    args += ["data.prior_preservation=true", "data.class_prompt=a photo of a dog", "data.num_class_images=3"]
+    args += ["data.class_batch_size=2", f"data.class_images={root / 'single_classes'}"]
     run(compose_config(args, root / "single", data_dir))
     sigterm = ["+callbacks.fault._target_=tests.fault_injection.SignalAtStep", "+callbacks.fault.step=1"]
-    sharded = [*args, "trainer=fsdp_sim"]
+    sharded = [*args, "trainer=fsdp_sim", f"data.class_images={root / 'fsdp_classes'}"]
     killed = run_cli([*sharded, *sigterm, "+callbacks.fault.rank=1"], root / "fsdp", data_dir, timeout=180)
     assert "[rank: 1] Received SIGTERM" in killed.stdout + killed.stderr
     assert torch.load(root / "fsdp" / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 2
@@ -186,6 +192,16 @@ def test_sharded_dreambooth_gives_the_single_process_losses(dreambooth):
     single = train_losses(root / "single")
     assert len(single) == 3 and len(sharded) == 2  # the signal stopped the sharded run after step 2
     assert sharded == pytest.approx(single[:2], rel=1e-5)
+
+
+def test_sharded_dreambooth_generates_the_single_process_class_images(dreambooth):
+    _, root, _ = dreambooth
+    single = sorted((root / "single_classes").iterdir())
+    sharded = sorted((root / "fsdp_classes").iterdir())
+    assert [p.name for p in single] == [p.name for p in sharded] == [f"class_0000{i}.png" for i in range(3)]
+    for one, two in zip(single, sharded):  # 8-bit PNGs of the same float images: at most a rounding step apart
+        difference = np.abs(np.asarray(Image.open(one), np.int16) - np.asarray(Image.open(two), np.int16))
+        assert difference.max() <= 1, one.name
 
 
 def test_sharded_dreambooth_generates_the_single_process_images(dreambooth):
