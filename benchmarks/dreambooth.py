@@ -13,7 +13,10 @@
    the lowest over the settings,
    `ratio: dreambooth_vs_diffusers_script = <ours steps/s / the script's>` (defaults: prompt embeddings cached, VAE
    encode every step, as the script), `ratio: dreambooth_vs_diffusers_script_cached = ...` (latent cache too: the
-   script at that commit has none) and `ratio: dreambooth_cache_step_speedup = <cached / uncached steps/s of ours>`.
+   script at that commit has none), `ratio: dreambooth_cache_step_speedup = <cached / uncached steps/s of ours>` and
+   `ratio: dreambooth_cached_without_trainer_vs_diffusers_script = ...`: the cached module's own steps (loss,
+   backward, clipping, its optimizer) in a plain loop, timed in the same rounds: what Lightning's per-step work costs,
+   and the most our own code can give while the UNet's forward and backward, which both sides share, stay as they are.
 2. `--sdxl-unet --device cuda`: a UNet with the configuration of stabilityai/stable-diffusion-xl-base-1.0
    (written below, random weights; needs no download), frozen in bf16 with LoRA rank-4 adapters in fp32
    on to_q/k/v/out, one 1024 px training step (latents 128x128, batch --batch-size) under bf16 autocast,
@@ -280,6 +283,26 @@ def fit_ours(module, datamodule, steps: int) -> list[float]:
     return clock.clock
 
 
+def loop_ours(module, datamodule, steps: int) -> list[float]:
+    """`steps` of the same training steps without the Trainer, right after a fit_ours run of that module: its loss,
+    backward, clipping to 1.0 and the optimizer the Trainer made for it, in a plain loop over its data; the time after
+    each. What ours would cost if Lightning's per-step work were free: the ceiling of our own code."""
+    optimizer = module.trainer.optimizers[0]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    clock = []
+    while len(clock) < steps:
+        for batch in datamodule.train_dataloader():
+            loss = module.loss(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            clock.append(time.perf_counter())
+            if len(clock) == steps:
+                break
+    return clock
+
+
 def first_step_losses(tmp: Path, pipeline: Path, resolution: int, batch_size: int) -> dict[str, float]:
     """The first loss of each side on the same batch (copies of one square image at `resolution`: no crop or order to
     draw) with the same random draws (VAE sample, noise, timesteps) from seed 0."""
@@ -332,9 +355,10 @@ def peer_benchmark(args) -> None:
     )
     print("ours: DreamBoothLoRA + DreamBoothDataModule (conf/model/sdxl_lora.yaml, conf/data/dreambooth_folder.yaml)")
     print("      through a Lightning Trainer (task=sdxl_dreambooth's trainer settings, no validation/logger/bar)")
-    sides = ("script", "ours", "ours cached")
+    sides = ("script", "ours", "ours cached", "no Trainer")
     ratios = {"dreambooth_vs_diffusers_script": [], "dreambooth_vs_diffusers_script_cached": []}
     ratios["dreambooth_cache_step_speedup"] = []
+    ratios["dreambooth_cached_without_trainer_vs_diffusers_script"] = []
     constant = {"_target_": "diffusers.optimization.get_scheduler", "_partial_": True, "name": "constant"}
     constant |= {"num_warmup_steps": 0, "num_training_steps": 10**6}
     with tempfile.TemporaryDirectory() as tmp:
@@ -351,6 +375,10 @@ def peer_benchmark(args) -> None:
                         pipeline, images, resolution, batch_size, {"scheduler": constant}, cache_latents=cached
                     )
                     runs[name] = lambda clock, m=module, d=data: clock.extend(fit_ours(m, d, args.warmup + args.steps))
+                # after "ours cached" in each round: the same module and data
+                runs["no Trainer"] = lambda clock, m=module, d=data: clock.extend(
+                    loop_ours(m, d, args.warmup + args.steps)
+                )
                 rates = {name: [] for name in sides}
                 for _ in range(args.rounds):
                     for name in sides:
@@ -362,11 +390,14 @@ def peer_benchmark(args) -> None:
                     rounds = ", ".join(f"{r:.2f}" for r in rates[name])
                     print(
                         f"{resolution:>4} px batch {batch_size}  {name:>11}: {median[name]:6.2f} steps/s "
-                        f"(rounds: {rounds}), first-step loss {losses[name]:.6f}"
+                        f"(rounds: {rounds})" + (f", first-step loss {losses[name]:.6f}" if name in losses else "")
                     )
                 ratios["dreambooth_vs_diffusers_script"].append(median["ours"] / median["script"])
                 ratios["dreambooth_vs_diffusers_script_cached"].append(median["ours cached"] / median["script"])
                 ratios["dreambooth_cache_step_speedup"].append(median["ours cached"] / median["ours"])
+                ratios["dreambooth_cached_without_trainer_vs_diffusers_script"].append(
+                    median["no Trainer"] / median["script"]
+                )
     print("ratios per setting (" + ", ".join(f"{r}px/b{b}" for r in args.resolutions for b in args.batch_sizes) + ")")
     for name, values in ratios.items():
         print(f"  {name}: " + ", ".join(f"{v:.2f}" for v in values))

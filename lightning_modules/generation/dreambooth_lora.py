@@ -240,11 +240,13 @@ class DreamBoothLoRA(
 
     def on_train_end(self) -> None:
         """Before the test pass that follows training (generation and the fidelity models need memory): the optimizer
-        state goes (every checkpoint holding it is written by now) and freed memory is handed back."""
+        state goes (every checkpoint holding it is written by now) and freed GPU memory is handed back. No full
+        garbage collection off CUDA: the state's tensors go with their last reference, and a collection walks every
+        Python object of the libraries loaded (0.3 s on a CPU, at the end of every fit)."""
         for optimizer in self.trainer.optimizers:
             optimizer.state.clear()
-        gc.collect()
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
 
     def loss(self, batch: dict) -> torch.Tensor:
