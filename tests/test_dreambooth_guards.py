@@ -92,7 +92,8 @@ def test_memory_is_freed_after_training_and_nan_images_stop_validation(tiny_sdxl
     trainable = sum(p.requires_grad for p in model.parameters())
     assert sizes == [trainable, trainable]  # AdamW state for every adapter weight while training
     assert trainer.optimizers[0].defaults["fused"]  # one fused kernel, not a loop over the adapters' tensors
-    assert len(trainer.optimizers[0].state) == 0 and collected  # gone after training, before the test pass
+    assert len(trainer.optimizers[0].state) == 0  # gone after training, before the test pass
+    assert not collected  # a full garbage collection only on CUDA, before empty_cache: 0.3 s a fit on a CPU
 
     broken_decode(monkeypatch, float("nan"))
     trainer.limit_val_batches = 1.0
