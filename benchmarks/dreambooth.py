@@ -39,6 +39,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from functools import partial
@@ -131,24 +132,25 @@ def tiny_dreambooth(pipeline: Path, images: Path, resolution: int, batch_size: i
     return module, datamodule
 
 
-def train_steps(model, loader, steps: int, device: str, warmup: int = 1) -> tuple[float, float]:
-    """First-step loss and seconds per step (after `warmup` untimed steps) of plain LoRA training steps."""
+def epochs(loader, steps: int):
+    """The first `steps` batches of `loader` read epoch after epoch (a new pass, shuffled anew, each epoch), as a
+    training loop reads them."""
+    return itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
+
+
+def train_steps(model, loader, steps: int, device: str, warmup: int = 1) -> float:
+    """Seconds per step (after `warmup` untimed steps) of plain LoRA training steps."""
     model.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     torch.manual_seed(0)
-    first, start, done = None, None, 0
-    while done < warmup + steps:
-        for batch in loader:
-            loss = model.loss({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            first = loss.item() if first is None else first
-            done += 1
-            start = time.perf_counter() if done == warmup else start  # the clock starts after the warm-up
-            if done == warmup + steps:
-                break
-    return first, (time.perf_counter() - start) / steps
+    start = None
+    for done, batch in enumerate(epochs(loader, warmup + steps), 1):
+        loss = model.loss({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        start = time.perf_counter() if done == warmup else start  # the clock starts after the warm-up
+    return (time.perf_counter() - start) / steps
 
 
 class ScriptImages(torch.utils.data.Dataset):
@@ -236,18 +238,15 @@ class DiffusersScript:
     def train(self, steps: int, clock: list[float]) -> None:
         """`steps` training steps (epochs over the loader as the script's loop), the time after each in `clock`."""
         self.unet.train()
-        while len(clock) < steps:
-            for batch in self.loader:
-                loss = self.loss(batch["pixel_values"])
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad()
-                self.logged = {"loss": loss.detach().item(), "lr": self.lr_scheduler.get_last_lr()[0]}  # as it logs
-                clock.append(time.perf_counter())
-                if len(clock) == steps:
-                    break
+        for batch in epochs(self.loader, steps):
+            loss = self.loss(batch["pixel_values"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad()
+            self.logged = {"loss": loss.detach().item(), "lr": self.lr_scheduler.get_last_lr()[0]}  # as it logs
+            clock.append(time.perf_counter())
 
 
 def fit_ours(module, datamodule, steps: int) -> list[float]:
@@ -290,16 +289,13 @@ def loop_ours(module, datamodule, steps: int) -> list[float]:
     optimizer = module.trainer.optimizers[0]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     clock = []
-    while len(clock) < steps:
-        for batch in datamodule.train_dataloader():
-            loss = module.loss(batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad()
-            clock.append(time.perf_counter())
-            if len(clock) == steps:
-                break
+    for batch in epochs(datamodule.train_dataloader(), steps):
+        loss = module.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        clock.append(time.perf_counter())
     return clock
 
 
@@ -429,7 +425,7 @@ def bucket_benchmark(args) -> None:
         seconds = {False: [], True: []}
         for _ in range(args.rounds):
             for buckets, (model, loader) in runs.items():
-                seconds[buckets].append(train_steps(model, loader, args.steps, args.device, warmup=len(loader))[1])
+                seconds[buckets].append(train_steps(model, loader, args.steps, args.device, warmup=len(loader)))
         for buckets, (_, loader) in runs.items():
             pixels = [batch["pixels"][0, 0].numel() for batch in loader]
             shapes = sorted({tuple(batch["pixels"].shape[-2:]) for batch in loader})
