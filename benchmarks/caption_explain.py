@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from saliency import timed  # benchmarks/saliency.py, next to this script
 
 from datamodules.shapes import COLOURS, SHAPES, SIZES
-from datamodules.vocabulary import Vocabulary
+from framework.text import Vocabulary
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.explain.caption_explain import CAPTION_METHODS, CaptionExplainModule
 

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from datamodules.images import IMAGENET_MEAN, IMAGENET_STD
 from datamodules.style import StyleImagesDataModule
 from framework.allocator import keep_freed_memory
 from framework.config import model_settings
+from framework.images import IMAGENET_MEAN, IMAGENET_STD
 from lightning_modules.style.gatys import GatysStyleTransfer
 from lightning_modules.style.nets import TransformerNet
 from lightning_modules.style.vgg import DTYPES, VGGFeatures, layer_names

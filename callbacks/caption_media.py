@@ -11,64 +11,15 @@ Every validation is logged at its global step: TensorBoard keeps 10 steps per ca
 
 from __future__ import annotations
 
-import os
-import re
-
-import cv2
 import lightning as L
-import numpy as np
 import torch
 
-from datamodules.images import load_rgb
 from framework.contracts import Attends, HasCaptionPredictions, ServesValExamples
 from framework.loggers import tensorboard
+from framework.rendering import attention_overlay, grid, short_names, tile, with_caption
 
-TILE = 160  # pixels per panel
 CARD = 320  # pixels per captioned validation image: narrower than TensorBoard's default card, so shown 1:1
 CARD_TEXT = 0.6  # cv2 font scale of its caption: letters about 13 pixels high
-
-
-def _tile(path: str, size: int = TILE) -> np.ndarray:
-    return cv2.resize(np.asarray(load_rgb(path)), (size, size), interpolation=cv2.INTER_AREA)
-
-
-def with_caption(image: np.ndarray, text: str, scale: float = 0.35, max_lines: int = 2) -> np.ndarray:
-    """The image above a white band holding `text` in cv2's font at `scale`, wrapped to at most `max_lines` lines."""
-    height = round(15 * scale / 0.35)  # pixels per line
-    band = np.full((height * max_lines + 6, image.shape[1], 3), 255, np.uint8)
-    words, lines = text.split(), [""]
-    for word in words:
-        candidate = f"{lines[-1]} {word}".strip()
-        width = cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
-        if width > image.shape[1] - 6 and lines[-1]:
-            lines.append(word)
-        else:
-            lines[-1] = candidate
-    for row, line in enumerate(lines[:max_lines]):
-        cv2.putText(band, line, (3, height * (row + 1) - 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.concatenate([image, band], axis=0)
-
-
-def short_names(paths: list[str]) -> list[str]:
-    """Image file names without the part they share and leading zeros: COCO_val2014_000000391895.jpg -> 391895."""
-    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
-    shared = os.path.commonprefix(stems) if len(stems) > 1 else ""
-    shared = shared[: max(shared.rfind(separator) + 1 for separator in "_-. ")]  # whole words only
-    return [re.sub(r"^0+(?=\d)", "", stem[len(shared) :]) for stem in stems]
-
-
-def grid(panels: list[np.ndarray], columns: int) -> np.ndarray:
-    rows = [panels[i : i + columns] for i in range(0, len(panels), columns)]
-    blank = np.full_like(panels[0], 255)
-    return np.concatenate([np.concatenate(row + [blank] * (columns - len(row)), axis=1) for row in rows], axis=0)
-
-
-def attention_overlay(image: np.ndarray, attention: np.ndarray) -> np.ndarray:
-    """A jet colour map of one word's attention, upsampled to the image and blended over it."""
-    heat = cv2.resize(attention.astype(np.float32), image.shape[1::-1], interpolation=cv2.INTER_CUBIC)
-    heat = (255 * (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-8)).astype(np.uint8)
-    colour = cv2.cvtColor(cv2.applyColorMap(heat, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    return cv2.addWeighted(image, 0.5, colour, 0.5, 0)
 
 
 class CaptionMedia(L.Callback):
@@ -92,7 +43,7 @@ class CaptionMedia(L.Callback):
         ]
         board.add_text("val/predictions", "\n".join(samples), step)
         for name, p in zip(names, predictions):
-            card = with_caption(_tile(p["path"], CARD), p["caption"], CARD_TEXT, 3)
+            card = with_caption(tile(p["path"], CARD), p["caption"], CARD_TEXT, 3)
             board.add_image(f"val/captions/{name}", card, step, dataformats="HWC")
         if isinstance(pl_module, Attends):
             self._log_attention(board, trainer, pl_module, step)
@@ -106,7 +57,7 @@ class CaptionMedia(L.Callback):
             words, attention = pl_module.attend(example["image"].to(pl_module.device))
         if attention is None or not words:
             return
-        image = _tile(example["path"])
+        image = tile(example["path"])
         maps = [attention_overlay(image, a.float().cpu().numpy()) for a in attention]
         panels = [with_caption(panel, word, CARD_TEXT, 1) for panel, word in zip([image, *maps], ["(image)", *words])]
         # Two columns: as wide as a captioned card, so that the words read at TensorBoard's default card size.

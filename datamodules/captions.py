@@ -14,21 +14,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.feature_cache import CachedCaptionDataset, FeatureCache
-from datamodules.images import ImageFolderDataset, collate, image_transform, prepared_image
+from datamodules.images import ImageFolderDataset, collate, prepared_image
 from datamodules.items import CaptionedImage, caption_item
 from datamodules.readers import SPLITS, read_karpathy
 from datamodules.sampling import EpochSampler, ResumableLoader, fit_position, item_key
 from datamodules.shapes import generate_shapes
-from datamodules.vocabulary import Vocabulary
 from framework.config import positive
-from framework.contracts import (
-    CachesFeatures,
-    ProvidesModelInputs,
-    ServesValExamples,
-    TakesImageTransform,
-)
+from framework.contracts import ServesValExamples
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
+from framework.images import image_transform
+from framework.preparation import given
+from framework.text import Vocabulary
 
 log = logging.getLogger(__name__)
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
@@ -70,13 +67,7 @@ class CaptionDataset(Dataset):
         return None if image is None else {"image": image, **caption_item(item, item_seed)}
 
 
-class CaptionDataModule(
-    L.LightningDataModule,
-    ProvidesModelInputs,
-    TakesImageTransform,
-    CachesFeatures,
-    ServesValExamples,
-):
+class CaptionDataModule(L.LightningDataModule, ServesValExamples):
     """Captioned images with train/val/test splits, plus a folder of images for predict mode.
 
     `source` reads the splits: a reader such as `read_karpathy`, given as a Hydra `_partial_` config
@@ -120,23 +111,25 @@ class CaptionDataModule(
             self._splits = self.source(skip_bad_images=self.skip_bad_images)
         return self._splits
 
-    def model_inputs(self) -> dict:
-        """What a word-level captioner is built from: the vocabulary of the training captions and the image size.
+    def model_inputs(self, names: tuple[str, ...]) -> dict:
+        """What a captioner is built from, of what it asks for (framework/preparation.py): `vocab` (the words of the
+        training captions seen at least data.vocab_min_count times), `image_size`."""
+        return given(self, names, vocab=self.vocabulary, image_size=lambda: self.image_size)
 
-        With `vocab_min_count=None` (captioners that bring their own tokenizer and image processor) nothing.
-        """
-        if self.vocab_min_count is None:
-            return {}
+    def vocabulary(self) -> list[str]:
         train = self.splits["train"]
         if not train:
             raise UserError("the data set has no training images (data.source)")
-        vocab = Vocabulary.build((tokens for item in train for tokens in item.tokens), self.vocab_min_count)
-        return {"vocab": vocab.words, "image_size": self.image_size}
+        return Vocabulary.build((tokens for item in train for tokens in item.tokens), self.vocab_min_count).words
 
     def set_image_transform(self, transform: Callable) -> None:
-        """Prepare images the model's own way from now on (PIL image -> tensor); Hugging Face captioners call it
-        in their `setup` with their image processor, which then decides size and normalisation."""
+        """Prepare images the model's own way from now on (PIL image -> tensor): the captioner's image processor or
+        training size (framework/preparation.py)."""
         self.transform = transform
+
+    def training_captions(self) -> list[list[list[str]]]:
+        """Per training image, its reference captions as words."""
+        return [item.tokens for item in self.splits["train"]]
 
     @property
     def train_batch_size(self) -> int:
@@ -173,7 +166,8 @@ class CaptionDataModule(
         return self._loader(CaptionDataset(self.splits[split], self.transform, self.skip_bad_images), train)
 
     def enable_feature_cache(self, encoder: torch.nn.Module) -> None:
-        """Serve the splits of the running stage (all without a trainer) from `encoder`'s cached features.
+        """Serve the splits of the running stage (all without a trainer) from `encoder`'s cached features (a frozen
+        encoder, framework/preparation.py).
 
         Global rank zero builds the missing caches, on the trainer's device; the other ranks wait for it.
         """

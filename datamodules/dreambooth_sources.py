@@ -18,8 +18,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from datamodules.images import IMAGE_ERRORS, bad_image, list_images, load_rgb
+from datamodules.images import list_images
 from framework.errors import UserError
+from framework.images import IMAGE_ERRORS, bad_image, load_rgb
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,19 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from datamodules.images import IMAGE_ERRORS, ImageFolderDataset, collate, list_images, read_or_skip
+from datamodules.images import ImageFolderDataset, collate, list_images, read_or_skip
 from datamodules.shapes import SHAPES, generate_shapes
 from framework.config import positive
-from framework.contracts import ProvidesModelInputs, ServesImageFolder
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
+from framework.images import IMAGE_ERRORS
+from framework.preparation import given
 
 SPLITS = ("train", "val", "test")
+
+
+def none() -> None:
+    """An input this data does not have (e.g. the classes of unlabelled images)."""
 
 
 def pixel_transform(image_size: int) -> transforms.Compose:
@@ -88,7 +93,7 @@ class LabelledImages(Dataset):
         }
 
 
-class ShapeClassesDataModule(L.LightningDataModule, ProvidesModelInputs):
+class ShapeClassesDataModule(L.LightningDataModule):
     """The embedded shapes data (generated into `root` on first use) as a 4-class shape classification set.
 
     train/val/test serve the classifier; predict serves the first `num_predict` test images (all: null)
@@ -143,10 +148,10 @@ class ShapeClassesDataModule(L.LightningDataModule, ProvidesModelInputs):
 
     kind = "single-object"  # the images it reads
 
-    def model_inputs(self) -> dict:
+    def model_inputs(self, names: tuple[str, ...]) -> dict:
         """The labels, and the image size: a shapes classifier records the size it was trained on, an explaining
-        module checks that the classifier's size is the data's."""
-        return {"classes": list(SHAPES), "image_size": self.image_size}
+        module checks that the classifier's size is the data's (the generated images' own size: no source_size)."""
+        return given(self, names, classes=lambda: list(SHAPES), image_size=lambda: self.image_size, source_size=none)
 
     def _loader(self, dataset: Dataset, train: bool = False) -> DataLoader:
         batch_size = per_device_batch_size(self.batch_size, self.trainer) if train else self.eval_batch_size
@@ -178,7 +183,7 @@ class ShapeClassesDataModule(L.LightningDataModule, ProvidesModelInputs):
         return self._split_loader("test", limit=self.num_predict)
 
 
-class ShapeObjectsDataModule(ShapeClassesDataModule, ServesImageFolder):
+class ShapeObjectsDataModule(ShapeClassesDataModule):
     """The embedded shapes data with every image's objects (one or two; their shape, colour, size and box), for
     explaining captioners: predict serves the first `num_predict` test images, or with `images` a folder of images
     (no objects)."""
@@ -189,9 +194,6 @@ class ShapeObjectsDataModule(ShapeClassesDataModule, ServesImageFolder):
     def __init__(self, *args, images: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.images = images
-
-    def model_inputs(self) -> dict:
-        return {"image_size": self.image_size}
 
     def prepare_data(self) -> None:
         if self.images is None:
@@ -204,7 +206,7 @@ class ShapeObjectsDataModule(ShapeClassesDataModule, ServesImageFolder):
         return self._loader(dataset)
 
 
-class ImageFolderDataModule(L.LightningDataModule, ProvidesModelInputs, ServesImageFolder):
+class ImageFolderDataModule(L.LightningDataModule):
     """Every image under `images` (e.g. photos for an ImageNet classifier), resized to `image_size`."""
 
     def __init__(
@@ -220,9 +222,12 @@ class ImageFolderDataModule(L.LightningDataModule, ProvidesModelInputs, ServesIm
         self.batch_size = positive(batch_size, "data.batch_size", integer=True)
         self.num_workers, self.skip_bad_images = num_workers, skip_bad_images
 
-    def model_inputs(self) -> dict:
+    def model_inputs(self, names: tuple[str, ...]) -> dict:
         """No classes (the images are unlabelled), the size they are resized to, and the size they all have (None
         if they differ; unreadable ones are left to the loader): the explaining module checks them."""
+        return given(self, names, classes=none, image_size=lambda: self.image_size, source_size=self.source_size)
+
+    def source_size(self) -> list[int] | None:
         sizes = set()
         for path in list_images(self._folder()):
             try:
@@ -230,7 +235,7 @@ class ImageFolderDataModule(L.LightningDataModule, ProvidesModelInputs, ServesIm
                     sizes.add(image.size)
             except IMAGE_ERRORS:
                 pass
-        return {"image_size": self.image_size, "source_size": list(sizes.pop()) if len(sizes) == 1 else None}
+        return list(sizes.pop()) if len(sizes) == 1 else None
 
     def _folder(self) -> str:
         if self.images is None:

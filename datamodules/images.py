@@ -11,69 +11,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from framework.errors import UserError
+from framework.images import load_rgb
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# What PIL raises for a missing, empty, truncated or foreign file (UnidentifiedImageError is an OSError).
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
-
-
-def bad_image(name: str, error: Exception, key: str | None = None, skippable: bool = True) -> UserError:
-    """The message for an unreadable image: which file, why, and what to do (`key`: the config key that named it)."""
-    where = f"{key}: " if key else ""
-    fix = (
-        "Replace or remove the file, or set data.skip_bad_images=true to skip unreadable images"
-        if skippable
-        else "Replace it with a readable PNG or JPEG file (the run needs this image: it cannot be skipped)"
-    )
-    return UserError(f"{where}cannot read image {name}: {error}. {fix}.")
-
-
-def load_rgb(path: str | os.PathLike, key: str | None = None, skippable: bool = True) -> Image.Image:
-    """Decode an image as 8-bit RGB (grayscale, palette, CMYK, RGBA and 16-bit are converted); a `bad_image` error
-    naming the file if it cannot."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: keep the high byte
-                image = Image.fromarray((np.asarray(image, dtype=np.int64) // 257).clip(0, 255).astype(np.uint8))
-            return image.convert("RGB")
-    except IMAGE_ERRORS as error:
-        raise bad_image(str(path), error, key, skippable) from error
-
-
-def to_rgb(pixels: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [0, 1] (any float dtype) -> uint8 [H, W, 3]."""
-    return (pixels.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def image_transform(image_size: int) -> transforms.Compose:
-    """Square resize and ImageNet normalisation (no flips: they would swap 'left' and 'right' in captions)."""
-    return transforms.Compose(
-        [
-            transforms.Resize((image_size, image_size), antialias=True),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
 
 
 def image_paths(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -153,27 +105,6 @@ def collate(samples: list[dict | None]) -> dict:
         name = {"image": "images", "image_id": "image_ids", "path": "paths"}.get(key, key)
         batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
-
-
-class SkippedImages:
-    """Adds up, per stage, the unreadable images `collate` left out of the batches (data.skip_bad_images=true);
-    a LightningModule reports each stage's count in one warning at the stage's end."""
-
-    def __init__(self):
-        self.counts = Counter()
-
-    def has_images(self, batch: dict, stage: str) -> bool:
-        """Count the batch's skipped images; False when nothing is left of the batch."""
-        return self.count(stage, batch["skipped"], batch["size"])
-
-    def count(self, stage: str, skipped: int, size: int) -> bool:
-        """Count `skipped` images left out of a batch that kept `size`; False when it kept none."""
-        self.counts[stage] += skipped
-        return size > 0
-
-    def report(self, stage: str) -> None:
-        if self.counts[stage]:
-            log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true)", stage, self.counts.pop(stage))
 
 
 def keep_readable(

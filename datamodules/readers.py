@@ -20,8 +20,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from datamodules.items import CaptionedImage
-from datamodules.vocabulary import tokenize
 from framework.errors import UserError
+from framework.text import tokenize
 
 log = logging.getLogger(__name__)
 Splits = dict[str, list[CaptionedImage]]

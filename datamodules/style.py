@@ -7,6 +7,7 @@ demos run offline); a folder may be `skimage` for all the sample photographs bel
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -19,11 +20,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms.functional import to_tensor
 
-from datamodules.images import IMAGE_ERRORS, bad_image, collate, keep_readable, list_images, load_rgb, read_or_skip
+from datamodules.images import collate, keep_readable, list_images, read_or_skip
 from framework.config import positive, to_plain
-from framework.contracts import ProvidesModelInputs
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
+from framework.images import IMAGE_ERRORS, bad_image, load_rgb
+from framework.preparation import given
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ SAMPLE_PHOTOS = (
     "moon",
     "rocket",
 )
+STYLE_INPUTS = ("content", "styles", "style_weights")  # what Gatys' module is built from
 SIZE_RATIO_NOTICE = 2.0  # a style this many times larger or smaller than the content is resized with a notice
 
 
@@ -79,7 +82,7 @@ def longer_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize(scaled_size(image.size, size), Image.LANCZOS)
 
 
-class StyleImagesDataModule(L.LightningDataModule, ProvidesModelInputs):
+class StyleImagesDataModule(L.LightningDataModule):
     """One content image and one or more style images (blended with `style_weights`) for Gatys et al.
 
     The content is scaled so that its longer side is `image_size`; each style so that its longer side is
@@ -111,7 +114,12 @@ class StyleImagesDataModule(L.LightningDataModule, ProvidesModelInputs):
         self.iterations = positive(iterations, "data.iterations", integer=True)
         self.skip_bad_images = skip_bad_images
 
-    def model_inputs(self) -> dict:
+    def model_inputs(self, names: tuple[str, ...]) -> dict:
+        """The content image and the style images that could be read, with their weights, as tensors in [0, 1]."""
+        images = functools.cache(self.read_images)
+        return given(self, names, **{name: lambda name=name: images()[name] for name in STYLE_INPUTS})
+
+    def read_images(self) -> dict:
         content = read_image(self.content, "data.content", skippable=False)
         if self.image_size:
             content = longer_side(content, self.image_size)
@@ -190,7 +198,7 @@ class SameSizeBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
-class ContentFolderDataModule(L.LightningDataModule, ProvidesModelInputs):
+class ContentFolderDataModule(L.LightningDataModule):
     """A folder of content images to train a fast style network on (random square crops of `image_size`),
     the style image (longer side `style_size`), and for mode=predict the folder `images` to stylise.
 
@@ -220,9 +228,13 @@ class ContentFolderDataModule(L.LightningDataModule, ProvidesModelInputs):
         self.max_size = max_size and positive(max_size, "data.max_size", integer=True)
         self.num_workers, self.skip_bad_images = num_workers, skip_bad_images
 
-    def model_inputs(self) -> dict:
+    def model_inputs(self, names: tuple[str, ...]) -> dict:
+        return given(self, names, style=self.style_image)
+
+    def style_image(self) -> torch.Tensor:
+        """The style image, its longer side data.style_size, in [0, 1]."""
         style = read_image(self.style, "data.style", skippable=False)
-        return {"style": to_tensor(longer_side(style, self.style_size))}
+        return to_tensor(longer_side(style, self.style_size))
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from framework.errors import UserError
+from framework.files import atomic_write
 
 RECORD = "task"  # checkpoint[RECORD] = {"name": task_name, "module": "package.module.Class"}
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives
@@ -42,6 +44,16 @@ class TaskRecord(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         module = type(pl_module)
         checkpoint[RECORD] = {"name": self.task_name, "module": f"{module.__module__}.{module.__qualname__}"}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written whole or not at all: to a temporary name, then renamed (Lightning's own save writes
+    the file in place, so a full disk leaves a truncated checkpoint); a failed write is one UserError naming it."""
+
+    def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options=None) -> None:
+        if storage_options is not None:
+            super().save_checkpoint(checkpoint, path, storage_options)  # its refusal
+        atomic_write(path, lambda file: torch.save(checkpoint, file), mode="wb")
 
 
 def read_checkpoint(path: str | os.PathLike, key: str | None = "ckpt_path") -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,20 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def compose(overrides: list[str], output_dir: str | os.PathLike | None = None) -> DictConfig:
+    """The config `python run.py OVERRIDES` runs, composed in this process (a required run, benchmarks, tests, the
+    Captioner API); `output_dir`: its run dir (paths.output_dir, which Hydra's runtime gives a real run)."""
+    from hydra import compose as compose_config
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [*overrides, *([f"paths.output_dir='{output_dir}'"] if output_dir is not None else [])]
+    if GlobalHydra.instance().is_initialized():  # inside run.py's Hydra app: its config tree is this one
+        return compose_config("config", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose_config("config", overrides=overrides)
 
 
 def model_settings(name: str, **values: Any) -> dict[str, Any]:

@@ -25,17 +25,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], mode: str 
     Readers never see a half-written file and a crash leaves nothing behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with cannot_write(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+                write(f)
+            os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
+
+
+@contextmanager
+def cannot_write(path: Path) -> Iterator[None]:
+    """An OSError while writing `path` (a full disk, a read-only mount, no permission) as one UserError naming it."""
+    try:
+        yield
+    except OSError as error:
+        raise UserError(
+            f"cannot write {path}: {error.strerror or error} (free space or permissions where it goes; nothing "
+            "half-written was left there)"
+        ) from None
 
 
 def writable_dir(path: str | os.PathLike, key: str) -> Path:
@@ -55,9 +68,11 @@ def writable_dir(path: str | os.PathLike, key: str) -> Path:
 @contextmanager
 def locked_run_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Hold `path`/.lock while a run writes `path`; a second run into it stops at once with a UserError naming the
-    process that holds it. The lock (flock) goes with the process: a crashed or killed run leaves none behind."""
+    process that holds it. The file goes when the run ends, however it ends; the lock (flock) goes with the process,
+    so a killed run's leftover .lock does not stop the next one."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    with cannot_write(path):
+        path.mkdir(parents=True, exist_ok=True)
     with open(path / ".lock", "a+", encoding="utf-8") as file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,6 +89,7 @@ def locked_run_dir(path: str | os.PathLike) -> Iterator[Path]:
         try:
             yield path
         finally:
+            (path / ".lock").unlink(missing_ok=True)
             # Explicitly: data-loader workers forked from this process share the lock until they exit.
             fcntl.flock(file, fcntl.LOCK_UN)
 
@@ -106,18 +122,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     Readers see the old folder or the complete new one, and a crash leaves no partial folder behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp creates folders readable by their owner only
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with cannot_write(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            yield tmp
+            tmp.chmod(0o755)  # mkdtemp creates folders readable by their owner only
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -9,7 +9,7 @@ concrete, device counts checked.
 So `python run.py task=blip_coco trainer.devices=4` trains with DDP on 4 GPUs in bf16-mixed on a 4-GPU machine
 (Lightning picks DDP for several devices), and `python run.py` runs on the CPU where there is no GPU. The run's
 config.yaml records the concrete values. Checked here, before anything is built: GPUs asked for that the machine
-does not have, and trainer counts that are not whole numbers.
+does not have (the types and ranges of every trainer setting: framework/schema.py).
 """
 
 from __future__ import annotations
@@ -23,17 +23,6 @@ from framework.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Trainer keys that must be whole numbers (null allowed), with their smallest meaningful value.
-WHOLE_NUMBERS = {
-    "max_epochs": -1,
-    "min_epochs": 0,
-    "max_steps": -1,
-    "num_nodes": 1,
-    "accumulate_grad_batches": 1,
-    "check_val_every_n_epoch": 1,
-    "log_every_n_steps": 1,
-    "num_sanity_val_steps": -1,
-}
 GPU_NAMES = ("gpu", "cuda")
 
 
@@ -41,7 +30,6 @@ def resolve_trainer(trainer: DictConfig, cuda_devices: int | None = None, bf16: 
     """Replace `auto` accelerator and precision in `trainer` (a cfg.trainer node, changed in place) by what this
     machine runs, and check the request against it. `cuda_devices` and `bf16` default to what torch sees."""
     cuda_devices = torch.cuda.device_count() if cuda_devices is None else cuda_devices
-    check_whole_numbers(trainer)
     requested = str(trainer.get("accelerator", "auto"))
     if requested == "auto":
         trainer.accelerator = "gpu" if cuda_devices else "cpu"
@@ -57,6 +45,10 @@ def resolve_trainer(trainer: DictConfig, cuda_devices: int | None = None, bf16: 
         if on_gpu and bf16 is None:
             bf16 = torch.cuda.is_bf16_supported()
         trainer.precision = "bf16-mixed" if on_gpu and bf16 else "32-true"
+    elif trainer.accelerator == "cpu" and str(trainer.precision) in ("16-mixed", "16"):
+        # What Lightning would run instead, recorded as what ran: CPUs have no fp16 autocast.
+        log.warning("trainer.precision=%s: CPUs have no fp16 mixed precision; running bf16-mixed", trainer.precision)
+        trainer.precision = "bf16-mixed"
     log.info(
         "trainer: accelerator=%s devices=%s precision=%s",
         trainer.accelerator,
@@ -98,12 +90,3 @@ def wanted_devices(devices) -> int:
     if isinstance(devices, str):
         return 1 if devices == "auto" else len([d for d in devices.split(",") if d.strip()])
     return len(devices)
-
-
-def check_whole_numbers(trainer: DictConfig) -> None:
-    for key, smallest in WHOLE_NUMBERS.items():
-        value = trainer.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-            raise UserError(f"trainer.{key}={value} must be a whole number >= {smallest} (or null)")

@@ -3,8 +3,8 @@
 `ResumeAuto` (a Hydra callback, conf/hydra/default.yaml) sets hydra.run.dir (hydra.sweep.dir in a multirun), as if it
 had been typed, to the newest unfinished run (sweep) of the task whose command-line overrides are this one's,
 `resume=` aside; with none, or with an explicit hydra.run.dir (hydra.sweep.dir), it changes nothing:
-- a run is unfinished when its dir has checkpoints/last.ckpt and no metrics.json; its overrides are what Hydra
-  recorded in its .hydra/overrides.yaml;
+- a run is unfinished when its dir has checkpoints/last.ckpt and its status.json does not say ok (it failed, was
+  interrupted, or was killed before writing one); its overrides are what Hydra recorded in its .hydra/overrides.yaml;
 - a sweep is unfinished when its dir has no summary.csv (framework/sweep_summary.py writes it once every job has
   finished); its overrides are in its multirun.yaml. Its jobs rerun in their dirs <sweep dir>/N, each continuing from
   its own last.ckpt (framework/runner.py `resume_from`). Only grid sweeps resume: another sweeper (Optuna) would
@@ -15,6 +15,7 @@ requeues, get the sweep dir as a hydra override from the launching process's con
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,15 @@ def unfinished_dir(config: DictConfig, sweep: bool) -> Path | None:
 
 
 def unfinished(folder: Path, sweep: bool) -> bool:
+    """A sweep without its summary; a run with a last.ckpt that did not end ok (failed, interrupted, killed)."""
     if sweep:
         return not (folder / "summary.csv").exists()
-    return (folder / "checkpoints" / "last.ckpt").exists() and not (folder / "metrics.json").exists()
+    if not (folder / "checkpoints" / "last.ckpt").exists():
+        return False
+    status = folder / "status.json"
+    if status.is_file():
+        return json.loads(status.read_text()).get("status") != "ok"
+    return not (folder / "metrics.json").exists()  # a run dir written before status.json
 
 
 def recorded_overrides(record: Path, sweep: bool) -> list[str]:

@@ -1,10 +1,10 @@
 """train / eval / predict / export from a composed config; every run dir ends with its config and metrics.json.
 
-What a task's module and data module may implement to take part (export, predictions, inference overrides, building
-without a checkpoint, model inputs) are the contracts of framework/contracts.py; docs/ARCHITECTURE.md (Protocols)
-says who implements and who calls each. Building a data module or a LightningModule only records its arguments;
-the work that writes files is the preparation step, Lightning's `prepare_data` (docs/ARCHITECTURE.md, Construction,
-preparation, loading), which `model_inputs` runs first where the module is built from the data.
+What a task's module may implement to take part (export, predictions, inference overrides, building without a
+checkpoint) are the contracts of framework/contracts.py; what a module and its data take from each other is handed
+over here (framework/preparation.py: `model_inputs` before the module is built, the `Preparation` callback at each
+stage). Building a data module or a LightningModule only records its arguments; the work that writes files is
+Lightning's `prepare_data` (docs/ARCHITECTURE.md, Construction, preparation, loading).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import csv
 import logging
 import math
 import os
+import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -23,19 +25,25 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
-from framework.checkpoints import check_checkpoint, is_sharded_checkpoint, load_module, read_checkpoint
+from framework.checkpoints import (
+    AtomicCheckpointIO,
+    check_checkpoint,
+    is_sharded_checkpoint,
+    load_module,
+    read_checkpoint,
+)
+from framework.checks import check_config
 from framework.config import flatten
 from framework.contracts import (
     BuildsFromConfig,
     ExplainsCheckpoint,
     Exports,
     InferenceOverrides,
-    ProvidesModelInputs,
     SavesPredictions,
 )
 from framework.distributed import gather_objects
 from framework.errors import UserError
-from framework.files import atomic_write, locked_run_dir, node_lock, write_json
+from framework.files import atomic_write, locked_run_dir, write_json
 from framework.fsdp import FSDP2Strategy
 from framework.hardware import resolve_trainer
 from framework.launch import isolated_job
@@ -48,47 +56,88 @@ from framework.loggers import (
     review_url,
     share_console_logs,
 )
+from framework.manifest import ROOT, git_state, manifest
+from framework.preparation import Preparation, model_inputs
+from framework.prerequisites import provide_required_runs
 
 log = logging.getLogger(__name__)
-MODES = ("train", "eval", "predict", "export")
 
 
 def run(cfg: DictConfig) -> float | None:
     """Run the configured mode; log failures with the run dir, then re-raise (multiruns must not fail silently).
+    However it ends, the run dir gets status.json and manifest.json (`finish`).
 
     Returns `optimized_metric` from the final metrics, for sweepers.
     """
     output_dir = Path(cfg.paths.output_dir)
     share_console_logs()
+    # One run per dir. The ranks a multi-process job starts write into its dir too: global rank 0 holds the lock.
+    writer = rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+    current = Run(cfg, output_dir)
     try:
-        # One run per dir. The ranks a multi-process job starts write into its dir too: global rank 0 holds the lock.
-        with (
-            locked_run_dir(output_dir)
-            if rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
-            else nullcontext()
-        ):
-            if cfg.mode not in MODES:
-                raise UserError(f"mode={cfg.mode} is not one of {', '.join(MODES)}")
-            resolve_trainer(cfg.trainer)
-            if cfg.get("seed") is not None:
-                L.seed_everything(cfg.seed, workers=True)
-            save_config(cfg, output_dir)
-            with isolated_job():
-                if cfg.mode == "train":
-                    metrics, sources = train(cfg, output_dir)
-                else:  # every figure from the weights given
-                    metrics = {"eval": evaluate, "predict": predict, "export": export}[cfg.mode](cfg, output_dir)
-                    sources = dict.fromkeys(stages(metrics), given_weights(cfg, output_dir))
-            if rank_zero_only.rank == 0:
-                if sources:
-                    write_json(output_dir / "metrics_provenance.json", sources)
-                write_json(output_dir / "metrics.json", metrics)
-            print_summary(cfg, output_dir, metrics, sources)
+        with locked_run_dir(output_dir) if writer else nullcontext():
+            try:
+                metrics = execute(current)
+            finally:
+                if writer:
+                    finish(current, sys.exc_info()[1])
     except Exception as error:
         log.error("run failed (%s: %s); run dir: %s", type(error).__name__, error, output_dir)
         raise
     value = metrics.get(cfg.get("optimized_metric") or "")
     return None if value is None or math.isnan(value) else value
+
+
+@dataclass
+class Run:
+    cfg: DictConfig
+    output_dir: Path
+    datamodule: L.LightningDataModule | None = None  # once built: the data it read goes into the manifest
+
+
+def execute(current: Run) -> dict[str, float]:
+    cfg, output_dir = current.cfg, current.output_dir
+    check_config(cfg)
+    resolve_trainer(cfg.trainer)
+    provide_required_runs(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    save_config(cfg, output_dir)
+    with isolated_job():
+        if cfg.mode == "train":
+            metrics, sources = train(current)
+        else:  # every figure from the weights given
+            metrics = {"eval": evaluate, "predict": predict, "export": export}[cfg.mode](current)
+            sources = dict.fromkeys(stages(metrics), given_weights(cfg, output_dir))
+    if rank_zero_only.rank == 0:
+        if sources:
+            write_json(output_dir / "metrics_provenance.json", sources)
+        write_json(output_dir / "metrics.json", metrics)
+    print_summary(cfg, output_dir, metrics, sources)
+    return metrics
+
+
+def finish(current: Run, error: BaseException | None) -> None:
+    """status.json (ok, failed with the error's line, or interrupted) and manifest.json, written when the run ends; a
+    failure to write them (a full disk) is a warning: the run's own error is what counts."""
+    if error is None:
+        status = {"status": "ok"}
+    elif isinstance(error, (KeyboardInterrupt, SystemExit)):
+        status = {"status": "interrupted", "error": type(error).__name__}
+    else:
+        status = {"status": "failed", "error": one_line(error)}
+    paths = current.datamodule.data_paths() if hasattr(current.datamodule, "data_paths") else None
+    try:
+        write_json(current.output_dir / "manifest.json", manifest(current.cfg, paths))
+        write_json(current.output_dir / "status.json", status)
+    except (UserError, OSError) as failure:
+        log.warning("could not record how the run ended: %s", failure)
+    RUN_LOG.info("status: %s%s", status["status"], f": {status['error']}" if "error" in status else "")
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: its type and its message's lines joined (a config error names several keys)."""
+    return f"{type(error).__name__}: {' | '.join(str(error).splitlines())}"
 
 
 def instantiate(config, **kwargs):
@@ -108,9 +157,9 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
 
 
 def build_trainer(cfg: DictConfig, with_loggers: bool = True) -> L.Trainer:
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [Preparation()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] if with_loggers else []
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     for logger in trainer.loggers:
         logger.log_hyperparams(hyperparameters(cfg))
     add_review_layout(trainer, cfg.get("optimized_metric"))
@@ -118,11 +167,14 @@ def build_trainer(cfg: DictConfig, with_loggers: bool = True) -> L.Trainer:
 
 
 def hyperparameters(cfg: DictConfig) -> dict:
-    return flatten(OmegaConf.to_container(cfg, resolve=True))
+    """The resolved config, flat, with the code's commit and whether the tree differed from it (TensorBoard HPARAMS)."""
+    git = git_state(ROOT)
+    return flatten(OmegaConf.to_container(cfg, resolve=True)) | {"git.commit": git["commit"], "git.dirty": git["dirty"]}
 
 
-def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    return instantiate(cfg.data)
+def build_datamodule(current: Run) -> L.LightningDataModule:
+    current.datamodule = instantiate(current.cfg.data)
+    return current.datamodule
 
 
 def load_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None) -> L.LightningModule:
@@ -131,27 +183,13 @@ def load_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None)
     module_class = hydra.utils.get_class(cfg.model._target_)
     ckpt_path = cfg.get("ckpt_path")
     if issubclass(module_class, BuildsFromConfig) and (not ckpt_path or issubclass(module_class, ExplainsCheckpoint)):
-        return instantiate(cfg.model, **model_inputs(datamodule))
+        return instantiate(cfg.model, **model_inputs(module_class, datamodule))
     if not ckpt_path:
         raise UserError(f"mode={cfg.mode} needs ckpt_path=path/to/checkpoint.ckpt (e.g. a run's checkpoints/last.ckpt)")
     check_checkpoint(ckpt_path, module_class, cfg.task_name)
     names = module_class.inference_hparams if issubclass(module_class, InferenceOverrides) else ()
     overrides = {key: cfg.model[key] for key in names if key in cfg.model}
     return load_module(module_class, ckpt_path, **overrides)
-
-
-def model_inputs(datamodule: L.LightningDataModule | None) -> dict:
-    """What the model needs from the data (e.g. the vocabulary), for data modules that provide it.
-
-    The data module's `prepare_data` runs first, by one process of the node at a time: the first prepares (e.g.
-    generates the shapes data set) while the others (the job's other ranks, however they were started, and other
-    jobs) wait, then find it prepared (prepare_data is idempotent: Lightning runs it again in fit).
-    """
-    if not isinstance(datamodule, ProvidesModelInputs):
-        return {}
-    with node_lock("prepare"):
-        datamodule.prepare_data()
-    return datamodule.model_inputs()
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -217,14 +255,15 @@ def resume_from(cfg: DictConfig, output_dir: Path, trainer: L.Trainer) -> str | 
     return path
 
 
-def train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[str, dict]]:
+def train(current: Run) -> tuple[dict[str, float], dict[str, dict]]:
     """Fit; then, where the task has a test stage, test the best checkpoint; then export it where the task can.
 
     Returns the final metrics and, for each stage, the weights its figures come from: train/* and val/* from the
     last ones, test/* from the best checkpoint.
     """
-    datamodule = build_datamodule(cfg)
-    model = instantiate(cfg.model, **model_inputs(datamodule))
+    cfg, output_dir = current.cfg, current.output_dir
+    datamodule = build_datamodule(current)
+    model = instantiate(cfg.model, **model_inputs(hydra.utils.get_class(cfg.model._target_), datamodule))
     trainer = build_trainer(cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from(cfg, output_dir, trainer), weights_only=True)
     metrics = final_metrics(trainer)
@@ -255,8 +294,9 @@ def train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[str
     return metrics, sources
 
 
-def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    datamodule = build_datamodule(cfg)
+def evaluate(current: Run) -> dict[str, float]:
+    cfg = current.cfg
+    datamodule = build_datamodule(current)
     model = load_model(cfg, datamodule)
     trainer = build_trainer(cfg)
     trainer.test(model, datamodule=datamodule)
@@ -265,8 +305,9 @@ def evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def predict(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    datamodule = build_datamodule(cfg)
+def predict(current: Run) -> dict[str, float]:
+    cfg, output_dir = current.cfg, current.output_dir
+    datamodule = build_datamodule(current)
     model = load_model(cfg, datamodule)
     trainer = build_trainer(cfg, with_loggers=False)
     batches = trainer.predict(model, datamodule=datamodule)
@@ -285,8 +326,9 @@ def save_predictions(rows: list[dict], output_dir: Path) -> dict[str, float]:
     return {"predict/images": float(len(rows))}
 
 
-def export(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    model = load_model(cfg, build_datamodule(cfg))
+def export(current: Run) -> dict[str, float]:
+    cfg, output_dir = current.cfg, current.output_dir
+    model = load_model(cfg, build_datamodule(current))
     if not isinstance(model, Exports):
         raise UserError(f"task_name={cfg.task_name}: {type(model).__name__} has no export format (mode=export)")
     log.info("exported to %s", model.export(output_dir / "export"))

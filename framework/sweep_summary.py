@@ -1,10 +1,13 @@
-"""At the end of a multirun (grid or Optuna): summary.csv in the sweep dir, one row per job, best first."""
+"""At the end of a multirun (grid or Optuna): summary.csv in the sweep dir, one row per job, best first, failed jobs
+with their error; the code's commit of each job. A sweep with a failed job exits non-zero once the summary is
+written (the jobs after it still ran: run.py records a failed job instead of stopping the sweep)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +28,38 @@ class SweepSummary(Callback):
         rows.sort(key=lambda row: rank(row, metric, config.hydra.sweeper.get("direction") == "minimize"))
         path = write_summary(sweep_dir / "summary.csv", rows)
         print_summary(rows, metric, sweep_dir, path)
+        failed = [row for row in rows if row["status"] != "ok"]
+        if failed:
+            print(f"{len(failed)} of {len(rows)} jobs failed (their run.log has the traceback)", file=sys.stderr)
+            sys.exit(1)
 
 
 def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job dir (named by job number): job, overrides, status and the job's metrics."""
+    """One row per job dir (named by job number): job, overrides, status (its status.json; a job that left none was
+    killed), error, the commit it ran and the job's metrics."""
     rows = []
     for job_dir in sorted(
         (d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)
     ):
-        overrides_file = job_dir / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        overrides = read(job_dir / ".hydra" / "overrides.yaml", yaml.safe_load) or []
+        status = read(job_dir / "status.json", json.loads) or {"status": "failed", "error": "killed (no status.json)"}
+        git = (read(job_dir / "manifest.json", json.loads) or {}).get("git", {})
         rows.append(
             {
                 "job": int(job_dir.name),
                 "overrides": " ".join(overrides),
-                "status": "ok" if metrics_file.is_file() else "failed",
-                **metrics,
+                "status": status["status"],
+                "error": status.get("error", ""),
+                "commit": git.get("commit") or "",
+                "dirty": git.get("dirty", ""),
+                **(read(job_dir / "metrics.json", json.loads) or {}),
             }
         )
     return rows
+
+
+def read(path: Path, parse) -> Any:
+    return parse(path.read_text()) if path.is_file() else None
 
 
 def rank(row: dict[str, Any], metric: str | None, minimize: bool) -> tuple[int, float]:
@@ -59,10 +73,11 @@ def rank(row: dict[str, Any], metric: str | None, minimize: bool) -> tuple[int, 
 
 
 def write_summary(path: Path, rows: list[dict[str, Any]]) -> Path:
-    metrics = sorted({key for row in rows for key in row} - {"job", "overrides", "status"})
+    columns = ["job", "overrides", "status", "error", "commit", "dirty"]
+    metrics = sorted({key for row in rows for key in row} - set(columns))
 
     def write(file) -> None:
-        writer = csv.DictWriter(file, fieldnames=["job", "overrides", "status", *metrics])
+        writer = csv.DictWriter(file, fieldnames=[*columns, *metrics])
         writer.writeheader()
         writer.writerows(rows)
 

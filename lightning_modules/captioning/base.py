@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
 from datamodules.captions import CaptionBatch
-from datamodules.images import SkippedImages
 from framework.contracts import HasCaptionPredictions
 from framework.distributed import gather_objects
+from framework.images import SkippedImages
 from framework.optim import ConfiguredOptimizers
 from lightning_modules.captioning.metrics import CaptionMetrics
 

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.captions import CaptionBatch
-from datamodules.images import image_transform
-from datamodules.vocabulary import Vocabulary, tokenize
 from framework.config import positive, to_plain
-from framework.contracts import Attends, CachesFeatures, InferenceOverrides
+from framework.contracts import Attends, InferenceOverrides
 from framework.distributed import global_token_mean
 from framework.errors import UserError
+from framework.images import image_transform
+from framework.text import Vocabulary, tokenize
 from lightning_modules.captioning.base import CaptioningModule
 from lightning_modules.captioning.cider import CiderD
 from lightning_modules.captioning.decoding import beam_search, greedy_decode, sample_decode
@@ -46,6 +46,7 @@ class CNNRNNCaptioner(CaptioningModule, InferenceOverrides, Attends):
 
     # Hyperparameters that may change between training and evaluation (mode=eval passes them on).
     inference_hparams = ("beam_size", "max_len", "spice")
+    data_inputs = ("vocab", "image_size")  # from the data module, before the model is built (framework/preparation.py)
 
     def __init__(
         self,
@@ -85,14 +86,15 @@ class CNNRNNCaptioner(CaptioningModule, InferenceOverrides, Attends):
             "stopped_epoch": None,
         }
 
-    def setup(self, stage: str) -> None:
-        # A frozen encoder gives the same features every epoch: let the data module cache them.
-        datamodule = self.trainer.datamodule
-        if self.encoder.finetune == "none" and isinstance(datamodule, CachesFeatures):
-            datamodule.enable_feature_cache(self.encoder)
-        if stage == "fit" and self.scst_planned():
-            # CIDEr-D document frequencies come from the training references, as in Rennie et al.
-            self.cider_d = CiderD(item.tokens for item in datamodule.splits["train"])
+    def frozen_encoder(self) -> torch.nn.Module | None:
+        """The encoder when it is frozen: it gives the same features every epoch, which the data may cache."""
+        return self.encoder if self.encoder.finetune == "none" else None
+
+    def use_training_captions(self, captions: list[list[list[str]]]) -> None:
+        """The training references (per image, its captions as words), given at fit start: with SCST, CIDEr-D's
+        document frequencies come from them, as in Rennie et al."""
+        if self.scst_planned():
+            self.cider_d = CiderD(captions)
 
     def scst_planned(self) -> bool:
         """Whether this run's config asks for SCST (checked here: only training reads model.scst)."""
@@ -307,13 +309,9 @@ class CNNRNNCaptioner(CaptioningModule, InferenceOverrides, Attends):
         return self.captions(self.decode_tokens(self.encode(images)[0], beam_size))
 
     def image_transform(self):
-        """Square resize to the training images' size (`image_size`, from the data) and ImageNet normalisation."""
-        if self.hparams.image_size is None:
-            raise UserError(
-                "this checkpoint does not record its image size (image_size): retrain it, "
-                "or build the transform with datamodules.images.image_transform(size)"
-            )
-        return image_transform(self.hparams.image_size)
+        """Square resize to the training images' size (`image_size`, from the data) and ImageNet normalisation; None
+        for a checkpoint that does not record its size."""
+        return None if self.hparams.image_size is None else image_transform(self.hparams.image_size)
 
     def captions(self, tokens: torch.Tensor) -> list[str]:
         return [self.vocab.decode(row.tolist()) for row in tokens]

@@ -2,7 +2,7 @@
 
 - loading from `model.pretrained`: a local `save_pretrained` directory or a hub id already in the Hugging Face
   cache; nothing is downloaded at run time (scripts/download_models.py fetches weights where a network is);
-- images prepared by the model's own image processor (the data module is told so in `setup`), so training,
+- images prepared by the model's own image processor (`image_transform`, which the runner hands the data), so training,
   evaluation, the Captioner API and the exported model all see the same pixels;
 - the loss: cross-entropy with label smoothing over the caption tokens (prompt and padding set to -100);
 - generation settings (`generation`, `GenerationConfig` fields) written into the model's generation config, which
@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrain
 
 from datamodules.captions import CaptionBatch
 from framework.config import positive, to_plain
-from framework.contracts import BuildsFromConfig, Exports, InferenceOverrides, TakesImageTransform
+from framework.contracts import BuildsFromConfig, Exports, InferenceOverrides
 from framework.distributed import global_token_mean
 from framework.errors import UserError
 from framework.files import atomic_dir
@@ -217,11 +217,6 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
     # -- the captioning module ---------------------------------------------------------------------------------
     def image_transform(self) -> ImageProcessorTransform:
         return ImageProcessorTransform(self.image_processor)
-
-    def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        if isinstance(datamodule, TakesImageTransform):
-            datamodule.set_image_transform(self.image_transform())
 
     def loss(self, batch: CaptionBatch) -> torch.Tensor:
         """Mean cross-entropy over the caption tokens of the global batch (see global_token_mean)."""

@@ -18,9 +18,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from datamodules.captions import CaptionBatch
-from datamodules.images import load_rgb
 from framework.checkpoints import is_sharded_checkpoint, load_module, read_checkpoint
 from framework.errors import UserError
+from framework.images import load_rgb
 from lightning_modules.captioning.base import CaptioningModule
 from lightning_modules.captioning.blip import BLIPCaptioner
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
@@ -38,6 +38,11 @@ class Captioner:
     def __init__(self, module: CaptioningModule, device: str | torch.device = "cpu"):
         self.module = module.to(device).eval()
         self.transform = module.image_transform()
+        if self.transform is None:
+            raise UserError(
+                "this checkpoint does not record its image size (image_size): retrain it, or caption with "
+                "mode=predict and the data's data.image_size"
+            )
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **overrides) -> Captioner:

@@ -20,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from captum.robust import FGSM, PGD
 
-from callbacks.caption_media import grid, with_caption
-from datamodules.images import to_rgb
 from framework.contracts import SavesPredictions
 from framework.errors import UserError
 from framework.files import write_png
+from framework.images import to_rgb
+from framework.rendering import enlarge, grid, with_caption
 from lightning_modules.explain.base import (
     ExplainModule,
-    enlarge,
     gradients,
     mean_metrics,
     read_rgb,

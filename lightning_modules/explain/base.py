@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from datamodules.images import SkippedImages, load_rgb
 from framework.config import to_plain
-from framework.contracts import BuildsFromConfig, ServesImageFolder
+from framework.contracts import BuildsFromConfig
 from framework.errors import UserError
 from framework.files import atomic_write, write_json, write_png
-from lightning_modules.explain.classifier import PixelClassifier, classifier_to_explain, prepare_classifier
+from framework.images import SkippedImages, load_rgb
+from lightning_modules.explain.classifier import PixelClassifier, classifier_to_explain, required_classifier
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +33,7 @@ class ExplainBase(L.LightningModule, BuildsFromConfig):
     def __init__(self):
         super().__init__()
         self.skipped_images = SkippedImages()
+        self.image_root: str | None = None  # the folder of the predict images, from the data (data.images)
 
     def has_images(self, batch: dict) -> bool:
         """Count the unreadable images the loader left out (data.skip_bad_images); False for an empty batch."""
@@ -49,8 +48,7 @@ class ExplainBase(L.LightningModule, BuildsFromConfig):
 
     def image_name(self, path: str) -> str:
         """A file name for an image: its path under the data's folder (data.images), or its stem."""
-        datamodule = self.trainer.datamodule
-        root = datamodule.images if isinstance(datamodule, ServesImageFolder) else None
+        root = self.image_root
         relative = Path(path).relative_to(root) if root and Path(path).is_relative_to(root) else Path(Path(path).name)
         return "__".join(relative.with_suffix("").parts)
 
@@ -63,6 +61,8 @@ class ExplainModule(ExplainBase):
     `build_explainer`. The constructor only records and checks its arguments: it reads and writes no file.
     Outside a Trainer, call `module.prepare_data()` and `module.setup("predict")` before using it.
     """
+
+    data_inputs = ("classes", "image_size", "source_size")  # from the data module, before the module is built
 
     def __init__(
         self,
@@ -85,8 +85,10 @@ class ExplainModule(ExplainBase):
         if self.folder_of_shapes:  # checked before a shapes classifier is trained or loaded: shapes images are square
             self.check_shapes_images(source_size)
 
-    def prepare_data(self) -> None:
-        prepare_classifier(**self.classifier_config)
+    @classmethod
+    def required_runs(cls, settings: dict) -> list:
+        """The shapes classifier's training run, when model.classifier names no checkpoint of it."""
+        return required_classifier(settings["classifier"])
 
     def setup(self, stage: str | None = None) -> None:
         """Load the prepared classifier (once), check it against the data, and build what explains it."""
@@ -162,12 +164,6 @@ def gradients() -> Iterator[None]:
     """Gradients inside the predict loop, which runs under torch.inference_mode / no_grad."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
-
-
-def enlarge(image: np.ndarray, size: int) -> np.ndarray:
-    """Square image scaled to at least `size` pixels (nearest neighbour: small images stay crisp)."""
-    scale = math.ceil(size / image.shape[0])
-    return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) if scale > 1 else image
 
 
 def read_rgb(path: Path) -> np.ndarray:

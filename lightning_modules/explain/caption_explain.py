@@ -33,18 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks.caption_media import attention_overlay, grid, with_caption
-from datamodules.images import to_rgb
 from framework.checkpoints import read_checkpoint
 from framework.contracts import ExplainsCheckpoint, SavesPredictions
 from framework.errors import UserError
 from framework.files import write_png
+from framework.images import to_rgb
+from framework.rendering import attention_overlay, enlarge, grid, with_caption
 from lightning_modules.captioning.base import CaptioningModule
 from lightning_modules.captioning.inference import Captioner
 from lightning_modules.explain.attributions import METHODS, Attributions, to_maps
 from lightning_modules.explain.base import (
     ExplainBase,
-    enlarge,
     gradients,
     read_rgb,
     write_npy,
@@ -91,6 +90,8 @@ class Words:
 class CaptionExplainModule(ExplainBase, ExplainsCheckpoint, SavesPredictions):
     """Per-word attribution maps of a captioner (`captioner`: its checkpoint, from ckpt_path: ExplainsCheckpoint),
     measured."""
+
+    data_inputs = ("image_size",)  # from the data module, before the module is built
 
     def __init__(
         self,

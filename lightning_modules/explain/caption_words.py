@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from datamodules.images import IMAGENET_MEAN, IMAGENET_STD
 from datamodules.shapes import COLOURS, SHAPES, SIZES
 from framework.errors import UserError
+from framework.images import IMAGENET_MEAN, IMAGENET_STD
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.captioning.decoding import greedy_decode
 from lightning_modules.captioning.hf import HFCaptioner

@@ -12,13 +12,12 @@ from __future__ import annotations
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from callbacks.caption_media import grid, with_caption
-from datamodules.images import to_rgb
 from framework.contracts import SavesPredictions
 from framework.files import write_png
+from framework.images import to_rgb
+from framework.rendering import enlarge, grid, with_caption
 from lightning_modules.explain.base import (
     ExplainModule,
-    enlarge,
     gradients,
     mean_metrics,
     read_rgb,
@@ -30,6 +29,8 @@ TILE = 160
 
 class ClassVisualisationModule(ExplainModule, SavesPredictions):
     """Visualises the classes the data module lists (data.targets; all by default)."""
+
+    data_inputs = ()  # the images it shows are its own
 
     def __init__(
         self,

@@ -7,10 +7,7 @@ so attributions, attacks and their epsilons are all in pixel space, whatever nor
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from collections import OrderedDict
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -19,18 +16,16 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision import models
 
-from datamodules.images import IMAGENET_MEAN, IMAGENET_STD
 from framework.checkpoints import check_checkpoint
 from framework.config import to_plain
 from framework.errors import UserError
-from framework.files import atomic_dir, writable_dir
-from framework.launch import single_process_environment
+from framework.images import IMAGENET_MEAN, IMAGENET_STD
 from framework.optim import ConfiguredOptimizers
+from framework.prerequisites import RequiredRun
 from framework.weights import imagenet_state_dict
 from lightning_modules.captioning.nets import SmallCNN
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class PixelClassifier(nn.Module):
@@ -87,6 +82,18 @@ class PixelClassifier(nn.Module):
         return [name for name, child in self.net.named_children() if any(True for _ in child.parameters())]
 
 
+def required_classifier(classifier: dict) -> list[RequiredRun]:
+    """The shapes classifier, when model.classifier names it without a checkpoint: the run of task=shapes_classifier
+    kept in model.classifier.cache_dir, which the runner trains first if needed (framework/prerequisites.py)."""
+    if classifier["name"] != "shapes" or classifier["checkpoint"] is not None:
+        return []
+    return [
+        RequiredRun(
+            "model.classifier.checkpoint", "shapes_classifier", classifier["cache_dir"], "model.classifier.cache_dir"
+        )
+    ]
+
+
 def shapes_net(num_classes: int, width: int) -> nn.Sequential:
     """SmallCNN's four blocks, global average pooling and a linear layer, with names that read well in configs."""
     blocks = [(f"block{i}", block) for i, block in enumerate(SmallCNN(width))]
@@ -96,6 +103,8 @@ def shapes_net(num_classes: int, width: int) -> nn.Sequential:
 
 class ShapesClassifier(ConfiguredOptimizers, L.LightningModule):
     """A small CNN telling the shape of a shapes image (task=shapes_classifier); `classifier` is what is explained."""
+
+    data_inputs = ("classes", "image_size")  # from the data module, before the model is built
 
     def __init__(
         self,
@@ -137,79 +146,14 @@ class ShapesClassifier(ConfiguredOptimizers, L.LightningModule):
         self._step(batch, "test")
 
 
-def ensure_shapes_classifier(cache_dir: str | Path, data_dir: str | Path, overrides: tuple[str, ...] = ()) -> Path:
-    """The best checkpoint of the shapes classifier cached in `cache_dir`; trained there first if there is none.
-
-    Training is the real task, `python run.py task=shapes_classifier [overrides]`, whose run dir becomes
-    `cache_dir` when it has finished (metrics.json there holds its accuracy). Delete the folder to retrain.
-    """
-    cache_dir = Path(cache_dir)
-    if cache_dir.exists() and not cached_checkpoints(cache_dir):
-        raise UserError(
-            f"{cache_dir} (model.classifier.cache_dir) holds no checkpoints/epoch_*.ckpt: remove it to "
-            "train the shapes classifier there, or give model.classifier.checkpoint=PATH"
-        )
-    if not cache_dir.exists():
-        writable_dir(cache_dir.parent, "model.classifier.cache_dir (by default under paths.data_dir)")
-        log.info(
-            "model.classifier.checkpoint is not set and there is no cached shapes classifier in %s: training one "
-            "with `python run.py task=shapes_classifier` (once; later runs reuse it)",
-            cache_dir,
-        )
-        with atomic_dir(cache_dir) as run_dir:
-            command = [
-                sys.executable,
-                str(ROOT / "run.py"),
-                "task=shapes_classifier",
-                f"paths.data_dir={data_dir}",
-                f"hydra.run.dir={run_dir}",
-                *overrides,
-            ]
-            # A job of its own, also when started from a rank of a multi-process job
-            result = subprocess.run(command, cwd=ROOT, env=single_process_environment())
-            if result.returncode != 0 or not cached_checkpoints(run_dir):
-                raise RuntimeError(f"training the shapes classifier failed ({' '.join(command)}); see its log above")
-    checkpoint = cached_checkpoints(cache_dir)[-1]
-    log.info("model.classifier.checkpoint is not set: explaining the cached shapes classifier %s", checkpoint)
-    return checkpoint
-
-
-def cached_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("checkpoints/epoch_*.ckpt"))
-
-
-def prepare_classifier(
-    name: str = "shapes", checkpoint: str | None = None, cache_dir: str | None = None, data_dir: str | None = None, **_
-) -> None:
-    """The preparation step of model.classifier: without a checkpoint, the shapes classifier is trained into
-    `cache_dir` unless it is cached there already. Other classifiers need nothing (their weights are local files)."""
-    if name == "shapes" and checkpoint is None:
-        if cache_dir is None or data_dir is None:
-            raise UserError("set model.classifier.checkpoint to a shapes classifier checkpoint")
-        ensure_shapes_classifier(cache_dir, data_dir)
-
-
-def classifier_to_explain(
-    name: str = "shapes",
-    checkpoint: str | None = None,
-    pretrained: bool | str = True,
-    cache_dir: str | None = None,
-    data_dir: str | None = None,
-) -> PixelClassifier:
-    """The classifier named by model.classifier: `shapes` (a ShapesClassifier checkpoint; without one, the cached
-    shapes classifier that `prepare_classifier` trained) or a torchvision classifier such as resnet50 (ImageNet
-    weights from the local torch cache, or from the file `pretrained` names; pretrained=false: random weights).
-    `data_dir` is only for `prepare_classifier`: both take the model.classifier block."""
+def classifier_to_explain(name: str, checkpoint: str | None, pretrained: bool | str, cache_dir: str) -> PixelClassifier:
+    """The classifier named by model.classifier: `shapes` (a ShapesClassifier checkpoint: the runner names the one in
+    `cache_dir`, trained there first if needed, when none is given: `required_classifier`) or a torchvision classifier
+    such as resnet50 (ImageNet weights from the local torch cache, or from the file `pretrained` names;
+    pretrained=false: random weights)."""
     if name == "shapes":
         if checkpoint is None:
-            cached = cached_checkpoints(Path(cache_dir)) if cache_dir is not None else []
-            if not cached:
-                raise UserError(
-                    f"no shapes classifier is cached in model.classifier.cache_dir={cache_dir}: set "
-                    "model.classifier.checkpoint, or prepare it first (prepare_classifier; the explaining tasks "
-                    "do it in prepare_data, which trainer.predict calls)"
-                )
-            checkpoint = cached[-1]
+            raise UserError("set model.classifier.checkpoint to a task=shapes_classifier checkpoint")
         check_checkpoint(checkpoint, ShapesClassifier, "shapes_classifier", "model.classifier.checkpoint")
         module = ShapesClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
         return module.classifier.eval()

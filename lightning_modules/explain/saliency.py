@@ -21,14 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from callbacks.caption_media import attention_overlay, grid
-from datamodules.images import to_rgb
 from framework.contracts import SavesPredictions
 from framework.files import write_png
+from framework.images import to_rgb
+from framework.rendering import attention_overlay, enlarge, grid
 from lightning_modules.explain.attributions import Attributions
 from lightning_modules.explain.base import (
     ExplainModule,
-    enlarge,
     gradients,
     mean_metrics,
     read_rgb,

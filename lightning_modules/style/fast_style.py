@@ -13,10 +13,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from datamodules.images import SkippedImages, to_rgb
 from framework.config import to_plain
 from framework.contracts import Exports
 from framework.files import atomic_dir, write_json, write_png
+from framework.images import SkippedImages, to_rgb
 from framework.loggers import tensorboard
 from framework.optim import ConfiguredOptimizers
 from lightning_modules.style.losses import build_perceptual_loss
@@ -29,6 +29,8 @@ class FastStyle(ConfiguredOptimizers, L.LightningModule, Exports):
     """Trains `TransformerNet` for the `style` image ([3, H, W] in [0, 1], from the data module; only needed to
     train). The VGG loss network is not saved in checkpoints: stylising needs the transformation net only. The other
     arguments and their defaults: conf/model/fast_style.yaml."""
+
+    data_inputs = ("style",)  # from the data module, before the model is built
 
     def __init__(
         self,

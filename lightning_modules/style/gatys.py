@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.images import to_rgb
 from framework.config import to_plain
 from framework.errors import UserError
 from framework.files import write_png
+from framework.images import to_rgb
 from framework.loggers import tensorboard
 from framework.optim import ConfiguredOptimizers
 from lightning_modules.style.images import matched_luminance, rgb_to_yiq, yiq_to_rgb
@@ -37,6 +37,8 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
     targets are computed once per scale. After fitting, the result is written to `output` (PNG). The other
     arguments and their defaults: conf/model/gatys.yaml.
     """
+
+    data_inputs = ("content", "styles", "style_weights")  # from the data module, before the model is built
 
     def __init__(
         self,

@@ -13,8 +13,8 @@ import logging
 import torch
 from torch import nn
 
-from datamodules.images import IMAGENET_MEAN, IMAGENET_STD
 from framework.errors import UserError
+from framework.images import IMAGENET_MEAN, IMAGENET_STD
 from framework.weights import imagenet_state_dict
 
 log = logging.getLogger(__name__)
