@@ -7,7 +7,7 @@ ARGS ?=
 UPGRADE_VENV := .venv-upgrade
 FROM ?= $(VENV)
 
-.PHONY: run test format install install-test constraints upgrade-check clean
+.PHONY: run test test-fast format install install-test constraints upgrade-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ test: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(ARGS)
+
+# The same without the tests marked slow (those that start `python run.py` or train beyond a few steps): every module
+# still runs in-process. pytest's summary says "N passed, M deselected": M is what only `make test` runs.
+test-fast: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -m "not slow" $(ARGS)
 
 format: install-test
 	$(VENV)/bin/ruff check --fix .

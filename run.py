@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> float | None:
         # of the sweep's summary (status.json) and the sweep goes on; its traceback goes to the job's run.log only.
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             RUN_LOG.error("traceback of the failed job", exc_info=error)
-            return float("nan")  # a failed trial for Optuna; the basic sweeper records nothing
+            return None  # a failed trial for Optuna; the basic sweeper records nothing
         if isinstance(error, UserError) and os.environ.get("HYDRA_FULL_ERROR") != "1":
             sys.exit(1)
         raise

@@ -29,6 +29,7 @@ import time
 import torch
 
 from framework.allocator import keep_freed_memory
+from framework.config import model_settings
 from lightning_modules.captioning.decoding import beam_search
 from lightning_modules.captioning.nets import RNNDecoder
 
@@ -95,7 +96,8 @@ def main() -> None:
         f"median of {args.repeats}",
         flush=True,
     )
-    decoder = RNNDecoder(VOCAB, CHANNELS, embed_dim=512, hidden_dim=512, attention_dim=512).eval()
+    sizes = {"embed_dim": 512, "hidden_dim": 512, "attention_dim": 512}  # SAT's; the rest: conf/model/cnn_rnn.yaml
+    decoder = RNNDecoder(VOCAB, CHANNELS, **{**model_settings("cnn_rnn", scheduler=None)["decoder"], **sizes}).eval()
     features = torch.randn(args.images, GRID, CHANNELS).relu()
     one_at_a_time = features[: args.sat_images]
 

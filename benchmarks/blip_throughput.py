@@ -3,8 +3,9 @@
 transformers' BlipForConditionalGeneration with the sizes of Salesforce/blip-image-captioning-base (ViT-B/16 at
 384 px, 12-layer BERT-base text decoder with cross-attention, vocabulary 30524) and random weights (nothing is
 downloaded). A training step is what BLIPCaptioner does: forward with the captions as labels (prompt masked,
-label smoothing 0.1), backward, AdamW (lr 1e-5, weight decay 0.05). bf16-mixed is torch.autocast to bfloat16
-around forward and loss, fp32 weights and optimizer, as Lightning's `precision=bf16-mixed` does.
+label smoothing), backward, AdamW, with conf/model/blip.yaml's label smoothing, learning rate and weight decay.
+bf16-mixed is torch.autocast to bfloat16 around forward and loss, fp32 weights and optimizer, as Lightning's
+`precision=bf16-mixed` does.
 
 Prints images/s of each setting (and peak memory on CUDA), then `ratio:` lines, baseline time / ours:
 `bf16_mixed_vs_fp32` (without checkpointing) and `gradient_checkpointing_vs_none_<precision>` (below 1:
@@ -23,17 +24,25 @@ import time
 import torch
 from transformers import BlipConfig, BlipForConditionalGeneration
 
+from framework.config import model_settings
+
+SETTINGS = model_settings("blip", scheduler=None)  # the recipe's label smoothing, learning rate and weight decay
 BASE_TOWER = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
 PROMPT_TOKENS, CAPTION_TOKENS = 4, 16  # "[DEC] a picture of" + a caption of 16 tokens
 
 
 def blip_base() -> BlipForConditionalGeneration:
     config = BlipConfig(
-        text_config={**BASE_TOWER, "vocab_size": 30524, "max_position_embeddings": 512, "label_smoothing": 0.1},
+        text_config={
+            **BASE_TOWER,
+            "vocab_size": 30524,
+            "max_position_embeddings": 512,
+            "label_smoothing": SETTINGS["label_smoothing"],
+        },
         vision_config={**BASE_TOWER, "image_size": 384, "patch_size": 16},
         projection_dim=512,
         image_text_hidden_size=256,
-        label_smoothing=0.1,
+        label_smoothing=SETTINGS["label_smoothing"],
     )
     return BlipForConditionalGeneration(config)
 
@@ -58,7 +67,8 @@ def images_per_second(model, inputs: dict, precision: str, checkpointing: bool, 
     else:
         model.gradient_checkpointing_disable()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+    recipe = SETTINGS["optimizer"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
     )

@@ -4,28 +4,43 @@ at a time.
     python benchmarks/caption_explain.py                 # shapes-sized CNN-RNN (conf/model/cnn_rnn.yaml), 64 px, CPU
     python benchmarks/caption_explain.py --device cuda --images 64 --batch-size 64
 
-Weights are random (speed does not depend on them; nothing is downloaded); captions are the greedy ones of those
-weights, `--max-len` words at most. Ends with one line per method,
-`ratio: caption_explain_batching_<method> = <time one image at a time / time batched>`, then the same for all the
-methods together (what one task=caption_explain run computes): `ratio: caption_explain_batching = ...`.
+Weights are random (speed does not depend on them; nothing is downloaded): the captioner is conf/model/cnn_rnn.yaml's,
+saved as a checkpoint in a temporary folder and explained with conf/model/caption_explain.yaml's settings (without the
+randomisation check); captions are the greedy ones of those weights, `--max-len` words at most. Ends with one line
+per method, `ratio: caption_explain_batching_<method> = <time one image at a time / time batched>`, then the same for
+all the methods together (what one task=caption_explain run computes): `ratio: caption_explain_batching = ...`.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
+import lightning as L
 import torch
-from omegaconf import OmegaConf
 from saliency import timed  # benchmarks/saliency.py, next to this script
 
 from datamodules.shapes import COLOURS, SHAPES, SIZES
+from framework.config import model_settings
 from framework.text import Vocabulary
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.explain.caption_explain import CAPTION_METHODS, CaptionExplainModule
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-DEFAULT_METHODS = ("integrated_gradients", "gradcam", "attention")  # conf/model/caption_explain.yaml's
+DEFAULT_METHODS = model_settings("caption_explain")["methods"]
+
+
+def random_captioner(folder: Path, image_size: int, max_len: int) -> Path:
+    """A CNN-RNN captioner of conf/model/cnn_rnn.yaml with random weights and a shapes vocabulary, saved as training
+    saves it (the checkpoint model.captioner names)."""
+    vocab = [*Vocabulary.SPECIALS, *SHAPES, *COLOURS, *SIZES, "a", "the", "of", "is", "left", "right", "above"]
+    settings = model_settings("cnn_rnn", vocab=vocab, image_size=image_size, max_len=max_len, scheduler=None)
+    settings.pop("_recursive_", None)
+    captioner = CNNRNNCaptioner(**settings)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(captioner)
+    trainer.save_checkpoint(folder / "captioner.ckpt", weights_only=True)
+    return folder / "captioner.ckpt"
 
 
 def main() -> None:
@@ -40,12 +55,16 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "cnn_rnn.yaml"))
-    vocab = [*Vocabulary.SPECIALS, *SHAPES, *COLOURS, *SIZES, "a", "the", "of", "is", "left", "right", "above"]
-    captioner = CNNRNNCaptioner(
-        vocab, config["encoder"], config["decoder"], optimizer={}, max_len=args.max_len, image_size=args.image_size
-    )
-    module = CaptionExplainModule(captioner, list(args.methods), randomisation=False).to(device).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        settings = model_settings(
+            "caption_explain",
+            captioner=str(random_captioner(Path(folder), args.image_size, args.max_len)),
+            methods=list(args.methods),
+            randomisation=False,
+            image_size=args.image_size,
+            object_words=None,
+        )
+        module = CaptionExplainModule(**settings).to(device).eval()
     pixels = torch.rand(args.images, 3, args.image_size, args.image_size, device=device)
 
     def explain(method: str, batch_size: int) -> int:

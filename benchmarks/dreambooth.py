@@ -42,7 +42,6 @@ import argparse
 import itertools
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -116,19 +115,22 @@ def tiny_settings(pipeline: Path, resolution: int, **values) -> dict:
 
 
 def tiny_dreambooth(pipeline: Path, images: Path, resolution: int, batch_size: int, model: dict, **data):
-    """DreamBoothLoRA (conf/model/sdxl_lora.yaml with `model` replacing some) and its data module on the tiny
-    pipeline and an image folder, seeded as run.py seeds a run; `data` replaces data module settings."""
+    """DreamBoothLoRA (conf/model/sdxl_lora.yaml with `model` replacing some) and its data module (task=sdxl_dreambooth
+    composed as run.py composes it, `data` replacing some of its data settings) on the tiny pipeline and an image
+    folder, seeded as run.py seeds a run."""
     import random
 
-    from datamodules.dreambooth import DreamBoothDataModule, read_instance_folder
+    from framework.config import compose
+    from framework.runner import instantiate
     from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
 
+    data = {"source.folder": images, "source.prompt": f"'{PROMPT}'", "resolution": resolution, **data}
+    data["batch_size"] = batch_size
+    overrides = [f"data.{key}={str(v).lower() if isinstance(v, bool) else v}" for key, v in data.items()]
     torch.manual_seed(0)
     random.seed(0)
     module = DreamBoothLoRA(**tiny_settings(pipeline, resolution, **model))
-    datamodule = DreamBoothDataModule(
-        source=partial(read_instance_folder, images, PROMPT), resolution=resolution, batch_size=batch_size, **data
-    )
+    datamodule = instantiate(compose(["task=sdxl_dreambooth", *overrides]).data)
     return module, datamodule
 
 

@@ -18,25 +18,38 @@ import argparse
 import copy
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from datamodules.captions import ShapesDataModule
 from framework.allocator import keep_freed_memory
+from framework.config import compose
+from framework.preparation import model_inputs
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def frozen_resnet50_captioner(vocab: list[str]) -> CNNRNNCaptioner:
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / "cnn_rnn.yaml")
-    encoder = {**cfg.encoder, "name": "resnet50", "finetune": "none"}
-    return CNNRNNCaptioner(
-        vocab=vocab, encoder=encoder, decoder=cfg.decoder, optimizer=cfg.optimizer, max_len=cfg.max_len
+def build(args: argparse.Namespace, data_dir: str, feature_cache: str | None):
+    """The shapes captioning task's data module and CNN-RNN captioner (conf/ gives every other setting), with a frozen
+    ResNet-50 (random weights) and the benchmark's images."""
+    cfg = compose(
+        [
+            "task=shapes_captioning",
+            f"paths.data_dir={data_dir}",
+            f"data.num_train={args.images}",
+            "data.num_val=0",
+            "data.num_test=0",
+            "data.image_size=224",
+            f"data.batch_size={args.batch_size}",
+            "data.num_workers=0",
+            f"data.feature_cache={feature_cache or 'null'}",
+            "model.encoder.name=resnet50",
+            "model.encoder.finetune=none",
+            "model.scheduler=null",  # a plain loop: the optimizer alone
+        ]
     )
+    data = instantiate(cfg.data)
+    return data, lambda: instantiate(cfg.model, **model_inputs(CNNRNNCaptioner, data))
 
 
 def train(model: CNNRNNCaptioner, loader: DataLoader, epochs: int) -> tuple[float, list[float]]:
@@ -65,19 +78,11 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as run.py does
     with tempfile.TemporaryDirectory() as tmp:
-        data = {
-            "root": tmp,
-            "num_train": args.images,
-            "num_val": 0,
-            "num_test": 0,
-            "image_size": 224,
-            "batch_size": args.batch_size,
-            "num_workers": 0,
-        }
-        from_images = ShapesDataModule(**data)
-        from_cache = ShapesDataModule(**data, feature_cache=f"{tmp}/cache")
+        from_images, build_model = build(args, tmp, None)
+        from_cache, _ = build(args, tmp, f"{tmp}/cache")
+        from_cache.prepare_data()
         torch.manual_seed(0)
-        model = frozen_resnet50_captioner(from_images.model_inputs()["vocab"])
+        model = build_model()
         cached_model = copy.deepcopy(model)
         print(
             f"{args.images} shapes images at 224 px, batch {args.batch_size}, frozen ResNet-50, "

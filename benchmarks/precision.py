@@ -18,12 +18,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
 
 from framework.allocator import keep_freed_memory
-from framework.runner import build_datamodule, build_trainer, instantiate, model_inputs
-
-ROOT = Path(__file__).resolve().parents[1]
+from framework.config import compose
+from framework.preparation import model_inputs
+from framework.runner import build_trainer, instantiate
 
 
 class EpochTimer(L.Callback):
@@ -51,25 +51,22 @@ class EpochTimer(L.Callback):
 
 def last_epoch(overrides: list[str], precision: str, epochs: int, workdir: Path) -> tuple[float, int, int]:
     """(seconds, batches, global batch size) of the last of `epochs` training epochs at `precision`."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"paths.root_dir={ROOT}",
-                f"paths.log_dir={workdir}",
-                f"paths.output_dir={workdir}",
-                "callbacks=none",
-                f"trainer.precision={precision}",
-                f"trainer.max_epochs={epochs}",
-                "trainer.limit_val_batches=0",
-                "+trainer.enable_checkpointing=false",
-                "+trainer.enable_progress_bar=false",
-                *overrides,
-            ],
-        )
+    cfg = compose(
+        [
+            f"paths.log_dir={workdir}",
+            "callbacks=none",
+            f"trainer.precision={precision}",
+            f"trainer.max_epochs={epochs}",
+            "trainer.limit_val_batches=0",
+            "+trainer.enable_checkpointing=false",
+            "+trainer.enable_progress_bar=false",
+            *overrides,
+        ],
+        output_dir=workdir,
+    )
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
-    model = instantiate(cfg.model, **model_inputs(datamodule))
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, **model_inputs(get_class(cfg.model._target_), datamodule))
     timer = EpochTimer()
     trainer = build_trainer(cfg, with_loggers=False)
     trainer.callbacks.append(timer)

@@ -3,8 +3,9 @@
     python benchmarks/saliency.py                       # shapes classifier (64 px), CPU
     python benchmarks/saliency.py --model resnet50 --image-size 224 --device cuda
 
-Weights are random (speed does not depend on them; nothing is downloaded). Ends with one line per method:
-`ratio: <method> = <time one at a time / time batched>`.
+Weights are random (speed does not depend on them; nothing is downloaded); the shapes classifier's width and the
+methods' settings are task=saliency's (conf/model/shapes_classifier.yaml, conf/model/saliency.yaml). Ends with one
+line per method: `ratio: <method> = <time one at a time / time batched>`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import torch
 
 from datamodules.shapes import SHAPES
+from framework.config import model_settings
 from lightning_modules.explain.attributions import METHODS, Attributions
 from lightning_modules.explain.classifier import PixelClassifier, classifier_to_explain, shapes_net
 
@@ -42,11 +44,17 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.model == "shapes":
-        classifier = PixelClassifier(shapes_net(len(SHAPES), 16), list(SHAPES))
-    else:
-        classifier = classifier_to_explain(args.model, pretrained=False)
+        width = model_settings("shapes_classifier", scheduler=None)["width"]
+        classifier = PixelClassifier(shapes_net(len(SHAPES), width), list(SHAPES))
+    else:  # random weights: no checkpoint, no cache
+        classifier = classifier_to_explain(args.model, checkpoint=None, pretrained=False, cache_dir="")
     classifier = classifier.to(device).eval().requires_grad_(False)
-    attributions = Attributions(classifier, classifier.last_spatial_layer())  # task=saliency's defaults
+    saliency = model_settings("saliency")  # task=saliency's settings
+    attributions = Attributions(
+        classifier,
+        saliency["gradcam_layer"] or classifier.last_spatial_layer(),
+        **{key: saliency[key] for key in ("smoothgrad_samples", "smoothgrad_noise", "ig_steps", "internal_batch_size")},
+    )
     pixels = torch.rand(args.images, 3, args.image_size, args.image_size, device=device)
     targets = torch.randint(len(classifier.class_names), (args.images,), device=device)
 

@@ -36,11 +36,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchvision
+from hydra.utils import instantiate
 from torch import nn
 
-from datamodules.style import StyleImagesDataModule
 from framework.allocator import keep_freed_memory
-from framework.config import model_settings
+from framework.config import compose, model_settings
 from framework.images import IMAGENET_MEAN, IMAGENET_STD
 from lightning_modules.style.gatys import GatysStyleTransfer
 from lightning_modules.style.nets import TransformerNet
@@ -53,6 +53,19 @@ LAYERS = {
     "gatys_layers": (["conv4_2"], ["conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"]),
 }
 STYLE_WEIGHT = 1e6
+
+
+def task_data(size: int, iterations: int = 1):
+    """`task=style_transfer`'s data module (conf/data/style_images.yaml: the scikit-image content and style) with the
+    content's longer side `size` and `iterations` training steps."""
+    cfg = compose(["task=style_transfer", f"data.image_size={size}", f"data.iterations={iterations}"])
+    return instantiate(cfg.data)
+
+
+def vgg_settings(dtype: str) -> dict:
+    """conf/model/gatys.yaml's VGG block: VGG19, random weights (seed 0, drawn alike by both sides), `dtype`."""
+    settings = model_settings("gatys", output="/dev/null")["vgg"]
+    return {**settings, "arch": "vgg19", "pretrained": False, "dtype": dtype}
 
 
 def sync(device: torch.device) -> None:
@@ -177,17 +190,16 @@ def run_ours(
     inputs: dict, layers, evaluations: int, dtype: str, device: torch.device
 ) -> tuple[list[float], torch.Tensor, list[float]]:
     content_layers, style_layers = layers
-    settings = model_settings("gatys", output="/dev/null")
     settings = model_settings(
         "gatys",
-        vgg={**settings["vgg"], "arch": "vgg19", "pretrained": False, "dtype": dtype},
+        vgg=vgg_settings(dtype),
         optimizer={"_target_": "torch.optim.LBFGS", "_partial_": True, "lr": 1.0, "max_iter": 1, "history_size": 100},
         content_layers=content_layers,
         style_layers=dict.fromkeys(style_layers, 1.0),
         style_weight=STYLE_WEIGHT,
         output="/dev/null",
     )
-    model = GatysStyleTransfer(inputs["content"], inputs["styles"], [1.0], **settings)
+    model = GatysStyleTransfer(**inputs, **settings)
     losses = Losses()
     trainer = L.Trainer(
         accelerator=device.type,
@@ -199,8 +211,7 @@ def run_ours(
         enable_model_summary=False,
         callbacks=[losses],
     )
-    data = StyleImagesDataModule("unused", "unused", iterations=evaluations)
-    trainer.fit(model, train_dataloaders=data.train_dataloader())
+    trainer.fit(model, train_dataloaders=task_data(1, evaluations).train_dataloader())  # the steps: no images read
     return losses.values, model.result()[None], losses.starts
 
 
@@ -208,7 +219,8 @@ def gatys(inputs: dict, name: str, args: argparse.Namespace, device: torch.devic
     layers = LAYERS[name]
     content, style = inputs["content"][None].to(device), inputs["styles"][0][None].to(device)
     cnn = torchvision.models.vgg19().features.to(device).eval().requires_grad_(False)  # frozen: see the docstring
-    ours_vgg = VGGFeatures([*layers[0], *layers[1]], pretrained=False)  # the weights ours will draw
+    # the weights ours will draw
+    ours_vgg = VGGFeatures([*layers[0], *layers[1]], allow_random_features=False, **vgg_settings("float32"))
     cnn[: len(ours_vgg.body)].load_state_dict(ours_vgg.body.state_dict())
     runs = {
         "pytorch_tutorial": lambda n: run_tutorial(cnn, content, style, layers, n),
@@ -256,7 +268,7 @@ def gatys(inputs: dict, name: str, args: argparse.Namespace, device: torch.devic
 @torch.inference_mode()
 def fast_style(size: int, images: int, batch: int, device: torch.device) -> float:
     torch.manual_seed(0)
-    net = TransformerNet().to(device).eval()
+    net = TransformerNet(**model_settings("fast_style")["net"]).to(device).eval()  # conf/model/fast_style.yaml's
     pictures = torch.rand(images, 3, size, size, device=device)
     results = timed(
         {
@@ -294,7 +306,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as run.py does, for both: large temporaries stay in the heap instead of fresh mmaps
     logging.disable(logging.WARNING)  # the style image's resizing notice and Lightning's hints
-    args.bf16 = VGGFeatures(["conv1_1"], pretrained=False, dtype=args.dtype).bf16(device)
+    args.bf16 = VGGFeatures(["conv1_1"], allow_random_features=False, **vgg_settings(args.dtype)).bf16(device)
     print(f"peer: {PEER}")
     print(
         f"settings: {args.size} px content and style (skimage chelsea, coffee), random VGG19 (seed 0) frozen in both, "
@@ -304,7 +316,7 @@ def main() -> None:
         f"on {device.type}); {args.repeats} timed run(s) each after a warm-up"
     )
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    inputs = StyleImagesDataModule("skimage:chelsea", "skimage:coffee", image_size=args.size).model_inputs()
+    inputs = task_data(args.size).model_inputs(GatysStyleTransfer.data_inputs)
     ratios = {name: gatys(inputs, name, args, device) for name in LAYERS}
     batched_ratio = fast_style(args.size, args.images, args.batch, device)
     for name, ratio in ratios.items():

@@ -14,9 +14,10 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from framework.contracts import Attends, HasCaptionPredictions, ServesValExamples
+from framework.contracts import HasCaptionPredictions
 from framework.loggers import tensorboard
 from framework.rendering import attention_overlay, grid, short_names, tile, with_caption
+from framework.schema import PositiveInt
 
 CARD = 320  # pixels per captioned validation image: narrower than TensorBoard's default card, so shown 1:1
 CARD_TEXT = 0.6  # cv2 font scale of its caption: letters about 13 pixels high
@@ -25,7 +26,8 @@ CARD_TEXT = 0.6  # cv2 font scale of its caption: letters about 13 pixels high
 class CaptionMedia(L.Callback):
     """Logs captioning media to TensorBoard (other loggers are left alone)."""
 
-    def __init__(self, num_samples: int = 8):
+    def __init__(self, num_samples: PositiveInt):
+        """`num_samples`: the validation predictions shown, each with its image."""
         self.num_samples = num_samples
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -45,11 +47,11 @@ class CaptionMedia(L.Callback):
         for name, p in zip(names, predictions):
             card = with_caption(tile(p["path"], CARD), p["caption"], CARD_TEXT, 3)
             board.add_image(f"val/captions/{name}", card, step, dataformats="HWC")
-        if isinstance(pl_module, Attends):
+        if hasattr(pl_module, "attend"):  # attention decoders: attend(image) -> words, maps
             self._log_attention(board, trainer, pl_module, step)
 
     def _log_attention(self, board, trainer: L.Trainer, pl_module, step: int) -> None:
-        examples = trainer.datamodule.val_examples(1) if isinstance(trainer.datamodule, ServesValExamples) else []
+        examples = trainer.datamodule.val_examples(1) if hasattr(trainer.datamodule, "val_examples") else []
         if not examples:
             return
         example = examples[0]

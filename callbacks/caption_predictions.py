@@ -14,10 +14,11 @@ import lightning as L
 
 from framework.contracts import HasCaptionPredictions
 from framework.files import atomic_write, write_json
+from framework.schema import WritableDir
 
 
 class CaptionPredictions(L.Callback):
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: WritableDir):
         self.output_dir = Path(output_dir)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

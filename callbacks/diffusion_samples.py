@@ -7,14 +7,15 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 
-from framework.contracts import HasGeneratedSamples
 from framework.loggers import tensorboard
+from framework.schema import PositiveInt
 
 
 class DiffusionSamples(L.Callback):
     """Reads `pl_module.generated[stage]`: rows {"prompt", "seed", "image" (PIL)}, every rank's, in order."""
 
-    def __init__(self, tile: int = 256):
+    def __init__(self, tile: PositiveInt):
+        """`tile`: the side in pixels of each image in the row (conf/callbacks/diffusion_samples.yaml)."""
         self.tile = tile
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -25,7 +26,7 @@ class DiffusionSamples(L.Callback):
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         board = tensorboard(trainer)
-        rows = pl_module.generated[stage] if isinstance(pl_module, HasGeneratedSamples) else []
+        rows = getattr(pl_module, "generated", {}).get(stage, [])  # DreamBooth's images of the stage
         if board is None or trainer.sanity_checking or not trainer.is_global_zero or not rows:
             return
         by_prompt: dict[str, list[np.ndarray]] = {}

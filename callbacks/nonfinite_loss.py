@@ -1,4 +1,5 @@
-"""Stop a run at the first NaN or infinite training loss or weights, leaving the last finite weights."""
+"""Stop a run at the first NaN or infinite training loss or weights, or at a loss that has grown far past its first
+value (a diverging run), leaving the last finite weights."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from framework.errors import UserError
+from framework.schema import PositiveFloat
 
 ADVICE = "Lower model.optimizer.lr, set trainer.gradient_clip_val, or check that batch's data."
 
@@ -26,13 +28,18 @@ class NonFiniteLossGuard(L.Callback):
     count saved are those after the failed step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, divergence_factor: PositiveFloat | None):
+        """`divergence_factor`: stop once |train/loss| exceeds this many times the first (nonzero) |train/loss| of
+        the fit; None: only non-finite values stop a run."""
+        self.divergence_factor = divergence_factor
         self.copy: list[torch.Tensor] = []  # the weights after optimizer step `self.step`, checked finite
         self.step = -1
+        self.first_loss: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.copy = [tensor.clone() for _, tensor in weights(pl_module)]
         self.step = trainer.global_step
+        self.first_loss = None
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         if not all_finite(trainer, [loss.detach()]):
@@ -42,6 +49,22 @@ class NonFiniteLossGuard(L.Callback):
             raise UserError(
                 f"train/loss is {shown} at global step {trainer.global_step} (epoch {trainer.current_epoch}, batch "
                 f"{trainer.fit_loop.epoch_loop.batch_idx}); the run stopped before the weights changed. {ADVICE}"
+            )
+        if self.divergence_factor is not None:
+            self.check_divergence(trainer, pl_module, float(loss.detach().float().abs()))
+
+    def check_divergence(self, trainer: L.Trainer, pl_module: L.LightningModule, magnitude: float) -> None:
+        if self.first_loss is None and magnitude > 0:
+            self.first_loss = magnitude
+        diverged = self.first_loss is not None and magnitude > self.divergence_factor * self.first_loss
+        if trainer.strategy.reduce_boolean_decision(diverged, all=False):  # any rank
+            self.restore(pl_module)
+            raise UserError(
+                f"train/loss reached {magnitude:.4g} at global step {trainer.global_step} (epoch "
+                f"{trainer.current_epoch}), more than {self.divergence_factor:g} times its first value "
+                f"{self.first_loss:.4g}: the run diverged and stopped (callbacks.nonfinite_loss.divergence_factor="
+                f"{self.divergence_factor:g}; null turns this check off). The likely cause is the learning rate: lower "
+                "model.optimizer.lr, or set trainer.gradient_clip_val"
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:

@@ -73,11 +73,10 @@ class Buckets:
 
     def __init__(self, resolution: int, instances: Sequence, classes: Sequence, length: int):
         self.sizes = bucket_sizes(resolution)
-        bucket_of = {}  # image name -> bucket; reads each image's size once
+        bucket_of = {}  # image name -> bucket, from its upright size (Example.size: as the image is loaded)
         for example in (*instances, *classes):
-            if example.image.name not in bucket_of:
-                width, height = example.image.size()
-                bucket_of[example.image.name] = nearest_bucket(height, width, self.sizes)
+            width, height = example.size
+            bucket_of[example.image.name] = nearest_bucket(height, width, self.sizes)
         self.item_sizes = [bucket_of[instances[i % len(instances)].image.name] for i in range(length)]
         self.class_indices: list[int | None] = []
         pools = {

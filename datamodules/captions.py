@@ -1,11 +1,10 @@
-"""Captioned images: the datasets, the batch captioners read (`CaptionBatch`) and the captioning DataModules (the data
-sets' readers: datamodules/readers.py)."""
+"""Captioned images: the datasets and the captioning DataModules (the data sets' readers: datamodules/readers.py; the
+batch captioners read: datamodules/batches.py `CaptionBatch`)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -13,37 +12,22 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.batches import CaptionBatch
 from datamodules.feature_cache import CachedCaptionDataset, FeatureCache
 from datamodules.images import ImageFolderDataset, collate, prepared_image
 from datamodules.items import CaptionedImage, caption_item
-from datamodules.readers import SPLITS, read_karpathy
+from datamodules.readers import SPLITS, Splits, read_karpathy
 from datamodules.sampling import EpochSampler, ResumableLoader, fit_position, item_key
-from datamodules.shapes import generate_shapes
-from framework.config import positive
-from framework.contracts import ServesValExamples
+from datamodules.shapes import CaptionsPerImage, ImageSize, generate_shapes, shapes_folder
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 from framework.images import image_transform
 from framework.preparation import given
+from framework.schema import NonNegativeInt, PositiveInt, Seed, WritableDir
 from framework.text import Vocabulary
 
 log = logging.getLogger(__name__)
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
-
-
-@dataclass
-class CaptionBatch:
-    """A batch of captioned images, as the captioning data modules' loaders give it (`collate_captions`) and the
-    captioners read it. Lightning moves its tensors to the device (a dataclass is a collection it traverses)."""
-
-    size: int  # images in the batch, after leaving out the unreadable ones
-    images: torch.Tensor | None = None  # [size, 3, H, W], prepared by the data module's transform
-    features: torch.Tensor | None = None  # [size, C, h, w], a frozen encoder's cached feature maps instead of images
-    paths: list[str] = field(default_factory=list)  # the image files
-    image_ids: list[int | str] = field(default_factory=list)  # train/val/test: the data set's ids
-    references: list[list[str]] = field(default_factory=list)  # train/val/test: every reference caption of an image
-    tokens: list[list[str]] = field(default_factory=list)  # train/val/test: the caption to train on, as words
-    skipped: int = 0  # unreadable images left out (data.skip_bad_images=true)
 
 
 def collate_captions(samples: list[dict | None]) -> CaptionBatch:
@@ -67,7 +51,7 @@ class CaptionDataset(Dataset):
         return None if image is None else {"image": image, **caption_item(item, item_seed)}
 
 
-class CaptionDataModule(L.LightningDataModule, ServesValExamples):
+class CaptionDataModule(L.LightningDataModule):
     """Captioned images with train/val/test splits, plus a folder of images for predict mode.
 
     `source` reads the splits: a reader such as `read_karpathy`, given as a Hydra `_partial_` config
@@ -77,37 +61,33 @@ class CaptionDataModule(L.LightningDataModule, ServesValExamples):
 
     def __init__(
         self,
-        source: Callable[..., dict[str, list[CaptionedImage]]] | None = None,
-        image_size: int = 224,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        vocab_min_count: int | None = 1,
-        skip_bad_images: bool = False,
-        images: str | None = None,
-        feature_cache: str | None = None,
+        source: Callable[..., Splits],
+        image_size: PositiveInt,
+        batch_size: PositiveInt,
+        eval_batch_size: PositiveInt | None,
+        num_workers: NonNegativeInt,
+        vocab_min_count: PositiveInt,
+        skip_bad_images: bool,
+        images: str | None,
+        feature_cache: WritableDir | None,
     ):
+        """`eval_batch_size`: null = batch_size; `images`: the folder mode=predict captions (read only then);
+        `feature_cache`: a folder for a frozen encoder's features (null: no cache)."""
         super().__init__()
         self.source, self.images, self.feature_cache, self.image_size = source, images, feature_cache, image_size
-        self.batch_size = positive(batch_size, "data.batch_size", integer=True)
-        self.eval_batch_size = (
-            self.batch_size
-            if eval_batch_size is None
-            else positive(eval_batch_size, "data.eval_batch_size", integer=True)
-        )
+        self.batch_size = batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers, self.vocab_min_count, self.skip_bad_images = num_workers, vocab_min_count, skip_bad_images
         self.transform = image_transform(image_size)
-        self._splits: dict[str, list[CaptionedImage]] | None = None
+        self._splits: Splits | None = None
         self._cache_dirs: dict[str, Path] = {}  # split -> its feature cache, once enabled
 
     def prepare_data(self) -> None:
         self.splits  # noqa: B018 (reads, and for generated data sets creates, the data once per node)
 
     @property
-    def splits(self) -> dict[str, list[CaptionedImage]]:
+    def splits(self) -> Splits:
         if self._splits is None:
-            if self.source is None:
-                raise UserError("data.source is not set: give a reader of captioned images (see conf/data/)")
             self._splits = self.source(skip_bad_images=self.skip_bad_images)
         return self._splits
 
@@ -213,28 +193,49 @@ class CaptionDataModule(L.LightningDataModule, ServesValExamples):
 
 
 class ShapesDataModule(CaptionDataModule):
-    """The embedded synthetic data set, generated into `root` on first use (see datamodules/shapes.py)."""
+    """The embedded synthetic data set, generated into `root` on first use (see datamodules/shapes.py; the generator's
+    settings: conf/data/_shapes.yaml)."""
 
     def __init__(
         self,
-        root: str,
-        seed: int = 0,
-        num_train: int = 3000,
-        num_val: int = 200,
-        num_test: int = 200,
-        image_size: int = 64,
-        captions_per_image: int = 5,
-        **kwargs,
+        root: WritableDir,
+        seed: Seed,
+        num_train: NonNegativeInt,
+        num_val: NonNegativeInt,
+        num_test: NonNegativeInt,
+        image_size: ImageSize,
+        captions_per_image: CaptionsPerImage,
+        batch_size: PositiveInt,
+        eval_batch_size: PositiveInt | None,
+        num_workers: NonNegativeInt,
+        vocab_min_count: PositiveInt,
+        skip_bad_images: bool,
+        images: str | None,
+        feature_cache: WritableDir | None,
     ):
-        super().__init__(image_size=image_size, **kwargs)
-        generate = partial(
-            generate_shapes,
-            root,
-            seed=seed,
-            num_train=num_train,
-            num_val=num_val,
-            num_test=num_test,
+        self.generator_settings = {
+            "seed": seed,
+            "num_train": num_train,
+            "num_val": num_val,
+            "num_test": num_test,
+            "image_size": image_size,
+            "captions_per_image": captions_per_image,
+        }
+        self.root = root
+        generate = partial(generate_shapes, root, **self.generator_settings)
+        super().__init__(
+            source=lambda skip_bad_images: read_karpathy(generate(), image_root=None, skip_bad_images=skip_bad_images),
             image_size=image_size,
-            captions_per_image=captions_per_image,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            vocab_min_count=vocab_min_count,
+            skip_bad_images=skip_bad_images,
+            images=images,
+            feature_cache=feature_cache,
         )
-        self.source = lambda skip_bad_images: read_karpathy(generate(), skip_bad_images=skip_bad_images)
+
+    def data_paths(self) -> list[str]:
+        """What the run read, for its manifest.json: the generated set's folder (and the predict folder), once there."""
+        paths = [str(shapes_folder(self.root, **self.generator_settings)), *([self.images] if self.images else [])]
+        return [path for path in paths if Path(path).exists()]

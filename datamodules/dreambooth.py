@@ -7,7 +7,7 @@ or, with `buckets`, to its aspect-ratio bucket (datamodules/buckets.py), every b
 Validation, test and predict items are prompts with seeds.
 
 Preparation that needs the model is named as data and its results taken as data (the data module holds no model;
-NeedsModelOutputs): `missing_class_images()` names the class images data.class_images lacks (prior preservation),
+framework/preparation.py): `missing_class_images()` names the class images data.class_images lacks (prior preservation),
 which the LightningModule writes there; `views_to_encode()` gives every image and its mirror image once
 (data.cache_latents), whose latent distributions `set_latent_cache` takes back, after which items carry those
 instead of pixels.
@@ -18,9 +18,9 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Annotated
 
 import lightning as L
 import torch
@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 from datamodules.buckets import BucketSampler, bucket_sizes, nearest_bucket
 from datamodules.dreambooth_items import (
+    Interpolation,
+    Prompts,
     PromptSet,
     TrainingImages,
     collate_prompts,
@@ -38,52 +40,56 @@ from datamodules.dreambooth_items import (
     interpolation_mode,
     read_prompts,
 )
-from datamodules.dreambooth_sources import Example, image_files, read_captioned_images, read_instance_folder
-from datamodules.images import image_paths, keep_readable
+from datamodules.dreambooth_sources import (
+    Example,
+    image_files,
+    read_captioned_images,
+    read_examples,
+    read_instance_folder,
+)
+from datamodules.images import image_paths
 from datamodules.sampling import EpochSampler, ResumableLoader, fit_position
-from framework.config import positive
-from framework.contracts import NeedsModelOutputs, ServesReferenceImages
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 from framework.files import writable_dir
+from framework.preparation import given
+from framework.schema import MultipleOf, NonEmpty, NonNegativeInt, PositiveInt, Range, Seed, WritableDir
 
 # The readers are data.source targets in conf/data/ and, with crop_and_flip, imported from here.
-__all__ = ["DreamBoothDataModule", "crop_and_flip", "prompt_slug", "read_captioned_images", "read_instance_folder"]
+__all__ = ["DreamBoothDataModule", "crop_and_flip", "read_captioned_images", "read_instance_folder"]
 
 log = logging.getLogger(__name__)
 
 
-def prompt_slug(prompt: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:limit] or "prompt"
-
-
-class DreamBoothDataModule(L.LightningDataModule, NeedsModelOutputs, ServesReferenceImages):
+class DreamBoothDataModule(L.LightningDataModule):
     """Training examples from `source`, optional class images for prior preservation, prompt sets for
-    validation (`validation_prompts`), test (`test_prompts`, mode=eval) and predict (`prompts`)."""
+    validation (`validation_prompts`), test (`test_prompts`, mode=eval) and predict (`prompts`). The settings and their
+    defaults: conf/data/dreambooth_folder.yaml, conf/data/captioned_images.yaml."""
 
     def __init__(
         self,
-        source: Callable[[], list[Example]] | None = None,
-        trigger_token: str | None = None,
-        resolution: int = 1024,
-        center_crop: bool = False,
-        random_flip: bool = False,
-        buckets: bool = False,
-        interpolation: str = "bilinear",
-        repeats: int = 1,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        skip_bad_images: bool = False,
-        cache_latents: bool = False,
-        prior_preservation: bool = False,
-        class_prompt: str | None = None,
-        class_images: str | None = None,
-        num_class_images: int = 100,
-        class_batch_size: int = 4,
-        validation_prompts: Sequence[str] | str | None = None,
-        test_prompts: Sequence[str] | str | None = None,
-        prompts: Sequence[str] | str | None = None,
-        seeds: Sequence[int] = (0,),
+        source: Callable[[], list[Example]],
+        trigger_token: str | None,
+        # SDXL's VAE makes latents of 1/8 the size, which the pipeline's sides must be a multiple of
+        resolution: Annotated[int, Range(min=64), MultipleOf(8)],
+        center_crop: bool,
+        random_flip: bool,
+        buckets: bool,
+        interpolation: Interpolation,
+        repeats: PositiveInt,
+        batch_size: PositiveInt,
+        num_workers: NonNegativeInt,
+        skip_bad_images: bool,
+        cache_latents: bool,
+        prior_preservation: bool,
+        class_prompt: str | None,
+        class_images: WritableDir | None,
+        num_class_images: PositiveInt,
+        class_batch_size: PositiveInt,
+        validation_prompts: Prompts,
+        test_prompts: Prompts,
+        prompts: Prompts,
+        seeds: Annotated[list[Seed], NonEmpty()],
     ):
         super().__init__()
         if prior_preservation and not (class_prompt and class_images):
@@ -97,14 +103,12 @@ class DreamBoothDataModule(L.LightningDataModule, NeedsModelOutputs, ServesRefer
         self.interpolation = interpolation_mode(interpolation)
         if buckets:
             bucket_sizes(resolution)  # a resolution that makes no buckets is an error now, not at fit start
-        self.repeats, self.num_workers = repeats, num_workers
-        self.batch_size = positive(batch_size, "data.batch_size", integer=True)
+        self.repeats, self.num_workers, self.batch_size = repeats, num_workers, batch_size
         self.skip_bad_images, self.cache_latents = skip_bad_images, cache_latents
         self.prior_preservation, self.class_prompt = prior_preservation, class_prompt
         self.class_images = Path(class_images) if class_images else None
-        self.num_class_images = num_class_images
-        self.class_batch_size = positive(class_batch_size, "data.class_batch_size", integer=True)
-        self.prompt_sets = {
+        self.num_class_images, self.class_batch_size = num_class_images, class_batch_size
+        self.prompt_sets = {  # read now: a prompts file that cannot be read or is empty stops the run before work
             "val": read_prompts(validation_prompts, "data.validation_prompts"),
             "test": read_prompts(test_prompts, "data.test_prompts"),
             "predict": read_prompts(prompts, "data.prompts"),
@@ -114,25 +118,33 @@ class DreamBoothDataModule(L.LightningDataModule, NeedsModelOutputs, ServesRefer
         self._classes: list[Example] | None = None
         self._latents: dict | None = None
 
+    def model_inputs(self, names: tuple[str, ...]) -> dict:
+        """What DreamBoothLoRA takes from the data (its `data_inputs`): the resolution it generates images at."""
+        return given(self, names, resolution=lambda: self.resolution)
+
+    def setup(self, stage: str) -> None:
+        """Training reads and checks its images first (every one decoded; see `instances`): a folder without images or
+        an unreadable image stops the run here, before class images are generated or latents cached."""
+        if stage == "fit":
+            self.instances  # noqa: B018 - read now
+
     @property
     def instances(self) -> list[Example]:
         """The training examples, read and checked once (every image decoded: an unreadable one stops the run
         here, or is left out with data.skip_bad_images=true, rather than in the middle of training)."""
         if self._instances is None:
-            if self.source is None:
-                raise UserError("data.source is not set: give a reader of training images (see conf/data/)")
             self._instances = self._readable(self.source(), "data.source")
             self._check(self._instances)
         return self._instances
 
     def _readable(self, examples: list[Example], what: str) -> list[Example]:
-        return keep_readable(examples, lambda e: e.image.load(), self.skip_bad_images, what, lambda e: e.image.name)
+        return read_examples(examples, self.skip_bad_images, what)
 
     def _check(self, examples: list[Example]) -> None:
         sizes = bucket_sizes(self.resolution) if self.buckets else [(self.resolution, self.resolution)]
         small = []
         for example in examples:
-            width, height = example.image.size()
+            width, height = example.size  # upright
             target_height, target_width = nearest_bucket(height, width, sizes)
             if height < target_height or width < target_width:
                 small.append(example.image.name)

@@ -7,6 +7,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -17,18 +18,19 @@ from datamodules.buckets import Buckets, cover_size
 from datamodules.dreambooth_sources import Example
 from datamodules.sampling import item_key
 from framework.errors import UserError
+from framework.schema import ExistingFile
 
 # Resized training images kept in memory per process (`TrainingImages.resized`): at 1024 px about 4 MB each.
 RESIZED_KEPT = 64
 
 
-def interpolation_mode(name: str) -> TF.InterpolationMode:
-    """torchvision's resampling filter by name (diffusers' --image_interpolation_mode names: lanczos, nearest_exact)."""
-    try:
-        return TF.InterpolationMode[str(name).upper()]
-    except KeyError:
-        names = ", ".join(mode.name.lower() for mode in TF.InterpolationMode)
-        raise UserError(f"data.interpolation={name} is not one of {names}") from None
+# torchvision's resampling filters (diffusers' --image_interpolation_mode names them so: lanczos, nearest_exact, ...)
+Interpolation = Literal["nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos"]
+
+
+def interpolation_mode(name: Interpolation) -> TF.InterpolationMode:
+    """torchvision's resampling filter by name."""
+    return TF.InterpolationMode[name.upper()]
 
 
 def crop_and_flip(image: Image.Image, size: tuple[int, int], top_left: tuple[int, int], flip: bool) -> dict:
@@ -166,13 +168,25 @@ def collate_prompts(items: list[dict]) -> dict:
     return {key: [item[key] for item in items] for key in items[0]}
 
 
+# A list of prompts, or a text file with one prompt per line; null: none.
+Prompts = list[str] | ExistingFile | None
+
+
 def read_prompts(prompts: str | Sequence[str] | None, key: str) -> list[str]:
-    """A list of prompts, or a text file with one prompt per line."""
+    """The prompts of a list, or of a text file with one prompt per line (blank lines skipped): a file that cannot be
+    read or holds no prompt is an error naming `key` and the file."""
     if prompts is None:
         return []
-    if isinstance(prompts, str):
-        path = Path(prompts)
-        if not path.is_file():
-            raise UserError(f"{key}={prompts}: give a list of prompts or a text file with one prompt per line")
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [str(p) for p in prompts]
+    if not isinstance(prompts, str):
+        return list(prompts)
+    try:
+        text = Path(prompts).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(
+            f"{key}={prompts}: cannot read the prompts file ({error}): give a list of prompts or a UTF-8 text file "
+            "with one prompt per line"
+        ) from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"{key}={prompts}: the prompts file holds no prompt: write one prompt per line")
+    return lines

@@ -8,19 +8,20 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
-from datamodules.images import list_images
+from datamodules.images import keep_readable, list_images
 from framework.errors import UserError
 from framework.images import IMAGE_ERRORS, bad_image, load_rgb
+from framework.schema import ExistingDir
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,8 @@ class FileImage:
         return str(self.path)
 
     def load(self) -> Image.Image:
+        """The image upright (its EXIF orientation applied: framework.images.load_rgb)."""
         return load_rgb(self.path)
-
-    def size(self) -> tuple[int, int]:
-        """(width, height) from the file header."""
-        with Image.open(self.path) as image:
-            return image.size
 
 
 @dataclass(frozen=True)
@@ -55,22 +52,37 @@ class DatasetImage:
         return f"{self.folder}#{self.index}"
 
     def load(self) -> Image.Image:
-        try:  # the datasets library decodes the image when the row is read
-            return _open_dataset(self.folder)[self.index][self.column].convert("RGB")
+        # The datasets library decodes the image as it reads the row (PIL, under framework.images' pixel limit);
+        # upright as load_rgb gives files.
+        try:
+            return ImageOps.exif_transpose(_open_dataset(self.folder)[self.index][self.column]).convert("RGB")
         except IMAGE_ERRORS as error:
             raise bad_image(self.name, error) from error
-
-    def size(self) -> tuple[int, int]:
-        return self.load().size
 
 
 @dataclass(frozen=True)
 class Example:
+    """A training image and its prompt; `size`: the image's (width, height) as `image.load()` gives it, upright, once
+    it was read (`read_examples`)."""
+
     image: FileImage | DatasetImage
     prompt: str
+    size: tuple[int, int] | None = None
 
 
-def read_instance_folder(folder: str | os.PathLike, prompt: str) -> list[Example]:
+def read_examples(examples: list[Example], skip_bad_images: bool, what: str) -> list[Example]:
+    """The `examples` whose image can be read, each decoded once here and given its upright size; an unreadable one is
+    an error naming it, or with `skip_bad_images` left out and counted (datamodules.images.keep_readable)."""
+    sizes = {}
+
+    def read(example: Example) -> None:
+        sizes[example.image.name] = example.image.load().size
+
+    kept = keep_readable(examples, read, skip_bad_images, what, lambda example: example.image.name)
+    return [dataclasses.replace(example, size=sizes[example.image.name]) for example in kept]
+
+
+def read_instance_folder(folder: ExistingDir, prompt: str) -> list[Example]:
     """Every image under `folder` (datamodules.images.image_paths), each with `prompt`; other files are skipped and
     listed once."""
     if not prompt or not prompt.strip():
@@ -78,9 +90,7 @@ def read_instance_folder(folder: str | os.PathLike, prompt: str) -> list[Example
     return [Example(image, prompt) for image in image_files(Path(folder), "data.source.folder")]
 
 
-def read_captioned_images(
-    folder: str | os.PathLike, prompt_column: str = "prompt", image_column: str = "image"
-) -> list[Example]:
+def read_captioned_images(folder: ExistingDir, prompt_column: str, image_column: str) -> list[Example]:
     """Images with their own prompts: a Hugging Face imagefolder (`folder/metadata.jsonl` or `metadata.csv`: the
     file_name and prompt columns), or a `datasets` folder written by save_to_disk (image + prompt columns)."""
     folder = Path(folder)
@@ -107,7 +117,7 @@ def read_captioned_images(
 
 def _read_metadata(metadata: Path, prompt_column: str) -> list[Example]:
     """An imagefolder's images and prompts: metadata.jsonl (a JSON object per line) or metadata.csv (a header row)."""
-    text = metadata.read_text(encoding="utf-8")
+    text = metadata.read_text(encoding="utf-8-sig")
     if metadata.suffix == ".csv":
         rows = list(enumerate(csv.DictReader(io.StringIO(text)), 2))
     else:

@@ -3,12 +3,15 @@ with every object (captioners), plain image folders, and class indices (class vi
 
 Images come as pixels in [0, 1] (no normalisation): the classifiers under explanation normalise inside
 (see lightning_modules/explain/classifier.py), so that attributions, attacks and epsilons live in pixel space.
+What the explaining modules take from the data (`model_inputs`, before they are built): classes, image sizes and,
+for captions, the words that name the objects of an image.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import lightning as L
 import torch
@@ -17,14 +20,33 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from datamodules.images import ImageFolderDataset, collate, list_images, read_or_skip
-from datamodules.shapes import SHAPES, generate_shapes
-from framework.config import positive
+from datamodules.shapes import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    CaptionsPerImage,
+    ImageSize,
+    generate_shapes,
+    shapes_folder,
+)
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 from framework.images import IMAGE_ERRORS
 from framework.preparation import given
+from framework.schema import (
+    ExistingDir,
+    NonEmpty,
+    NonNegativeInt,
+    PositiveInt,
+    Seed,
+    WritableDir,
+    show,
+)
 
 SPLITS = ("train", "val", "test")
+# The words of the shapes captions that name an object's attributes (the keys of its annotation), the noun first:
+# what grounds a caption's words in the objects (lightning_modules/explain/caption_words.py, ground_words).
+OBJECT_WORDS = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES)}
 
 
 def none() -> None:
@@ -41,7 +63,7 @@ def read_shape_classes(annotations: Path) -> dict[str, list[dict]]:
 
     Two-object images are left out: their shape class would be ambiguous.
     """
-    images = json.loads(annotations.read_text())["images"]
+    images = json.loads(annotations.read_text(encoding="utf-8-sig"))["images"]
     splits = {split: [] for split in SPLITS}
     for entry in images:
         if len(entry["objects"]) == 1:
@@ -59,7 +81,7 @@ def read_shape_classes(annotations: Path) -> dict[str, list[dict]]:
 def read_shape_objects(annotations: Path) -> dict[str, list[dict]]:
     """Every image of a shapes data set, per split: path and objects (shape, colour, size and box of each)."""
     splits = {split: [] for split in SPLITS}
-    for entry in json.loads(annotations.read_text())["images"]:
+    for entry in json.loads(annotations.read_text(encoding="utf-8-sig"))["images"]:
         splits[entry["split"]].append(
             {"path": annotations.parent / entry["filepath"] / entry["filename"], "objects": entry["objects"]}
         )
@@ -94,7 +116,8 @@ class LabelledImages(Dataset):
 
 
 class ShapeClassesDataModule(L.LightningDataModule):
-    """The embedded shapes data (generated into `root` on first use) as a 4-class shape classification set.
+    """The embedded shapes data (generated into `root` on first use; settings: conf/data/_shapes.yaml) as a 4-class
+    shape classification set (conf/data/shape_classes.yaml).
 
     train/val/test serve the classifier; predict serves the first `num_predict` test images (all: null)
     with their labels and boxes (for the pointing game).
@@ -102,26 +125,30 @@ class ShapeClassesDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        root: str,
-        seed: int = 0,
-        num_train: int = 3000,
-        num_val: int = 200,
-        num_test: int = 200,
-        image_size: int = 64,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        skip_bad_images: bool = False,
-        num_predict: int | None = None,
+        root: WritableDir,
+        seed: Seed,
+        num_train: NonNegativeInt,
+        num_val: NonNegativeInt,
+        num_test: NonNegativeInt,
+        image_size: ImageSize,
+        captions_per_image: CaptionsPerImage,
+        batch_size: PositiveInt,
+        eval_batch_size: PositiveInt,
+        num_workers: NonNegativeInt,
+        skip_bad_images: bool,
+        num_predict: PositiveInt | None,
     ):
         super().__init__()
-        self.root, self.seed, self.counts = root, seed, (num_train, num_val, num_test)
-        self.image_size, self.batch_size = image_size, positive(batch_size, "data.batch_size", integer=True)
-        self.eval_batch_size = (
-            self.batch_size
-            if eval_batch_size is None
-            else positive(eval_batch_size, "data.eval_batch_size", integer=True)
+        self.shapes = dict(
+            seed=seed,
+            num_train=num_train,
+            num_val=num_val,
+            num_test=num_test,
+            image_size=image_size,
+            captions_per_image=captions_per_image,
         )
+        self.root, self.image_size = root, image_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.skip_bad_images = num_workers, skip_bad_images
         self.num_predict = num_predict
         self._splits: dict[str, list[dict]] | None = None
@@ -132,21 +159,16 @@ class ShapeClassesDataModule(L.LightningDataModule):
     @property
     def splits(self) -> dict[str, list[dict]]:
         if self._splits is None:
-            num_train, num_val, num_test = self.counts
-            annotations = generate_shapes(
-                self.root,
-                seed=self.seed,
-                num_train=num_train,
-                num_val=num_val,
-                num_test=num_test,
-                image_size=self.image_size,
-            )
-            self._splits = self.read(annotations)
+            self._splits = self.read(generate_shapes(self.root, **self.shapes))
         return self._splits
 
     read = staticmethod(read_shape_classes)
 
     kind = "single-object"  # the images it reads
+
+    def data_paths(self) -> list[str]:
+        """The generated set's folder, for the run's manifest."""
+        return [str(shapes_folder(self.root, **self.shapes))]
 
     def model_inputs(self, names: tuple[str, ...]) -> dict:
         """The labels, and the image size: a shapes classifier records the size it was trained on, an explaining
@@ -185,19 +207,32 @@ class ShapeClassesDataModule(L.LightningDataModule):
 
 class ShapeObjectsDataModule(ShapeClassesDataModule):
     """The embedded shapes data with every image's objects (one or two; their shape, colour, size and box), for
-    explaining captioners: predict serves the first `num_predict` test images, or with `images` a folder of images
-    (no objects)."""
+    explaining captioners (conf/data/shape_objects.yaml): predict serves the first `num_predict` test images, or with
+    `images` a folder of images (no objects)."""
 
     read = staticmethod(read_shape_objects)
     kind = "captioned"
 
-    def __init__(self, *args, images: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, images: ExistingDir | None, **kwargs):
+        super().__init__(**kwargs)
         self.images = images
 
     def prepare_data(self) -> None:
         if self.images is None:
             super().prepare_data()
+
+    def data_paths(self) -> list[str]:
+        return [self.images] if self.images is not None else super().data_paths()
+
+    def model_inputs(self, names: tuple[str, ...]) -> dict:
+        """The size the images are resized to, and the words that name the objects' attributes (the pointing game
+        of caption_explain); a folder of images lists no objects: None."""
+        return given(
+            self,
+            names,
+            image_size=lambda: self.image_size,
+            object_words=lambda: None if self.images is not None else OBJECT_WORDS,
+        )
 
     def predict_dataloader(self) -> DataLoader:
         if self.images is None:
@@ -207,29 +242,39 @@ class ShapeObjectsDataModule(ShapeClassesDataModule):
 
 
 class ImageFolderDataModule(L.LightningDataModule):
-    """Every image under `images` (e.g. photos for an ImageNet classifier), resized to `image_size`."""
+    """Every image under `images` (e.g. photos for an ImageNet classifier), resized to `image_size`
+    (conf/data/explain_images.yaml)."""
 
     def __init__(
         self,
-        images: str,
-        image_size: int = 224,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        skip_bad_images: bool = False,
+        images: ExistingDir,
+        image_size: PositiveInt,
+        batch_size: PositiveInt,
+        num_workers: NonNegativeInt,
+        skip_bad_images: bool,
     ):
         super().__init__()
-        self.images, self.image_size = images, image_size
-        self.batch_size = positive(batch_size, "data.batch_size", integer=True)
+        self.images, self.image_size, self.batch_size = images, image_size, batch_size
         self.num_workers, self.skip_bad_images = num_workers, skip_bad_images
+
+    def data_paths(self) -> list[str]:
+        return [self.images]
 
     def model_inputs(self, names: tuple[str, ...]) -> dict:
         """No classes (the images are unlabelled), the size they are resized to, and the size they all have (None
-        if they differ; unreadable ones are left to the loader): the explaining module checks them."""
-        return given(self, names, classes=none, image_size=lambda: self.image_size, source_size=self.source_size)
+        if they differ; unreadable ones are left to the loader): the explaining module checks them. No objects."""
+        return given(
+            self,
+            names,
+            classes=none,
+            image_size=lambda: self.image_size,
+            source_size=self.source_size,
+            object_words=none,
+        )
 
     def source_size(self) -> list[int] | None:
         sizes = set()
-        for path in list_images(self._folder()):
+        for path in list_images(self.images):
             try:
                 with Image.open(path) as image:  # the header only
                     sizes.add(image.size)
@@ -237,25 +282,40 @@ class ImageFolderDataModule(L.LightningDataModule):
                 pass
         return list(sizes.pop()) if len(sizes) == 1 else None
 
-    def _folder(self) -> str:
-        if self.images is None:
-            raise UserError("data.images is not set: give a folder of images to explain")
-        return self.images
-
     def predict_dataloader(self) -> DataLoader:
-        dataset = ImageFolderDataset(self._folder(), pixel_transform(self.image_size), self.skip_bad_images)
+        dataset = ImageFolderDataset(self.images, pixel_transform(self.image_size), self.skip_bad_images)
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
 
 
 class ClassTargetsDataModule(L.LightningDataModule):
-    """Class indices to visualise: `targets`, or (null) every class of the model being explained."""
+    """Class indices to visualise (conf/data/class_targets.yaml): `targets`, or (null) every class of the classifier
+    being explained, whose class names the runner hands over before the stage (`use_class_names`)."""
 
-    def __init__(self, targets: list[int] | None = None, batch_size: int = 8):
+    def __init__(self, targets: Annotated[list[NonNegativeInt], NonEmpty()] | None, batch_size: PositiveInt):
         super().__init__()
-        self.targets, self.batch_size = targets, positive(batch_size, "data.batch_size", integer=True)
+        self.targets = None if targets is None else [int(target) for target in targets]
+        self.batch_size = batch_size
+        self.class_names: list[str] | None = None
+
+    def use_class_names(self, names: list[str]) -> None:
+        """The classifier's classes (framework/preparation.py, at the start of the stage): data.targets must be
+        among them."""
+        outside = [target for target in self.targets or () if target >= len(names)]
+        if outside:
+            raise UserError(
+                f"data.targets={show(self.targets)}: {', '.join(map(str, outside))} "
+                f"{'is not a class' if len(outside) == 1 else 'are not classes'} of the classifier, which has "
+                f"{len(names)} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}): give indices in "
+                f"0..{len(names) - 1}, or data.targets=null for every class"
+            )
+        self.class_names = list(names)
 
     def predict_dataloader(self) -> DataLoader:
-        module = self.trainer.lightning_module  # the explaining module knows the classifier's classes
-        targets = range(len(module.class_names)) if self.targets is None else self.targets
-        items = [{"target": torch.tensor(module.check_class(target, "data.targets"))} for target in targets]
+        if self.class_names is None:
+            raise UserError(
+                "ClassTargetsDataModule does not know the classifier's classes: the runner hands them over "
+                "(use_class_names) before predicting; outside it, call use_class_names(module.class_names) first"
+            )
+        targets = range(len(self.class_names)) if self.targets is None else self.targets
+        items = [{"target": torch.tensor(target)} for target in targets]
         return DataLoader(items, batch_size=self.batch_size, collate_fn=collate)

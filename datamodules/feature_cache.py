@@ -74,7 +74,7 @@ class FeatureCache:
         try:
             os.chmod(tmp, 0o755)
             self._encode(tmp, torch.device(device), batch_size, num_workers, skip_bad_images)
-            (tmp / "key.json").write_text(json.dumps(self.key, indent=1))
+            (tmp / "key.json").write_text(json.dumps(self.key, indent=1), encoding="utf-8")
             try:
                 os.rename(tmp, self.directory)
             except OSError:
@@ -114,7 +114,7 @@ class FeatureCache:
         if features is None:
             raise UserError(f"none of the {len(self.paths)} images to cache is readable (e.g. {self.paths[0]})")
         features.flush()
-        (out / "skipped.json").write_text(json.dumps(np.flatnonzero(~written).tolist()))
+        (out / "skipped.json").write_text(json.dumps(np.flatnonzero(~written).tolist()), encoding="utf-8")
 
 
 class _Images(Dataset):
@@ -139,7 +139,7 @@ class CachedCaptionDataset(Dataset):
 
     def __init__(self, images: list[CaptionedImage], directory: str | os.PathLike):
         self.images, self.directory = images, Path(directory)
-        self.skipped = set(json.loads((self.directory / "skipped.json").read_text()))
+        self.skipped = set(json.loads((self.directory / "skipped.json").read_text(encoding="utf-8")))
         self.features = None  # memory-mapped on first use, in the process (loader worker) that reads
 
     def __len__(self) -> int:

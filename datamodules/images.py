@@ -1,5 +1,5 @@
-"""Reading images, and what every data module does with an unreadable one; a Dataset over a folder (predict mode);
-pixels back to a uint8 RGB array (`to_rgb`, for framework.files.write_png).
+"""Folders of images and what every data module does with an unreadable one; a Dataset over a folder (predict
+mode). Decoding a file is framework/images.py's `load_rgb`.
 
 An unreadable image (missing, empty, truncated, not an image) is one UserError naming the file, unless
 `data.skip_bad_images=true`: then it is left out and counted, in one warning per stage. Large data sets skip lazily:
@@ -30,23 +30,26 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 def image_paths(folder: Path) -> tuple[list[Path], list[Path]]:
     """The one listing rule for a folder of images: every file under it, subfolders included, sorted by path, split
-    into images (by suffix, IMAGE_SUFFIXES) and other files. Hidden files and folders (names starting with '.', such
-    as macOS' ._* copies or .ipynb_checkpoints) are not listed."""
+    into images (by suffix, IMAGE_SUFFIXES) and the rest (other files, and links that lead nowhere). Hidden files and
+    folders (names starting with '.', such as macOS' ._* copies or .ipynb_checkpoints) are not listed."""
     visible = (p for p in folder.rglob("*") if not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    files = sorted(p for p in visible if p.is_file())
-    is_image = [p.suffix.lower() in IMAGE_SUFFIXES for p in files]
+    files = sorted(p for p in visible if p.is_file() or (p.is_symlink() and not p.exists()))
+    is_image = [p.suffix.lower() in IMAGE_SUFFIXES and p.exists() for p in files]
     return [p for p, image in zip(files, is_image) if image], [p for p, image in zip(files, is_image) if not image]
 
 
 def list_images(folder: str | os.PathLike, key: str = "data.images") -> list[Path]:
-    """The images of `folder` (`image_paths`); other files are named in one warning; no image is a UserError."""
-    folder = Path(folder)
+    """The images of `folder` (`image_paths`); the other files and broken links are named in one warning; no image
+    is a UserError."""
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist (set {key} to a folder of images)")
     paths, others = image_paths(folder)
     if others:
-        names = [str(p.relative_to(folder)) for p in others]
-        log.warning("skipping %d non-image file(s) in %s (%s): %s", len(names), folder, key, ", ".join(names[:10]))
+        names = [f"{p.relative_to(folder)}{'' if p.exists() else ' (a broken link)'}" for p in others]
+        log.warning(
+            "skipping %d file(s) that are not images in %s (%s): %s", len(names), folder, key, ", ".join(names[:10])
+        )
     if not paths:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder} ({key})")
     return paths

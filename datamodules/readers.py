@@ -21,20 +21,22 @@ from pathlib import Path
 
 from datamodules.items import CaptionedImage
 from framework.errors import UserError
+from framework.schema import ExistingDir, ExistingFile, Fraction, NonNegativeInt
 from framework.text import tokenize
 
 log = logging.getLogger(__name__)
 Splits = dict[str, list[CaptionedImage]]
 SPLITS = ("train", "val", "test")
+TEXT = "utf-8-sig"  # how text files are read: UTF-8, a byte-order mark (Windows editors write one) left out
 _TOKEN_LINE = re.compile(r"(?P<image>[^\t#]+)#\d+\t(?P<caption>.*)")
 
 
 def collect_splits(
     entries: Iterable[tuple[str, Path, int | str, Sequence[str]]],
     origin: str,
-    skip_bad_images: bool = False,
+    skip_bad_images: bool,
     listed_in: dict[str, str] | None = None,
-) -> dict[str, list[CaptionedImage]]:
+) -> Splits:
     """The images of each split from (split, image path, image id, raw captions) entries, as every reader yields them.
 
     Empty or whitespace-only captions are dropped (with a count), an image left without captions is
@@ -107,10 +109,9 @@ def _warn_few_captions(splits: dict[str, list[CaptionedImage]], origin: str) -> 
         )
 
 
-def read_karpathy(
-    annotations: str | os.PathLike, image_root: str | os.PathLike | None = None, skip_bad_images: bool = False
-) -> dict[str, list[CaptionedImage]]:
-    """A Karpathy split JSON: "restval" counts as train; images live at image_root/filepath/filename."""
+def read_karpathy(annotations: ExistingFile, image_root: ExistingDir | None, skip_bad_images: bool) -> Splits:
+    """A Karpathy split JSON: "restval" counts as train; images live at image_root/filepath/filename (image_root null:
+    the JSON's folder)."""
     annotations = Path(annotations)
     if not annotations.is_file():
         raise UserError(
@@ -121,7 +122,7 @@ def read_karpathy(
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist (data.source.image_root)")
     try:
-        images = json.loads(annotations.read_text(encoding="utf-8"))["images"]
+        images = json.loads(annotations.read_text(encoding=TEXT))["images"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise UserError(
             f"{annotations} is not a Karpathy split JSON ({type(error).__name__}: {error}); "
@@ -162,10 +163,11 @@ def _existing_dir(path: str | os.PathLike, key: str) -> Path:
 
 
 def _lines(path: Path, key: str) -> Iterator[tuple[int, str]]:
-    """(line number, text) of the non-blank lines of a UTF-8 text file."""
+    """(line number, text) of the non-blank lines of a UTF-8 text file (a byte-order mark before the first is no part
+    of it)."""
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode(TEXT if number == 1 else "utf-8")
         except UnicodeDecodeError as error:
             raise UserError(
                 f"{path}, line {number}: not UTF-8 text ({error}); re-save the file as UTF-8 ({key})"
@@ -181,7 +183,7 @@ def _coco_images(path: str, key: str) -> list[tuple[int, str, list[str]]]:
     """(id, file_name, captions) of an official COCO caption file, sorted by id."""
     path = _existing_file(path, key, "COCO caption file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding=TEXT))
         images = {image["id"]: (image["file_name"], []) for image in data["images"]}
         annotations = data["annotations"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
@@ -202,20 +204,20 @@ def _coco_images(path: str, key: str) -> list[tuple[int, str, list[str]]]:
 
 
 def read_coco(
-    train: str,
-    val: str,
-    train_images: str,
-    val_images: str,
-    test: str | None = None,
-    test_images: str | None = None,
-    val_size: int | None = None,
-    skip_bad_images: bool = False,
+    train: ExistingFile,
+    val: ExistingFile,
+    train_images: ExistingDir,
+    val_images: ExistingDir,
+    test: ExistingFile | None,
+    test_images: ExistingDir | None,
+    val_size: NonNegativeInt | None,
+    skip_bad_images: bool,
 ) -> Splits:
     """The official MS COCO caption annotations (captions_{train,val}2014.json or 2017) and image folders.
 
     The official test images have no public captions, so without a `test` file the val file is divided:
-    its images sorted by id, the first `val_size` (default: half) are val, the rest test. A `test` file's
-    images are looked up in `test_images` (default: `val_images`). Image ids are the COCO ids.
+    its images sorted by id, the first `val_size` (null: half) are val, the rest test. A `test` file's
+    images are looked up in `test_images` (null: `val_images`). Image ids are the COCO ids.
     """
     train_root = _existing_dir(train_images, "data.source.train_images")
     val_root = _existing_dir(val_images, "data.source.val_images")
@@ -252,7 +254,12 @@ def read_coco(
 
 
 def read_flickr8k(
-    token_file: str, image_dir: str, train_list: str, val_list: str, test_list: str, skip_bad_images: bool = False
+    token_file: ExistingFile,
+    image_dir: ExistingDir,
+    train_list: ExistingFile,
+    val_list: ExistingFile,
+    test_list: ExistingFile,
+    skip_bad_images: bool,
 ) -> Splits:
     """The Flickr8k text release: Flickr8k.token.txt (`<image>#<n><TAB><caption>`) and the three image lists.
 
@@ -327,11 +334,7 @@ def _hashed_split(file_name: str, val_fraction: float, test_fraction: float) -> 
 
 
 def read_caption_folder(
-    folder: str,
-    metadata: str = "metadata.jsonl",
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    skip_bad_images: bool = False,
+    folder: ExistingDir, metadata: str, val_fraction: Fraction, test_fraction: Fraction, skip_bad_images: bool
 ) -> Splits:
     """A folder of images with `metadata.jsonl` lines {"file_name": "a.jpg", "text": "caption" or [captions]}.
 
@@ -353,10 +356,10 @@ def read_caption_folder(
                     (split, base / name, name, captions) for name, (_, captions) in _read_metadata(path).items()
                 ]
     else:
-        if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        if val_fraction + test_fraction >= 1:  # each is a fraction (its annotation): their sum is checked here
             raise UserError(
-                f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to "
-                "less than 1 (data.source.val_fraction, data.source.test_fraction)"
+                f"val_fraction={val_fraction} and test_fraction={test_fraction} must sum to less than 1 "
+                "(data.source.val_fraction, data.source.test_fraction)"
             )
         path = _existing_file(root / metadata, "data.source.metadata", "caption metadata file", metadata_hint)
         entries = [

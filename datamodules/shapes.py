@@ -34,12 +34,14 @@ import pathlib
 import re
 import shutil
 import tempfile
+from typing import Annotated
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
 from framework.files import writable_dir
+from framework.schema import NonNegativeInt, Range, Seed
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {
@@ -77,30 +79,51 @@ MAX_CAPTIONS = min(len(SINGLE_TEMPLATES), 2 * len(PAIR_TEMPLATES))
 PLACEMENT_CANDIDATES = 64
 
 
+# The generator's settings, as the data modules that generate the set declare them (defaults: conf/data/_shapes.yaml).
+ImageSize = Annotated[int, Range(min=32)]  # pixels; smaller images leave no room to place two shapes apart
+CaptionsPerImage = Annotated[int, Range(min=1, max=MAX_CAPTIONS)]  # distinct captions an image has
+
+
+def shapes_folder(
+    root: str | os.PathLike,
+    *,
+    seed: Seed,
+    num_train: NonNegativeInt,
+    num_val: NonNegativeInt,
+    num_test: NonNegativeInt,
+    image_size: ImageSize,
+    captions_per_image: CaptionsPerImage,
+) -> pathlib.Path:
+    """The folder the set with these settings is generated into (root/<name>), whether it exists yet or not."""
+    name = f"shapes_s{seed}_{num_train}-{num_val}-{num_test}_{image_size}px_{captions_per_image}c"
+    return pathlib.Path(root).expanduser() / name
+
+
 def generate_shapes(
     root: str | os.PathLike,
     *,
-    seed: int = 0,
-    num_train: int = 3000,
-    num_val: int = 200,
-    num_test: int = 200,
-    image_size: int = 64,
-    captions_per_image: int = 5,
+    seed: Seed,
+    num_train: NonNegativeInt,
+    num_val: NonNegativeInt,
+    num_test: NonNegativeInt,
+    image_size: ImageSize,
+    captions_per_image: CaptionsPerImage,
 ) -> pathlib.Path:
     """Make the data set under root/<name> unless it is already complete there.
 
-    Returns the path of its Karpathy JSON file.
+    Returns the path of its Karpathy JSON file. The settings' ranges are their annotations, which the config check
+    applies to the data modules that take them.
     """
-    if not 1 <= captions_per_image <= MAX_CAPTIONS:
-        raise ValueError(f"captions_per_image must be in [1, {MAX_CAPTIONS}], got {captions_per_image}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be at least 32, got {image_size}")
-    if min(num_train, num_val, num_test) < 0:
-        raise ValueError("split sizes must be non-negative")
-
-    root = pathlib.Path(root).expanduser()
-    name = f"shapes_s{seed}_{num_train}-{num_val}-{num_test}_{image_size}px_{captions_per_image}c"
-    final = root / name
+    final = shapes_folder(
+        root,
+        seed=seed,
+        num_train=num_train,
+        num_val=num_val,
+        num_test=num_test,
+        image_size=image_size,
+        captions_per_image=captions_per_image,
+    )
+    root, name = final.parent, final.name
     json_path = final / "dataset_shapes.json"
     if json_path.exists():
         return json_path
@@ -150,7 +173,7 @@ def _build(out: pathlib.Path, seed: int, counts: tuple[int, int, int], size: int
                 "objects": [{k: o[k] for k in ("shape", "colour", "size", "box")} for o in objects],
             }
         )
-    with open(out / "dataset_shapes.json", "w") as f:
+    with open(out / "dataset_shapes.json", "w", encoding="utf-8") as f:
         json.dump({"dataset": "shapes", "images": images}, f)
 
 

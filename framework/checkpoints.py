@@ -53,7 +53,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options=None) -> None:
         if storage_options is not None:
             super().save_checkpoint(checkpoint, path, storage_options)  # its refusal
-        atomic_write(path, lambda file: torch.save(checkpoint, file), mode="wb")
+        # Serialised in memory first, as Lightning does: torch.save into a full disk fails inside its zip writer with
+        # a RuntimeError, writing bytes fails with the OSError that names the cause.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(path, lambda file: file.write(buffer.getbuffer()), mode="wb")
 
 
 def read_checkpoint(path: str | os.PathLike, key: str | None = "ckpt_path") -> dict:
@@ -130,8 +134,9 @@ def check_checkpoint(path: str | os.PathLike, module_class: type, task_name: str
     """A UserError unless `path` is a readable checkpoint that `module_class` (task `task_name`'s module) can load."""
     checkpoint = read_checkpoint(path, key)
     record = checkpoint.get(RECORD) or {}
-    # Captioners also name their class under "captioner" (CaptioningModule.on_save_checkpoint), records or not.
-    writer = record.get("module", "").rsplit(".", 1)[-1] or checkpoint.get("captioner")
+    # Captioners also name their class under "captioner" (CaptioningModule.on_save_checkpoint: "package.module.Class",
+    # older ones "Class"), records or not.
+    writer = (record.get("module") or checkpoint.get("captioner") or "").rsplit(".", 1)[-1]
     if writer and writer != module_class.__name__:
         owner = f"task {record['name']} (its module class {writer})" if record.get("name") else f"module class {writer}"
         fix = f"give a checkpoint of a task={task_name} run"

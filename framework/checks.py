@@ -83,10 +83,14 @@ class CheckConfig(Callback):
     @staticmethod
     def check(config: DictConfig, multirun: bool) -> None:
         problems = []
-        for step in (lambda: check_hydra(config, multirun), lambda: check_config(config)):
+        for step in (lambda: check_config(config), lambda: check_hydra(config, multirun)):
             try:
                 step()
             except UserError as error:
-                problems.append(str(error))
+                problems += str(error).splitlines()
+        # The run dir is made under paths.log_dir: a bad log_dir is that one problem, not two.
+        if any(problem.startswith("paths.log_dir=") for problem in problems):
+            derived = ("hydra.run.dir=", "hydra.sweep.dir=")
+            problems = [problem for problem in problems if not problem.startswith(derived)]
         if problems:
             report(UserError("\n".join(problems)))

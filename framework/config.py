@@ -11,6 +11,27 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from framework.errors import UserError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+# The only defaults in the signature of a class or function that a `_target_` in conf/ names (every other setting's
+# default lives in its YAML, once): arguments that checkpoints written before them lack, or that only checkpoints
+# set (load_from_checkpoint builds the module from the checkpoint's hyperparameters). tests/test_architecture.py
+# fails on any other.
+SIGNATURE_DEFAULTS = {
+    "lightning_modules.generation.dreambooth_lora.DreamBoothLoRA.vae_fp32": "checkpoints from before model.vae_fp32",
+    "lightning_modules.captioning.cnn_rnn.CNNRNNCaptioner.scst": "checkpoints from before model.scst (None: no SCST)",
+    "lightning_modules.captioning.cnn_rnn.CNNRNNCaptioner.image_size": (
+        "checkpoints from before the captioner recorded its training images' size (None: the data's transform)"
+    ),
+    "lightning_modules.explain.classifier.ShapesClassifier.image_size": (
+        "checkpoints from before the shapes classifier recorded its training images' size (None: any size)"
+    ),
+    "lightning_modules.captioning.hf.HFCaptioner.architecture": (
+        "only checkpoints set it: the model's config and processor files, to rebuild it without model.pretrained"
+    ),
+    # Data inputs of training only (the style image, the crop size checked against the loss network): not saved, so
+    # a checkpoint loaded for predict or export builds the module without them.
+    "lightning_modules.style.fast_style.FastStyle.style": "a data input of training only; checkpoints lack it",
+    "lightning_modules.style.fast_style.FastStyle.crop_size": "a data input of training only; checkpoints lack it",
+}
 
 
 def to_plain(value: Any) -> Any:

@@ -10,10 +10,12 @@ import logging
 import os
 import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torchvision import transforms
 
 from framework.errors import UserError
@@ -29,6 +31,7 @@ MAX_PIXELS = 16384 * 16384
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # What PIL raises for a missing, empty, truncated, foreign or oversized file (UnidentifiedImageError is an OSError).
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+TURNED = (5, 6, 7, 8)  # EXIF orientations that show the stored image turned by 90 degrees
 
 
 def bad_image(name: str, error: Exception, key: str | None = None, skippable: bool = True) -> UserError:
@@ -42,22 +45,39 @@ def bad_image(name: str, error: Exception, key: str | None = None, skippable: bo
     return UserError(f"{where}cannot read image {name}: {error}. {fix}.")
 
 
-def load_rgb(path: str | os.PathLike, key: str | None = None, skippable: bool = True) -> Image.Image:
-    """Decode an image as 8-bit RGB, upright (a photo's EXIF orientation applied, as cameras and viewers show it;
-    grayscale, palette, CMYK, RGBA and 16-bit are converted); a `bad_image` error naming the file if it cannot."""
+@contextmanager
+def opened(path: str | os.PathLike, key: str | None = None, skippable: bool = True) -> Iterator[Image.Image]:
+    """PIL's `Image.open(path)`; whatever fails while it is open (a missing, truncated or foreign file, an image above
+    the pixel limit) is a `bad_image` error naming the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # above half the limit: refused too
             with Image.open(path) as image:
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: keep the high byte
-                    image = Image.fromarray((np.asarray(image, dtype=np.int64) // 257).clip(0, 255).astype(np.uint8))
-                return image.convert("RGB")
+                yield image
     except (*IMAGE_ERRORS, Image.DecompressionBombWarning) as error:
         if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
             error = ValueError(f"{error} (images are limited to {MAX_PIXELS} pixels)")
         raise bad_image(str(path), error, key, skippable) from None
+
+
+def load_rgb(path: str | os.PathLike, key: str | None = None, skippable: bool = True) -> Image.Image:
+    """Decode an image as 8-bit RGB, upright (a photo's EXIF orientation applied, as cameras and viewers show it;
+    grayscale, palette, CMYK, RGBA and 16-bit are converted); a `bad_image` error naming the file if it cannot."""
+    with opened(path, key, skippable) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: keep the high byte
+            image = Image.fromarray((np.asarray(image, dtype=np.int64) // 257).clip(0, 255).astype(np.uint8))
+        return image.convert("RGB")
+
+
+def upright_size(path: str | os.PathLike, key: str | None = None, skippable: bool = True) -> tuple[int, int]:
+    """(width, height) of an image as `load_rgb` gives it (its EXIF orientation applied), from the file's header where
+    the format allows (a PNG's EXIF may follow its pixels: then it is decoded)."""
+    with opened(path, key, skippable) as image:
+        width, height = image.size
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return (height, width) if orientation in TURNED else (width, height)
 
 
 def to_rgb(pixels: torch.Tensor) -> np.ndarray:

@@ -4,9 +4,10 @@
   hash of that difference (`git diff HEAD` and the untracked files' names), so two runs with the same hash ran the
   same code;
 - environment: Python, the platform, every installed package with its version;
-- data: each file or folder the data settings name (or a data module's own `data_paths()`, e.g. a generated shapes
-  set), with its size and a SHA-256 of its contents; a folder larger than `HASHED_BYTES` (or with more than
-  `HASHED_FILES` files) gets a hash of its listing (names, sizes and modification times) instead;
+- data and weights: each file or folder the data settings name (or a data module's own `data_paths()`, e.g. a
+  generated shapes set), and the checkpoint or folder the model came from, with its size and a SHA-256 of its
+  contents; one larger than `HASHED_BYTES` (or a folder with more than `HASHED_FILES` files) gets its size and
+  modification time (a folder: a hash of its listing of names, sizes and modification times) instead;
 - seeds and determinism: the seed, trainer.deterministic, cuDNN's benchmark and deterministic flags;
 - hardware: the resolved accelerator, devices, nodes and precision, the CPU's model and its bf16/AMX/AVX-512 flags,
   the GPUs by name, torch's CUDA version.
@@ -35,7 +36,9 @@ HASHED_FILES = 2000
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def manifest(cfg: DictConfig, data_paths: list[str] | None = None) -> dict[str, Any]:
+def manifest(cfg: DictConfig, data_paths: list[str] | None = None, weights: list[str] = ()) -> dict[str, Any]:
+    """`data_paths`: what the data module read (its `data_paths()`), else the paths its settings name; `weights`: the
+    checkpoints or folders the model came from (ckpt_path, an explaining task's model)."""
     trainer = cfg.trainer
     return {
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
@@ -46,6 +49,7 @@ def manifest(cfg: DictConfig, data_paths: list[str] | None = None) -> dict[str, 
             "packages": packages(),
         },
         "data": {path: describe_path(Path(path)) for path in data_paths or configured_paths(cfg)},
+        "weights": {str(path): describe_path(Path(path)) for path in weights if path and Path(path).exists()},
         "seed": cfg.get("seed"),
         "determinism": {
             "trainer.deterministic": trainer.get("deterministic"),
@@ -113,8 +117,7 @@ def cpu() -> dict[str, Any]:
 
 
 def configured_paths(cfg: DictConfig) -> list[str]:
-    """Every existing file or folder named by a data setting (the data folder itself aside: it holds every data set),
-    and ckpt_path."""
+    """Every existing file or folder named by a data setting (the data folder itself aside: it holds every data set)."""
     data_dir = Path(cfg.paths.data_dir).resolve() if cfg.get("paths") else None
     found = []
 
@@ -129,8 +132,6 @@ def configured_paths(cfg: DictConfig) -> list[str]:
             found.append(node)
 
     walk(OmegaConf.to_container(cfg.data, resolve=True))
-    if cfg.get("ckpt_path"):
-        walk(str(cfg.ckpt_path))
     return list(dict.fromkeys(found))
 
 

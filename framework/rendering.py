@@ -1,5 +1,6 @@
-"""Drawing for people to look at: tiles, captions under images, grids, heat maps over images. The TensorBoard media
-of the callbacks and the sheets and overlays of the explaining tasks are made with these (OpenCV)."""
+"""Drawing for people to look at: tiles, captions under images, grids and stacks, heat maps over images. The
+TensorBoard media of the callbacks and the sheets and overlays of the explaining tasks are made with these (OpenCV).
+Images are uint8 RGB arrays [H, W, 3] (framework.images.to_rgb makes them from pixels)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,18 @@ import numpy as np
 
 from framework.images import load_rgb
 
-TILE = 160  # pixels per panel
+TILE = 160  # pixels per panel (at least: `enlarge` scales by whole factors)
+SMALL_TILE = 128  # pixels per panel of the sheets with many panels (contact sheets)
 
 
-def tile(path: str, size: int = TILE) -> np.ndarray:
-    return cv2.resize(np.asarray(load_rgb(path)), (size, size), interpolation=cv2.INTER_AREA)
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file as uint8 RGB [H, W, 3] (framework.images.load_rgb: upright, one error naming the file)."""
+    return np.asarray(load_rgb(path))
+
+
+def tile(path: str | os.PathLike, size: int = TILE) -> np.ndarray:
+    """An image file resized to a `size` x `size` panel."""
+    return cv2.resize(read_rgb(path), (size, size), interpolation=cv2.INTER_AREA)
 
 
 def with_caption(image: np.ndarray, text: str, scale: float = 0.35, max_lines: int = 2) -> np.ndarray:
@@ -45,9 +53,18 @@ def short_names(paths: list[str]) -> list[str]:
 
 
 def grid(panels: list[np.ndarray], columns: int) -> np.ndarray:
+    """Panels of one size in rows of `columns`, the last row filled with white."""
     rows = [panels[i : i + columns] for i in range(0, len(panels), columns)]
     blank = np.full_like(panels[0], 255)
     return np.concatenate([np.concatenate(row + [blank] * (columns - len(row)), axis=1) for row in rows], axis=0)
+
+
+def stack(images: list[np.ndarray]) -> np.ndarray:
+    """Images one above the other, padded with white on the right to the widest."""
+    width = max(image.shape[1] for image in images)
+    return np.concatenate(
+        [np.pad(image, ((0, 0), (0, width - image.shape[1]), (0, 0)), constant_values=255) for image in images]
+    )
 
 
 def attention_overlay(image: np.ndarray, attention: np.ndarray) -> np.ndarray:

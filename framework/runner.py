@@ -36,7 +36,6 @@ from framework.checks import check_config
 from framework.config import flatten
 from framework.contracts import (
     BuildsFromConfig,
-    ExplainsCheckpoint,
     Exports,
     InferenceOverrides,
     SavesPredictions,
@@ -82,7 +81,7 @@ def run(cfg: DictConfig) -> float | None:
                 if writer:
                     finish(current, sys.exc_info()[1])
     except Exception as error:
-        log.error("run failed (%s: %s); run dir: %s", type(error).__name__, error, output_dir)
+        log.error("run failed (%s); run dir: %s", one_line(error), output_dir)
         raise
     value = metrics.get(cfg.get("optimized_metric") or "")
     return None if value is None or math.isnan(value) else value
@@ -98,6 +97,7 @@ class Run:
 def execute(current: Run) -> dict[str, float]:
     cfg, output_dir = current.cfg, current.output_dir
     check_config(cfg)
+    refuse_ignored_overrides(cfg, hydra.utils.get_class(cfg.model._target_))
     resolve_trainer(cfg.trainer)
     provide_required_runs(cfg)
     if cfg.get("seed") is not None:
@@ -127,8 +127,10 @@ def finish(current: Run, error: BaseException | None) -> None:
     else:
         status = {"status": "failed", "error": one_line(error)}
     paths = current.datamodule.data_paths() if hasattr(current.datamodule, "data_paths") else None
+    key = getattr(hydra.utils.get_class(current.cfg.model._target_), "weights_key", None)
+    weights = [current.cfg.get("ckpt_path"), OmegaConf.select(current.cfg, key) if key else None]
     try:
-        write_json(current.output_dir / "manifest.json", manifest(current.cfg, paths))
+        write_json(current.output_dir / "manifest.json", manifest(current.cfg, paths, weights))
         write_json(current.output_dir / "status.json", status)
     except (UserError, OSError) as failure:
         log.warning("could not record how the run ended: %s", failure)
@@ -179,10 +181,16 @@ def build_datamodule(current: Run) -> L.LightningDataModule:
 
 def load_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None) -> L.LightningModule:
     """The checkpoint's model (inference settings such as the beam size may be overridden from cfg.model),
-    or, without ckpt_path, the model cfg.model builds where the module allows it (`BuildsFromConfig`)."""
+    or, without ckpt_path, the model cfg.model builds where the module allows it (`BuildsFromConfig`). A module that
+    is never trained names the setting its weights come from in `weights_key` (an explaining module's model)."""
     module_class = hydra.utils.get_class(cfg.model._target_)
     ckpt_path = cfg.get("ckpt_path")
-    if issubclass(module_class, BuildsFromConfig) and (not ckpt_path or issubclass(module_class, ExplainsCheckpoint)):
+    if ckpt_path and (key := getattr(module_class, "weights_key", None)):
+        raise UserError(
+            f"task={cfg.task_name} has no checkpoints of its own ({module_class.__name__} is not trained): leave "
+            f"ckpt_path unset and give the model it uses as {key}=PATH"
+        )
+    if issubclass(module_class, BuildsFromConfig) and not ckpt_path:
         return instantiate(cfg.model, **model_inputs(module_class, datamodule))
     if not ckpt_path:
         raise UserError(f"mode={cfg.mode} needs ckpt_path=path/to/checkpoint.ckpt (e.g. a run's checkpoints/last.ckpt)")
@@ -190,6 +198,43 @@ def load_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None)
     names = module_class.inference_hparams if issubclass(module_class, InferenceOverrides) else ()
     overrides = {key: cfg.model[key] for key in names if key in cfg.model}
     return load_module(module_class, ckpt_path, **overrides)
+
+
+def typed_overrides() -> list[str]:
+    """The keys the command line set (`model.beam_size` of `model.beam_size=3`); none outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [override.lstrip("+~").split("=", 1)[0] for override in HydraConfig.get().overrides.task]
+
+
+def refuse_ignored_overrides(cfg: DictConfig, module_class: type) -> None:
+    """A setting typed on the command line that this run would not use is an error, not a value recorded in
+    config.yaml as if it had run: `model.*` settings other than the inference ones for a module loaded from a
+    checkpoint (its hyperparameters are the checkpoint's), and data.image_size in predict and export where the module
+    prepares its images itself (a checkpoint's training size, a Hugging Face image processor; in train and eval the
+    size still makes the synthetic shapes images)."""
+    typed = typed_overrides()
+    from_checkpoint = bool(cfg.get("ckpt_path")) and cfg.mode != "train"
+    problems = []
+    if from_checkpoint:
+        names = module_class.inference_hparams if issubclass(module_class, InferenceOverrides) else ()
+        ignored = [key for key in typed if key.startswith("model.") and key.split(".")[1] not in names]
+        if ignored:
+            usable = f" (settings that apply: {', '.join(f'model.{name}' for name in names)})" if names else ""
+            problems.append(
+                f"{', '.join(ignored)}: not used in mode={cfg.mode} with ckpt_path, which rebuilds the model the "
+                f"checkpoint holds{usable}: remove {'them' if len(ignored) > 1 else 'it'}"
+            )
+    if "data.image_size" in typed and hasattr(module_class, "image_transform") and cfg.mode in ("predict", "export"):
+        problems.append(
+            f"data.image_size: not used in mode={cfg.mode}, where {module_class.__name__} prepares the images as its "
+            f"model needs them ({'the checkpoint' if from_checkpoint else 'its image processor'} decides the size): "
+            "remove it"
+        )
+    if problems:
+        raise UserError("\n".join(problems))
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -212,13 +257,12 @@ def checkpoint_weights(path: str | os.PathLike, output_dir: Path, **more) -> dic
 
 
 def given_weights(cfg: DictConfig, output_dir: Path) -> dict:
-    """eval/predict/export: the checkpoint ckpt_path names (an explaining task's: the model it explains, which may be
-    an export dir), or none."""
+    """eval/predict/export: the checkpoint ckpt_path names, or none (the module built from cfg.model; the weights its
+    `weights_key` names)."""
     path = cfg.get("ckpt_path")
     if not path:
-        return {"checkpoint": None, "weights": "built from cfg.model"}
-    if Path(path).is_dir() and not is_sharded_checkpoint(path):
-        return {"checkpoint": None, "weights": str(path)}
+        key = getattr(hydra.utils.get_class(cfg.model._target_), "weights_key", None)
+        return {"checkpoint": None, "weights": f"{key}={OmegaConf.select(cfg, key)}" if key else "built from cfg.model"}
     return checkpoint_weights(path, output_dir)
 
 
@@ -235,8 +279,6 @@ def resume_from(cfg: DictConfig, output_dir: Path, trainer: L.Trainer) -> str | 
     folder under trainer=fsdp), checked to be a checkpoint of this task that `trainer` can resume. The run dir is the
     one resume=auto chose (framework/resume.py), or hydra.run.dir."""
     resume = cfg.get("resume")
-    if resume not in (None, "auto"):
-        raise UserError(f"resume={resume} is not supported: use resume=auto, or ckpt_path=PATH for a given checkpoint")
     last = output_dir / "checkpoints" / "last.ckpt"
     path = cfg.get("ckpt_path")
     if resume == "auto" and not path:

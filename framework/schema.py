@@ -24,6 +24,8 @@ import inspect
 import math
 import os
 import pathlib
+import re
+import tempfile
 import types
 import typing
 from dataclasses import dataclass
@@ -33,9 +35,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from framework.errors import UserError
 
-PROJECT_PACKAGES = ("lightning_modules.", "datamodules.", "callbacks.", "framework.", "tests.")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 MISSING = object()
+REFERENCE = re.compile(r"\$\{[\w.]+\}")  # a value that is another key's
 
 
 # -- constraints, used inside Annotated[...] ------------------------------------------------------------------------
@@ -83,7 +86,7 @@ class NonEmpty:
         return None if len(value) else self.describe()
 
     def describe(self) -> str:
-        return "not empty"
+        return "at least one"
 
 
 @dataclass(frozen=True)
@@ -102,9 +105,9 @@ class PathTo:
         if self.kind == "any" and not path.exists():
             return "an existing file or folder"
         if self.kind == "writable":
-            existing = next((p for p in (path, *path.parents) if p.exists()), None)
-            if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-                return f"a folder that can be written ({existing} is {'not a folder' if existing else 'missing'})"
+            existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
+            if existing is None or not existing.is_dir() or not can_create_in(existing):
+                return f"a folder that can be written ({existing or path} is {'not' if existing else 'not there,'} one)"
         return None
 
     def describe(self) -> str:
@@ -113,16 +116,29 @@ class PathTo:
         )
 
 
-class SettingsOf:
-    """`SettingsOf[cls]`: a block of settings passed on as `cls(**block)`, checked against cls's signature."""
+def can_create_in(folder: pathlib.Path) -> bool:
+    """Whether a file can be made in `folder` (tried with a temporary file, gone at once: permissions alone do not say
+    it for root, /proc or a read-only mount)."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
 
-    def __class_getitem__(cls, target):
-        return Annotated[dict, _Settings(target)]
+
+class SettingsOf:
+    """`SettingsOf[cls]`: a block of settings passed on as `cls(**block)`, checked against cls's signature;
+    `SettingsOf[cls, "a", ...]`: cls's arguments a, ... are given by the class that builds it, not by the block."""
+
+    def __class_getitem__(cls, item):
+        target, *given = item if isinstance(item, tuple) else (item,)
+        return Annotated[dict, _Settings(target, tuple(given))]
 
 
 @dataclass(frozen=True)
 class _Settings:
     target: Any
+    given: tuple[str, ...] = ()
 
 
 # -- the common types ------------------------------------------------------------------------------------------------
@@ -159,7 +175,8 @@ class Target:
 
 
 class Unresolvable:
-    """A value whose interpolation cannot be resolved yet (Hydra's runtime, before the run starts): not checked."""
+    """Not checked: a value whose interpolation cannot be resolved yet (Hydra's runtime, before the run starts), or
+    that is another key's value (checked as that key)."""
 
 
 def resolved(cfg: DictConfig) -> Any:
@@ -177,6 +194,8 @@ def resolved(cfg: DictConfig) -> Any:
             child = node._get_node(key)
             if child._is_missing():
                 return MISSING
+            if child._is_interpolation() and REFERENCE.fullmatch(str(child._value())):
+                return Unresolvable()  # another key's value (`${trainer.max_epochs}`), checked there
             value = node[key]
         except Exception:  # noqa: BLE001 - an interpolation of Hydra's runtime, or a missing key it names
             return Unresolvable()
@@ -233,7 +252,9 @@ class Checker:
         settings = next((c for c in constraints if isinstance(c, _Settings)), None)
         if settings is not None:
             if value is not None and accepts(value, dict) is None:
-                self.check_parameters(value, settings.target, key, partial=False, data_inputs=())
+                for name in set(settings.given) & set(value):
+                    self.problems.append(f"{key}.{name} is not a setting of {key}: the model gives it")
+                self.check_parameters(value, settings.target, key, partial=False, data_inputs=settings.given)
             elif value is not None:
                 self.fail(key, value, "a block of settings")
             return
@@ -251,9 +272,10 @@ class Checker:
                     continue
                 value = self.expand(value, key)
             problem = constraint.problem(value)
-            if problem is not None:
-                wanted = describe(base)
-                self.fail(key, value, f"{wanted} {problem}" if isinstance(constraint, Range) else problem)
+            if problem is not None:  # all the type takes; a path, what is wrong with it
+                self.fail(
+                    key, value, problem if isinstance(constraint, PathTo) else describe(Annotated[(base, *constraints)])
+                )
                 return
 
     def expand(self, value: str, key: str) -> str:
@@ -343,7 +365,7 @@ class Checker:
             if setting == "lr" and is_optimizer(target):  # torch takes 0, inf and a tensor
                 hint = PositiveFloat
             self.check(element, hint, full)
-        if not partial and name.startswith(PROJECT_PACKAGES):  # third-party targets: their bases' are not ours to check
+        if not partial and is_ours(target):  # a third-party target's bases are not ours to check
             for parameter in parameters.values():
                 if (
                     parameter.default is parameter.empty
@@ -412,6 +434,15 @@ def signature_of(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, A
     return parameters, hints, open_ended
 
 
+def is_ours(target: Any) -> bool:
+    """Whether `target` is this repository's code (not an installed package's)."""
+    try:
+        path = pathlib.Path(inspect.getfile(target)).resolve()
+    except TypeError:  # a builtin
+        return False
+    return path.is_relative_to(ROOT) and "site-packages" not in path.parts  # (a virtualenv inside the repository)
+
+
 def qualified_name(target: Any) -> str:
     return f"{target.__module__}.{target.__qualname__}"
 
@@ -467,6 +498,8 @@ def describe(hint: Any) -> str:
     if hint is type(None):
         return "null"
     if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable):
+        if args and typing.get_origin(args[0]) is Literal:
+            return "a list drawn from " + ", ".join(dict.fromkeys(show(c) for c in typing.get_args(args[0])))
         return f"a list of {describe(args[0])} values" if args and args[0] is not Any else "a list"
     plain = {bool: "true or false", int: "a whole number", float: "a number", str: "text", dict: "a block of settings"}
     if hint in plain:

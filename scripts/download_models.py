@@ -1,31 +1,36 @@
-"""Fetch the pretrained weights tasks use into the standard caches, on a machine with network access.
+"""Fetch pretrained weights into the standard caches, on a machine with network access.
 
-    python scripts/download_models.py --list
-    python scripts/download_models.py blip-base resnet50     # or: all
+    python scripts/download_models.py --list                       # the models the configs name, and where
+    python scripts/download_models.py Salesforce/blip-image-captioning-base resnet50
+    python scripts/download_models.py all                          # every model --list shows
 
-Hugging Face repositories go to the Hugging Face cache (HF_HOME, default ~/.cache/huggingface) and torchvision
-weights to the torch hub cache (TORCH_HOME, default ~/.cache/torch), where runs find them without a network
-(runs never download). Copy those folders to offline machines, or point HF_HOME / TORCH_HOME at shared storage.
-Without a network this stops within seconds with one message, before downloading anything.
+Any Hugging Face hub id (owner/name) or torchvision model name is taken; --list shows those that conf/ names
+(framework/pretrained.py `configured_models`). Hugging Face repositories go to the Hugging Face cache (HF_HOME,
+default ~/.cache/huggingface) and torchvision ImageNet weights to the torch hub cache (TORCH_HOME, default
+~/.cache/torch), where runs find them without a network (runs never download). Copy those folders to offline
+machines, or point HF_HOME / TORCH_HOME at shared storage. Without a network this stops within seconds with one
+message, before downloading anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
+import posixpath
 import socket
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
-from framework.pretrained import MODELS, Weights  # noqa: E402  (the one table; runs' errors name its entries)
+from framework.pretrained import Weights, configured_models, is_hub_id, torchvision_models  # noqa: E402
 
 HF_HOST, TORCHVISION_HOST = "huggingface.co", "download.pytorch.org"
 CONNECT_TIMEOUT_S = 5.0
 
-
 # Duplicates of the safetensors/PyTorch weights in other frameworks' formats.
-OTHER_FORMATS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "*.mlmodel", "*.pb")
+OTHER_FORMATS = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.tflite", "*.mlmodel", "*.pb", "openvino_*")
+WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 class Offline(Exception):
@@ -40,15 +45,30 @@ def check_reachable(host: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         raise Offline(f"cannot reach {host} ({error})") from None
 
 
+def matches(file: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(posixpath.basename(file), pattern) for pattern in patterns)
+
+
+def files_to_fetch(files: list[str]) -> list[str]:
+    """The files of a hub repository that transformers and diffusers load: without other frameworks' formats, without
+    .bin weights where safetensors exist, and for a diffusers pipeline (model_index.json) without its single-file
+    checkpoints at the top and without precision variants (name.fp16.safetensors): the fp32 weights of each part."""
+    kept = [file for file in files if not matches(file, OTHER_FORMATS)]
+    if any(file.endswith(".safetensors") for file in kept):
+        kept = [file for file in kept if not file.endswith(".bin")]
+    if "model_index.json" in files:
+        kept = [
+            file
+            for file in kept
+            if not (matches(file, WEIGHTS) and ("/" not in file or posixpath.basename(file).count(".") > 1))
+        ]
+    return kept
+
+
 def fetch_hub(weights: Weights) -> str:
     from huggingface_hub import HfApi, snapshot_download
 
-    ignore = list(OTHER_FORMATS)
-    if weights.allow is None and any(f.endswith(".safetensors") for f in HfApi().list_repo_files(weights.name)):
-        ignore.append("*.bin")  # the safetensors copy is what transformers loads
-    return snapshot_download(
-        weights.name, allow_patterns=list(weights.allow) if weights.allow else None, ignore_patterns=ignore
-    )
+    return snapshot_download(weights.name, allow_patterns=files_to_fetch(HfApi().list_repo_files(weights.name)))
 
 
 def fetch_torchvision(weights: Weights) -> str:
@@ -60,38 +80,58 @@ def fetch_torchvision(weights: Weights) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(default.url))
 
 
-def fetch(names: list[str]) -> list[str]:
-    """Download each named model; Offline before anything is downloaded when a needed host is unreachable."""
-    hosts = {HF_HOST if MODELS[n].source == "hub" else TORCHVISION_HOST for n in names}
+def fetch(models: list[Weights]) -> list[str]:
+    """Download each model; Offline before anything is downloaded when a needed host is unreachable."""
+    hosts = {HF_HOST if weights.source == "hub" else TORCHVISION_HOST for weights in models}
     if HF_HOST in hosts and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise Offline("HF_HUB_OFFLINE is set")
     for host in sorted(hosts):
         check_reachable(host)
-    return [(fetch_hub if MODELS[n].source == "hub" else fetch_torchvision)(MODELS[n]) for n in names]
+    return [(fetch_hub if weights.source == "hub" else fetch_torchvision)(weights) for weights in models]
 
 
-def listing() -> str:
-    width = max(map(len, MODELS))
-    rows = [f"{name:<{width}}  {w.source:<11}  {w.name:<42}  {w.used_by}" for name, w in MODELS.items()]
-    return "\n".join([f"{'name':<{width}}  {'source':<11}  {'repository / model':<42}  used by", *rows])
+def listing(models: dict[str, Weights]) -> str:
+    width = max(len(name) for name in models)
+    rows = [f"{name:<{width}}  {w.source:<11}  {'; '.join(w.used_by)}" for name, w in models.items()]
+    return "\n".join([f"{'model':<{width}}  {'source':<11}  named by", *rows])
+
+
+def resolve(names: list[str], known: dict[str, Weights]) -> tuple[list[Weights], list[str]]:
+    """The models to fetch for `names` (hub ids, torchvision names, or all), and the names that are neither."""
+    if names == ["all"]:
+        return list(known.values()), []
+    models, unknown = [], []
+    for name in names:
+        if name in known:
+            models.append(known[name])
+        elif is_hub_id(name):
+            models.append(Weights("hub", name, ()))
+        elif name in torchvision_models():
+            models.append(Weights("torchvision", name, ()))
+        else:
+            unknown.append(name)
+    return models, unknown
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
-    parser.add_argument("names", nargs="*", help=f"models to fetch ({', '.join(MODELS)}) or 'all'")
-    parser.add_argument("--list", action="store_true", help="list the models and exit")
+    parser.add_argument("names", nargs="*", help="hub ids (owner/name), torchvision model names, or 'all'")
+    parser.add_argument("--list", action="store_true", help="list the models the configs name, and exit")
     args = parser.parse_args(argv)
+    known = configured_models()
     if args.list or not args.names:
-        print(listing())
+        print(listing(known))
         return 0
-    names = list(MODELS) if args.names == ["all"] else args.names
-    unknown = [n for n in names if n not in MODELS]
+    models, unknown = resolve(args.names, known)
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)} (or all)")
+        parser.error(
+            f"unknown model(s) {', '.join(unknown)}: give a Hugging Face hub id (owner/name) or a torchvision model "
+            f"name; the configs name {', '.join(known)} (or all)"
+        )
     try:
-        paths = fetch(names)
+        paths = fetch(models)
     except Offline as error:
         print(
             f"error: {error}: nothing was downloaded. Run this on a machine with network access and copy "
@@ -100,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    for name, path in zip(names, paths):
-        print(f"{name}: {path}")
+    for weights, path in zip(models, paths):
+        print(f"{weights.name}: {path}")
     return 0
 
 

@@ -1,5 +1,5 @@
 """Explaining a captioner word by word (task=caption_explain): maps for every word, measured, files, bad input;
-a CNN-RNN, then a tiny BLIP and ViT-GPT2 (tests/test_blip.py's and test_vit_gpt2.py's, trained a few steps)."""
+a CNN-RNN, then a tiny BLIP and ViT-GPT2 (tests.helpers.tiny_models', trained a few steps)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,18 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules.captions import CaptionBatch
-from datamodules.explain import ShapeObjectsDataModule
+from datamodules.explain import OBJECT_WORDS
+from framework.checks import check_config
+from framework.config import model_settings
 from framework.errors import UserError
 from framework.runner import run
 from lightning_modules.captioning.blip import BLIPCaptioner
 from lightning_modules.captioning.vit_gpt2 import ViTGPT2Captioner
 from lightning_modules.explain.caption_explain import CaptionExplainModule, completeness_error
 from lightning_modules.explain.caption_words import ground_words, split_words
-from tests.conftest import TINY_MODEL, compose_config, read_metrics, run_cli
-from tests.test_blip import save_tiny_blip
-from tests.test_vit_gpt2 import gpt2_tokenizer, save_tiny_vit_gpt2
+from tests.helpers.config import TINY_MODEL, compose_config, read_metrics
+from tests.helpers.explain import config, explain_data, explain_module
+from tests.helpers.tiny_models import gpt2_tokenizer, save_tiny_blip, save_tiny_vit_gpt2
 
 # A shapes set and captioner small enough to train in a minute, but trained enough to name colours and shapes; at
 # 64 px (an 8x8 encoder grid) its attention learns where they are.
@@ -34,6 +36,19 @@ EXPLAIN = [
     "model.contact_sheet_images=2",
 ]
 METHODS = ("integrated_gradients", "gradcam", "attention")
+
+
+def explainer(captioner: Path, data_dir: Path, *overrides: str, image_size: int | None = 64) -> CaptionExplainModule:
+    """task=caption_explain's module explaining `captioner` (its data inputs: those of the shapes data, `image_size`
+    px)."""
+    return explain_module(
+        "caption_explain",
+        data_dir,
+        f"model.captioner={captioner}",
+        *overrides,
+        image_size=image_size,
+        object_words=OBJECT_WORDS,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +77,13 @@ def captioner(tmp_path_factory, data_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def explained(tmp_path_factory, data_dir, captioner) -> Path:
-    run_dir = tmp_path_factory.mktemp("caption_explain") / "run"
-    run_cli(
-        ["task=caption_explain", f"ckpt_path={captioner}", *EXPLAIN, "model.randomisation_words=16"], run_dir, data_dir
-    )
-    return run_dir
+def explained(make_workspace, captioner) -> Path:
+    """`python run.py task=caption_explain model.captioner=...` of the captioner (its shapes data already in data/)."""
+    args = ["task=caption_explain", f"model.captioner={captioner}", *EXPLAIN, "model.randomisation_words=16"]
+    return make_workspace().run(args).run_dir
 
 
+@pytest.mark.slow
 def test_every_word_has_a_finite_map_per_method(explained):
     rows = json.loads((explained / "predictions.json").read_text())
     assert len(rows) == 6 and all(row["caption"] for row in rows)
@@ -87,6 +101,7 @@ def test_every_word_has_a_finite_map_per_method(explained):
     assert "predict/integrated_gradients/pointing_game_content_words" in board.Tags()["scalars"]
 
 
+@pytest.mark.slow
 def test_pointing_game_of_colour_and_shape_words_is_above_chance(explained):
     """A colour or shape word's map peaks on the object it names more often than a random peak would."""
     metrics = read_metrics(explained)
@@ -105,17 +120,15 @@ def test_pointing_game_of_colour_and_shape_words_is_above_chance(explained):
     assert len(words) > 16 and len(checked) == 16 and all(np.isfinite(w["gradcam/deletion_auc"]) for w in words)
 
 
+@pytest.mark.slow
 def test_integrated_gradients_are_complete_per_word(captioner, data_dir):
     """Each word's attributions sum to log p(word | image) - log p(word | black image), within 2% (at 128 steps; the
     run's 32 leave a few words at 2-10%), for words whose gap is over 0.05 nats (below, 2% is float noise)."""
-    module = CaptionExplainModule(str(captioner), ["integrated_gradients"], ig_steps=128, randomisation=False)
-    batch = next(
-        iter(
-            ShapeObjectsDataModule(
-                str(data_dir), num_train=240, num_val=8, num_test=16, num_predict=2, eval_batch_size=2
-            ).predict_dataloader()
-        )
+    module = explainer(
+        captioner, data_dir, "model.methods=[integrated_gradients]", "model.ig_steps=128", "model.randomisation=false"
     )
+    data = explain_data("caption_explain", data_dir, *SHAPES, "data.num_predict=2", "data.eval_batch_size=2")
+    batch = next(iter(data.predict_dataloader()))
     check_completeness(module, batch["images"], batch["paths"])
 
 
@@ -141,17 +154,32 @@ def test_words_are_grounded_in_the_object_their_phrase_names():
         {"shape": "square", "colour": "blue", "size": "small"},
     ]
     caption = "a small blue square to the left of a large green circle in the picture".split()
-    assert ground_words(caption, objects) == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, None, 0, 0, 0, 0]  # green is wrong
+    grounded = ground_words(caption, objects, OBJECT_WORDS)
+    assert grounded == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, None, 0, 0, 0, 0]  # green is wrong
+    # the words come with the data: a world of fruit, its noun first
+    fruit = [{"fruit": "apple", "ripeness": "ripe"}, {"fruit": "pear", "ripeness": "green"}]
+    words = {"fruit": ["apple", "pear"], "ripeness": ["ripe", "green"]}
+    assert ground_words("a ripe apple beside a green pear".split(), fruit, words) == [0, 0, 0, 1, 1, 1, 1]
 
 
-def test_bad_input_is_one_clear_error(captioner):
+@pytest.mark.slow
+def test_bad_input_is_one_clear_error(captioner, data_dir, tmp_path):
     with pytest.raises(UserError, match=r"model\.gradcam_layer.*encoder\.body\.0"):
-        CaptionExplainModule(str(captioner), list(METHODS), gradcam_layer="encoder.layer9")
-    with pytest.raises(UserError, match=r"ckpt_path"):
-        CaptionExplainModule(str(captioner.with_name("missing.ckpt")), list(METHODS))
-    with pytest.raises(UserError, match=r"model\.randomisation_words=0"):
-        CaptionExplainModule(str(captioner), list(METHODS), randomisation_words=0)
-    module = CaptionExplainModule(str(captioner), ["gradcam"], words=[40], randomisation=False)
+        explainer(captioner, data_dir, "model.gradcam_layer=encoder.layer9")
+    missing = captioner.with_name("missing.ckpt")
+    with pytest.raises(UserError, match=rf"model\.captioner={missing}: takes .*an existing file or folder"):
+        check_config(config("caption_explain", data_dir, f"model.captioner={missing}"))
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(UserError, match=r"notes.ckpt \(model\.captioner\) is not a checkpoint"):
+        explainer(text, data_dir)
+    with pytest.raises(UserError, match=r"model\.randomisation_words=0: takes .*a whole number >= 1"):
+        check_config(config("caption_explain", data_dir, f"model.captioner={captioner}", "model.randomisation_words=0"))
+    with pytest.raises(UserError, match=r"^model\.captioner is missing \(\?\?\? in the config\): give it a value$"):
+        check_config(config("caption_explain", data_dir, f"ckpt_path={captioner}"))  # the captioner is no ckpt_path
+    with pytest.raises(UserError, match=r"data\.image_size=32, but the captioner \(model\.captioner\) takes 64 px"):
+        explainer(captioner, data_dir, image_size=32)
+    module = explainer(captioner, data_dir, "model.methods=[gradcam]", "model.words=[40]", "model.randomisation=false")
     pixels = torch.rand(1, 3, 64, 64)
     generated = module.scorer.generate(pixels)
     with pytest.raises(UserError, match=r"model\.words=\[40\].*has \d+ words"):
@@ -160,7 +188,13 @@ def test_bad_input_is_one_clear_error(captioner):
 
 # -- BLIP and ViT-GPT2 ---------------------------------------------------------------------------------------------
 HF_SHAPES = ["data.num_train=8", "data.num_val=2", "data.num_test=8", "data.image_size=32"]
-HF_DATA = dict(num_train=8, num_val=2, num_test=8, image_size=32)
+
+
+def predicting(count: int) -> list[str]:
+    """The data overrides that predict the first `count` test images in one batch."""
+    return [f"data.num_predict={count}", f"data.eval_batch_size={count}"]
+
+
 HF_CAPTIONERS = {"blip": (BLIPCaptioner, save_tiny_blip), "vit_gpt2": (ViTGPT2Captioner, save_tiny_vit_gpt2)}
 
 
@@ -171,10 +205,11 @@ def hf_export(request, tmp_path_factory, data_dir) -> Path:
     module_class, save = HF_CAPTIONERS[request.param]
     folder = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
-    module = module_class(pretrained=str(save(folder / "random")), generation={"num_beams": 1, "max_length": 12})
-    batch = next(
-        iter(ShapeObjectsDataModule(str(data_dir), **HF_DATA, num_predict=8, eval_batch_size=8).predict_dataloader())
-    )
+    generation = {"num_beams": 1, "max_length": 12}
+    random = str(save(folder / "random"))  # no label smoothing: the word's probability is the trained one
+    settings = model_settings(request.param, generation=generation, label_smoothing=0.0, scheduler=None)
+    module = module_class(**settings | {"pretrained": random})
+    batch = next(iter(explain_data("caption_explain", data_dir, *HF_SHAPES, *predicting(8)).predict_dataloader()))
     processor = module.image_processor
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (processor.image_mean, processor.image_std))
     data = CaptionBatch(
@@ -193,13 +228,13 @@ def hf_export(request, tmp_path_factory, data_dir) -> Path:
 
 
 def test_hf_captioner_every_word_has_a_finite_map(hf_export, tmp_path, data_dir):
-    """Through the runner, ckpt_path an export directory: a finite Integrated Gradients and Grad-CAM map per word,
-    the randomisation check down the vision transformer's layers."""
+    """Through the runner, model.captioner an export directory: a finite Integrated Gradients and Grad-CAM map per
+    word, the randomisation check down the vision transformer's layers."""
     run(
         compose_config(
             [
                 "task=caption_explain",
-                f"ckpt_path={hf_export}",
+                f"model.captioner={hf_export}",
                 *HF_SHAPES,
                 "data.num_predict=4",
                 "data.eval_batch_size=4",
@@ -227,21 +262,27 @@ def test_hf_captioner_every_word_has_a_finite_map(hf_export, tmp_path, data_dir)
 
 
 def test_hf_captioner_integrated_gradients_are_complete_per_word(hf_export, data_dir):
-    module = CaptionExplainModule(str(hf_export), ["integrated_gradients"], ig_steps=128, randomisation=False)
-    batch = next(
-        iter(ShapeObjectsDataModule(str(data_dir), **HF_DATA, num_predict=2, eval_batch_size=2).predict_dataloader())
+    module = explainer(
+        hf_export,
+        data_dir,
+        "model.methods=[integrated_gradients]",
+        "model.ig_steps=128",
+        "model.randomisation=false",
+        image_size=32,
     )
+    batch = next(iter(explain_data("caption_explain", data_dir, *HF_SHAPES, *predicting(2)).predict_dataloader()))
     check_completeness(module, batch["images"], batch["paths"])
 
 
-def test_hf_captioner_bad_input_is_one_clear_error(hf_export):
+def test_hf_captioner_bad_input_is_one_clear_error(hf_export, data_dir):
     layers = r"encoder\.(encoder\.)?layers\.1"
+    settings = ("model.methods=[gradcam]", "model.randomisation=false")
     with pytest.raises(UserError, match=rf"model\.gradcam_layer.*encoder \(the last\).*{layers}"):
-        CaptionExplainModule(str(hf_export), ["gradcam"], gradcam_layer="encoder.layer9", randomisation=False)
+        explainer(hf_export, data_dir, *settings, "model.gradcam_layer=encoder.layer9", image_size=32)
     with pytest.raises(UserError, match=r"model\.methods: BLIP and ViT-GPT2.*model\.methods=\[gradcam\]"):
-        CaptionExplainModule(str(hf_export), ["gradcam", "attention"], randomisation=False)
+        explainer(hf_export, data_dir, "model.methods=[gradcam,attention]", "model.randomisation=false", image_size=32)
     with pytest.raises(UserError, match=r"data\.image_size=64.*set data\.image_size=32"):
-        CaptionExplainModule(str(hf_export), ["gradcam"], randomisation=False, image_size=64)
+        explainer(hf_export, data_dir, *settings, image_size=64)
 
 
 def test_words_of_several_tokens_are_one_word():

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from framework.checks import check_config
 from framework.errors import UserError
 from framework.runner import run
-from tests.conftest import TINY_MODEL, TINY_SHAPES, compose_config
+from tests.helpers.config import TINY_MODEL, TINY_SHAPES, compose_config
 
 
 @pytest.mark.parametrize("attention", [True, False], ids=["attention", "pooled"])
@@ -137,8 +138,46 @@ def test_skip_bad_images_skips_and_counts(tmp_path, data_dir, caplog):
 
 
 def test_unknown_encoder_names_the_key(tmp_path, data_dir):
-    with pytest.raises(UserError, match=r"unknown encoder 'vgg11' \(model.encoder.name\)"):
+    with pytest.raises(UserError, match=r"model.encoder.name=vgg11: takes one of small_cnn, resnet50, densenet201"):
         run(fdr(["model.encoder.name=vgg11"], tmp_path, data_dir))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["model.beam_size=0"], "model.beam_size=0: takes a whole number >= 1"),
+        (["model.max_len=2.5"], "model.max_len=2.5: takes a whole number >= 1"),
+        (["model.label_smoothing=1.5"], "model.label_smoothing=1.5: takes a number >= 0 and <= 1"),
+        (["model.decoder.rnn=rnn"], "model.decoder.rnn=rnn: takes one of lstm, gru"),
+        (["model.decoder.dropout=-0.1"], "model.decoder.dropout=-0.1: takes a number >= 0 and <= 1"),
+        (
+            ["+model.decoder.vocab_size=9"],
+            "model.decoder.vocab_size is not a setting of model.decoder",
+        ),
+        (["model.encoder.lr=0"], "model.encoder.lr=0: takes a number > 0 (or null)"),
+        (["model.scst.baseline=max"], "model.scst.baseline=max: takes one of greedy, mean"),
+        (["model.scst.start_epoch=-1"], "model.scst.start_epoch=-1: takes a whole number >= 0 (or null)"),
+        (["data.vocab_min_count=null"], "data.vocab_min_count=null: takes a whole number >= 1"),
+        (["data.eval_batch_size=0"], "data.eval_batch_size=0: takes a whole number >= 1 (or null)"),
+        (["callbacks.caption_media.num_samples=0"], "callbacks.caption_media.num_samples=0: takes a"),
+        (
+            ["task=blip_shapes", "model.generation.num_beams=0"],
+            "model.generation.num_beams=0: takes a whole",
+        ),
+        (["task=blip_shapes", "model.pretrained=null"], "model.pretrained=null: takes text"),
+        (
+            ["task=vit_gpt2_shapes", "model.max_caption_tokens=0"],
+            "model.max_caption_tokens=0: takes a whole",
+        ),
+        (["data=caption_folder", "data.source.test_fraction=2"], "data.source.test_fraction=2: takes a number >= 0"),
+        (["data=coco", "data.source.val_size=-1"], "data.source.val_size=-1: takes a whole number >= 0 (or null)"),
+    ],
+)
+def test_a_bad_setting_is_one_line_before_anything_runs(overrides, line, tmp_path):
+    """Every setting of the captioning family is typed in the signature that takes it (framework/schema.py)."""
+    with pytest.raises(UserError) as error:
+        check_config(compose_config(overrides, tmp_path, tmp_path / "data"))
+    assert len(str(error.value).splitlines()) == 1 and str(error.value).startswith(line), str(error.value)
 
 
 def test_pretrained_weights_missing_from_cache_say_how_to_get_them(tmp_path, data_dir, monkeypatch):
@@ -154,5 +193,5 @@ def test_eval_and_predict_need_a_checkpoint(mode, tmp_path, data_dir):
 
 
 def test_unknown_mode(tmp_path, data_dir):
-    with pytest.raises(UserError, match="mode=fit is not one of train, eval, predict"):
+    with pytest.raises(UserError, match="mode=fit: takes one of train, eval, predict"):
         run(fdr(["mode=fit"], tmp_path, data_dir))

@@ -6,14 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
+from framework.checkpoints import read_checkpoint
+from framework.config import model_settings
 from framework.errors import UserError
 from framework.runner import run
-from lightning_modules.captioning import BLIPCaptioner, Captioner, CNNRNNCaptioner
-from tests.conftest import TINY_SHAPES, compose_config
-from tests.test_blip import blip_run, train_items  # noqa: F401 (a fixture; its training run is shared with test_blip)
-from tests.test_vit_gpt2 import vit_gpt2_run  # noqa: F401
+from lightning_modules.captioning import BLIPCaptioner, Captioner, CNNRNNCaptioner, ViTGPT2Captioner, inference
+from lightning_modules.captioning.inference import configured_captioners, export_classes, settings_for
+from tests.helpers.captioning import train_items
+from tests.helpers.config import TINY_SHAPES, compose_config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_fixture", ["blip_run", "vit_gpt2_run"])
 @pytest.mark.parametrize("source", ["export", "checkpoints/last.ckpt"])
 def test_overfitted_hf_captioners_caption_their_training_images(run_fixture, source, request, data_dir):
@@ -23,6 +26,7 @@ def test_overfitted_hf_captioners_caption_their_training_images(run_fixture, sou
     assert captioner.generate_caption(Image.open(paths[0])) == captions[0]  # a PIL image (palette/RGBA converted)
 
 
+@pytest.mark.slow
 def test_generation_settings_come_from_the_export_or_overrides(blip_run, data_dir):
     assert Captioner.from_pretrained(blip_run / "export").module.model.generation_config.num_beams == 3
     captioner = Captioner.from_pretrained(blip_run / "export", generation={"num_beams": 1, "max_length": 6})
@@ -71,3 +75,59 @@ def test_bad_sources_name_the_file(tmp_path):
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
     with pytest.raises(UserError, match="is not a checkpoint"):
         Captioner.from_pretrained(tmp_path / "text.ckpt")
+
+
+# -- the registries: derived from the classes and conf/model/, no list to keep -------------------------------------
+def test_checkpoints_name_the_class_that_loads_them(cnn_rnn_checkpoint, tmp_path):
+    checkpoint = read_checkpoint(cnn_rnn_checkpoint, key=None)
+    assert checkpoint["captioner"] == "lightning_modules.captioning.cnn_rnn.CNNRNNCaptioner"
+    older = {**checkpoint, "captioner": "CNNRNNCaptioner"}  # before the full path: the class name
+    torch.save(older, tmp_path / "older.ckpt")
+    assert isinstance(Captioner.from_pretrained(tmp_path / "older.ckpt").module, CNNRNNCaptioner)
+    for name in ("os.system", "tests.helpers.captioning.Evil", "framework.runner.Run", "NoSuchCaptioner"):
+        torch.save({**checkpoint, "captioner": name}, tmp_path / "other.ckpt")
+        with pytest.raises(UserError, match="is not a captioner checkpoint of this project"):
+            Captioner.from_pretrained(tmp_path / "other.ckpt")
+
+
+def test_the_captioners_are_those_conf_model_builds(tmp_path, monkeypatch):
+    """A captioner is known (its checkpoints, its exports) once a conf/model YAML builds it."""
+    assert {cls.__name__: name for cls, name in configured_captioners().items()} == {
+        "BLIPCaptioner": "blip",
+        "CNNRNNCaptioner": "cnn_rnn",
+        "ViTGPT2Captioner": "vit_gpt2",
+    }
+    assert {model_type: cls.__name__ for model_type, cls in export_classes().items()} == {
+        "blip": "BLIPCaptioner",
+        "vision-encoder-decoder": "ViTGPT2Captioner",
+    }
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "my_vit_gpt2.yaml").write_text(
+        "_target_: lightning_modules.captioning.vit_gpt2.ViTGPT2Captioner\n"
+    )
+    (tmp_path / "model" / "style.yaml").write_text("_target_: lightning_modules.style.fast_style.FastStyle\n")
+    monkeypatch.setattr(inference, "CONF", tmp_path)
+    assert {cls.__name__: name for cls, name in configured_captioners.__wrapped__().items()} == {
+        "ViTGPT2Captioner": "my_vit_gpt2"
+    }
+
+
+def test_every_class_of_the_package_by_name():
+    import lightning_modules.captioning as captioning
+
+    assert captioning.ViTGPT2Captioner is ViTGPT2Captioner and captioning.Captioner is Captioner
+    with pytest.raises(AttributeError):
+        captioning.NoSuchCaptioner  # noqa: B018
+
+
+def test_an_export_gets_its_yaml_settings_and_keeps_its_generation_settings(tiny_blip, tmp_path):
+    module = BLIPCaptioner(**settings_for(BLIPCaptioner, pretrained=str(tiny_blip), generation={"num_beams": 2}))
+    module.export(tmp_path / "export")
+    captioner = Captioner.from_pretrained(tmp_path / "export")
+    assert captioner.module.hparams.prompt == model_settings("blip", scheduler=None)["prompt"]
+    assert captioner.module.model.generation_config.num_beams == 2  # the export's, not the YAML's 3
+    overridden = Captioner.from_pretrained(tmp_path / "export", generation={"max_length": 6})
+    assert overridden.module.model.generation_config.max_length == 6
+    assert overridden.module.model.generation_config.num_beams == 2
+    with pytest.raises(UserError, match=r"model.generation.num_beams=0: takes a whole number >= 1"):
+        Captioner.from_pretrained(tmp_path / "export", generation={"num_beams": 0})

@@ -5,7 +5,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from framework.hardware import resolve_trainer
-from tests.conftest import CONF, compose_config
+from tests.helpers.config import CONF, compose_config
 
 
 def options(group: str) -> list[str]:

@@ -1,8 +1,9 @@
 """Building a task's data module and LightningModule has no side effects: no file appears, no process starts.
 
-Work that writes (generating data, training the shapes classifier to explain) belongs to the preparation step,
-`prepare_data`, which Lightning runs once per node while the other ranks wait; loading belongs to `setup`. Every
-task of tests/test_every_task.py is built from its composed config, with the data prepared in between.
+Work that writes belongs to the runner's steps before and between (training a required run, such as the shapes
+classifier to explain: framework/prerequisites.py) and to `prepare_data` (generating data), which the runner and
+Lightning run once per node while the other ranks wait. Every task of tests.helpers.tasks (the tasks
+tests/test_every_task.py runs) is built from its composed config as the runner builds it, those steps in between.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
-from framework.runner import model_inputs
-from tests.conftest import ROOT, compose_config
-from tests.test_every_task import TASKS
+from framework.preparation import model_inputs
+from framework.prerequisites import provide_required_runs
+from tests.helpers.config import ROOT, compose_config
+from tests.helpers.tasks import TASKS, shapes_classifier_checkpoint
 
 
 def files_under(*folders: Path) -> set[Path]:
@@ -37,7 +39,11 @@ def refuse_process(*args, **kwargs):
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_building_a_task_writes_nothing_and_starts_nothing(task, tmp_path, data_dir, monkeypatch):
-    cfg = compose_config([*TASKS[task](tmp_path, data_dir), "logger=csv"], tmp_path / "run", data_dir)
+    args = [*TASKS[task](tmp_path, data_dir), "logger=csv"]
+    if "classifier" in compose_config(args, tmp_path / "run", data_dir).model:  # a checkpoint to explain, untrained
+        args.append(f"model.classifier.checkpoint={shapes_classifier_checkpoint(tmp_path / 'classifier.ckpt')}")
+    cfg = compose_config(args, tmp_path / "run", data_dir)
+    provide_required_runs(cfg)
     temp = tmp_path / "temp"  # the temporary folder of this process, watched with the others
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
@@ -54,5 +60,5 @@ def test_building_a_task_writes_nothing_and_starts_nothing(task, tmp_path, data_
         return built
 
     datamodule = build(cfg.data)
-    inputs = model_inputs(datamodule)  # the data's preparation step: it may write (e.g. generate the shapes)
+    inputs = model_inputs(get_class(cfg.model._target_), datamodule)  # the data's preparation may write
     build(cfg.model, **inputs)

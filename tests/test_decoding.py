@@ -78,7 +78,14 @@ def test_wide_beam_finds_the_most_likely_caption(decoder):
 def test_greedy_returns_attention_per_step():
     torch.manual_seed(0)
     decoder = RNNDecoder(
-        vocab_size=12, feature_dim=8, attention=True, embed_dim=8, hidden_dim=16, attention_dim=8
+        vocab_size=12,
+        feature_dim=8,
+        rnn="lstm",
+        attention=True,
+        embed_dim=8,
+        hidden_dim=16,
+        attention_dim=8,
+        dropout=0.0,
     ).eval()
     tokens, alphas = greedy_decode(decoder, torch.randn(3, 5, 8), BOS, EOS, max_len=4)
     assert alphas.shape == (3, tokens.shape[1], 5)

@@ -7,7 +7,7 @@ import pytest
 
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
-from tests.conftest import TINY_SHAPES, read_metrics, run_cli
+from tests.helpers.config import TINY_SHAPES, read_metrics
 
 # Dropout masks and BatchNorm batch statistics are drawn per process, so they are switched off here: a frozen
 # (BatchNorm in eval mode) encoder and no decoder dropout; everything else trains as usual.
@@ -24,10 +24,10 @@ CAPTION_METRICS = ["test/BLEU-1", "test/BLEU-4", "test/METEOR", "test/ROUGE-L", 
 
 
 @pytest.mark.slow
-def test_ddp_sim_training_gives_the_single_process_test_metrics(tmp_path, data_dir):
-    run_cli(SAME_IN_BOTH, tmp_path / "single", data_dir)
-    run_cli([*SAME_IN_BOTH, "trainer=ddp_sim"], tmp_path / "ddp", data_dir)
-    single, distributed = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+def test_ddp_sim_training_gives_the_single_process_test_metrics(workspace):
+    single_run = workspace.run(SAME_IN_BOTH).run_dir
+    ddp_run = workspace.run([*SAME_IN_BOTH, "trainer=ddp_sim"]).run_dir
+    single, distributed = read_metrics(single_run), read_metrics(ddp_run)
     assert {k: distributed[k] for k in CAPTION_METRICS} == {k: single[k] for k in CAPTION_METRICS}
     # The losses agree to float precision (gradients are summed in another order across processes).
     assert distributed["test/loss"] == pytest.approx(single["test/loss"], rel=1e-3)

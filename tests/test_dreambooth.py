@@ -1,154 +1,43 @@
-"""SDXL DreamBooth LoRA on a tiny SDXL pipeline saved with save_pretrained, trained through model.pretrained=DIR."""
+"""SDXL DreamBooth LoRA, the module and its training, on a tiny SDXL pipeline saved with save_pretrained and trained
+through model.pretrained=DIR: a run of `python run.py task=sdxl_dreambooth` and what starts from it (resume, predict,
+eval, export); training details (cached latents, prior preservation, v-prediction, min-SNR); precision and output
+guards (the VAE's dtype under 16-bit precision, NaN or black images stopping the run with the step, memory freed
+after training); LoRA exports that load everywhere (the Kohya file through diffusers' loader, every weight matched;
+LoRAs that cannot be exported faithfully refused before anything is written); the options of diffusers'
+train_dreambooth_lora_sdxl.py (README's parity table, Prodigy, warmup + cosine restarts, kept step checkpoints); exact
+resume after SIGTERM. The data side (instance folders, buckets, crops, resizing): tests/test_dreambooth_data.py."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from omegaconf import OmegaConf
+from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from framework.config import model_settings
-from lightning_modules.generation.tiny import clip_text_config, clip_tokenizer, save_tiny_sdxl
-from tests.conftest import compose_config, read_metrics, run_cli
+from framework.errors import UserError
+from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
+from lightning_modules.generation.sdxl import KOHYA_FILE
+from tests.helpers.config import ROOT, compose_config, read_metrics, run_here
+from tests.helpers.dreambooth import RESOLUTION, build, generate, lora_keys, save_images, sdxl_lora, tiny_args
 
-RESOLUTION = 64
-# conf/model/sdxl_lora.yaml's settings for modules built here: no training schedule, model card or fidelity models.
-SDXL = model_settings("sdxl_lora", resolution=RESOLUTION, scheduler=None, card=None, fidelity=None)
-
-
-def save_images(folder: Path, count: int, size: int = RESOLUTION, seed: int = 0) -> Path:
-    """Blobs of colour on a plain background: something a tiny model can overfit."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        image = np.full((size, size + 8, 3), rng.integers(0, 255, 3), np.uint8)
-        top, left = rng.integers(0, size // 2, 2)
-        image[top : top + size // 2, left : left + size // 2] = rng.integers(0, 255, 3)
-        Image.fromarray(image).save(folder / f"img_{i}.png")
-    return folder
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+STEPS = 6  # the resume test: 2 instance images x 2 repeats, batch 1: epochs of 4 steps
 
 
-def save_tiny_clip(folder: Path, image_size: int = 32) -> Path:
-    """A tiny CLIPModel + CLIPProcessor (local tokenizer) saved with save_pretrained."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    torch.manual_seed(0)
-    tokenizer = clip_tokenizer(folder.parent / f"{folder.name}_tokenizer")
-    text = clip_text_config(tokenizer).to_dict()
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": image_size,
-        "patch_size": 8,
-    }
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
-
-
-def save_tiny_vit(folder: Path, image_size: int = 32) -> Path:
-    """A tiny ViTModel (the DINO embedder's class) and its image processor."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    torch.manual_seed(0)
-    ViTModel(
-        ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=37,
-            image_size=image_size,
-            patch_size=8,
-        ),
-        add_pooling_layer=False,
-    ).save_pretrained(folder)
-    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def fidelity_models(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("fidelity")
-    return save_tiny_clip(root / "clip"), save_tiny_vit(root / "dino")
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    return save_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "pipeline", RESOLUTION)
-
-
-@pytest.fixture(scope="session")
-def dog(tmp_path_factory) -> Path:
-    return save_images(tmp_path_factory.mktemp("instance") / "dog", 2)
-
-
-def tiny_args(pipeline: Path, instance: Path, *extra: str) -> list[str]:
-    """task=sdxl_dreambooth shrunk to the tiny pipeline: CPU, fp32, 64 px, two inference steps, no fidelity models."""
-    return [
-        "task=sdxl_dreambooth",
-        f"model.pretrained={pipeline}",
-        "model.vae=null",
-        "model.fidelity.clip=null",
-        "model.fidelity.dino=null",
-        "model.inference.num_inference_steps=2",
-        "trainer.precision=32-true",
-        f"data.source.folder={instance}",
-        f"data.resolution={RESOLUTION}",
-        "data.center_crop=true",
-        "data.seeds=[0]",
-        "trainer.log_every_n_steps=1",
-        "~callbacks.model_summary",
-        "logger=csv",
-        *extra,
-    ]
-
-
-def run_here(run_dir: Path, data_dir: Path, args: list[str]) -> dict[str, float]:
-    """run.py in this process (the CLI costs seconds of imports per run); its metrics.json."""
-    from framework.runner import run
-
-    run(compose_config(args, run_dir, data_dir))
-    return read_metrics(run_dir)
-
-
-def sdxl_lora(pipeline: Path, lora: dict | None = None, inference: dict | None = None, **settings):
-    """DreamBoothLoRA on `pipeline` with SDXL's settings; `lora` and `inference` update those blocks."""
-    from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
-
-    blocks = {"lora": {**SDXL["lora"], **(lora or {})}, "inference": {**SDXL["inference"], **(inference or {})}}
-    return DreamBoothLoRA(**{**SDXL, "pretrained": str(pipeline), **blocks, **settings})
-
-
-def lora_keys(path: Path) -> list[str]:
-    from safetensors.torch import load_file
-
-    return sorted(load_file(str(path)))
-
-
-def generate(pipeline, prompt: str = "a photo of sks dog", seed: int = 0) -> np.ndarray:
-    return pipeline(
-        prompt,
-        num_inference_steps=2,
-        height=RESOLUTION,
-        width=RESOLUTION,
-        output_type="np",
-        generator=torch.Generator().manual_seed(seed),
-    ).images[0]
-
-
-# ------------------------------------------------------------------------------------------------ end to end
+# --------------------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def trained(tiny_sdxl, dog, fidelity_models, tmp_path_factory, data_dir) -> Path:
+def trained(tiny_sdxl, dog, fidelity_models, make_workspace) -> Path:
     """python run.py task=sdxl_dreambooth: text-encoder LoRA, Kohya export, validation with fidelity every 2 steps."""
-    run_dir = tmp_path_factory.mktemp("dreambooth") / "train"
     clip, dino = fidelity_models
     args = tiny_args(
         tiny_sdxl,
@@ -166,10 +55,10 @@ def trained(tiny_sdxl, dog, fidelity_models, tmp_path_factory, data_dir) -> Path
         "model.noise_offset=0.05",
         "data.random_flip=true",
     )
-    run_cli(args, run_dir, data_dir)
-    return run_dir
+    return make_workspace().run(args).run_dir
 
 
+@pytest.mark.slow
 def test_export_loads_in_diffusers_and_changes_the_images(trained, tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
 
@@ -196,6 +85,7 @@ def test_export_loads_in_diffusers_and_changes_the_images(trained, tiny_sdxl):
     assert np.abs(adapted - base).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_validation_logs_a_grid_per_prompt_to_tensorboard(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -210,6 +100,7 @@ def test_validation_logs_a_grid_per_prompt_to_tensorboard(trained):
     assert all(-1 <= metrics[k] <= 1 for k in ("test/CLIP-I", "test/DINO")) and 0 <= metrics["test/CLIP-T"] <= 1
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(trained, tiny_sdxl, dog, tmp_path, data_dir):
     checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4
@@ -257,6 +148,7 @@ def test_dora_adapters_load_in_diffusers_exactly(tiny_sdxl, tmp_path):
     np.testing.assert_allclose(generate(pipeline), generate(model.pipeline()), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_with_checkpoint_or_exported_lora_gives_the_same_images(trained, tiny_sdxl, dog, tmp_path, data_dir):
     common = tiny_args(
         tiny_sdxl,
@@ -278,6 +170,7 @@ def test_predict_with_checkpoint_or_exported_lora_gives_the_same_images(trained,
         assert np.abs(a - b).mean() < 1.0  # the fused exported LoRA draws what the checkpoint's adapters draw
 
 
+@pytest.mark.slow
 def test_eval_scores_fidelity_of_the_base_model_or_a_checkpoint(
     trained, tiny_sdxl, dog, fidelity_models, tmp_path, data_dir
 ):
@@ -297,15 +190,7 @@ def test_eval_scores_fidelity_of_the_base_model_or_a_checkpoint(
     assert base != tuned
 
 
-# ----------------------------------------------------------------------------------------- training details
-def build(tmp_path: Path, data_dir: Path, args: list[str]):
-    """The configured model and data module, in this process."""
-    from framework.runner import instantiate
-
-    cfg = compose_config(args, tmp_path, data_dir)
-    return instantiate(cfg.model), instantiate(cfg.data)
-
-
+# --------------------------------------------------------------------------------------------------- training details
 def fixed_loss(model, batch: dict, draws: int = 1) -> float:
     """The loss of a batch with the same latent samples, noise and timesteps every time; with `draws`, the
     batch repeated that many times (a low-variance estimate of the expected loss over noise and timesteps)."""
@@ -363,6 +248,7 @@ def test_prior_preservation_generates_class_images_once_and_adds_their_loss(tiny
     assert losses[1] - losses[0] == pytest.approx(losses[2] - losses[1], rel=1e-4) and losses[1] > losses[0]
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_two_images(tiny_sdxl, dog, tmp_path, data_dir):
     import lightning as L
 
@@ -405,65 +291,6 @@ def test_v_prediction_and_min_snr_weights(tiny_sdxl, dog, tmp_path, data_dir):
     assert np.isfinite(fixed_loss(model, next(iter(data.train_dataloader()))))
 
 
-def test_micro_conditioning_follows_the_crop_and_the_flip():
-    from datamodules.dreambooth import crop_and_flip
-    from lightning_modules.generation.sdxl import time_ids
-
-    image = Image.fromarray(np.arange(64 * 80 * 3, dtype=np.uint8).reshape(64, 80, 3))
-    plain = crop_and_flip(image, (64, 64), (0, 4), flip=False)
-    mirrored = crop_and_flip(image, (64, 64), (0, 4), flip=True)
-    assert plain["crop_top_left"].tolist() == [0, 4] and mirrored["crop_top_left"].tolist() == [0, 80 - 4 - 64]
-    assert torch.equal(mirrored["pixels"], plain["pixels"].flip(-1))
-    ids = time_ids(torch.tensor([[300, 400]]), torch.tensor([[0, 12]]), torch.tensor([[64, 64]]))
-    assert ids.tolist() == [[300, 400, 0, 12, 64, 64]]
-
-
-# ---------------------------------------------------------------------------------------------- bad input
-def test_bad_instance_folders(tmp_path, caplog):
-    from datamodules.dreambooth import DreamBoothDataModule, read_captioned_images, read_instance_folder
-    from framework.errors import UserError
-
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "notes.txt").write_text("not an image")
-    with pytest.raises(UserError, match="no images"):
-        read_instance_folder(empty, "a photo of sks dog")
-    with pytest.raises(UserError, match="does not exist"):
-        read_instance_folder(tmp_path / "missing", "a photo of sks dog")
-
-    folder = save_images(tmp_path / "small", 2, size=32)
-    (folder / "notes.txt").write_text("x")
-    (folder / "labels.csv").write_text("x")
-    save_images(folder / "more", 1, size=32)  # the one listing rule (datamodules.images): subfolders are read,
-    save_images(folder / ".cache", 1, size=32)  # hidden files and folders are not
-    (folder / "._img_0.png").write_bytes(b"macOS metadata")
-    caplog.clear()
-    data = DreamBoothDataModule(
-        source=lambda: read_instance_folder(folder, "a photo of a dog"), trigger_token="sks", resolution=64
-    )
-    assert [example.image.path.relative_to(folder).as_posix() for example in data.instances] == [
-        "img_0.png",
-        "img_1.png",
-        "more/img_0.png",
-    ]
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert sum("non-image" in w and "labels.csv, notes.txt" in w for w in warnings) == 1
-    assert any("smaller than data.resolution=64" in w for w in warnings)
-    assert any("lack the trigger token 'sks'" in w for w in warnings)
-
-    (tmp_path / "captioned").mkdir()
-    (tmp_path / "captioned" / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
-    with pytest.raises(UserError, match="line 1.*'prompt'"):
-        read_captioned_images(tmp_path / "captioned")
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "dataset_info.json").write_text("{}")
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(UserError, match="pip install datasets"):
-            read_captioned_images(tmp_path / "hf")
-
-
 def test_captioned_images_train_with_their_own_prompts(tiny_sdxl, tmp_path, data_dir):
     folder = save_images(tmp_path / "icons", 2)
     lines = [
@@ -486,6 +313,273 @@ def test_captioned_images_train_with_their_own_prompts(tiny_sdxl, tmp_path, data
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}  # the recipe trains both
 
 
+# ---------------------------------------------------------------------------------------- precision and output guards
+def test_vae_precision_guard(tiny_sdxl):
+    model = sdxl_lora(tiny_sdxl, vae_fp32=False, inference={"num_inference_steps": 2})
+    assert model.vae.config.force_upcast  # SDXL's own VAE (and the tiny one) is marked unsafe in fp16
+    with pytest.raises(UserError, match=r"16-mixed with model.vae_fp32=false.*Set model.vae_fp32=true"):
+        model.vae_dtype("16-mixed")
+    assert model.vae_dtype("bf16-mixed") == torch.bfloat16 and model.vae_dtype("32-true") == torch.float32
+    model.vae.register_to_config(force_upcast=False)  # as madebyollin/sdxl-vae-fp16-fix's config says
+    assert model.vae_dtype("16-mixed") == torch.float16
+    model.hparams.vae_fp32 = True
+    assert model.vae_dtype("16-mixed") == torch.float32
+
+    # a 16-bit VAE encodes to fp32 latent parameters and decodes to images
+    model.vae.to(torch.bfloat16)
+    assert model.encode_latent_parameters(torch.zeros(1, 3, RESOLUTION, RESOLUTION)).dtype == torch.float32
+    assert model.generate(["a photo of sks dog"], [0])[0].size == (RESOLUTION, RESOLUTION)
+
+
+def broken_decode(monkeypatch, value: float) -> None:
+    """The VAE decodes to `value` everywhere (-1: black; NaN: what an fp16 overflow in SDXL's VAE gives)."""
+    decode = AutoencoderKL.decode
+
+    def broken(self, latents, *args, **kwargs):
+        output = decode(self, latents, *args, **kwargs)
+        output.sample = torch.full_like(output.sample, value)
+        return output
+
+    monkeypatch.setattr(AutoencoderKL, "decode", broken)
+
+
+def test_black_validation_images_stop_the_run_with_the_step(tiny_sdxl, dog, tmp_path, data_dir, monkeypatch):
+    broken_decode(monkeypatch, -1.0)
+    args = tiny_args(
+        tiny_sdxl,
+        dog,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "data.test_prompts=[]",
+        "export_after_train=false",
+    )
+    with pytest.raises(
+        UserError, match=r"the val images at global step 2 are all black for prompt\(s\) a photo of sks"
+    ):
+        run_here(tmp_path, data_dir, args)
+
+
+def test_memory_is_freed_after_training_and_nan_images_stop_validation(tiny_sdxl, dog, tmp_path, data_dir, monkeypatch):
+    import lightning as L
+
+    from lightning_modules.generation import dreambooth_lora
+
+    collected = []
+    monkeypatch.setattr(dreambooth_lora.gc, "collect", lambda: collected.append(True))
+    model, data = build(tmp_path, data_dir, tiny_args(tiny_sdxl, dog))
+    sizes = []
+
+    class StateSize(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            sizes.append(len(trainer.optimizers[0].state))
+
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[StateSize()],
+    )
+    trainer.fit(model, train_dataloaders=data.train_dataloader())
+    trainable = sum(p.requires_grad for p in model.parameters())
+    assert sizes == [trainable, trainable]  # AdamW state for every adapter weight while training
+    assert trainer.optimizers[0].defaults["fused"]  # one fused kernel, not a loop over the adapters' tensors
+    assert len(trainer.optimizers[0].state) == 0  # gone after training, before the test pass
+    assert not collected  # a full garbage collection only on CUDA, before empty_cache: 0.3 s a fit on a CPU
+
+    broken_decode(monkeypatch, float("nan"))
+    trainer.limit_val_batches = 1.0
+    with pytest.raises(UserError, match=r"images generated at global step 2 hold NaN or inf \(prompts: a photo of sks"):
+        trainer.validate(model, data.val_dataloader())
+
+
+def test_adam_is_fused_unless_mixed_precision_or_the_config_chooses_an_implementation():
+    from functools import partial
+
+    import torch
+
+    from framework.optim import fused_adam_by_default
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert fused_adam_by_default(partial(torch.optim.AdamW, lr=1e-4), cpu, False).keywords == {
+        "lr": 1e-4,
+        "fused": True,
+    }
+    for kept in (partial(torch.optim.AdamW, foreach=True), partial(torch.optim.Adam, fused=False)):
+        assert fused_adam_by_default(kept, cpu, False) is kept  # model.optimizer.foreach / fused as set
+    # bf16-mixed: Lightning refuses gradient clipping with a fused optimizer (it unscales gradients itself)
+    assert fused_adam_by_default(partial(torch.optim.AdamW), cpu, True).keywords == {"foreach": True}
+    assert fused_adam_by_default(partial(torch.optim.SGD, lr=1.0), cpu, False).keywords == {
+        "lr": 1.0
+    }  # other optimizers
+    assert (
+        "fused" not in fused_adam_by_default(partial(torch.optim.AdamW), meta, False).keywords
+    )  # no fused kernel there
+
+
+# ------------------------------------------------------------------------------------------------------------ exports
+def trained_stand_in(pipeline, **settings) -> DreamBoothLoRA:
+    """A model whose adapter weights all moved, as training moves them."""
+    model = sdxl_lora(pipeline, **settings)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in (p for p in model.parameters() if p.requires_grad):
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+def loaded(pipeline, folder, weight_name: str | None = None) -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(folder, **({"weight_name": weight_name} if weight_name else {}))
+    return pipe
+
+
+def test_kohya_export_loads_in_diffusers_with_every_weight_and_draws_the_same_images(tiny_sdxl, tmp_path):
+    # alpha 8 with rank 4: a LoRA scale of 2 that the Kohya file must carry in its .alpha entries
+    model = trained_stand_in(tiny_sdxl, lora={"alpha": 8}, train_text_encoder=True, kohya=True)
+    model.export(tmp_path / "export")
+    keys = lora_keys(tmp_path / "export" / KOHYA_FILE)
+    # the names AUTOMATIC1111 and ComfyUI map for SDXL: diffusers' module paths for the UNet, CLIP's (text_model_...)
+    assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys), keys[:5]
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight" in keys
+    assert len(keys) == 3 / 2 * len(lora_keys(tmp_path / "export" / "pytorch_lora_weights.safetensors"))
+
+    kohya = loaded(tiny_sdxl, tmp_path / "export", KOHYA_FILE)
+    for name in COMPONENTS:  # every adapter weight arrived where it was trained, none left over
+        ours = get_peft_model_state_dict(getattr(model, name))
+        module = getattr(kohya, name)
+        theirs = get_peft_model_state_dict(module, adapter_name=next(iter(module.peft_config)))
+        assert theirs.keys() == ours.keys(), name
+        for key, value in ours.items():
+            torch.testing.assert_close(theirs[key], value, msg=key)
+
+    diffusers_format = generate(loaded(tiny_sdxl, tmp_path / "export"))
+    assert np.abs(generate(kohya) - diffusers_format).mean() < 1e-3
+    np.testing.assert_allclose(diffusers_format, generate(model.pipeline()), atol=1e-5)  # both: the trained model
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    base.set_progress_bar_config(disable=True)
+    assert np.abs(generate(base) - diffusers_format).mean() > 1e-3  # and the LoRA matters
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"lora": {"use_dora": True}, "kohya": True}, r"drops DoRA magnitudes.*Set model.kohya=false"),
+        ({"lora": {"use_dora": True}, "train_text_encoder": True}, r"not exported: .*Nothing was written"),
+    ],
+    ids=["kohya-dora", "text-encoder-dora"],
+)
+def test_loras_that_cannot_be_exported_faithfully_are_refused(tiny_sdxl, tmp_path, settings, message):
+    model = sdxl_lora(tiny_sdxl, **settings)
+    with pytest.raises(UserError, match=message):
+        model.export(tmp_path / "export")
+    assert not any(tmp_path.iterdir())  # no file, no partial folder
+
+
+# ------------------------------------------------------------------------------------------------- diffusers' options
+# The command-line options of diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py (its argparse).
+# The command-line options of diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py (its argparse).
+DIFFUSERS_OPTIONS = """
+pretrained_model_name_or_path pretrained_vae_model_name_or_path revision variant dataset_name dataset_config_name
+instance_data_dir cache_dir image_column caption_column repeats class_data_dir instance_prompt class_prompt
+validation_prompt num_validation_images validation_epochs do_edm_style_training with_prior_preservation
+prior_loss_weight num_class_images output_dir output_kohya_format seed resolution center_crop random_flip
+train_text_encoder train_batch_size sample_batch_size num_train_epochs max_train_steps checkpointing_steps
+checkpoints_total_limit resume_from_checkpoint gradient_accumulation_steps gradient_checkpointing learning_rate
+text_encoder_lr scale_lr lr_scheduler snr_gamma lr_warmup_steps lr_num_cycles lr_power dataloader_num_workers
+optimizer use_8bit_adam adam_beta1 adam_beta2 prodigy_beta3 prodigy_decouple adam_weight_decay
+adam_weight_decay_text_encoder adam_epsilon prodigy_use_bias_correction prodigy_safeguard_warmup max_grad_norm
+push_to_hub hub_token hub_model_id logging_dir allow_tf32 report_to mixed_precision prior_generation_precision
+local_rank enable_xformers_memory_efficient_attention rank use_dora lora_unet_blocks image_interpolation_mode
+""".split()
+
+
+def parity_table() -> list[tuple[list[str], list[list[str]], str]]:
+    """README's parity rows: (diffusers options, our overrides (each a list of arguments), note)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("**Parity with diffusers'") :]
+    rows = []
+    for line in section.split("\n\n")[1].splitlines()[2:]:  # the table, without its header
+        options, ours, note = (cell.strip() for cell in line.strip("|").split("|"))
+        rows.append(
+            (
+                re.findall(r"`--([a-z0-9_]+)`", options),
+                [shlex.split(span) for span in re.findall(r"`([^`]+)`", ours)],
+                note,
+            )
+        )
+    return rows
+
+
+@pytest.mark.slow  # composes the config ~70 times: ~10 s
+def test_parity_table_names_every_option_and_each_override_composes(tmp_path):
+    rows = parity_table()
+    named = [option for options, _, _ in rows for option in options]
+    assert sorted(named) == sorted(DIFFUSERS_OPTIONS)  # each once, none missing
+    for options, overrides, note in rows:
+        assert overrides or note, f"{options}: neither an override nor why it is left out"
+        for args in overrides:
+            cfg = compose_config(["task=sdxl_dreambooth", *args], tmp_path, tmp_path)
+            OmegaConf.to_container(cfg, resolve=True)
+            for key in (arg.split("=", 1)[0] for arg in args):
+                if "." in key and not key.startswith("hydra."):  # a value, not a config group: it is there
+                    assert OmegaConf.select(cfg, key) is not None, key
+
+
+def test_prodigy_warmup_cosine_restarts_and_kept_step_checkpoints(tiny_sdxl, dog, tmp_path, data_dir):
+    args = tiny_args(
+        tiny_sdxl,
+        dog,
+        "experiment=sdxl_prodigy",
+        "trainer.max_steps=7",
+        "model.scheduler.name=cosine_with_restarts",
+        "model.scheduler.num_warmup_steps=2",
+        "model.scheduler.num_cycles=2",
+        "model.scheduler.num_training_steps=10",
+        "callbacks.step_checkpoints.every_n_train_steps=2",
+        "callbacks.step_checkpoints.save_top_k=2",
+        "data.validation_prompts=[]",
+        "data.test_prompts=[]",
+        "export_after_train=false",
+    )
+    run_here(tmp_path, data_dir, args)
+
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as file:
+        lrs = [float(row["lr-Prodigy"]) for row in csv.DictReader(file) if row.get("lr-Prodigy")]
+    # linear warmup over 2 steps, then 2 cosine cycles over the remaining 8: a hard restart at step 6
+    expected = [0.0, 0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * ((2 * (s - 2) / 8) % 1))) for s in range(3, 7)]
+    assert lrs == pytest.approx(expected, abs=1e-6)
+    assert expected[-1] == 1.0 and expected[4] == pytest.approx(0.5)
+
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.ckpt"))
+    assert kept == ["step_000004.ckpt", "step_000006.ckpt"]  # step 2 was removed, as the newest 2 are kept
+    state = torch.load(tmp_path / "checkpoints" / kept[-1], weights_only=True)["optimizer_states"][0]
+    group = state["param_groups"][0]
+    assert list(group["betas"]) == [0.9, 0.99] and group["use_bias_correction"] and group["safeguard_warmup"]
+    assert {"d", "d0", "d_coef", "growth_rate"} <= group.keys()  # Prodigy's step-size estimate: its optimizer
+
+
+def test_8bit_adam_refuses_another_optimizer(tiny_sdxl, dog, tmp_path, data_dir):
+    args = tiny_args(tiny_sdxl, dog, "experiment=sdxl_prodigy", "model.use_8bit_adam=true")
+    model, _ = build(tmp_path, data_dir, args)
+    with pytest.raises(UserError, match=r"model.optimizer._target_=prodigyopt.Prodigy set it false"):
+        model.optimizer_factory()
+
+
+def test_8bit_adam_needs_bitsandbytes_and_cuda(tiny_sdxl, dog, tmp_path, data_dir):
+    from framework.errors import UserError
+
+    with pytest.raises(UserError, match="use_8bit_adam"):
+        run_here(tmp_path, data_dir, tiny_args(tiny_sdxl, dog, "trainer.max_steps=1", "model.use_8bit_adam=true"))
+
+
+# ---------------------------------------------------------------------------------------------------------- bad input
 def test_pipeline_errors_name_the_missing_component_or_say_how_to_download(tiny_sdxl, tmp_path):
     import shutil
 
@@ -497,12 +591,76 @@ def test_pipeline_errors_name_the_missing_component_or_say_how_to_download(tiny_
     shutil.rmtree(broken / "text_encoder_2")
     with pytest.raises(UserError, match="has no 'text_encoder_2' component"):
         load_sdxl(str(broken))
-    with pytest.raises(UserError, match="scripts/download_models.py sdxl-base"):
+    with pytest.raises(UserError, match="scripts/download_models.py stabilityai/stable-diffusion-xl-base-1.0"):
         load_sdxl("stabilityai/stable-diffusion-xl-base-1.0")
 
 
-def test_8bit_adam_needs_bitsandbytes_and_cuda(tiny_sdxl, dog, tmp_path, data_dir):
-    from framework.errors import UserError
+def test_the_model_generates_at_the_resolution_of_its_data(tiny_sdxl, dog, tmp_path, data_dir):
+    from framework.preparation import model_inputs
+    from tests.helpers.dreambooth import dreambooth_data
 
-    with pytest.raises(UserError, match="use_8bit_adam"):
-        run_here(tmp_path, data_dir, tiny_args(tiny_sdxl, dog, "trainer.max_steps=1", "model.use_8bit_adam=true"))
+    assert model_inputs(DreamBoothLoRA, dreambooth_data(None, resolution=72)) == {"resolution": 72}
+    model, data = build(tmp_path, data_dir, tiny_args(tiny_sdxl, dog, "data.resolution=72"))  # 9 x 9 latents
+    assert model.hparams.resolution == data.resolution == 72
+    assert model.generate(["a photo of sks dog"], [0])[0].size == (72, 72)  # any multiple of 8 that SDXL takes
+
+
+def test_predicted_images_are_named_by_index_prompt_and_seed():
+    from lightning_modules.generation.sampling import prediction_rows
+
+    rows = [{"index": 3, "prompt": "A photo of sks dog, on the MOON!", "seed": 7, "image": None}]
+    assert prediction_rows(rows)[0]["image"] == "0003_a_photo_of_sks_dog_on_the_moon_seed7.png"
+    assert prediction_rows([{**rows[0], "prompt": "???"}])[0]["image"] == "0003_prompt_seed7.png"
+
+
+# ------------------------------------------------------------------------------------------------------- exact resume
+def adapters(run_dir) -> tuple[int, dict[str, torch.Tensor]]:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return checkpoint["global_step"], checkpoint["state_dict"]
+
+
+@pytest.mark.slow
+def test_sigterm_and_resume_auto_end_with_the_weights_of_an_uninterrupted_run(
+    tiny_sdxl, dog, tmp_path, data_dir, workspace
+):
+    """SIGTERM mid-epoch, then resume=auto, ends with the adapter weights of an uninterrupted run (same seed), with
+    prior preservation, cached latents (random crops), random flips, text-encoder LoRA and a validation pass on the
+    way."""
+
+    def args(classes: str, *extra: str) -> list[str]:
+        return tiny_args(
+            tiny_sdxl,
+            dog,
+            f"trainer.max_steps={STEPS}",
+            "trainer.val_check_interval=2",
+            "model.train_text_encoder=true",
+            "model.optimizer.lr=1e-2",
+            "data.prior_preservation=true",
+            f"data.class_images={tmp_path / classes}",
+            "data.num_class_images=2",
+            "data.cache_latents=true",
+            "data.center_crop=false",  # 64 x 72 images: random horizontal crops (cached once per image)
+            "data.random_flip=true",
+            "data.repeats=2",
+            "data.test_prompts=[]",
+            "export_after_train=false",
+            *extra,
+        )
+
+    fault = [
+        "+callbacks.fault._target_=tests.helpers.callbacks.SignalAtStep",
+        "+callbacks.fault.step=3",  # epoch 0, 3 of its 4 batches done
+    ]
+    killed = workspace.run(args("classes_killed", *fault), check=False)
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    stopped = killed.run_dir
+    assert adapters(stopped)[0] == 3 and not (stopped / "metrics.json").exists()
+
+    # The same command with resume=auto: the runner finds the stopped run and finishes it there.
+    assert workspace.run(args("classes_killed", *fault, "resume=auto")).run_dir == stopped
+    run_here(tmp_path / "uninterrupted", data_dir, args("classes_uninterrupted"))
+    (step, resumed), (expected_step, expected) = adapters(stopped), adapters(tmp_path / "uninterrupted")
+    assert step == expected_step == STEPS and resumed.keys() == expected.keys()
+    assert any("text_encoder" in name for name in resumed)
+    for name, tensor in resumed.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)

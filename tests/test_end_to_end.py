@@ -19,26 +19,35 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from framework.loggers import REVIEW_FLAGS
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
-from tests.conftest import read_metrics, run_cli
+from tests.helpers.cli import Workspace
+from tests.helpers.config import read_metrics
+
+pytestmark = pytest.mark.slow  # every test reads the run a module fixture trains, or runs run.py itself
 
 EPOCHS, TRAIN_IMAGES, BATCH = 5, 320, 32
 STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH
-SMALL_SHAPES = [
+SMALL_DATA = [
     f"data.num_train={TRAIN_IMAGES}",
     "data.num_val=40",
     "data.num_test=40",
     f"data.batch_size={BATCH}",
     "data.num_workers=0",
-    "model.decoder.hidden_dim=128",
 ]
+# Training only: eval and predict with ckpt_path take the model the checkpoint holds (a model.* setting they would
+# not use is an error, framework/runner.py refuse_ignored_overrides).
+SMALL_SHAPES = [*SMALL_DATA, "model.decoder.hidden_dim=128"]
 TEST_KEYS = ["test/BLEU-1", "test/BLEU-2", "test/BLEU-3", "test/BLEU-4", "test/METEOR", "test/ROUGE-L", "test/CIDEr"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir) -> Path:
-    run_dir = tmp_path_factory.mktemp("runs") / "train"
-    run_cli([*SMALL_SHAPES, f"trainer.max_epochs={EPOCHS}", "logger=many"], run_dir, data_dir)
-    return run_dir
+def repository(make_workspace) -> Workspace:
+    """The workspace of this file's commands: the training run, and the runs that start from what it left."""
+    return make_workspace()
+
+
+@pytest.fixture(scope="module")
+def trained(repository) -> Path:
+    return repository.run([*SMALL_SHAPES, f"trainer.max_epochs={EPOCHS}", "logger=many"]).run_dir
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -189,9 +198,9 @@ def test_test_predictions_are_scored_by_cocoevalcap_directly(trained, tmp_path, 
     assert evaluation.eval["CIDEr"] == pytest.approx(read_metrics(trained)["test/CIDEr"], rel=1e-6)
 
 
-def test_self_critical_training_raises_test_cider(trained, tmp_path, data_dir):
+def test_self_critical_training_raises_test_cider(trained, repository):
     """Two SCST epochs from the cross-entropy checkpoint beat it on the test split (fixed seed)."""
-    run_cli(
+    run_dir = repository.run(
         [
             *SMALL_SHAPES,
             f"ckpt_path={trained}/checkpoints/last.ckpt",
@@ -199,37 +208,33 @@ def test_self_critical_training_raises_test_cider(trained, tmp_path, data_dir):
             f"model.scst.start_epoch={EPOCHS}",
             "model.scst.lr=0.0005",
             "logger=csv",
-        ],
-        tmp_path,
-        data_dir,
-    )
-    with open(tmp_path / "csv" / "metrics.csv") as f:
+        ]
+    ).run_dir
+    with open(run_dir / "csv" / "metrics.csv") as f:
         rewards = [float(row["train/reward"]) for row in csv.DictReader(f) if row.get("train/reward")]
     assert rewards, "SCST never ran"
-    assert read_metrics(tmp_path)["test/CIDEr"] > read_metrics(trained)["test/CIDEr"]
+    assert read_metrics(run_dir)["test/CIDEr"] > read_metrics(trained)["test/CIDEr"]
 
 
-def test_eval_reproduces_the_train_runs_test_metrics(trained, tmp_path, data_dir):
-    run_cli([*SMALL_SHAPES, "mode=eval", f"ckpt_path={best_checkpoint(trained)}"], tmp_path, data_dir)
-    evaluated, during_training = read_metrics(tmp_path), read_metrics(trained)
+def test_eval_reproduces_the_train_runs_test_metrics(trained, repository):
+    run_dir = repository.run([*SMALL_DATA, "mode=eval", f"ckpt_path={best_checkpoint(trained)}"]).run_dir
+    evaluated, during_training = read_metrics(run_dir), read_metrics(trained)
     assert {k: evaluated[k] for k in TEST_KEYS} == {k: during_training[k] for k in TEST_KEYS}
-    provenance = json.loads((tmp_path / "metrics_provenance.json").read_text())
+    provenance = json.loads((run_dir / "metrics_provenance.json").read_text())
     assert list(provenance) == ["test"] and provenance["test"]["checkpoint"] == str(best_checkpoint(trained))
 
 
-def test_ddp_sim_eval_gives_the_single_process_metrics(trained, tmp_path, data_dir):
-    run_cli(
+def test_ddp_sim_eval_gives_the_single_process_metrics(trained, repository):
+    run_dir = repository.run(
         [
-            *SMALL_SHAPES,
+            *SMALL_DATA,
             "mode=eval",
             "trainer=ddp_sim",
             "data.eval_batch_size=16",
             f"ckpt_path={best_checkpoint(trained)}",
-        ],
-        tmp_path,
-        data_dir,
-    )
-    distributed, single = read_metrics(tmp_path), read_metrics(trained)
+        ]
+    ).run_dir
+    distributed, single = read_metrics(run_dir), read_metrics(trained)
     assert {k: distributed[k] for k in TEST_KEYS} == {k: single[k] for k in TEST_KEYS}
 
 
@@ -240,13 +245,11 @@ def test_last_checkpoint_is_the_last_epoch_and_best_is_kept(trained):
     assert best_checkpoint(trained).name == f"epoch_{cider.index(max(cider)):03d}.ckpt"
 
 
-def test_resume_from_last_continues_at_the_right_step(trained, tmp_path, data_dir):
-    run_cli(
-        [*SMALL_SHAPES, f"trainer.max_epochs={EPOCHS + 1}", f"ckpt_path={trained}/checkpoints/last.ckpt"],
-        tmp_path,
-        data_dir,
-    )
-    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+def test_resume_from_last_continues_at_the_right_step(trained, repository):
+    run_dir = repository.run(
+        [*SMALL_SHAPES, f"trainer.max_epochs={EPOCHS + 1}", f"ckpt_path={trained}/checkpoints/last.ckpt"]
+    ).run_dir
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["epoch"] == EPOCHS and resumed["global_step"] == (EPOCHS + 1) * STEPS_PER_EPOCH
     before = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert before["global_step"] == EPOCHS * STEPS_PER_EPOCH
@@ -272,41 +275,38 @@ def image_folder(tmp_path_factory) -> Path:
     return images
 
 
-def predict(trained, images, run_dir, data_dir, *args) -> list[dict]:
-    run_cli(
+def predict(repository, trained, images, *args) -> tuple[Path, list[dict]]:
+    """mode=predict of the best checkpoint on the images: (its run dir, its predictions)."""
+    run_dir = repository.run(
         [
-            *SMALL_SHAPES,
+            *SMALL_DATA,
             "mode=predict",
             f"ckpt_path={best_checkpoint(trained)}",
             f"data.images={images}",
             "model.beam_size=3",
             *args,
-        ],
-        run_dir,
-        data_dir,
-    )
-    return json.loads((run_dir / "predictions.json").read_text())
+        ]
+    ).run_dir
+    return run_dir, json.loads((run_dir / "predictions.json").read_text())
 
 
-def test_predict_with_ddp_sim_gives_every_image_once(trained, image_folder, tmp_path, data_dir):
-    single = predict(trained, image_folder, tmp_path / "single", data_dir)
-    distributed = predict(
-        trained, image_folder, tmp_path / "ddp", data_dir, "trainer=ddp_sim", "data.eval_batch_size=1"
-    )
+def test_predict_with_ddp_sim_gives_every_image_once(trained, image_folder, repository):
+    _, single = predict(repository, trained, image_folder)
+    _, distributed = predict(repository, trained, image_folder, "trainer=ddp_sim", "data.eval_batch_size=1")
     assert distributed == single
 
 
-def test_predict_captions_a_folder(trained, image_folder, tmp_path, data_dir):
-    run_dir = tmp_path / "run"
-    rows = predict(trained, image_folder, run_dir, data_dir)
+def test_predict_captions_a_folder(trained, image_folder, repository):
+    run_dir, rows = predict(repository, trained, image_folder)
     assert [Path(r["image"]).name for r in rows] == ["gray.jpg", "square_0.png", "square_1.png", "square_2.png"]
     assert all(r["caption"] for r in rows)
     with open(run_dir / "predictions.csv") as f:
         assert [row["caption"] for row in csv.DictReader(f)] == [r["caption"] for r in rows]
 
 
-def test_a_failing_run_exits_non_zero_and_names_the_run_dir(tmp_path, data_dir):
-    result = run_cli(["mode=eval"], tmp_path, data_dir, check=False)
+def test_a_failing_run_exits_non_zero_and_names_the_run_dir(workspace):
+    result = workspace.run(["mode=eval"], check=False)
+    [run_dir] = result.created
     assert result.returncode != 0
     assert "mode=eval needs ckpt_path=" in result.stderr + result.stdout
-    assert f"run dir: {tmp_path}" in result.stderr + result.stdout
+    assert f"run dir: {run_dir}" in result.stderr + result.stdout

@@ -8,13 +8,9 @@ global batch that does not split over the processes.
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import yaml
 from hydra.utils import instantiate
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -23,80 +19,31 @@ from framework import runner
 from framework.errors import UserError
 from framework.fsdp import is_sharded, mixed_precision, shard
 from framework.runner import run
-from lightning_modules.generation.tiny import save_tiny_sdxl
-from tests.conftest import TINY_SHAPES, compose_config, read_metrics, run_cli
-from tests.test_blip import OVERFIT, tiny_blip_dir
-from tests.test_classifier import shapes_checkpoint  # noqa: F401 (session fixture: the explaining tasks use it)
-from tests.test_dreambooth import RESOLUTION, save_images, tiny_args
-from tests.test_explain import SALIENCY
-from tests.test_fast_style import TINY_CLI
-from tests.test_style_transfer import write_image
-from tests.test_vit_gpt2 import save_tiny_vit_gpt2
+from tests.helpers.config import compose_config
+from tests.helpers.tasks import TASKS, check_finished, shapes_classifier_checkpoint
+
+# The tasks that explain the shapes classifier: by default the one the session trains (shapes_checkpoint, tens of
+# seconds through run.py), so their runs are slow tests; test_explaining_tasks_run_on_an_untrained_classifier runs them
+# on an untrained one.
+EXPLAINING = ("saliency", "adversarial", "class_visualisation")
+SALIENCY_CHEAPER = [
+    "data.num_predict=4",
+    "data.eval_batch_size=4",
+    "model.smoothgrad_samples=2",
+    "model.ig_steps=4",
+    "model.deletion_steps=4",
+    "model.contact_sheet_images=2",
+]
 
 
-def fast_style_args(root: Path) -> list[str]:
-    (root / "content").mkdir()
-    for i in range(4):
-        write_image(root / "content" / f"c{i}.png", (48, 40), seed=i)
-    style = write_image(root / "style.png", (64, 64), seed=99)
-    return [
-        "task=fast_style",
-        *TINY_CLI,
-        f"data.folder={root / 'content'}",
-        f"data.style={style}",
-        "trainer.max_epochs=1",
-    ]
+def slow_if_explaining(tasks) -> list:
+    return [pytest.param(task, marks=pytest.mark.slow) if task in EXPLAINING else task for task in tasks]
 
 
-# Each task shrunk to seconds (the tiny models its own tests build; one epoch or a few steps), with global batches
-# that two processes can share.
-TASKS = {
-    "shapes_captioning": lambda root, data: ["task=shapes_captioning", *TINY_SHAPES, "trainer.max_epochs=1"],
-    "blip_shapes": lambda root, data: [
-        "task=blip_shapes",
-        f"model.pretrained={tiny_blip_dir(data)}",
-        *OVERFIT,
-        "trainer.max_epochs=1",
-    ],
-    "vit_gpt2_shapes": lambda root, data: [
-        "task=vit_gpt2_shapes",
-        f"model.pretrained={save_tiny_vit_gpt2(root / 'm')}",
-        *OVERFIT,
-        "data.batch_size=2",
-        "trainer.max_epochs=1",
-    ],
-    "sdxl_dreambooth": lambda root, data: tiny_args(
-        save_tiny_sdxl(root / "sdxl", RESOLUTION),
-        save_images(root / "dog", 2),
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-        "data.batch_size=2",
-        "data.test_prompts=[]",
-    ),
-    "shapes_classifier": lambda root, data: ["task=shapes_classifier", "trainer.max_epochs=1"],
-    "saliency": lambda root, data: ["task=saliency", *SALIENCY],
-    "adversarial": lambda root, data: ["task=adversarial", "model.attack=pgd", "data.num_predict=4"],
-    "class_visualisation": lambda root, data: ["task=class_visualisation", "model.steps=5", "data.targets=[0,3]"],
-    "style_transfer": lambda root, data: [
-        "task=style_transfer",
-        "data.image_size=48",
-        "data.iterations=4",
-        "model.image_every_n_steps=2",
-    ],
-    "fast_style": lambda root, data: fast_style_args(root),
-}
-
-
-def check_finished(run_dir: Path, **trainer: object) -> None:
-    """The run used the trainer settings and every figure it wrote is finite."""
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]
-    assert {key: config[key] for key in trainer} == trainer
-    metrics = read_metrics(run_dir)
-    assert metrics and all(math.isfinite(value) for value in metrics.values()), metrics
-
-
-@pytest.mark.parametrize("task", list(TASKS))
-def test_task_runs_in_bf16_mixed(task, tmp_path, data_dir, shapes_checkpoint):  # noqa: F811
+@pytest.mark.parametrize("task", slow_if_explaining(TASKS))
+def test_task_runs_in_bf16_mixed(task, tmp_path, data_dir, request):
+    if task in EXPLAINING:
+        request.getfixturevalue("shapes_checkpoint")  # the classifier they explain
     # after the task's own args: tiny_args pins 32-true for the other DreamBooth tests
     run(
         compose_config(
@@ -106,10 +53,23 @@ def test_task_runs_in_bf16_mixed(task, tmp_path, data_dir, shapes_checkpoint):  
     check_finished(tmp_path / "run", precision="bf16-mixed")
 
 
+@pytest.mark.parametrize("task", EXPLAINING)
+def test_explaining_tasks_run_on_an_untrained_classifier(task, tmp_path, data_dir):
+    """The explaining tasks end to end in this process (their data, the classifier loaded from model.classifier.
+    checkpoint, the maps, attacks or visualisations, their files and figures), on a classifier nobody trained."""
+    classifier = shapes_classifier_checkpoint(tmp_path / "classifier.ckpt")
+    cheaper = SALIENCY_CHEAPER if task == "saliency" else []
+    args = [*TASKS[task](tmp_path, data_dir), *cheaper, f"model.classifier.checkpoint={classifier}", "logger=csv"]
+    run(compose_config(args, tmp_path / "run", data_dir))
+    check_finished(tmp_path / "run")
+    assert (tmp_path / "run" / "predictions.json").is_file()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("task", list(TASKS))
-def test_task_runs_on_two_processes(task, tmp_path, data_dir, shapes_checkpoint):  # noqa: F811
-    run_cli([*TASKS[task](tmp_path, data_dir), "trainer=ddp_sim", "logger=csv"], tmp_path / "run", data_dir)
-    check_finished(tmp_path / "run", strategy="ddp", devices=2)
+def test_task_runs_on_two_processes(task, tmp_path, data_dir, shapes_checkpoint, workspace):
+    result = workspace.run([*TASKS[task](tmp_path, data_dir), "trainer=ddp_sim", "logger=csv"])
+    check_finished(result.run_dir, strategy="ddp", devices=2)
 
 
 # The tasks trainer=fsdp shards, with the classes of their fsdp_layers.
@@ -126,7 +86,7 @@ def test_fsdp_units_are_the_layers_the_task_names(task, tmp_path, data_dir):
     of the classes in `fsdp_layers` is its own FSDP unit, the task's root (the transformers model, SDXL's UNet) the
     root unit, every parameter in it a DTensor. (tests/test_fsdp.py trains sharded over two processes.)"""
     cfg = compose_config([*TASKS[task](tmp_path, data_dir), "trainer=fsdp"], tmp_path / "run", data_dir)
-    strategy, module = instantiate(cfg.trainer.strategy), instantiate(cfg.model)
+    strategy, module = instantiate(cfg.trainer.strategy), runner.load_model(cfg, instantiate(cfg.data))  # its inputs
     assert {layer.__name__ for layer in strategy.layer_classes} == SHARDED[task]
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

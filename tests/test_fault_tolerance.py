@@ -25,8 +25,9 @@ from framework.errors import UserError
 from framework.files import locked_run_dir
 from framework.resume import ResumeAuto
 from framework.runner import run
-from tests.conftest import CONF, TINY_SHAPES, compose_config, one_error_line, read_metrics, run_cli
-from tests.fault_injection import SignalAtStep
+from tests.helpers.callbacks import SignalAtStep
+from tests.helpers.cli import one_error_line
+from tests.helpers.config import CONF, TINY_SHAPES, compose_config, read_metrics
 
 STEPS_PER_EPOCH = 6  # 48 training images, batches of 8
 ARGS = [*TINY_SHAPES, "trainer.max_epochs=2", "logger=csv", "data.num_workers=1"]
@@ -37,25 +38,23 @@ def last_checkpoint(run_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir) -> dict[str, torch.Tensor]:
+def uninterrupted(make_workspace) -> dict[str, torch.Tensor]:
     """The weights of the run the interrupted ones must end with."""
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    run_cli(ARGS, run_dir, data_dir)
-    return last_checkpoint(run_dir)["state_dict"]
+    return last_checkpoint(make_workspace().run(ARGS).run_dir)["state_dict"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signal", "exit_code"), [("SIGTERM", 0), ("SIGINT", 130)])
 def test_a_signal_mid_epoch_saves_and_resume_auto_finds_the_run_and_finishes_it(
-    signal, exit_code, uninterrupted, tmp_path, data_dir
+    signal, exit_code, uninterrupted, workspace
 ):
-    # As typed: no hydra.run.dir, the runs go to <PROJECT_ROOT>/outputs/shapes_captioning/runs/<time>.
-    fault = ["+callbacks.fault._target_=tests.fault_injection.SignalAtStep", f"+callbacks.fault.signal={signal}"]
+    # As typed: the runs go to the repository's outputs/shapes_captioning/runs/<time>.
+    fault = ["+callbacks.fault._target_=tests.helpers.callbacks.SignalAtStep", f"+callbacks.fault.signal={signal}"]
     command = [*ARGS, *fault, f"+callbacks.fault.step={STEPS_PER_EPOCH + 2}"]
-    project = {"PROJECT_ROOT": str(tmp_path)}
-    killed = run_cli(command, None, data_dir, check=False, env=project)
+    killed = workspace.run(command, check=False)
     assert killed.returncode == exit_code, killed.stderr[-2000:]
     assert f"Received {signal}: stopping at the next batch boundary" in killed.stdout + killed.stderr
-    runs = tmp_path / "outputs" / "shapes_captioning" / "runs"
+    runs = workspace.outputs / "shapes_captioning" / "runs"
     [run_dir] = runs.iterdir()
     interrupted = last_checkpoint(run_dir)
     assert (interrupted["epoch"], interrupted["global_step"]) == (1, STEPS_PER_EPOCH + 2)
@@ -74,7 +73,7 @@ def test_a_signal_mid_epoch_saves_and_resume_auto_finds_the_run_and_finishes_it(
         overrides.write("- seed=7\n")
     (decoys["finished"] / "metrics.json").write_text("{}")
 
-    resumed = run_cli([*command, "resume=auto"], None, data_dir, env=project)
+    resumed = workspace.run([*command, "resume=auto"])
     output = resumed.stdout + resumed.stderr
     assert f"resume=auto: continuing from {run_dir / 'checkpoints' / 'last.ckpt'}" in output
     assert "dataloader is not resumable" not in output and "training order came from seed" not in output
@@ -136,25 +135,25 @@ def test_a_launchers_preemption_handler_runs_once_last_ckpt_is_saved(tmp_path):
         signals.signal(signals.SIGUSR2, previous)
 
 
-def test_nan_loss_stops_the_run_with_its_step(tmp_path, data_dir):
-    result = run_cli(
-        [*ARGS, "+callbacks.fault._target_=tests.fault_injection.NanLossAtStep", "+callbacks.fault.step=3"],
-        tmp_path,
-        data_dir,
+@pytest.mark.slow
+def test_nan_loss_stops_the_run_with_its_step(workspace):
+    result = workspace.run(
+        [*ARGS, "+callbacks.fault._target_=tests.helpers.callbacks.NanLossAtStep", "+callbacks.fault.step=3"],
         check=False,
     )
     assert result.returncode != 0
     assert "train/loss is nan at global step 3 (epoch 0, batch 3)" in result.stdout + result.stderr
-    saved = last_checkpoint(tmp_path)
+    saved = last_checkpoint(result.run_dir)
     assert saved["global_step"] == 3
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
 
 
-def test_a_step_that_makes_the_weights_non_finite_stops_the_run_with_the_weights_before_it(tmp_path, data_dir):
-    result = run_cli([*ARGS, "model.optimizer.lr=inf"], tmp_path, data_dir, check=False, full_error=False)
-    error = one_error_line(result, tmp_path)
+@pytest.mark.slow
+def test_a_step_that_makes_the_weights_non_finite_stops_the_run_with_the_weights_before_it(workspace):
+    result = workspace.run([*ARGS, "model.optimizer.lr=inf"], check=False, full_error=False)
+    error = one_error_line(result)
     assert "the weights are not finite after the optimizer step at global step 0 (epoch 0, batch 0; " in error
-    saved = last_checkpoint(tmp_path)
+    saved = last_checkpoint(result.run_dir)
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
 
 
@@ -192,13 +191,15 @@ def test_resume_auto_continues_the_newest_unfinished_grid_sweep_with_the_same_ov
     assert list(config.hydra.overrides.hydra) == [f"hydra.sweep.dir={sweeps / 'newest'}"]
 
 
+def in_use(run_dir: Path) -> str:
+    """What a run says of `run_dir` while this process holds it."""
+    return f"run dir {run_dir} is in use: the run of process {os.getpid()} on {socket.gethostname()} is writing"
+
+
 def test_a_run_dir_holds_one_run_at_a_time(tmp_path, data_dir):
     fast = [*TINY_SHAPES, "trainer.fast_dev_run=true"]
     with locked_run_dir(tmp_path):  # as a run writing tmp_path holds it
-        in_use = f"run dir {tmp_path} is in use: the run of process {os.getpid()} on {socket.gethostname()} is writing"
-        result = run_cli(fast, tmp_path, data_dir, check=False, full_error=False)
-        assert in_use in one_error_line(result, tmp_path)
-        with pytest.raises(UserError, match=re.escape(in_use)):
+        with pytest.raises(UserError, match=re.escape(in_use(tmp_path))):
             run(compose_config(fast, tmp_path, data_dir))
         assert not (tmp_path / "config.yaml").exists()  # stopped before writing
     run(compose_config(fast, tmp_path, data_dir))
@@ -206,8 +207,25 @@ def test_a_run_dir_holds_one_run_at_a_time(tmp_path, data_dir):
         assert (tmp_path / "metrics.json").is_file()
 
 
+@pytest.mark.slow
+def test_a_command_into_a_run_dir_in_use_stops_with_one_error(workspace):
+    """`resume=auto` continues the newest unfinished run of the command: while another run (this process) holds
+    that dir, the command stops before writing anything there."""
+    command = [*TINY_SHAPES, "trainer.max_epochs=1", "resume=auto"]
+    unfinished = workspace.outputs / "shapes_captioning" / "runs" / "2026-01-01_00-00-00"
+    (unfinished / ".hydra").mkdir(parents=True)
+    (unfinished / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(command))
+    (unfinished / "checkpoints").mkdir()
+    (unfinished / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with locked_run_dir(unfinished):  # as a run writing it holds it
+        result = workspace.run(command, check=False, full_error=False)
+        assert result.run_dir == unfinished
+        assert in_use(unfinished) in one_error_line(result)
+        assert not (unfinished / "config.yaml").exists()  # stopped before writing
+
+
 def test_unknown_resume_value(tmp_path, data_dir):
-    with pytest.raises(UserError, match="resume=always is not supported"):
+    with pytest.raises(UserError, match=r"^resume=always: takes one of auto \(or null\)$"):
         run(compose_config([*TINY_SHAPES, "trainer.fast_dev_run=true", "resume=always"], tmp_path, data_dir))
 
 

@@ -9,13 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.captions import CaptionedImage
 from datamodules.feature_cache import CachedCaptionDataset, FeatureCache
-from datamodules.images import image_transform, load_rgb
+from datamodules.items import CaptionedImage
+from framework.config import model_settings
+from framework.images import image_transform, load_rgb
 from framework.runner import run
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.captioning.nets import ImageEncoder
-from tests.conftest import TINY_SHAPES, compose_config, read_metrics, run_cli
+from tests.helpers.config import TINY_SHAPES, compose_config, read_metrics
 
 CACHED_SHAPES = [*TINY_SHAPES, "model.encoder.finetune=none"]
 
@@ -33,7 +34,7 @@ def paths(tmp_path) -> list[Path]:
 @pytest.fixture
 def encoder() -> ImageEncoder:
     torch.manual_seed(0)
-    return ImageEncoder(width=4, finetune="none")
+    return ImageEncoder(**{**model_settings("cnn_rnn", scheduler=None)["encoder"], "width": 4, "finetune": "none"})
 
 
 def count_forwards(encoder: torch.nn.Module) -> list[int]:
@@ -146,12 +147,11 @@ def test_training_runs_from_the_cache(tmp_path, data_dir, monkeypatch):
     assert len(cache_dirs(tmp_path / "cache")) == 3  # train, val, test
 
 
-def test_ddp_sim_training_builds_one_cache_per_split(tmp_path, data_dir):
-    run_cli(
-        [*CACHED_SHAPES, "trainer=ddp_sim", "trainer.fast_dev_run=true", f"data.feature_cache={tmp_path}/cache"],
-        tmp_path / "run",
-        data_dir,
+@pytest.mark.slow
+def test_ddp_sim_training_builds_one_cache_per_split(tmp_path, workspace):
+    result = workspace.run(
+        [*CACHED_SHAPES, "trainer=ddp_sim", "trainer.fast_dev_run=true", f"data.feature_cache={tmp_path}/cache"]
     )
-    assert "test/CIDEr" in read_metrics(tmp_path / "run")
+    assert "test/CIDEr" in read_metrics(result.run_dir)
     sizes = sorted(len(json.loads((d / "key.json").read_text())["images"]) for d in cache_dirs(tmp_path / "cache"))
     assert sizes == [16, 16, 48]

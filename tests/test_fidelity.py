@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from lightning_modules.generation.fidelity import Fidelity
-from tests.test_dreambooth import fidelity_models, save_tiny_clip  # noqa: F401 (session fixture)
+from tests.helpers.tiny_models import save_tiny_clip
 
 PAIRS = {"a red square": (220, 30, 30), "a blue circle": (30, 70, 225)}
 

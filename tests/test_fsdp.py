@@ -22,10 +22,11 @@ from transformers import BlipForConditionalGeneration, VisionEncoderDecoderModel
 from framework.errors import UserError
 from framework.runner import run
 from lightning_modules.captioning.inference import Captioner
-from tests.conftest import compose_config, read_metrics, run_cli
-from tests.test_blip import tiny_blip_dir
-from tests.test_dreambooth import fidelity_models, save_images, tiny_args, tiny_sdxl  # noqa: F401 (fixtures)
-from tests.test_vit_gpt2 import save_tiny_vit_gpt2
+from tests.helpers.config import compose_config, read_metrics
+from tests.helpers.dreambooth import save_images, tiny_args
+from tests.helpers.tiny_models import save_tiny_vit_gpt2, tiny_blip_dir
+
+pytestmark = pytest.mark.slow  # every test reads runs of run.py on two processes
 
 STEPS_ARGS = [
     "data.num_train=12",
@@ -50,14 +51,15 @@ MODELS = {
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
-def runs(request, tmp_path_factory, data_dir) -> tuple[str, Path]:
-    """(task, root): root/single trained on one process, root/fsdp on two (sharded), root/export = mode=export from
-    root/fsdp's sharded last.ckpt on one process."""
+def runs(request, tmp_path_factory, data_dir, make_workspace) -> tuple[str, Path]:
+    """(task, root): root/single trained on one process, root/fsdp on two (sharded: `python run.py ...
+    trainer=fsdp_sim`, root/fsdp a link to its run dir), root/export = mode=export from root/fsdp's sharded last.ckpt
+    on one process."""
     task = request.param
     root = tmp_path_factory.mktemp(task)
     args = [f"task={task}", f"model.pretrained={MODELS[task][0](root, data_dir)}", *STEPS_ARGS]
     run(compose_config(args, root / "single", data_dir))
-    run_cli([*args, "trainer=fsdp_sim"], root / "fsdp", data_dir)
+    (root / "fsdp").symlink_to(make_workspace().run([*args, "trainer=fsdp_sim"]).run_dir)
     export_args = [f"task={task}", "mode=export", f"ckpt_path={root / 'fsdp' / 'checkpoints' / 'last.ckpt'}"]
     run(compose_config(export_args, root / "export", data_dir))
     return task, root
@@ -129,20 +131,25 @@ def test_a_sharded_checkpoint_resumes_on_one_process_and_refuses_an_unsharded_tr
 
 
 @pytest.mark.parametrize("runs", ["blip_shapes"], indirect=True)
-def test_sigterm_to_one_rank_saves_on_all_and_resume_auto_ends_with_the_uninterrupted_weights(runs, data_dir):
+def test_sigterm_to_one_rank_saves_on_all_and_resume_auto_ends_with_the_uninterrupted_weights(
+    runs, data_dir, workspace
+):
     task, root = runs
     args = [f"task={task}", f"model.pretrained={tiny_blip_dir(data_dir)}", *STEPS_ARGS, "trainer=fsdp_sim"]
     # Rank 1 alone is signalled after step 1: the ranks agree at the next batch, train it and save step 2 of 3.
-    sigterm = ["+callbacks.fault._target_=tests.fault_injection.SignalAtStep", "+callbacks.fault.step=1"]
-    killed = run_cli([*args, *sigterm, "+callbacks.fault.rank=1"], root / "sigterm", data_dir, timeout=120)
+    sigterm = ["+callbacks.fault._target_=tests.helpers.callbacks.SignalAtStep", "+callbacks.fault.step=1"]
+    killed = workspace.run([*args, *sigterm, "+callbacks.fault.rank=1"], timeout=120)
     assert "[rank: 1] Received SIGTERM" in killed.stdout + killed.stderr
-    last = root / "sigterm" / "checkpoints" / "last.ckpt"
+    stopped = killed.run_dir
+    last = stopped / "checkpoints" / "last.ckpt"
     assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in last.iterdir()}
     assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 2
-    assert not (root / "sigterm" / "metrics.json").exists()  # the run stopped there
+    assert not (stopped / "metrics.json").exists()  # the run stopped there
 
-    run_cli([*args, "resume=auto"], root / "sigterm", data_dir, timeout=120)
-    resumed, uninterrupted = weights(root / "sigterm"), weights(root / "fsdp")
+    # The same command with resume=auto: the runner finds the stopped run (its overrides, resume= aside).
+    resumed_run = workspace.run([*args, *sigterm, "+callbacks.fault.rank=1", "resume=auto"], timeout=120)
+    assert resumed_run.run_dir == stopped
+    resumed, uninterrupted = weights(stopped), weights(root / "fsdp")
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
@@ -154,11 +161,14 @@ DREAMBOOTH_STEPS = ["data.batch_size=2", "trainer.max_steps=3", "trainer.max_epo
 
 
 @pytest.fixture(scope="module")
-def dreambooth(tiny_sdxl, fidelity_models, tmp_path_factory, data_dir) -> tuple[list[str], Path, list[float]]:
+def dreambooth(
+    tiny_sdxl, fidelity_models, tmp_path_factory, data_dir, make_workspace
+) -> tuple[list[str], Path, list[float]]:
     """(args, root, the sharded run's losses before the signal): root/single trained on one process; root/fsdp sharded
     over two, SIGTERM to rank 1 after step 1 (a sharded last.ckpt at step 2 of 3, mid-epoch), then resume=auto to the
-    end, exporting; root/export = mode=export from root/fsdp's sharded last.ckpt (step 3) on one process. Validation
-    and the test after training generate an image per rank through the sharded UNet (the pipeline calls its forward),
+    end, exporting (`python run.py ... trainer=fsdp_sim` in a workspace, root/fsdp a link to its run dir);
+    root/export = mode=export from root/fsdp's sharded last.ckpt (step 3) on one process. Validation and the test
+    after training generate an image per rank through the sharded UNet (the pipeline calls its forward),
     scored once (tiny CLIP and DINO).
     With prior preservation: each of root/single and root/fsdp generates its class images at fit start (the sharded
     run through the sharded UNet, on both ranks) into a folder of its own, root/<run>_classes.
@@ -170,14 +180,17 @@ def dreambooth(tiny_sdxl, fidelity_models, tmp_path_factory, data_dir) -> tuple[
     args += ["data.prior_preservation=true", "data.class_prompt=a photo of a dog", "data.num_class_images=3"]
     args += ["data.class_batch_size=2", f"data.class_images={root / 'single_classes'}"]
     run(compose_config(args, root / "single", data_dir))
-    sigterm = ["+callbacks.fault._target_=tests.fault_injection.SignalAtStep", "+callbacks.fault.step=1"]
+    sigterm = ["+callbacks.fault._target_=tests.helpers.callbacks.SignalAtStep", "+callbacks.fault.step=1"]
     sharded = [*args, "trainer=fsdp_sim", f"data.class_images={root / 'fsdp_classes'}"]
-    killed = run_cli([*sharded, *sigterm, "+callbacks.fault.rank=1"], root / "fsdp", data_dir, timeout=180)
+    workspace = make_workspace()
+    killed = workspace.run([*sharded, *sigterm, "+callbacks.fault.rank=1"], timeout=180)
     assert "[rank: 1] Received SIGTERM" in killed.stdout + killed.stderr
+    (root / "fsdp").symlink_to(killed.run_dir)
     assert torch.load(root / "fsdp" / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 2
     assert not (root / "fsdp" / "metrics.json").exists()  # the run stopped there
     losses = train_losses(root / "fsdp")
-    run_cli([*sharded, "resume=auto"], root / "fsdp", data_dir, timeout=180)
+    resumed = workspace.run([*sharded, *sigterm, "+callbacks.fault.rank=1", "resume=auto"], timeout=180)
+    assert resumed.run_dir == killed.run_dir
     last = root / "fsdp" / "checkpoints" / "last.ckpt"
     run(compose_config([*args, "mode=export", f"ckpt_path={last}"], root / "export", data_dir))
     return args, root, losses

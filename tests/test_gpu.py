@@ -9,47 +9,37 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
-from tests.test_classifier import shapes_checkpoint  # noqa: F401 (session fixture: the explaining tasks use it)
-from tests.test_every_task import TASKS, check_finished
+from tests.helpers.tasks import TASKS, check_finished
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,  # runs run.py
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-def test_task_runs_on_a_gpu_in_bf16_mixed(task, tmp_path, data_dir, shapes_checkpoint):  # noqa: F811
-    run_cli(
-        [*TASKS[task](tmp_path, data_dir), "trainer=gpu", "trainer.precision=bf16-mixed", "logger=csv"],
-        tmp_path / "run",
-        data_dir,
+def test_task_runs_on_a_gpu_in_bf16_mixed(task, tmp_path, data_dir, shapes_checkpoint, workspace):
+    result = workspace.run(
+        [*TASKS[task](tmp_path, data_dir), "trainer=gpu", "trainer.precision=bf16-mixed", "logger=csv"]
     )
-    check_finished(tmp_path / "run", accelerator="gpu", precision="bf16-mixed")
+    check_finished(result.run_dir, accelerator="gpu", precision="bf16-mixed")
 
 
 @pytest.mark.parametrize("task", ["blip_shapes", "vit_gpt2_shapes", "sdxl_dreambooth"])
-def test_fsdp_trains_and_its_checkpoint_exports(task, tmp_path, data_dir):
+def test_fsdp_trains_and_its_checkpoint_exports(task, tmp_path, data_dir, workspace):
     """FSDP2 on the GPUs there are (units from the task's fsdp_layers) in bf16-mixed; the export after training and
     mode=export from the sharded checkpoint (a folder) on one GPU write finite weights."""
     args = [*TASKS[task](tmp_path, data_dir), "logger=csv"]
     devices = torch.cuda.device_count()
-    run_cli(
-        [*args, "trainer=fsdp", f"trainer.devices={devices}", "trainer.precision=bf16-mixed"],
-        tmp_path / "run",
-        data_dir,
-    )
-    check_finished(tmp_path / "run", devices=devices, precision="bf16-mixed")
-    run_cli(
-        [
-            *args,
-            "trainer=gpu",
-            "trainer.devices=1",
-            "mode=export",
-            f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
-        ],
-        tmp_path / "export",
-        data_dir,
-    )
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
-    for export in (tmp_path / "run" / "export", tmp_path / "export" / "export"):
+    run_dir = workspace.run(
+        [*args, "trainer=fsdp", f"trainer.devices={devices}", "trainer.precision=bf16-mixed"]
+    ).run_dir
+    check_finished(run_dir, devices=devices, precision="bf16-mixed")
+    export_dir = workspace.run(
+        [*args, "trainer=gpu", "trainer.devices=1", "mode=export", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"]
+    ).run_dir
+    assert (run_dir / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
+    for export in (run_dir / "export", export_dir / "export"):
         weights = [load_file(path) for path in export.glob("*.safetensors")]
         assert weights and all(tensor.isfinite().all() for file in weights for tensor in file.values())

@@ -7,13 +7,17 @@ import pytest
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+from framework.allocator import keep_freed_memory
+from framework.checks import check_config
 from framework.errors import UserError
 from framework.hardware import resolve_trainer
-from tests.conftest import compose_config, fake_gpus, run_cli
+from tests.helpers.config import compose_config, fake_gpus
 
 
 def trainer_for(overrides, tmp_path, data_dir, gpus: int, bf16: bool = True):
+    """The trainer a run builds on a machine with `gpus` GPUs: its config checked, then resolved."""
     cfg = compose_config(overrides, tmp_path, data_dir)
+    check_config(cfg)
     with fake_gpus(gpus, bf16):
         resolve_trainer(cfg.trainer)
         return cfg.trainer, instantiate(cfg.trainer, logger=False)
@@ -61,8 +65,8 @@ def test_explicit_choices_are_kept(tmp_path, data_dir):
         (["trainer.devices=4"], 0, "trainer.devices=4 asks for 4 GPUs, but this machine has no CUDA GPU"),
         (["trainer.devices=8"], 4, "trainer.devices=8 asks for more GPUs than this machine has (4)"),
         (["trainer=gpu", "trainer.devices=[0,5]"], 4, "trainer.devices=[0, 5] names GPU 5, but this machine has 4"),
-        (["trainer.max_epochs=abc"], 0, "trainer.max_epochs=abc must be a whole number >= -1"),
-        (["trainer.accumulate_grad_batches=0"], 0, "trainer.accumulate_grad_batches=0 must be a whole number >= 1"),
+        (["trainer.max_epochs=abc"], 0, "trainer.max_epochs=abc: takes a whole number >= -1 (or null)"),
+        (["trainer.accumulate_grad_batches=0"], 0, "trainer.accumulate_grad_batches=0: takes a whole number >= 1"),
     ],
 )
 def test_impossible_requests_are_one_clear_error(overrides, gpus, message, tmp_path, data_dir):
@@ -70,8 +74,16 @@ def test_impossible_requests_are_one_clear_error(overrides, gpus, message, tmp_p
         trainer_for(overrides, tmp_path, data_dir, gpus=gpus)
 
 
-def test_trainer_gpu_without_a_gpu_is_one_clear_error_from_the_cli(tmp_path, data_dir):
-    result = run_cli(["trainer=gpu"], tmp_path / "gpu", data_dir, check=False)
+def test_freed_memory_stays_in_the_heap_where_the_c_library_is_glibc():
+    """What run.py does first (framework/allocator.py): glibc keeps freed blocks for the next step's temporaries."""
+    import platform
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.slow
+def test_trainer_gpu_without_a_gpu_is_one_clear_error_from_the_cli(workspace):
+    result = workspace.run(["trainer=gpu"], check=False)
     assert result.returncode != 0
     assert "trainer.accelerator=gpu (trainer=gpu, ddp or fsdp) but this machine has no CUDA GPU" in result.stderr
     assert "No supported gpu backend" not in result.stderr

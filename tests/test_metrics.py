@@ -69,6 +69,7 @@ def direct_pycocoevalcap(references, predictions):
     }
 
 
+@pytest.mark.slow  # starts Java METEOR twice (ours and pycocoevalcap's): ~10 s each
 def test_matches_pycocoevalcap_directly(metrics):
     scores = metrics(REFERENCES, PREDICTIONS)
     assert list(scores) == KEYS
@@ -110,6 +111,7 @@ def test_missing_references_raise():
     assert m._meteor is None
 
 
+@pytest.mark.slow  # starts a Java METEOR of its own
 def test_close_stops_meteor():
     m = CaptionMetrics()
     m(REFERENCES, {2: "two cats on a sofa"})

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import hydra
@@ -10,43 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.images import load_rgb
-from datamodules.readers import read_caption_folder, read_coco, read_flickr8k
-from datamodules.vocabulary import Vocabulary
 from framework.errors import UserError
+from framework.images import load_rgb
 from framework.runner import run
-from tests.conftest import TINY_MODEL, compose_config
-
-FLICKR8K = Path(__file__).parent / "fixtures" / "flickr8k"
-LISTS = {
-    "train_list": "Flickr_8k.trainImages.txt",
-    "val_list": "Flickr_8k.devImages.txt",
-    "test_list": "Flickr_8k.testImages.txt",
-}
-
-
-def write_image(path: Path, seed: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-
-
-def flickr8k_tree(tmp_path: Path) -> dict[str, str]:
-    """The fixture's text files with stand-in images for every listed name: read_flickr8k's arguments."""
-    root = tmp_path / "flickr8k"
-    shutil.copytree(FLICKR8K, root)
-    for list_file in LISTS.values():
-        for i, name in enumerate((root / list_file).read_text().split()):
-            write_image(root / "Flicker8k_Dataset" / name, i)
-    return {
-        "token_file": str(root / "Flickr8k.token.txt"),
-        "image_dir": str(root / "Flicker8k_Dataset"),
-        **{key: str(root / name) for key, name in LISTS.items()},
-    }
+from framework.text import Vocabulary
+from tests.helpers.captioning import read
+from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.datasets import FLICKR8K, LISTS, coco_file, coco_tree, flickr8k_tree
+from tests.helpers.images import write_noise
 
 
 def test_flickr8k_release_files(tmp_path):
-    splits = read_flickr8k(**flickr8k_tree(tmp_path))
+    splits = read("flickr8k", **flickr8k_tree(tmp_path))
     assert {split: len(images) for split, images in splits.items()} == {"train": 20, "val": 5, "test": 5}
     captions = {}
     for line in (FLICKR8K / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines():
@@ -66,9 +40,9 @@ def test_flickr8k_unlisted_images_are_ignored_and_uncaptioned_ones_reported(tmp_
     with open(paths["test_list"], "a") as f:
         f.write("nocaptions.jpg\n")
     with pytest.raises(UserError, match=r"1 listed images have no captions in .*token.txt \(e.g. nocaptions.jpg"):
-        read_flickr8k(**paths)
+        read("flickr8k", **paths)
     with caplog.at_level(logging.WARNING):
-        splits = read_flickr8k(**paths, skip_bad_images=True)
+        splits = read("flickr8k", skip_bad_images=True, **paths)
     assert "skipping 1 listed images have no captions" in caplog.text
     assert sum(map(len, splits.values())) == 30
 
@@ -78,9 +52,9 @@ def test_missing_images_are_an_error_or_skipped_with_a_count(tmp_path, caplog):
     for name in (FLICKR8K / LISTS["val_list"]).read_text().split()[:2]:
         (Path(paths["image_dir"]) / name).unlink()
     with pytest.raises(UserError, match=r"2 images listed in .*Flickr_8k.devImages.txt are missing .*skip_bad_images"):
-        read_flickr8k(**paths)
+        read("flickr8k", **paths)
     with caplog.at_level(logging.WARNING):
-        splits = read_flickr8k(**paths, skip_bad_images=True)
+        splits = read("flickr8k", skip_bad_images=True, **paths)
     assert "skipping 2 images listed in" in caplog.text
     assert len(splits["val"]) == 3
 
@@ -98,7 +72,40 @@ def test_bad_token_file_names_the_file_and_line(line, message, tmp_path):
     lines = token_file.read_bytes().splitlines()
     token_file.write_bytes(b"\n".join([*lines[:2], line, *lines[2:]]))
     with pytest.raises(UserError, match=rf"{token_file}, {message}"):
-        read_flickr8k(**paths)
+        read("flickr8k", **paths)
+
+
+BOM = "\ufeff".encode()  # what Windows editors write before UTF-8 text
+
+
+def test_a_byte_order_mark_loses_no_caption(tmp_path, caplog):
+    """A token file (or image list) saved with a byte-order mark: its first line is read whole (the mark once made
+    the first image name unknown and its first caption silently lost)."""
+    plain = read("flickr8k", **flickr8k_tree(tmp_path / "plain"))
+    paths = flickr8k_tree(tmp_path / "bom")
+    for key in ("token_file", "train_list"):
+        Path(paths[key]).write_bytes(BOM + Path(paths[key]).read_bytes())
+    with caplog.at_level(logging.WARNING):
+        marked = read("flickr8k", **paths)
+    assert "fewer than the usual" not in caplog.text
+    assert [[(i.image_id, i.captions) for i in images] for images in marked.values()] == [
+        [(i.image_id, i.captions) for i in images] for images in plain.values()
+    ]
+
+
+def test_json_and_metadata_files_with_a_byte_order_mark(tmp_path):
+    image = tmp_path / "a.png"
+    write_noise(image)
+    karpathy = tmp_path / "dataset.json"
+    entry = {"filename": "a.png", "split": "train", "sentences": [{"raw": "a cat"}]}
+    karpathy.write_bytes(BOM + json.dumps({"images": [entry]}).encode())
+    assert read("karpathy", annotations=str(karpathy), image_root=None)["train"][0].path == image
+    (tmp_path / "metadata.jsonl").write_bytes(BOM + b'{"file_name": "a.png", "text": "a cat", "split": "val"}\n')
+    assert read("caption_folder", folder=str(tmp_path))["val"][0].captions == ("a cat",)
+    coco = tmp_path / "coco"
+    paths = coco_tree(coco)
+    Path(paths["train"]).write_bytes(BOM + Path(paths["train"]).read_bytes())
+    assert len(read("coco", **paths)["train"]) == 3
 
 
 def test_long_captions_are_read_whole_and_truncated_by_the_vocabulary(tmp_path):
@@ -106,36 +113,14 @@ def test_long_captions_are_read_whole_and_truncated_by_the_vocabulary(tmp_path):
     first = (FLICKR8K / LISTS["train_list"]).read_text().split()[0]
     with open(paths["token_file"], "a") as f:
         f.write(f"{first}#5\t{' '.join(['word'] * 100)}\n")
-    image = read_flickr8k(**paths)["train"][0]
+    image = read("flickr8k", **paths)["train"][0]
     assert len(image.tokens[-1]) == 100
     vocab = Vocabulary.build(image.tokens)
     assert len(vocab.encode(image.tokens[-1], max_len=16)) == 16 + 2
 
 
-def coco_file(path: Path, ids: list[int], year: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images = [{"id": i, "file_name": f"COCO_{year}_{i:012d}.jpg", "height": 32, "width": 32} for i in ids]
-    annotations = [
-        {"id": 10 * i + n, "image_id": i, "caption": f" Image {i} caption {n}. "} for i in ids for n in range(2)
-    ]
-    path.write_text(json.dumps({"info": {}, "images": images, "annotations": annotations}))
-    for i in ids:
-        write_image(path.parent.parent / year / f"COCO_{year}_{i:012d}.jpg", i)
-
-
-def coco_tree(tmp_path: Path) -> dict[str, str]:
-    coco_file(tmp_path / "annotations" / "captions_train2014.json", [9, 3, 5], "train2014")
-    coco_file(tmp_path / "annotations" / "captions_val2014.json", [40, 10, 30, 20, 50], "val2014")
-    return {
-        "train": str(tmp_path / "annotations" / "captions_train2014.json"),
-        "val": str(tmp_path / "annotations" / "captions_val2014.json"),
-        "train_images": str(tmp_path / "train2014"),
-        "val_images": str(tmp_path / "val2014"),
-    }
-
-
 def test_coco_official_annotations_divide_val_into_val_and_test(tmp_path):
-    splits = read_coco(**coco_tree(tmp_path))
+    splits = read("coco", **coco_tree(tmp_path))
     assert {split: [image.image_id for image in images] for split, images in splits.items()} == {
         "train": [3, 5, 9],
         "val": [10, 20],
@@ -145,14 +130,14 @@ def test_coco_official_annotations_divide_val_into_val_and_test(tmp_path):
     assert image.captions == ("Image 30 caption 0.", "Image 30 caption 1.")
     assert image.tokens[0] == ("image", "30", "caption", "0")
     assert image.path == tmp_path / "val2014" / "COCO_val2014_000000000030.jpg"
-    assert [len(images) for images in read_coco(**coco_tree(tmp_path), val_size=4).values()] == [3, 4, 1]
+    assert [len(images) for images in read("coco", **coco_tree(tmp_path), val_size=4).values()] == [3, 4, 1]
 
 
 def test_coco_with_a_test_file(tmp_path):
     paths = coco_tree(tmp_path)
     coco_file(tmp_path / "annotations" / "captions_test.json", [60], "test")
-    splits = read_coco(
-        **paths, test=str(tmp_path / "annotations" / "captions_test.json"), test_images=str(tmp_path / "test")
+    splits = read(
+        "coco", **paths, test=str(tmp_path / "annotations" / "captions_test.json"), test_images=str(tmp_path / "test")
     )
     assert [len(images) for images in splits.values()] == [3, 5, 1]
 
@@ -165,7 +150,7 @@ def test_coco_file_without_annotations_names_the_file(tmp_path):
         match=rf"{paths['val']} is not a COCO caption file \(KeyError: 'annotations'\)"
         r".*\(data.source.val\)",
     ):
-        read_coco(**paths)
+        read("coco", **paths)
 
 
 def test_a_caption_that_is_not_text_names_the_file(tmp_path):
@@ -176,7 +161,7 @@ def test_a_caption_that_is_not_text_names_the_file(tmp_path):
     with pytest.raises(
         UserError, match=rf"{paths['train']}.*: a caption of COCO_train2014_000000000009.jpg is not text"
     ):
-        read_coco(**paths)
+        read("coco", **paths)
 
 
 def test_coco_karpathy_config_reads_the_split_json(tmp_path, data_dir):
@@ -198,7 +183,7 @@ def test_coco_karpathy_config_reads_the_split_json(tmp_path, data_dir):
         for i, (folder, split) in enumerate(layout)
     ]
     for image in images:
-        write_image(tmp_path / "coco" / image["filepath"] / image["filename"])
+        write_noise(tmp_path / "coco" / image["filepath"] / image["filename"])
     (tmp_path / "coco" / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
     cfg = compose_config(
         [
@@ -222,7 +207,7 @@ def metadata_file(path: Path, records: list[dict], images: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     for record in records if images else ():
-        write_image(path.parent / record["file_name"])
+        write_noise(path.parent / record["file_name"])
 
 
 def test_caption_folder_split_by_a_stable_hash(tmp_path):
@@ -232,7 +217,7 @@ def test_caption_folder_split_by_a_stable_hash(tmp_path):
         {"file_name": "img00.png", "text": "moved", "split": "test"},
     ]
     metadata_file(tmp_path / "metadata.jsonl", records)
-    splits = read_caption_folder(str(tmp_path), val_fraction=0.2, test_fraction=0.2)
+    splits = read("caption_folder", folder=str(tmp_path), val_fraction=0.2, test_fraction=0.2)
     # Fixed by sha256 of the file names: the same on every run and machine.
     assert [image.image_id for image in splits["val"]] == ["img07.png"]
     assert [image.image_id for image in splits["test"]] == ["img00.png", "img08.png", "img11.png"]
@@ -247,7 +232,7 @@ def test_caption_folder_with_split_subfolders(tmp_path):
         [{"file_name": f"images/{i}.jpg", "text": f"train picture {i}"} for i in range(3)],
     )
     metadata_file(tmp_path / "validation" / "metadata.jsonl", [{"file_name": "v.png", "text": ["a", "b"]}])
-    splits = read_caption_folder(str(tmp_path))
+    splits = read("caption_folder", folder=str(tmp_path))
     assert [len(images) for images in splits.values()] == [3, 1, 0]
     assert splits["train"][2].path == tmp_path / "train" / "images" / "2.jpg"
     assert splits["val"][0].captions == ("a", "b")
@@ -262,7 +247,7 @@ def test_empty_captions_are_dropped_with_a_count(tmp_path, caplog):
         ],
     )
     with caplog.at_level(logging.WARNING):
-        splits = read_caption_folder(str(tmp_path))
+        splits = read("caption_folder", folder=str(tmp_path))
     assert "dropped 3 empty captions" in caplog.text
     assert [image.captions for image in splits["train"]] == [("a cat",)]
 
@@ -280,12 +265,12 @@ def test_bad_metadata_line_names_the_file_and_line(line, message, tmp_path):
     metadata = tmp_path / "metadata.jsonl"
     metadata.write_text('{"file_name": "a.png", "text": "fine"}\n' + line + "\n")
     with pytest.raises(UserError, match=rf"{metadata}, {message}"):
-        read_caption_folder(str(tmp_path))
+        read("caption_folder", folder=str(tmp_path))
 
 
 def test_missing_metadata_says_what_to_add(tmp_path):
     with pytest.raises(UserError, match=r"metadata.jsonl does not exist \(data.source.metadata\): add one with lines"):
-        read_caption_folder(str(tmp_path))
+        read("caption_folder", folder=str(tmp_path))
 
 
 @pytest.mark.parametrize(

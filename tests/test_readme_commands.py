@@ -1,24 +1,21 @@
 """Every `python run.py ...` command in README.md, as a user types it.
 
-Commands that run on a CPU without downloads run in a copy of the repository, from its root, through a shell-free
-`python run.py ARGS`, with only shrinking overrides appended (epochs, batch limits, image counts and sizes). The
-files the README names (`path/to/folder`, `photo.jpg`, ...) are made in that copy; `<time>` and `...` in a path
-are the run dir that the README command before it (`after`) printed. Commands that need a GPU, downloaded weights or
-a real data set are composed with Hydra's compose API, their sweeps expanded, every interpolation resolved and the
-trainer resolved for a faked machine with 8 bf16 GPUs. A README command missing from COMMANDS, or an entry of
-COMMANDS the README no longer shows, fails `test_every_readme_command_is_covered`.
+Commands that run on a CPU without downloads run in a copy of the repository (tests.helpers.cli.Workspace, its own
+data/), from its root, through a shell-free `python run.py ARGS`, with only shrinking overrides appended (epochs,
+batch limits, image counts and sizes). The files the README names (`path/to/folder`, `photo.jpg`, ...) are made in
+that copy; `<time>` and `...` in a path are the run dir that the README command before it (`after`) printed.
+Commands that need a GPU, downloaded weights or a real data set are composed with Hydra's compose API, their sweeps
+expanded, every interpolation resolved and the trainer resolved for a faked machine with 8 bf16 GPUs. A README
+command missing from COMMANDS, or an entry of COMMANDS the README no longer shows, fails
+`test_every_readme_command_is_covered`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +31,8 @@ from PIL import Image
 
 from framework.hardware import resolve_trainer
 from framework.loggers import has_events
-from tests.conftest import CONF, ROOT, fake_gpus
+from tests.helpers.cli import Workspace
+from tests.helpers.config import CONF, ROOT, fake_gpus
 
 
 @dataclass(frozen=True)
@@ -242,17 +240,11 @@ def test_command_composes_and_resolves(command, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- run
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """A copy of the repository (its tracked and unignored files) with the files the README's commands name."""
-    copy = tmp_path_factory.mktemp("repository")
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    for name in listed:
-        if (ROOT / name).is_file():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, copy / name)
-    make_user_files(copy)
+def workspace(tmp_path_factory) -> Workspace:
+    """A copy of the repository (its tracked and unignored files, data/ of its own: the README's commands generate
+    and train what they use) with the files the README's commands name."""
+    copy = Workspace.copy(tmp_path_factory.mktemp("readme_repository"))
+    make_user_files(copy.root)
     return copy
 
 
@@ -280,7 +272,7 @@ def make_user_files(root: Path) -> None:
 class Runs:
     """Runs README commands in the workspace, each once, and remembers the dir each one printed."""
 
-    def __init__(self, workspace: Path):
+    def __init__(self, workspace: Workspace):
         self.workspace, self.dirs, self.printed = workspace, {}, {}
 
     def __call__(self, command: str) -> Path:
@@ -295,20 +287,13 @@ class Runs:
                     .replace(".../", f"{produced}/checkpoints/")
                     for arg in args
                 ]
-            env = {k: v for k, v in os.environ.items() if k != "PROJECT_ROOT"} | {"HYDRA_FULL_ERROR": "1"}
-            result = subprocess.run(
-                [sys.executable, "run.py", *args, *spec.shrink],
-                cwd=self.workspace,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
+            result = self.workspace.run([*args, *spec.shrink], check=False, timeout=900)
             assert result.returncode == 0, (
                 f"python run.py {command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
             )
             printed = re.findall(r"^(?:run|sweep) dir: (.+)$", result.stdout, re.M)
             assert printed, f"python run.py {command} printed no run dir:\n{result.stdout[-2000:]}"
+            assert result.run_dir == Path(printed[-1])
             self.dirs[command] = Path(printed[-1])
             self.printed[command] = result.stdout
         return self.dirs[command]
@@ -327,11 +312,12 @@ def expected_jobs(args: list[str]) -> int:
     return math.prod(len(a.split("=", 1)[1].split(",")) for a in args if "=" in a and "," in a.split("=", 1)[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [c for c, spec in COMMANDS.items() if isinstance(spec, Run)])
 def test_command_runs_as_typed(command, runs, workspace):
     run_dir = runs(command)
     spec = COMMANDS[command]
-    assert run_dir.is_relative_to(workspace / "outputs"), "runs go to the repository's outputs/"
+    assert run_dir.is_relative_to(workspace.outputs), "runs go to the repository's outputs/"
     args = [*README[command], *spec.shrink]
     if args[0] == "-m":
         with open(run_dir / "summary.csv") as f:
@@ -341,7 +327,7 @@ def test_command_runs_as_typed(command, runs, workspace):
     else:
         job_dirs = [run_dir]
     if "debug=fdr" in args:  # under the task's folder, apart from its runs
-        assert run_dir.parent == workspace / "outputs" / "shapes_captioning" / "debug"
+        assert run_dir.parent == workspace.outputs / "shapes_captioning" / "debug"
     assert "INFO: GPU available" not in runs.printed[command]  # Lightning's lines once, not through its own handler
     for job_dir in job_dirs:
         metrics = json.loads((job_dir / "metrics.json").read_text())

@@ -1,4 +1,6 @@
-"""Self-critical training: the CIDEr-D reward, sampling with gradients, the start at a plateau and the guard."""
+"""Self-critical training: the CIDEr-D reward, sampling with gradients, the controller (lightning_modules/captioning/
+scst.py: its state in checkpoints, its loss for any captioner that gives rollouts), the start at a plateau and the
+guard."""
 
 import csv
 import io
@@ -7,15 +9,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from pycocoevalcap.cider.cider import Cider
 
+from datamodules.batches import CaptionBatch
+from framework.config import model_settings
+from framework.errors import UserError
 from framework.runner import run
 from lightning_modules.captioning.cider import CiderD
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.captioning.decoding import sample_decode
 from lightning_modules.captioning.nets import RNNDecoder
-from tests.conftest import CONF, TINY_SHAPES, compose_config, read_metrics
+from lightning_modules.captioning.scst import Rollouts, SCSTSettings, SCSTState, SelfCritical
+from tests.helpers.config import TINY_SHAPES, compose_config, read_metrics
 
 REFERENCES = {
     1: ["a red circle", "a small red circle", "there is a red circle"],
@@ -47,7 +52,8 @@ def test_clipping_penalises_repetition():
 
 def test_sample_decode_masks_after_eos_and_has_gradients():
     torch.manual_seed(0)
-    decoder = RNNDecoder(vocab_size=10, feature_dim=6, embed_dim=8, hidden_dim=12, attention_dim=8)
+    settings = {**model_settings("cnn_rnn", scheduler=None)["decoder"], "embed_dim": 8, "hidden_dim": 12}
+    decoder = RNNDecoder(vocab_size=10, feature_dim=6, **{**settings, "attention_dim": 8})
     tokens, log_probs, mask = sample_decode(decoder, torch.randn(3, 4, 6), bos=1, eos=2, max_len=6, num_samples=4)
     assert tokens.shape == log_probs.shape == mask.shape and tokens.shape[0] == 12
     assert (log_probs <= 0).all() and log_probs.requires_grad
@@ -62,17 +68,30 @@ def test_sample_decode_masks_after_eos_and_has_gradients():
 # val CIDEr of each validation, so that the weights it holds tell which validation they come from.
 
 
-def captioner(**scst) -> CNNRNNCaptioner:
-    settings = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "cnn_rnn.yaml").scst)  # the defaults
+def scst_defaults() -> dict:
+    return model_settings("cnn_rnn", scheduler=None)["scst"]
+
+
+def captioner_with(**values) -> CNNRNNCaptioner:
+    """A tiny CNN-RNN captioner with conf/model/cnn_rnn.yaml's settings, `values` replacing some, in a stand-in
+    trainer."""
+    settings = model_settings("cnn_rnn", scheduler=None)
     model = CNNRNNCaptioner(
-        vocab=["<pad>", "<bos>", "<eos>", "<unk>", "a"],
-        encoder={"width": 4},
-        decoder={"hidden_dim": 8, "embed_dim": 4, "attention_dim": 4},
-        optimizer={},
-        scst={**settings, **scst},
+        **{
+            **settings,
+            "vocab": ["<pad>", "<bos>", "<eos>", "<unk>", "a"],
+            "encoder": {**settings["encoder"], "width": 4},
+            "decoder": {**settings["decoder"], "hidden_dim": 8, "embed_dim": 4, "attention_dim": 4},
+            "image_size": 32,
+            **values,
+        }
     )
     model._trainer = SimpleNamespace(current_epoch=0, is_global_zero=True, should_stop=False)
     return model
+
+
+def captioner(**scst) -> CNNRNNCaptioner:
+    return captioner_with(scst={**scst_defaults(), **scst})
 
 
 def validate(model: CNNRNNCaptioner, epoch: int, cider: float) -> float:
@@ -120,12 +139,123 @@ def test_guard_restores_the_best_cross_entropy_weights_and_stops_training():
     buffer.seek(0)
     resumed.on_load_checkpoint(torch.load(buffer, weights_only=True))
     assert validate(resumed, 5, 0.4) == 0.6  # logged for the weights it now holds
-    assert resumed.trainer.should_stop and resumed.scst_state["phase"] == "stopped" and held(resumed) == {0.6}
+    assert resumed.trainer.should_stop and resumed.scst.state.phase == "stopped" and held(resumed) == {0.6}
     stopped = captioner(start="epoch", start_epoch=2, patience=2)  # resumed again (resume=auto): still stopped
     resumed.on_save_checkpoint(checkpoint)
     stopped.on_load_checkpoint(checkpoint)
     stopped.on_fit_start()
     assert stopped.trainer.should_stop
+
+
+# -- the controller on its own (lightning_modules/captioning/scst.py) ---------------------------------------------
+
+
+def test_state_round_trips_through_a_checkpoint():
+    """The state is a dataclass; checkpoints hold it as plain values (weights_only loads) and give it back equal."""
+    state = SCSTState(
+        phase="scst",
+        best_scores={"val/CIDEr": 0.7, "val/BLEU-4": 0.07},
+        best_epoch=3,
+        best_state={"decoder.output.weight": torch.arange(6.0).view(2, 3)},
+        stale=1,
+        stopped_epoch=None,
+    )
+    controller = SelfCritical(SCSTSettings(**scst_defaults()))
+    controller.state = state
+    buffer = io.BytesIO()
+    torch.save({"scst": controller.state_dict()}, buffer)
+    buffer.seek(0)
+    loaded = SelfCritical(SCSTSettings(**scst_defaults()))
+    loaded.load_state_dict(torch.load(buffer, weights_only=True)["scst"])
+    restored = loaded.state
+    assert isinstance(restored, SCSTState)
+    assert (restored.phase, restored.best_scores, restored.best_epoch) == ("scst", state.best_scores, 3)
+    assert (restored.stale, restored.stopped_epoch) == (1, None)
+    assert torch.equal(restored.best_state["decoder.output.weight"], state.best_state["decoder.output.weight"])
+
+
+def test_a_checkpoint_with_the_older_dict_state_resumes():
+    """Checkpoints written before the controller hold the CNN-RNN module's own state dict under "scst": a module
+    loading one goes on from it (here: stopped by the guard, so the resumed fit stops at once)."""
+    model = captioner(start="epoch", start_epoch=2, patience=2)
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    older = {
+        "phase": "stopped",
+        "best_scores": {"val/CIDEr": 0.6},
+        "best_epoch": 1,
+        "best_state": weights,
+        "stale": 2,
+        "stopped_epoch": 4,
+    }
+    buffer = io.BytesIO()
+    torch.save({"state_dict": weights, "scst": older}, buffer)
+    buffer.seek(0)
+    model.on_load_checkpoint(torch.load(buffer, weights_only=True))
+    state = model.scst.state
+    assert isinstance(state, SCSTState) and (state.phase, state.best_epoch, state.stopped_epoch) == ("stopped", 1, 4)
+    model.on_fit_start()
+    assert model.trainer.should_stop
+
+
+def test_checkpoints_without_the_newer_scst_settings_still_load():
+    """model.scst of a checkpoint from before start/patience: the module builds (for eval), without SCST."""
+    older = {"start_epoch": None, "num_samples": 5, "baseline": "greedy", "lr": 5e-5}
+    assert captioner_with(scst=older).scst is None
+    assert captioner_with(scst=None).scst is None and not captioner_with(scst=None).self_critical
+
+
+def test_mean_baseline_needs_two_samples():
+    with pytest.raises(UserError, match="model.scst.num_samples=1: the mean baseline"):
+        SCSTSettings(**{**scst_defaults(), "baseline": "mean", "num_samples": 1})
+
+
+class ConstantRollouts(torch.nn.Module):
+    """A captioner of its own kind: one weight per word position, captions it is told. What SCST needs of it is
+    rollouts and its trainable state (CaptioningModule's)."""
+
+    def __init__(self, samples, greedy):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(3))
+        self.samples, self.greedy, self.logged = samples, greedy, {}
+
+    def rollouts(self, batch, num_samples, greedy):
+        log_probs = self.weight.expand(len(self.samples), 3) - 1.0
+        mask = torch.ones_like(log_probs, dtype=torch.bool)
+        return Rollouts(self.samples, log_probs, mask, self.greedy if greedy else None)
+
+    def log(self, name, value, batch_size):
+        self.logged[name] = float(value)
+
+
+@pytest.mark.parametrize("baseline", ["greedy", "mean"])
+def test_the_loss_is_reinforce_with_the_cider_reward_and_its_baseline(baseline):
+    """Any captioner that gives rollouts trains with it: reward CIDEr-D, minus the greedy caption's reward or the mean
+    of the image's other samples, times the samples' log-probabilities."""
+    samples = [["a", "red", "circle"], ["red", "red", "red"]]  # two samples of one image
+    module = ConstantRollouts(samples, greedy=[["a", "small", "red", "circle"]])
+    settings = {**scst_defaults(), "start": "plateau", "num_samples": 2, "baseline": baseline}
+    controller = SelfCritical(SCSTSettings(**settings))
+    controller.use_training_captions([[r.split() for r in refs] for refs in REFERENCES.values()])
+    batch = CaptionBatch(size=1, references=[REFERENCES[1]])
+    loss = controller.loss(module, batch)
+    scorer, references = cider_d(), [r.split() for r in REFERENCES[1]]
+    rewards = torch.tensor([scorer.score(s, references) for s in samples])
+    if baseline == "greedy":
+        advantage = rewards - scorer.score(module.greedy[0], references)
+    else:
+        advantage = rewards - rewards.flip(0)
+    expected = -(advantage.view(-1, 1) * torch.full((2, 3), -1.0)).sum() / 6
+    assert loss.item() == pytest.approx(expected.item()) and module.logged["train/reward"] == pytest.approx(
+        rewards.mean().item()
+    )
+    loss.backward()
+    assert module.weight.grad is not None
+
+
+def test_without_the_training_captions_the_reward_is_an_error_naming_them():
+    controller = SelfCritical(SCSTSettings(**scst_defaults()))
+    with pytest.raises(UserError, match="training captions"):
+        controller.loss(ConstantRollouts([["a"]] * 5, [["a"]]), CaptionBatch(size=1, references=[["a"]]))
 
 
 # A real run: SCST at a learning rate far too high, continued from a cross-entropy run into a new run dir, where
@@ -146,6 +276,7 @@ def val_cider(run_dir: Path) -> dict[int, float]:
         return {int(row["epoch"]): float(row["val/CIDEr"]) for row in csv.DictReader(f) if row.get("val/CIDEr")}
 
 
+@pytest.mark.slow
 def test_guard_gives_the_test_stage_the_cross_entropy_weights(cross_entropy_run, tmp_path, data_dir, caplog):
     run(
         compose_config(

@@ -2,18 +2,26 @@ import json
 import re
 
 import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from datamodules.shapes import COLOURS, SHAPES, SIZES, generate_shapes
+from framework.checks import check_config
+from framework.config import compose
+from framework.errors import UserError
+from tests.helpers.config import CONF
 
-SMALL = dict(num_train=20, num_val=5, num_test=5, image_size=64)
+# The generator's settings as conf/data/_shapes.yaml gives them (seed 0, 64 px, 5 captions), with fewer images.
+DEFAULTS = OmegaConf.to_container(OmegaConf.load(CONF / "data" / "_shapes.yaml"))
+SMALL = {**{k: v for k, v in DEFAULTS.items() if k != "root"}, "num_train": 20, "num_val": 5, "num_test": 5}
 RELATION_WORDS = {"left", "right", "above", "below"}
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    path = generate_shapes(root, seed=0, **SMALL)
+    path = generate_shapes(root, **SMALL)
     return root, path, json.loads(path.read_text())
 
 
@@ -104,16 +112,16 @@ def test_relations_agree_with_boxes(dataset):
 
 
 def test_deterministic(tmp_path):
-    p1 = generate_shapes(tmp_path / "a", seed=3, **SMALL)
-    p2 = generate_shapes(tmp_path / "b", seed=3, **SMALL)
+    p1 = generate_shapes(tmp_path / "a", **{**SMALL, "seed": 3})
+    p2 = generate_shapes(tmp_path / "b", **{**SMALL, "seed": 3})
     assert p1.read_bytes() == p2.read_bytes()
     for name in ("000000.png", "000007.png", "000029.png"):
         assert (p1.parent / "images" / name).read_bytes() == (p2.parent / "images" / name).read_bytes()
 
 
 def test_different_seed_differs(tmp_path):
-    p1 = generate_shapes(tmp_path, seed=0, **SMALL)
-    p2 = generate_shapes(tmp_path, seed=1, **SMALL)
+    p1 = generate_shapes(tmp_path, **{**SMALL, "seed": 0})
+    p2 = generate_shapes(tmp_path, **{**SMALL, "seed": 1})
     assert p1.parent != p2.parent
     assert json.loads(p1.read_text()) != json.loads(p2.read_text())
     assert (p1.parent / "images" / "000000.png").read_bytes() != (p2.parent / "images" / "000000.png").read_bytes()
@@ -121,7 +129,7 @@ def test_different_seed_differs(tmp_path):
 
 def test_different_parameters_do_not_collide(tmp_path):
     p1 = generate_shapes(tmp_path, **SMALL)
-    p2 = generate_shapes(tmp_path, **{**SMALL, "image_size": 48}, captions_per_image=3)
+    p2 = generate_shapes(tmp_path, **{**SMALL, "image_size": 48, "captions_per_image": 3})
     assert p2.parent.name == "shapes_s0_20-5-5_48px_3c"
     assert p1.parent != p2.parent
     data = json.loads(p2.read_text())
@@ -172,8 +180,26 @@ def test_failure_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_rejects_bad_arguments(tmp_path):
-    with pytest.raises(ValueError):
-        generate_shapes(tmp_path, captions_per_image=0)
-    with pytest.raises(ValueError):
-        generate_shapes(tmp_path, captions_per_image=99)
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("data.captions_per_image=0", "data.captions_per_image=0: takes a whole number >= 1 and <= 6"),
+        ("data.captions_per_image=99", "data.captions_per_image=99: takes a whole number >= 1 and <= 6"),
+        ("data.image_size=16", "data.image_size=16: takes a whole number >= 32"),
+        ("data.num_val=-1", "data.num_val=-1: takes a whole number >= 0"),
+    ],
+)
+def test_rejects_bad_arguments(override, line, tmp_path):
+    """The generator's ranges are its settings' annotations: the config check names the key before anything runs."""
+    with pytest.raises(UserError) as error:
+        check_config(compose([f"paths.data_dir={tmp_path}", override]))
+    assert str(error.value).splitlines() == [line]
+
+
+def test_the_data_module_names_the_generated_set_for_the_manifest(tmp_path):
+    data = instantiate(
+        compose([f"paths.data_dir={tmp_path}", "data.num_train=4", "data.num_val=2", "data.num_test=2"]).data
+    )
+    assert data.data_paths() == []  # not generated yet
+    data.prepare_data()
+    assert data.data_paths() == [str(tmp_path / "shapes_s0_4-2-2_64px_5c")]

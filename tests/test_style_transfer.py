@@ -1,4 +1,5 @@
-"""Gatys et al. style transfer: losses by hand, VGG layers and weights, optimisation, bad input, run.py."""
+"""Gatys et al. style transfer: losses by hand, VGG layers and weights, optimisation, bad input (the config's checks,
+the images' sizes), run.py."""
 
 from __future__ import annotations
 
@@ -13,27 +14,19 @@ import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from datamodules.style import StyleImagesDataModule
 from framework.config import model_settings
 from framework.errors import UserError
 from lightning_modules.style.gatys import GatysStyleTransfer
 from lightning_modules.style.images import rgb_to_yiq
 from lightning_modules.style.losses import PerceptualLoss, content_loss, gram_matrix, style_loss, total_variation
-from lightning_modules.style.vgg import VGGFeatures, layer_names
-from tests.conftest import read_metrics, run_cli
+from lightning_modules.style.vgg import layer_names
+from tests.helpers.config import read_metrics
+from tests.helpers.images import write_image
+from tests.helpers.style import RANDOM_VGG, config_problems, task_data, vgg_features
 
 SMALL_LAYERS = {"content_layers": ["relu2_1"], "style_layers": {"relu1_1": 1.0, "relu2_1": 0.5}}
-RANDOM_VGG = {"arch": "vgg19", "pretrained": False, "pool": "max"}
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.01}
 LBFGS = {"_target_": "torch.optim.LBFGS", "_partial_": True, "lr": 1.0, "max_iter": 1, "history_size": 50}
-
-
-def write_image(path: Path, size: tuple[int, int], seed: int) -> Path:
-    """A smooth random colour pattern (width, height), as PNG."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    Image.fromarray(small).resize(size, Image.BICUBIC).save(path)
-    return path
 
 
 def gatys(content=None, styles=None, optimizer=ADAM, **overrides) -> GatysStyleTransfer:
@@ -41,7 +34,8 @@ def gatys(content=None, styles=None, optimizer=ADAM, **overrides) -> GatysStyleT
     content = torch.rand(3, 24, 32) if content is None else content
     styles = [torch.rand(3, 32, 32)] if styles is None else styles
     values = {**SMALL_LAYERS, "vgg": RANDOM_VGG, "optimizer": optimizer, "output": "stylized.png", **overrides}
-    return GatysStyleTransfer(content, styles, [1.0] * len(styles), **model_settings("gatys", **values))
+    names = [f"data.style[{i}] (style{i}.png)" for i in range(len(styles))]
+    return GatysStyleTransfer(content, styles, [1.0] * len(styles), names, **model_settings("gatys", **values))
 
 
 class LossHistory(L.Callback):
@@ -63,8 +57,7 @@ def fit(model: GatysStyleTransfer, steps: int, tmp_path: Path) -> list[float]:
         callbacks=[history],
         default_root_dir=tmp_path,
     )
-    data = StyleImagesDataModule("unused", "unused", iterations=steps)
-    trainer.fit(model, train_dataloaders=data.train_dataloader())
+    trainer.fit(model, train_dataloaders=task_data("style_transfer", iterations=steps).train_dataloader())
     return history.losses
 
 
@@ -96,7 +89,7 @@ def test_perceptual_loss_and_its_gradient_equal_a_plain_computation():
     """Ours (in-place ReLUs where no conv output is asked for, channels_last, Grams of [H*W, C] views) against
     the loss written plainly: NCHW, every ReLU out of place, Grams of [C, H*W]."""
     content_layers, style_layers = ["conv2_2"], {"conv1_1": 1.0, "relu1_2": 0.5, "conv2_1": 2.0}
-    features = VGGFeatures([*content_layers, *style_layers], pretrained=False)
+    features = vgg_features([*content_layers, *style_layers])
     loss = PerceptualLoss(features, content_layers, style_layers, 2.0, 1e3, 0.5)
     torch.manual_seed(0)
     content, style = torch.rand(1, 3, 24, 32), torch.rand(1, 3, 32, 32)
@@ -131,8 +124,8 @@ def test_bfloat16_vgg_keeps_the_loss_and_its_gradient():
     """model.vgg.dtype=bfloat16: the convolutions in bf16 autocast, the features handed over (and the Grams and
     losses summed) in float32; loss and gradient stay close to float32's. "auto" picks it per device."""
     layers = ["conv1_1", "relu2_1"]
-    exact = VGGFeatures(layers, pretrained=False)
-    bf16 = VGGFeatures(layers, pretrained=False, dtype="bfloat16")
+    exact = vgg_features(layers)
+    bf16 = vgg_features(layers, dtype="bfloat16")
     losses = [
         PerceptualLoss(vgg, ["relu2_1"], {"conv1_1": 1.0, "relu2_1": 1.0}, 1.0, 1e3, 0.0) for vgg in (exact, bf16)
     ]
@@ -149,43 +142,45 @@ def test_bfloat16_vgg_keeps_the_loss_and_its_gradient():
     assert loss16.dtype == torch.float32 and loss16.item() == pytest.approx(loss32.item(), rel=2e-2)
     assert F.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0) > 0.99
     assert not torch.equal(grad16, grad32)  # bf16 did run
-    assert VGGFeatures(layers, pretrained=False, dtype="auto").bf16(torch.device("cpu")) == (
+    assert vgg_features(layers, dtype="auto").bf16(torch.device("cpu")) == (
         torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     )
-    with pytest.raises(UserError, match="model.vgg.dtype=half is not one of auto, bfloat16, float32"):
-        VGGFeatures(layers, pretrained=False, dtype="half")
+    assert "model.vgg.dtype=half: takes one of auto, bfloat16, float32" in config_problems(
+        "style_transfer", "model.vgg.dtype=half"
+    )
 
 
 def test_vgg_names_cut_and_pre_activation_outputs():
     assert layer_names("vgg19")[:5] == ["conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1"]
     assert len(layer_names("vgg19")) == 37 and len(layer_names("vgg16")) == 31  # torchvision's `features`
-    vgg = VGGFeatures(["conv2_1", "relu1_1"], pretrained=False)
+    vgg = vgg_features(["conv2_1", "relu1_1"])
     assert vgg.names[-1] == "conv2_1" and len(vgg.body) == 6  # nothing after the last layer asked for
     features = vgg(torch.rand(1, 3, 16, 16))
     assert set(features) == {"conv2_1", "relu1_1"} and (features["conv2_1"] < 0).any()  # before its ReLU
     assert (features["relu1_1"] >= 0).all()
-    again = VGGFeatures(["conv2_1"], pretrained=False)  # random features are the same on every run
+    again = vgg_features(["conv2_1"])  # random features are the same on every run
     assert torch.equal(again.body[5].weight, vgg.body[5].weight)
 
 
 def test_vgg_weights_from_a_file_missing_weights_and_random_features(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_cache"))
-    reference = VGGFeatures(["relu2_1"], pretrained=False)
+    reference = vgg_features(["relu2_1"])
     state = {f"features.{k}": v + 1.0 for k, v in reference.body.state_dict().items()}
     state |= {"features.28.weight": torch.zeros(1), "classifier.0.weight": torch.zeros(1)}  # cut: not loaded
     torch.save(state, tmp_path / "vgg19.pth")
-    loaded = VGGFeatures(["relu2_1"], pretrained=str(tmp_path / "vgg19.pth"))
+    loaded = vgg_features(["relu2_1"], pretrained=str(tmp_path / "vgg19.pth"))
     assert loaded.weights.startswith("imagenet") and torch.equal(loaded.body[0].weight, reference.body[0].weight + 1)
 
     with pytest.raises(UserError, match="local torch cache.*allow_random_features=true"):
-        VGGFeatures(["relu2_1"], pretrained=True)
+        vgg_features(["relu2_1"], pretrained=True)
     with pytest.raises(UserError, match="does not exist.*model.vgg.pretrained"):
-        VGGFeatures(["relu2_1"], pretrained=str(tmp_path / "missing.pth"))
+        vgg_features(["relu2_1"], pretrained=str(tmp_path / "missing.pth"))
     with caplog.at_level(logging.WARNING):
-        fallback = VGGFeatures(["relu2_1"], pretrained=True, allow_random_features=True)
+        fallback = vgg_features(["relu2_1"], pretrained=True, allow_random_features=True)
     assert fallback.weights == "random" and "RANDOM vgg19 features" in caplog.text
 
 
+@pytest.mark.slow  # 25 optimisation steps, three times
 @pytest.mark.parametrize(
     ("optimizer", "dtype"),
     [(LBFGS, "float32"), (ADAM, "float32"), (LBFGS, "bfloat16")],
@@ -234,10 +229,16 @@ def test_output_is_in_range_and_written_atomically(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"cannot write .*stylized.png: disk full"):  # the OSError, naming the file
         model.on_fit_end()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["stylized.png"]  # old file kept, no leftovers
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "stylized.png")), written)
+
+
+def style_inputs(content, style, **values) -> dict:
+    """What task=style_transfer's data module gives the model (conf/data/style_images.yaml, `values` replacing some)."""
+    data = task_data("style_transfer", content=str(content), style=style, **values)
+    return data.model_inputs(GatysStyleTransfer.data_inputs)
 
 
 def test_bad_input_is_one_clear_error_each(tmp_path, caplog):
@@ -245,34 +246,125 @@ def test_bad_input_is_one_clear_error_each(tmp_path, caplog):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     with pytest.raises(UserError, match=r"data.content: image .*missing.png does not exist"):
-        StyleImagesDataModule(str(tmp_path / "missing.png"), str(content)).model_inputs()
+        style_inputs(tmp_path / "missing.png", str(content))
     with pytest.raises(UserError, match=r"data.style\[0\]: cannot read image .*broken.jpg"):
-        StyleImagesDataModule(str(content), str(broken)).model_inputs()
-    with pytest.raises(UserError, match=r"data.style_weights\[1\]=0 must be positive"):
-        StyleImagesDataModule(str(content), [str(content), str(content)], style_weights=[1, 0])
+        style_inputs(content, str(broken))
+    with pytest.raises(UserError, match=r"data.style_weights has 1 weights for 2 style images"):
+        task_data("style_transfer", style=[str(content), str(content)], style_weights=[1.0])
     with pytest.raises(UserError, match="unknown vgg19 layer.*relu9_9; valid names: conv1_1, relu1_1"):
         gatys(style_layers={"relu9_9": 1.0})
     with pytest.raises(UserError, match="model.content_layers: unknown"):
         gatys(content_layers=["conv4_5"])
-    with pytest.raises(UserError, match=r"model.style_layers.relu1_1=0.*model.style_weight=-1"):
-        gatys(style_layers={"relu1_1": 0.0}, style_weight=-1)
-    with pytest.raises(UserError, match="model.init=zeros"):
-        gatys(init="zeros")
+    with pytest.raises(UserError, match=r"model.scales=\[1.0, 0.5\] must be ascending"):
+        gatys(scales=[1.0, 0.5])
     with pytest.raises(UserError, match=r"16x12 px at model.scales\[0\]=0.5: layer relu5_1 needs at least 16 px"):
         gatys(style_layers={"relu5_1": 1.0}, scales=[0.5, 1.0])
 
     big_style = write_image(tmp_path / "big_style.png", (200, 160), 1)  # 5x the content
     with caplog.at_level(logging.WARNING):
-        inputs = StyleImagesDataModule(str(content), str(big_style), image_size=None).model_inputs()
+        inputs = style_inputs(content, str(big_style), image_size=None)
     assert "big_style.png is 200x160, the content 40x30: resizing the style to a longer side of 40 px" in caplog.text
     assert inputs["content"].shape == (3, 30, 40) and inputs["styles"][0].shape == (3, 32, 40)
+    assert inputs["style_names"] == [f"data.style[0] ({big_style})"]
 
 
-def test_run_py_style_transfer_offline_demo(tmp_path, data_dir):
+def test_the_config_check_names_each_bad_setting():
+    """The checks the constructors made before are the config's (framework/schema.py), one line per key, before
+    anything is built (`python run.py ... --cfg job` prints them too)."""
+    problems = config_problems(
+        "style_transfer",
+        "data.style_weights=[1,0]",
+        "model.style_layers={relu1_1: 0}",
+        "model.style_weight=-1",
+        "model.content_weight=-1",
+        "model.init=zeros",
+        "model.scales=[0.5,2.0]",
+        "model.vgg.arch=vgg11",
+        "model.vgg.pool=mean",
+        "data.iterations=0",
+        "data.style_scale=0",
+        "data.style=[]",
+    )
+    assert sorted(problems) == sorted(
+        [
+            "data.iterations=0: takes a whole number >= 1",
+            "data.style=[]: takes text or a list of text values, at least one",
+            "data.style_weights[1]=0: takes a number > 0",
+            "data.style_scale=0: takes a number > 0",
+            "model.content_weight=-1: takes a number >= 0",
+            "model.init=zeros: takes one of content, noise",
+            "model.scales[1]=2.0: takes a number > 0 and <= 1",
+            "model.style_layers.relu1_1=0: takes a number > 0",
+            "model.style_weight=-1: takes a number > 0",
+            "model.vgg.arch=vgg11: takes one of vgg16, vgg19",
+            "model.vgg.pool=mean: takes one of max, avg",
+        ]
+    ), problems
+    assert config_problems("style_transfer") == []
+
+
+def test_style_images_grayscale_too_small_or_too_thin(tmp_path, caplog):
+    """A grayscale style is converted; a style smaller than 16 px a side (a 1x1 PNG) is one error naming its key and
+    file before training (left out of a blend with data.skip_bad_images=true); a style too thin for the deepest
+    layer at the first scale is the model's error, naming it too."""
+    content = write_image(tmp_path / "content.png", (40, 30), 0)
+    gray = tmp_path / "gray.png"
+    Image.open(write_image(tmp_path / "rgb.png", (40, 40), 1)).convert("L").save(gray)
+    deep = tmp_path / "deep.png"  # 16-bit grayscale
+    Image.fromarray((np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 28).astype(np.uint16)).save(deep)
+    inputs = style_inputs(content, [str(gray), str(deep)], image_size=32)
+    assert [tuple(s.shape) for s in inputs["styles"]] == [(3, 32, 32), (3, 32, 32)]
+    model = gatys(inputs["content"], inputs["styles"], output=str(tmp_path / "out.png"))
+    assert len(fit(model, 2, tmp_path)) == 2
+
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(tiny)
+    with pytest.raises(UserError, match=rf"data.style\[1\]: style image {tiny} is 1x1 px: .* at least 16 px a side"):
+        style_inputs(content, [str(gray), str(tiny)])
+    with caplog.at_level(logging.WARNING):
+        kept = style_inputs(content, [str(gray), str(tiny)], style_weights=[1.0, 2.0], skip_bad_images=True)
+    assert kept["style_weights"] == [1.0] and kept["style_names"] == [f"data.style[0] ({gray})"]
+    assert f"skipped 1 unreadable images (data.skip_bad_images=true): {tiny}" in caplog.text
+
+    thin = write_image(tmp_path / "thin.png", (200, 20), 2)  # 64x6 px at the content's size
+    inputs = style_inputs(content, [str(gray), str(thin)], image_size=64)
+    with pytest.raises(
+        UserError,
+        match=rf"data.style\[1\] \({thin}\): the style image is 64x6 px as resized .*layer relu5_1 needs at least 16",
+    ):
+        GatysStyleTransfer(**inputs, **model_settings("gatys", vgg=RANDOM_VGG, output=str(tmp_path / "out.png")))
+
+
+def test_an_exif_rotated_content_photo_is_stylised_upright(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40x24 (landscape), shown turned 90 degrees: 24x40 (portrait)
+    photo = tmp_path / "photo.jpg"
+    Image.open(write_image(tmp_path / "stored.png", (40, 24), 3)).save(photo, exif=exif.tobytes())
+    inputs = style_inputs(photo, str(write_image(tmp_path / "style.png", (40, 40), 4)), image_size=None)
+    assert inputs["content"].shape == (3, 40, 24)
+    model = gatys(inputs["content"], inputs["styles"], output=str(tmp_path / "out.png"))
+    fit(model, 2, tmp_path)
+    assert Image.open(tmp_path / "out.png").size == (24, 40)
+
+
+@pytest.mark.slow
+def test_run_py_checks_the_config_before_printing_it(workspace):
+    result = workspace.run(
+        ["task=style_transfer", "model.init=foo", "data.iterations=0", "--cfg", "job"], check=False, full_error=False
+    )
+    errors = [line for line in result.output.splitlines() if line.startswith("config error:")]
+    assert result.returncode == 1 and sorted(errors) == [
+        "config error: data.iterations=0: takes a whole number >= 1",
+        "config error: model.init=foo: takes one of content, noise",
+    ], result.output[-3000:]
+    assert "_target_" not in result.stdout  # nothing printed
+
+
+@pytest.mark.slow
+def test_run_py_style_transfer_offline_demo(workspace):
     """The default task (scikit-image sample photographs, random VGG features here) on a tiny size, with Adam
     swapped in as the README says."""
-    run_dir = tmp_path / "run"
-    result = run_cli(
+    result = workspace.run(
         [
             "task=style_transfer",
             "data.image_size=48",
@@ -282,10 +374,9 @@ def test_run_py_style_transfer_offline_demo(tmp_path, data_dir):
             "model.tv_weight=1.0",
             "~model.optimizer",
             "+model.optimizer={_target_: torch.optim.Adam, _partial_: true, lr: 0.02}",
-        ],
-        run_dir,
-        data_dir,
+        ]
     )
+    run_dir = result.run_dir
     assert (
         "RANDOM vgg19 features" in result.stdout + result.stderr
         or "ImageNet weights from" in result.stdout + result.stderr

@@ -1,4 +1,5 @@
-"""What every captioner shares: the evaluation loop (generate, gather from all ranks, score once), predict."""
+"""What every captioner shares: the evaluation loop (generate, gather from all ranks, score once), predict, the
+checkpoint's record of its class, and self-critical training for those that can sample (scst.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from datamodules.captions import CaptionBatch
+from datamodules.batches import CaptionBatch
 from framework.contracts import HasCaptionPredictions
 from framework.distributed import gather_objects
 from framework.images import SkippedImages
 from framework.optim import ConfiguredOptimizers
 from lightning_modules.captioning.metrics import CaptionMetrics
+from lightning_modules.captioning.scst import Rollouts, SelfCritical, load_trainable_state, trainable_state
+
+CLASS_KEY = "captioner"  # checkpoint[CLASS_KEY]: the module's class, "package.module.Class" (older ones: "Class")
 
 
 @cache
@@ -23,26 +27,33 @@ def shared_metrics(spice: bool) -> CaptionMetrics:
 
 
 class CaptioningModule(ConfiguredOptimizers, L.LightningModule, HasCaptionPredictions):
-    """Subclasses implement `loss(batch)` and `caption_batch(batch) -> list[str]` (batches: CaptionBatch).
+    """Subclasses implement `loss(batch)` and `caption_batch(batch) -> list[str]` (batches: CaptionBatch); those that
+    train self-critically set `self.scst` (a SelfCritical controller) and implement `rollouts`.
 
     Corpus metrics are computed once per val/test epoch on rank zero, over the predictions of every
     rank deduplicated by image id (DistributedSampler pads by repeating samples), then broadcast so
     every rank logs the same `val/CIDEr`, `test/BLEU-4`, ...
     """
 
-    def __init__(self, spice: bool = False):
+    def __init__(self, spice: bool):
         super().__init__()
         self.spice = spice
         self.predictions: dict[str, dict] = {"val": {}, "test": {}}  # image_id -> caption, references, path
         self.skipped_images = SkippedImages()
+        self.scst: SelfCritical | None = None  # self-critical training after cross-entropy, where the module has it
 
     def loss(self, batch: CaptionBatch) -> torch.Tensor:
         """Cross-entropy of the batch's captions (also logged as val/loss and test/loss)."""
         raise NotImplementedError
 
     def training_loss(self, batch: CaptionBatch) -> torch.Tensor:
-        """What training minimises; cross-entropy unless a subclass has another stage (e.g. SCST)."""
-        return self.loss(batch)
+        """What training minimises: cross-entropy, or the self-critical loss once SCST has started."""
+        return self.scst.loss(self, batch) if self.self_critical else self.loss(batch)
+
+    @property
+    def self_critical(self) -> bool:
+        """Whether training is self-critical now."""
+        return self.scst is not None and self.scst.active
 
     def caption_batch(self, batch: CaptionBatch) -> list[str]:
         """Captions for a batch from the data loader (images, or cached encoder features)."""
@@ -52,9 +63,46 @@ class CaptioningModule(ConfiguredOptimizers, L.LightningModule, HasCaptionPredic
         """PIL image -> the image tensor `caption_batch` expects in batch.images (captioning new images)."""
         raise NotImplementedError
 
+    # -- self-critical training (scst.py): what the controller needs of the module, and its hooks -----------------
+    def rollouts(self, batch: CaptionBatch, num_samples: int, greedy: bool) -> Rollouts:
+        """`num_samples` sampled captions per image with their log-probabilities (with gradients), and with `greedy`
+        the test-time caption of each image: a captioner that trains self-critically implements it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample captions for self-critical training")
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of what training can change (the state dict less frozen parameters)."""
+        return trainable_state(self)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(self, state)
+
+    def use_training_captions(self, captions: list[list[list[str]]]) -> None:
+        """The training references (per image, its captions as words), given at fit start by the runner's preparation:
+        SCST's CIDEr-D document frequencies come from them."""
+        if self.scst is not None:
+            self.scst.use_training_captions(captions)
+
+    def on_fit_start(self) -> None:
+        if self.scst is not None:
+            self.scst.on_fit_start(self.trainer)
+
+    def on_train_epoch_start(self) -> None:
+        if self.scst is not None:
+            self.scst.on_train_epoch_start(self.trainer, self.current_epoch)
+
+    def on_train_batch_start(self, batch: CaptionBatch, batch_idx: int) -> None:
+        if self.scst is not None:
+            self.scst.on_train_batch_start(self.trainer)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The class name lets Captioner.from_pretrained pick the class that loads a checkpoint.
-        checkpoint["captioner"] = type(self).__name__
+        # The class lets Captioner.from_pretrained load a checkpoint with the class that wrote it.
+        checkpoint[CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self.scst is not None:
+            checkpoint["scst"] = self.scst.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.scst is not None and "scst" in checkpoint:  # absent from checkpoints written before the guard
+            self.scst.load_state_dict(checkpoint["scst"])
 
     def training_step(self, batch: CaptionBatch, batch_idx: int):
         if not self.skipped_images.count("train", batch.skipped, batch.size):
@@ -118,9 +166,9 @@ class CaptioningModule(ConfiguredOptimizers, L.LightningModule, HasCaptionPredic
 
     def after_validation(self, scores: dict[str, float]) -> dict[str, float]:
         """Each validation of fit, with its corpus scores (`val/CIDEr`, ...) before they are logged: returns what
-        to log. A subclass that replaces its weights here returns the scores of the weights it holds afterwards, so
-        that ModelCheckpoint files those weights under their own score."""
-        return scores
+        to log. SCST's guard may replace the weights here: then the scores are those of the weights held afterwards,
+        so that ModelCheckpoint files those weights under their own score."""
+        return scores if self.scst is None else self.scst.after_validation(self, scores)
 
     def predict_step(self, batch: CaptionBatch, batch_idx: int) -> list[dict]:
         if not self.skipped_images.count("predict", batch.skipped, batch.size):

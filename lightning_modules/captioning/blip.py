@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from datamodules.captions import CaptionBatch
+from datamodules.batches import CaptionBatch
 from lightning_modules.captioning.hf import IGNORE, HFCaptioner
 
 
@@ -20,7 +20,6 @@ class BLIPCaptioner(HFCaptioner):
     """
 
     model_class = BlipForConditionalGeneration
-    download_name = "blip-base"
     # BLIP's generate delegates to its text decoder, which does not read generation_config.json: pass it on.
     usage = """
 from transformers import BlipForConditionalGeneration, BlipProcessor, pipeline
@@ -34,8 +33,10 @@ caption = pipe(image, text={prompt!r}, return_full_text=False,
                generate_kwargs={{"generation_config": pipe.model.generation_config}})[0]["generated_text"].strip()
 """
 
-    def __init__(self, prompt: str = "a picture of ", **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, pretrained: str, prompt: str, **kwargs):
+        """`pretrained`: a BLIP captioning checkpoint (hub id in the Hugging Face cache, or a save_pretrained folder);
+        `prompt`: what captions follow, in training and generation (its tokens are masked out of the loss)."""
+        super().__init__(pretrained=pretrained, **kwargs)
 
     def save_processor(self, directory: Path) -> None:
         BlipProcessor(self.image_processor, self.tokenizer).save_pretrained(directory)

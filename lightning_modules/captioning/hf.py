@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import NotRequired, TypedDict
 
 import torch
 import torch.distributed as dist
@@ -26,19 +27,39 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
-from datamodules.captions import CaptionBatch
-from framework.config import positive, to_plain
+from datamodules.batches import CaptionBatch
+from framework.config import to_plain
 from framework.contracts import BuildsFromConfig, Exports, InferenceOverrides
 from framework.distributed import global_token_mean
 from framework.errors import UserError
 from framework.files import atomic_dir
 from framework.fsdp import ShardedByLayers, full_state_dict, is_sharded
 from framework.pretrained import load_offline
+from framework.schema import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning_modules.captioning.base import CaptioningModule
 
 IGNORE = -100  # target id that cross-entropy skips (prompt, padding)
 GENERATION_KEYS = ("num_beams", "max_length", "min_length")  # shown in the model card
-GENERATION_LENGTHS = ("num_beams", "max_length", "max_new_tokens")  # GenerationConfig fields that must be positive
+
+
+class GenerationSettings(TypedDict):
+    """model.generation: the fields of transformers' GenerationConfig that captioning uses (its meaning of each)."""
+
+    num_beams: NotRequired[PositiveInt]
+    max_length: NotRequired[PositiveInt]  # tokens, the prompt's included (BLIP)
+    max_new_tokens: NotRequired[PositiveInt]
+    min_length: NotRequired[NonNegativeInt]
+    min_new_tokens: NotRequired[NonNegativeInt]
+    early_stopping: NotRequired[bool]
+    do_sample: NotRequired[bool]
+    temperature: NotRequired[PositiveFloat]
+    top_k: NotRequired[NonNegativeInt]
+    top_p: NotRequired[Fraction]
+    repetition_penalty: NotRequired[PositiveFloat]
+    length_penalty: NotRequired[float]
+    no_repeat_ngram_size: NotRequired[NonNegativeInt]
+    num_beam_groups: NotRequired[PositiveInt]
+    diversity_penalty: NotRequired[NonNegativeFloat]
 
 
 class ImageProcessorTransform:
@@ -57,35 +78,35 @@ class ImageProcessorTransform:
 class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, InferenceOverrides, Exports):
     """A transformers image-to-text model as a captioner. Subclasses set `model_class` and implement
     `logits_and_targets`, `generate_ids`, `vision_tower`, and for task=caption_explain `decoder_inputs` and
-    `decoder_logits`."""
+    `decoder_logits`. A subclass is one file plus its conf/model/<name>.yaml (and conf/model/sharding/<name>.yaml):
+    checkpoints name their class, exports are recognised by their config.json's model_type (`export_model_type`),
+    and scripts/download_models.py lists the hub ids the YAMLs name."""
 
     inference_hparams = ("generation", "spice")
     model_class: type[PreTrainedModel]
-    download_name = ""  # scripts/download_models.py name suggested for a missing hub id (framework/pretrained.py)
     usage = ""  # model-card snippet; {prompt} is filled in
     fsdp_methods = ("generate",)
 
     def __init__(
         self,
-        pretrained: str | None = None,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
-        generation: dict | None = None,
-        label_smoothing: float = 0.0,
-        max_caption_tokens: int = 40,
-        freeze_vision: bool = False,
-        gradient_checkpointing: bool = False,
-        spice: bool = False,
+        pretrained: str | None,
+        optimizer: dict,
+        scheduler: dict | None,
+        generation: GenerationSettings | None,
+        label_smoothing: Fraction,
+        max_caption_tokens: PositiveInt,
+        freeze_vision: bool,
+        gradient_checkpointing: bool,
+        spice: bool,
         architecture: dict[str, str] | None = None,
     ):
+        """`pretrained`: a hub id in the Hugging Face cache or a save_pretrained folder; `generation`: generate()'s
+        settings (null: the checkpoint's own); `max_caption_tokens`: training text is truncated to it; `architecture`:
+        the model's config and processor files, which only checkpoints set (load_from_checkpoint)."""
         super().__init__(spice=spice)
         self.save_hyperparameters(logger=False, ignore=["architecture"])
         for key in ("optimizer", "scheduler", "generation"):
             self.hparams[key] = to_plain(self.hparams[key])
-        positive(max_caption_tokens, "model.max_caption_tokens", integer=True)
-        for key in GENERATION_LENGTHS:  # transformers would fail later, or generate empty captions
-            if (self.hparams.generation or {}).get(key) is not None:
-                positive(self.hparams.generation[key], f"model.generation.{key}", integer=True)
         if architecture:  # load_from_checkpoint: the architecture from the checkpoint, its weights from the state dict
             self.model, self.image_processor, self.tokenizer = self.build_from_files(architecture)
         else:
@@ -93,16 +114,17 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
         self.model.train()  # from_pretrained returns it in eval mode; Lightning switches modes from here on
         self.prepare_special_tokens()
         # Decoding settings live in the model's generation config: used by every generate call, saved with exports.
-        unused = self.model.generation_config.update(**(self.hparams.generation or {}))
-        if unused:
-            raise UserError(
-                f"model.generation: {', '.join(sorted(unused))} are not settings of transformers' "
-                "GenerationConfig (e.g. num_beams, max_length, min_length)"
-            )
+        self.model.generation_config.update(**(self.hparams.generation or {}))
         if freeze_vision:
             self.vision_tower().requires_grad_(False)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @classmethod
+    def export_model_type(cls) -> str:
+        """The `model_type` in the config.json of this class's exports (e.g. "blip"): how the Captioner API knows
+        them."""
+        return cls.model_class.config_class.model_type
 
     # -- what subclasses provide -------------------------------------------------------------------------------
     def load_pretrained_parts(self) -> tuple[PreTrainedModel, object, object]:
@@ -146,7 +168,7 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
                 "save_pretrained directory"
             )
         loaders = (self.model_class.from_pretrained, AutoImageProcessor.from_pretrained, AutoTokenizer.from_pretrained)
-        return tuple(load_offline(load, source, "model.pretrained", download=self.download_name) for load in loaders)
+        return tuple(load_offline(load, source, "model.pretrained") for load in loaders)
 
     def architecture_files(self) -> dict[str, str]:
         """The model config and processor files (text), without weights."""

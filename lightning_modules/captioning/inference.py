@@ -8,28 +8,78 @@ captioner.generate_captions(["a.jpg", pil_image], batch_size=16)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
+from hydra.utils import get_class
 from PIL import Image
 from tqdm import tqdm
 
-from datamodules.captions import CaptionBatch
+from datamodules.batches import CaptionBatch
 from framework.checkpoints import is_sharded_checkpoint, load_module, read_checkpoint
+from framework.config import CONF, model_settings
 from framework.errors import UserError
 from framework.images import load_rgb
-from lightning_modules.captioning.base import CaptioningModule
-from lightning_modules.captioning.blip import BLIPCaptioner
-from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
-from lightning_modules.captioning.vit_gpt2 import ViTGPT2Captioner
+from framework.schema import Checker
+from lightning_modules.captioning.base import CLASS_KEY, CaptioningModule
 
-# Checkpoints name their class (CaptioningModule.on_save_checkpoint); only these classes are loaded.
-CHECKPOINT_CLASSES = {cls.__name__: cls for cls in (CNNRNNCaptioner, BLIPCaptioner, ViTGPT2Captioner)}
-# Hugging Face directories, by config.json's model_type.
-EXPORT_CLASSES = {"blip": BLIPCaptioner, "vision-encoder-decoder": ViTGPT2Captioner}
+PACKAGE = __name__.rsplit(".", 1)[0]  # lightning_modules.captioning: the classes a checkpoint may name
+
+
+@functools.cache
+def configured_captioners() -> dict[type[CaptioningModule], str]:
+    """The captioner classes of this package that a conf/model/<name>.yaml builds, with that name: the registry of
+    checkpoints and exports, derived from the configs (a new captioner is known once its YAML exists)."""
+    found = {}
+    for path in sorted((CONF / "model").glob("*.yaml")):
+        target = (yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}).get("_target_", "")
+        if target.startswith(f"{PACKAGE}."):
+            module_class = get_class(target)
+            if issubclass(module_class, CaptioningModule):
+                found.setdefault(module_class, path.stem)
+    return found
+
+
+def checkpoint_class(name: str | None) -> type[CaptioningModule] | None:
+    """The class a checkpoint names: its full path ("lightning_modules.captioning.blip.BLIPCaptioner"), or for older
+    checkpoints its class name, among the configured captioners; None if it names no captioner of this package."""
+    if not isinstance(name, str):
+        return None
+    if "." in name:
+        if not name.startswith(f"{PACKAGE}."):
+            return None
+        try:
+            module_class = get_class(name)
+        except (ImportError, ValueError):
+            return None
+        return module_class if isinstance(module_class, type) and issubclass(module_class, CaptioningModule) else None
+    return next((cls for cls in configured_captioners() if cls.__name__ == name), None)
+
+
+def export_classes() -> dict[str, type[CaptioningModule]]:
+    """Hugging Face export directories' config.json model_type -> the captioner that loads them."""
+    return {cls.export_model_type(): cls for cls in configured_captioners() if hasattr(cls, "export_model_type")}
+
+
+def checked(module_class: type[CaptioningModule], settings: dict, complete: bool) -> dict:
+    """`settings` of `module_class`, checked as the runner checks a config: a bad one is one UserError naming
+    model.<key>; `complete`: every argument without a default must be there."""
+    checker = Checker(partial_paths=False)
+    checker.check_parameters(settings, module_class, "model", partial=not complete, data_inputs=())
+    if checker.problems:
+        raise UserError("\n".join(checker.problems))
+    return settings
+
+
+def settings_for(module_class: type[CaptioningModule], **values) -> dict:
+    """The constructor arguments of `module_class` as its conf/model YAML gives them (the one home of its defaults;
+    no scheduler: nothing is trained), `values` replacing some; checked."""
+    return checked(module_class, model_settings(configured_captioners()[module_class], scheduler=None, **values), True)
 
 
 class Captioner:
@@ -50,25 +100,33 @@ class Captioner:
         captioners.
 
         `overrides` change inference settings, e.g. `generation={"num_beams": 5}` (BLIP, ViT-GPT2) or
-        `beam_size=3` (CNN-RNN).
+        `beam_size=3` (CNN-RNN), checked as the config's are. An export is recognised by its config.json's model_type
+        and built with its class's conf/model YAML settings (its own generation settings kept); a checkpoint names
+        the class that wrote it and holds its settings.
         """
         path = Path(path)
         if path.is_dir() and not is_sharded_checkpoint(path):
             config = path / "config.json"
-            model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-            if model_type not in EXPORT_CLASSES:
+            model_type = None
+            if config.is_file():
+                model_type = json.loads(config.read_text(encoding="utf-8-sig")).get("model_type")
+            known = export_classes()
+            if model_type not in known:
                 raise UserError(
                     f"{path} is not a Hugging Face export of a captioner we know (config.json model_type "
-                    f"{model_type!r}; known: {', '.join(EXPORT_CLASSES)})"
+                    f"{model_type!r}; known: {', '.join(known)})"
                 )
-            return cls(EXPORT_CLASSES[model_type](pretrained=str(path), **overrides), device)
+            module_class = known[model_type]
+            # generation=None: the export's own generation_config.json, unless overridden
+            settings = settings_for(module_class, pretrained=str(path), **{"generation": None, **overrides})
+            return cls(module_class(**settings), device)
         if not path.exists():
             raise UserError(f"{path} does not exist: give an export directory or a .ckpt file")
-        name = read_checkpoint(path, key=None).get("captioner")
-        if name not in CHECKPOINT_CLASSES:
+        name = read_checkpoint(path, key=None).get(CLASS_KEY)
+        module_class = checkpoint_class(name)
+        if module_class is None:
             raise UserError(f"{path} is not a captioner checkpoint of this project (it names {name!r})")
-        module = load_module(CHECKPOINT_CLASSES[name], path, **overrides)
-        return cls(module, device)
+        return cls(load_module(module_class, path, **checked(module_class, overrides, complete=False)), device)
 
     def generate_caption(self, image: str | os.PathLike | Image.Image) -> str:
         """The caption of one image (a path or a PIL image)."""

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 from torchvision import models
 
 from framework.errors import UserError
+from framework.schema import Fraction, PositiveFloat, PositiveInt
 from framework.weights import imagenet_state_dict
-
-ENCODERS = ("small_cnn", "resnet50", "densenet201")
-FINETUNE = ("all", "last", "none")
 
 
 class SmallCNN(nn.Sequential):
@@ -31,17 +31,15 @@ class ImageEncoder(nn.Module):
 
     def __init__(
         self,
-        name: str = "small_cnn",
-        pretrained: bool | str = False,
-        finetune: str = "all",
-        width: int = 32,
-        lr: float | None = None,
+        name: Literal["small_cnn", "resnet50", "densenet201"],
+        pretrained: bool | str,
+        finetune: Literal["all", "last", "none"],
+        width: PositiveInt,
+        lr: PositiveFloat | None,
     ):
+        """`pretrained`: ImageNet weights from the torch cache (true), from a .pth file (its path), or none (false);
+        `width`: small_cnn's first channels; `lr`: the encoder's learning rate (null: the optimizer's)."""
         super().__init__()
-        if name not in ENCODERS:
-            raise UserError(f"unknown encoder '{name}' (model.encoder.name): choose one of {', '.join(ENCODERS)}")
-        if finetune not in FINETUNE:
-            raise UserError(f"model.encoder.finetune must be one of {', '.join(FINETUNE)}, got '{finetune}'")
         if name == "small_cnn":
             if pretrained:
                 raise UserError("small_cnn has no pretrained weights: set model.encoder.pretrained=false")
@@ -106,18 +104,19 @@ class RNNDecoder(nn.Module):
 
     def __init__(
         self,
-        vocab_size: int,
-        feature_dim: int,
-        rnn: str = "lstm",
-        attention: bool = True,
-        embed_dim: int = 256,
-        hidden_dim: int = 512,
-        attention_dim: int = 256,
-        dropout: float = 0.3,
+        vocab_size: PositiveInt,
+        feature_dim: PositiveInt,
+        rnn: Literal["lstm", "gru"],
+        attention: bool,
+        embed_dim: PositiveInt,
+        hidden_dim: PositiveInt,
+        attention_dim: PositiveInt,
+        dropout: Fraction,
     ):
+        """`vocab_size` and `feature_dim` come from the captioner (its vocabulary, its encoder's channels); the rest
+        from its `decoder` settings. `attention`: soft attention over the grid, else the pooled image as the initial
+        state."""
         super().__init__()
-        if rnn not in ("lstm", "gru"):
-            raise UserError(f"model.decoder.rnn must be 'lstm' or 'gru', got '{rnn}'")
         self.rnn = rnn
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.attention = BahdanauAttention(feature_dim, hidden_dim, attention_dim) if attention else None

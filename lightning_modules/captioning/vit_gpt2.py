@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
 
-from datamodules.captions import CaptionBatch
+from datamodules.batches import CaptionBatch
 from framework.errors import UserError
 from framework.pretrained import load_offline
 from lightning_modules.captioning.hf import IGNORE, HFCaptioner
@@ -22,7 +22,6 @@ class ViTGPT2Captioner(HFCaptioner):
     """
 
     model_class = VisionEncoderDecoderModel
-    download_name = "vit-gpt2"
     usage = """
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 model = VisionEncoderDecoderModel.from_pretrained(DIR)
@@ -31,7 +30,8 @@ ids = model.generate(pixel_values=processor(images=image, return_tensors="pt").p
 caption = tokenizer.decode(ids[0], skip_special_tokens=True).strip()
 """
 
-    def __init__(self, encoder_pretrained: str | None = None, decoder_pretrained: str | None = None, **kwargs):
+    def __init__(self, encoder_pretrained: str | None, decoder_pretrained: str | None, **kwargs):
+        """With `pretrained` null: the image encoder and the text decoder to assemble (hub ids or folders)."""
         super().__init__(**kwargs)
         # The decoder reads the ViT's hidden states, never its pooled output: the pooler gets no gradient, and DDP
         # stops on parameters "not used in producing the loss" unless they are frozen.
@@ -64,12 +64,13 @@ caption = tokenizer.decode(ids[0], skip_special_tokens=True).strip()
             )
 
         # The processor and tokenizer first: a missing encoder or decoder is an error naming its own key.
-        processor = load_offline(
-            AutoImageProcessor.from_pretrained, encoder, "model.encoder_pretrained", download="vit-base"
-        )
-        tokenizer = load_offline(AutoTokenizer.from_pretrained, decoder, "model.decoder_pretrained", download="gpt2")
+        processor = load_offline(AutoImageProcessor.from_pretrained, encoder, "model.encoder_pretrained")
+        tokenizer = load_offline(AutoTokenizer.from_pretrained, decoder, "model.decoder_pretrained")
         model = load_offline(
-            assemble, f"{encoder} + {decoder}", "model.encoder_pretrained/decoder_pretrained", download="vit-base gpt2"
+            assemble,
+            f"{encoder} + {decoder}",
+            "model.encoder_pretrained/decoder_pretrained",
+            download=f"{encoder} {decoder}",
         )
         return model, processor, tokenizer
 

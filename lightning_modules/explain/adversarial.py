@@ -15,29 +15,27 @@ side, with the classes underneath; predictions.json; metrics: success rate, iter
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from captum.robust import FGSM, PGD
 
 from framework.contracts import SavesPredictions
-from framework.errors import UserError
 from framework.files import write_png
 from framework.images import to_rgb
-from framework.rendering import enlarge, grid, with_caption
-from lightning_modules.explain.base import (
-    ExplainModule,
-    gradients,
-    mean_metrics,
-    read_rgb,
-    write_summary,
-)
+from framework.rendering import TILE, enlarge, grid, read_rgb, stack, with_caption
+from framework.schema import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, SettingsOf
+from lightning_modules.explain.base import ExplainModule, gradients, mean_metrics, write_summary
+from lightning_modules.explain.classifier import classifier_to_explain
 
-ATTACKS = ("fooling", "fgsm", "pgd")
-# step_size / steps when the config leaves them null: fooling takes L2 steps, pgd L-inf ones of 2/255
-DEFAULT_STEP_SIZE = {"fooling": 0.5, "fgsm": None, "pgd": 2 / 255}
-DEFAULT_STEPS = {"fooling": 100, "fgsm": 1, "pgd": 10}
-TILE = 160
+Attack = Literal["fooling", "fgsm", "pgd"]  # model.attack takes these
+ATTACKS: tuple[str, ...] = get_args(Attack)
+# Each attack's step_size and steps, where model.step_size / model.steps are null (conf/model/adversarial.yaml says
+# so): fooling takes L2 steps, pgd L-inf ones of 2/255, fgsm one step of epsilon.
+STEP_SIZE = {"fooling": 0.5, "fgsm": None, "pgd": 2 / 255}
+STEPS = {"fooling": 100, "fgsm": 1, "pgd": 10}
 
 
 def fooling_images(
@@ -64,37 +62,29 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class AdversarialModule(ExplainModule, SavesPredictions):
-    """Adversarial examples of `attack` for each image; see the module docstring."""
+    """Adversarial examples of `attack` for each image; see the module docstring. Settings:
+    conf/model/adversarial.yaml."""
 
     def __init__(
         self,
-        classifier: dict,
-        attack: str = "pgd",
-        target: int | None = None,
-        epsilon: float = 8 / 255,
-        step_size: float | None = None,
-        steps: int | None = None,
-        classes: list[str] | None = None,
-        image_size: int | None = None,
-        source_size: list[int] | None = None,
+        classifier: SettingsOf[classifier_to_explain],
+        attack: Attack,
+        target: NonNegativeInt | None,
+        epsilon: Fraction,
+        step_size: PositiveFloat | None,
+        steps: PositiveInt | None,
+        classes: list[str] | None,
+        image_size: PositiveInt | None,
+        source_size: list[int] | None,
     ):
+        """`epsilon`: a pixel-space L-inf radius (pixels are in [0, 1]; 8/255 = 0.031 is usual). `step_size`, `steps`:
+        null takes the attack's own (STEP_SIZE, STEPS)."""
         super().__init__(classifier, classes, image_size, source_size)
-        if attack not in ATTACKS:
-            raise UserError(f"model.attack={attack} is not one of {', '.join(ATTACKS)}")
-        step_size = DEFAULT_STEP_SIZE[attack] if step_size is None else step_size
-        steps = DEFAULT_STEPS[attack] if steps is None else steps
+        step_size = STEP_SIZE[attack] if step_size is None else step_size
+        steps = STEPS[attack] if steps is None else steps
         self.save_hyperparameters(logger=False)
-        if not 0 <= epsilon <= 1:
-            raise UserError(
-                f"model.epsilon={epsilon} is outside [0, 1]: it is a pixel-space L-inf radius "
-                "(pixels are in [0, 1]; 8/255 = 0.031 is usual)"
-            )
-        if steps < 1 or (step_size is not None and step_size <= 0):
-            raise UserError(f"model.steps ({steps}) must be at least 1 and model.step_size ({step_size}) positive")
         self.targeted = attack == "fooling" or target is not None
-
-    def build_explainer(self) -> None:
-        self.target = self.check_class(self.hparams.target, "model.target")
+        self.target = self.check_class(target, "model.target")
         self.fgsm = FGSM(self.classifier, cross_entropy, lower_bound=0.0, upper_bound=1.0)
         self.pgd = PGD(self.classifier, cross_entropy, lower_bound=0.0, upper_bound=1.0)
 
@@ -169,8 +159,7 @@ class AdversarialModule(ExplainModule, SavesPredictions):
     def save_predictions(self, rows: list[dict], output_dir) -> dict[str, float]:
         """predictions.json, metrics (success rate, iterations, L2, L-inf) and a sheet of the first examples."""
         metrics = mean_metrics(rows)
-        sheet = np.concatenate(
-            [read_rgb(output_dir / "adversarial" / f"{self.image_name(row['image'])}.png") for row in rows[:8]], axis=0
-        )
+        folder = output_dir / "adversarial"
+        sheet = stack([read_rgb(folder / f"{self.image_name(row['image'])}.png") for row in rows[:8]])
         write_summary(output_dir, rows, metrics, {f"adversarial_{self.hparams.attack}": sheet})
         return metrics

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
 
-from framework.errors import UserError
 from lightning_modules.explain.classifier import PixelClassifier
 
-METHODS = ("vanilla", "smoothgrad", "integrated_gradients", "gradcam")
+Method = Literal["vanilla", "smoothgrad", "integrated_gradients", "gradcam"]  # model.methods takes these
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 class Attributions:
-    """The attribution methods of one classifier.
+    """The attribution methods of one classifier (settings: those of conf/model/saliency.yaml).
 
     - vanilla: |d score / d pixel| (Simonyan et al. 2014);
     - smoothgrad: the vanilla gradient averaged over `smoothgrad_samples` copies of the image with Gaussian
@@ -32,10 +34,10 @@ class Attributions:
         self,
         classifier: PixelClassifier,
         gradcam_layer: str,
-        smoothgrad_samples: int = 25,
-        smoothgrad_noise: float = 0.05,
-        ig_steps: int = 32,
-        internal_batch_size: int = 256,
+        smoothgrad_samples: int,
+        smoothgrad_noise: float,
+        ig_steps: int,
+        internal_batch_size: int,
     ):
         saliency = Saliency(classifier)
         smoothgrad = NoiseTunnel(saliency)
@@ -67,13 +69,6 @@ class Attributions:
                 "bilinear",
             ),
         }
-
-    @staticmethod
-    def check(methods: list[str]) -> list[str]:
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown or not methods:
-            raise UserError(f"model.methods: {', '.join(unknown) or 'none given'}; choose from {', '.join(METHODS)}")
-        return list(methods)
 
     def attribute(
         self, method: str, pixels: torch.Tensor, targets: torch.Tensor, forward_args: tuple | None = None

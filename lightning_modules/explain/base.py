@@ -1,6 +1,8 @@
 """What the explaining tasks share: the classifier under explanation, targets, image files and the TensorBoard summary.
 
-They run in mode=predict (their task configs set it): predict_step writes each image's files as it goes
+They run in mode=predict (their task configs set it), built from cfg.model (no checkpoint of their own): the
+constructor reads what it explains (the classifier, the captioner) and checks it against the data and the settings,
+so that a bad combination stops the run before any image is read; predict_step writes each image's files as it goes
 (atomically), and save_predictions(rows, output_dir) writes predictions.json, sheets and metrics at the end.
 """
 
@@ -20,7 +22,8 @@ from framework.config import to_plain
 from framework.contracts import BuildsFromConfig
 from framework.errors import UserError
 from framework.files import atomic_write, write_json, write_png
-from framework.images import SkippedImages, load_rgb
+from framework.images import SkippedImages
+from framework.schema import PositiveInt, SettingsOf
 from lightning_modules.explain.classifier import PixelClassifier, classifier_to_explain, required_classifier
 
 log = logging.getLogger(__name__)
@@ -54,22 +57,19 @@ class ExplainBase(L.LightningModule, BuildsFromConfig):
 
 
 class ExplainModule(ExplainBase):
-    """A LightningModule around a frozen classifier (see model.classifier in conf/model/classifier_to_explain.yaml).
-
-    The classifier comes in two steps, as Lightning prepares data: `prepare_data` trains or locates it (once per
-    node, on local rank 0, while the other ranks wait at a barrier), then `setup` loads it on every rank and calls
-    `build_explainer`. The constructor only records and checks its arguments: it reads and writes no file.
-    Outside a Trainer, call `module.prepare_data()` and `module.setup("predict")` before using it.
-    """
+    """A LightningModule around a frozen classifier (model.classifier: conf/model/classifier_to_explain.yaml),
+    loaded when the module is built, so that its classes are known before any stage. A shapes classifier that
+    model.classifier names without a checkpoint is trained by the runner first (`required_runs`)."""
 
     data_inputs = ("classes", "image_size", "source_size")  # from the data module, before the module is built
+    weights_key = "model.classifier.checkpoint"  # the weights it uses: it has no checkpoints of its own
 
     def __init__(
         self,
-        classifier: dict,
-        classes: list[str] | None = None,
-        image_size: int | None = None,
-        source_size: list[int] | None = None,
+        classifier: SettingsOf[classifier_to_explain],
+        classes: list[str] | None,
+        image_size: PositiveInt | None,
+        source_size: list[int] | None,
     ):
         """From the data module: `classes`, the labels of the data, which must be the classifier's; `image_size`, the
         size its images are resized to (None: the data has no images); for a folder of unlabelled images, the size
@@ -77,37 +77,24 @@ class ExplainModule(ExplainBase):
         image: the synthetic shapes, square and of the size it was trained on, at that size."""
         super().__init__()
         self.classifier_config = to_plain(classifier)
-        self.data_classes, self.data_image_size, self.source_size = classes, image_size, source_size
-        self.classifier: PixelClassifier | None = None  # loaded by setup
-        self.folder_of_shapes = (
-            self.classifier_config.get("name", "shapes") == "shapes" and classes is None and image_size is not None
-        )
-        if self.folder_of_shapes:  # checked before a shapes classifier is trained or loaded: shapes images are square
+        folder_of_shapes = self.classifier_config["name"] == "shapes" and classes is None and image_size is not None
+        if folder_of_shapes:  # checked before the shapes classifier is read: shapes images are square
             self.check_shapes_images(source_size)
+        self.classifier: PixelClassifier = classifier_to_explain(**self.classifier_config).requires_grad_(False)
+        if classes is not None and list(classes) != self.class_names:
+            raise UserError(
+                f"the data's classes ({', '.join(classes)}) are not those of the classifier "
+                f"({', '.join(self.class_names[:5])}, ...): explain labelled shapes data with "
+                "model.classifier.name=shapes, or other images with data=explain_images"
+            )
+        if folder_of_shapes:
+            self.check_shapes_images(source_size, self.classifier.image_size)
+        self.check_image_size(image_size, "data.image_size")
 
     @classmethod
     def required_runs(cls, settings: dict) -> list:
         """The shapes classifier's training run, when model.classifier names no checkpoint of it."""
         return required_classifier(settings["classifier"])
-
-    def setup(self, stage: str | None = None) -> None:
-        """Load the prepared classifier (once), check it against the data, and build what explains it."""
-        if self.classifier is not None:
-            return
-        self.classifier = classifier_to_explain(**self.classifier_config).requires_grad_(False)
-        if self.data_classes is not None and list(self.data_classes) != self.class_names:
-            raise UserError(
-                f"the data's classes ({', '.join(self.data_classes)}) are not those of the classifier "
-                f"({', '.join(self.class_names[:5])}, ...): explain labelled shapes data with "
-                "model.classifier.name=shapes, or other images with data=explain_images"
-            )
-        if self.folder_of_shapes:
-            self.check_shapes_images(self.source_size, self.classifier.image_size)
-        self.check_image_size(self.data_image_size, "data.image_size")
-        self.build_explainer()
-
-    def build_explainer(self) -> None:
-        """What a task builds around the loaded classifier (attribution methods, attacks) and checks against it."""
 
     @staticmethod
     def check_shapes_images(source_size: list[int] | None, trained: int | None = None) -> None:
@@ -124,25 +111,18 @@ class ExplainModule(ExplainBase):
             "shapes with data=shape_classes"
         )
 
-    @classmethod
-    def load_from_checkpoint(cls, *args, **kwargs):
-        raise UserError(
-            f"{cls.__name__} is not trained and has no checkpoint: leave ckpt_path unset and give the "
-            "classifier to explain as model.classifier.checkpoint=PATH"
-        )
-
     @property
     def class_names(self) -> list[str]:
         return self.classifier.class_names
 
     def check_class(self, target: int | None, key: str) -> int | None:
-        """`target` if it is one of the classifier's classes (or None); a UserError naming `key` otherwise."""
-        if target is not None and (
-            isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < len(self.class_names)
-        ):
+        """`target` if it is one of the classifier's classes (or None); a UserError naming `key` otherwise (the
+        config's schema has checked that it is a whole number >= 0)."""
+        if target is not None and target >= len(self.class_names):
             raise UserError(
                 f"{key}={target} is not a class of the classifier: give an index in "
-                f"0..{len(self.class_names) - 1} ({', '.join(self.class_names[:5])}, ...)"
+                f"0..{len(self.class_names) - 1} ({', '.join(self.class_names[:5])}"
+                f"{', ...' if len(self.class_names) > 5 else ''})"
             )
         return target
 
@@ -164,10 +144,6 @@ def gradients() -> Iterator[None]:
     """Gradients inside the predict loop, which runs under torch.inference_mode / no_grad."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    return np.asarray(load_rgb(path))
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 import torch
@@ -34,21 +35,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.checkpoints import read_checkpoint
-from framework.contracts import ExplainsCheckpoint, SavesPredictions
+from framework.contracts import SavesPredictions
 from framework.errors import UserError
 from framework.files import write_png
 from framework.images import to_rgb
-from framework.rendering import attention_overlay, enlarge, grid, with_caption
+from framework.rendering import SMALL_TILE, attention_overlay, enlarge, grid, read_rgb, stack, with_caption
+from framework.schema import (
+    ExistingPath,
+    Fraction,
+    NonEmpty,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    Seed,
+)
 from lightning_modules.captioning.base import CaptioningModule
 from lightning_modules.captioning.inference import Captioner
-from lightning_modules.explain.attributions import METHODS, Attributions, to_maps
-from lightning_modules.explain.base import (
-    ExplainBase,
-    gradients,
-    read_rgb,
-    write_npy,
-    write_summary,
-)
+from lightning_modules.explain.attributions import Attributions, Method, to_maps
+from lightning_modules.explain.base import ExplainBase, gradients, write_npy, write_summary
 from lightning_modules.explain.caption_words import CaptionWordScorer, Generated, ground_words, word_scorer
 from lightning_modules.explain.measures import (
     cascading_randomisations,
@@ -58,8 +62,8 @@ from lightning_modules.explain.measures import (
     spearman,
 )
 
-CAPTION_METHODS = (*METHODS, "attention")
-TILE = 128  # pixels per panel of the sheets
+CaptionMethod = Literal[Method, "attention"]  # model.methods: task=saliency's, and the decoder's attention
+CAPTION_METHODS: tuple[str, ...] = get_args(CaptionMethod)
 KINDS = ("content", "function")
 
 
@@ -87,47 +91,41 @@ class Words:
         return Words(*(getattr(self, field.name)[index] for field in fields(self)))
 
 
-class CaptionExplainModule(ExplainBase, ExplainsCheckpoint, SavesPredictions):
-    """Per-word attribution maps of a captioner (`captioner`: its checkpoint, from ckpt_path: ExplainsCheckpoint),
-    measured."""
+class CaptionExplainModule(ExplainBase, SavesPredictions):
+    """Per-word attribution maps of a captioner (`captioner`: its checkpoint or export directory, model.captioner),
+    measured. Settings: conf/model/caption_explain.yaml."""
 
-    data_inputs = ("image_size",)  # from the data module, before the module is built
+    data_inputs = ("image_size", "object_words")  # from the data module, before the module is built
+    weights_key = "model.captioner"  # the weights it uses: it has no checkpoints of its own
 
     def __init__(
         self,
-        captioner: str | CaptioningModule | None,
-        methods: list[str],
-        words: list[int] | None = None,
-        function_words: list[str] = (),
-        gradcam_layer: str = "encoder",
-        ig_steps: int = 32,
-        internal_batch_size: int = 256,
-        deletion_steps: int = 20,
-        pointing_tolerance: float = 15 / 224,
-        randomisation: bool = True,
-        randomisation_words: int | None = 32,
-        seed: int = 0,
-        contact_sheet_images: int = 8,
-        image_size: int | None = None,
+        captioner: ExistingPath,
+        methods: Annotated[list[CaptionMethod], NonEmpty()],
+        words: list[NonNegativeInt] | None,
+        function_words: list[str],
+        gradcam_layer: str,
+        smoothgrad_samples: PositiveInt,
+        smoothgrad_noise: NonNegativeFloat,
+        ig_steps: PositiveInt,
+        internal_batch_size: PositiveInt,
+        deletion_steps: PositiveInt,
+        pointing_tolerance: Fraction,
+        randomisation: bool,
+        randomisation_words: PositiveInt | None,
+        seed: Seed,
+        contact_sheet_images: PositiveInt,
+        image_size: PositiveInt | None,
+        object_words: dict[str, list[str]] | None,
     ):
+        """From the data module: `image_size`, the size its images are resized to (the captioner's own, checked here);
+        `object_words`, for each attribute of the objects its images list (shape, colour, size) the words that name
+        its values (caption_words.ground_words; None: the images list no objects)."""
         super().__init__()
-        self.save_hyperparameters(ignore=["captioner"] if isinstance(captioner, nn.Module) else None, logger=False)
-        unknown = [m for m in methods if m not in CAPTION_METHODS]
-        if unknown or not methods:
-            raise UserError(
-                f"model.methods: {', '.join(unknown) or 'none given'}; choose from {', '.join(CAPTION_METHODS)}"
-            )
-        if words is not None and not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in words):
-            raise UserError(
-                f"model.words={list(words)}: give word indices (0: a caption's first word), or null for every word"
-            )
-        if randomisation_words is not None and (isinstance(randomisation_words, bool) or randomisation_words < 1):
-            raise UserError(
-                f"model.randomisation_words={randomisation_words}: give a number of words >= 1, or null for every "
-                "word (model.randomisation=false skips the check)"
-            )
+        self.save_hyperparameters(logger=False)
         self.methods, self.words, self.function_words = list(methods), words, set(function_words)
-        self.scorer: CaptionWordScorer = word_scorer(self.load_captioner(captioner)).requires_grad_(False)
+        self.object_words = object_words
+        self.scorer: CaptionWordScorer = word_scorer(load_captioner(captioner)).requires_grad_(False)
         if "attention" in self.methods and not self.scorer.has_attention:
             others = ",".join(m for m in self.methods if m != "attention") or "integrated_gradients,gradcam"
             raise UserError(
@@ -135,36 +133,21 @@ class CaptionExplainModule(ExplainBase, ExplainsCheckpoint, SavesPredictions):
             )
         if image_size is not None and self.scorer.image_size not in (None, image_size):
             raise UserError(
-                f"data.image_size={image_size}, but the captioner takes {self.scorer.image_size} px "
+                f"data.image_size={image_size}, but the captioner (model.captioner) takes {self.scorer.image_size} px "
                 f"images: set data.image_size={self.scorer.image_size}"
             )
-        settings = dict(gradcam_layer=gradcam_layer, ig_steps=ig_steps, internal_batch_size=internal_batch_size)
+        settings = dict(
+            gradcam_layer=gradcam_layer,
+            smoothgrad_samples=smoothgrad_samples,
+            smoothgrad_noise=smoothgrad_noise,
+            ig_steps=ig_steps,
+            internal_batch_size=internal_batch_size,
+        )
         self.attributions = Attributions(self.scorer, **settings)
         randomised = cascading_randomisations(self.scorer, seed) if randomisation else []
         self.randomised_layers = [name for name, _ in randomised]
         self.randomised = nn.ModuleList(model for _, model in randomised)  # moved to the device with the module
         self.randomised_attributions = [Attributions(model, **settings) for model in self.randomised]
-
-    @staticmethod
-    def load_captioner(path: str | CaptioningModule | None) -> CaptioningModule:
-        """The captioner at `path` (a checkpoint, or an export directory), or the module itself (benchmarks)."""
-        if isinstance(path, CaptioningModule):
-            return path
-        if not path:
-            raise UserError(
-                "task=caption_explain needs ckpt_path=CAPTIONER, the captioner to explain: a checkpoint "
-                "such as outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt (CNN-RNN, BLIP or "
-                "ViT-GPT2), or a BLIP / ViT-GPT2 export directory"
-            )
-        if not Path(path).is_dir():
-            read_checkpoint(path)  # a missing or broken file: one error naming ckpt_path
-        return Captioner.from_pretrained(path).module
-
-    @classmethod
-    def load_from_checkpoint(cls, *args, **kwargs):
-        raise UserError(
-            f"{cls.__name__} is not trained and has no checkpoint: give the captioner to explain as ckpt_path"
-        )
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         if not self.has_images(batch):
@@ -223,9 +206,9 @@ class CaptionExplainModule(ExplainBase, ExplainsCheckpoint, SavesPredictions):
         for r, record in enumerate(records):
             record["kind"] = "function" if record["word"] in self.function_words else "content"
             record["probability"] = log_probs[r, words.targets[r]].exp().item()
-        if objects is None:
+        if objects is None or self.object_words is None:
             return
-        grounded = [ground_words(caption, image_objects) for caption, image_objects in zip(captions, objects)]
+        grounded = [ground_words(caption, found, self.object_words) for caption, found in zip(captions, objects)]
         for record, i, t in zip(records, words.images.tolist(), words.positions.tolist()):
             record["box"] = None if grounded[i][t] is None else objects[i][grounded[i][t]]["box"]
         tolerance = self.hparams.pointing_tolerance * max(pixels.shape[-2:])
@@ -297,7 +280,7 @@ class CaptionExplainModule(ExplainBase, ExplainsCheckpoint, SavesPredictions):
         name, folder = self.image_name(row["image"]), self.output_dir / "caption_explain"
         rgb = to_rgb(image)
         write_png(folder / "input" / f"{name}.png", rgb)
-        big = enlarge(rgb, TILE)
+        big = enlarge(rgb, SMALL_TILE)
         lines = []
         for method, method_maps in maps.items():
             write_npy(folder / method / f"{name}.npy", method_maps.cpu().numpy())
@@ -319,19 +302,21 @@ class CaptionExplainModule(ExplainBase, ExplainsCheckpoint, SavesPredictions):
         return metrics
 
 
+def load_captioner(path: str) -> CaptioningModule:
+    """The captioner at `path` (model.captioner): a checkpoint of ours or a BLIP / ViT-GPT2 export directory."""
+    if not Path(path).is_dir():
+        read_checkpoint(path, "model.captioner")  # a broken file: one error naming the key
+    try:
+        return Captioner.from_pretrained(path).module
+    except UserError as error:
+        raise UserError(f"model.captioner={path}: {error}") from None
+
+
 def evenly_spaced(total: int, count: int | None) -> torch.Tensor:
     """`count` indices spread evenly over range(total) (all of them when count is None or not smaller)."""
     if count is None or count >= total:
         return torch.arange(total)
     return torch.linspace(0, total - 1, count).round().long()
-
-
-def stack(images: list[np.ndarray]) -> np.ndarray:
-    """Images one above the other, padded with white on the right to the widest."""
-    width = max(image.shape[1] for image in images)
-    return np.concatenate(
-        [np.pad(image, ((0, 0), (0, width - image.shape[1]), (0, 0)), constant_values=255) for image in images]
-    )
 
 
 def word_metrics(rows: list[dict], prefix: str = "predict") -> dict[str, float]:

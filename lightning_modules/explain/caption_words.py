@@ -16,7 +16,8 @@ decoder has one.
 - `HFScorer`: BLIP and ViT-GPT2 (lightning_modules/captioning/hf.py); words as the tokenizer decodes the caption;
   Grad-CAM on a layer of the vision transformer, its patch tokens as a grid (the CLS token left out); no attention.
 
-`ground_words` finds, on the shapes data, the object each word of a caption speaks of (pointing game).
+`ground_words` finds, on data whose images list their objects (the shapes data), the object each word of a caption
+speaks of (pointing game), with the words the data gives for its objects' attributes (`object_words`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from datamodules.shapes import COLOURS, SHAPES, SIZES
 from framework.errors import UserError
 from framework.images import IMAGENET_MEAN, IMAGENET_STD
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
@@ -279,30 +279,33 @@ def split_words(tokenizer, ids: list[int]) -> tuple[list[str], list[tuple[int, i
 
 
 def word_scorer(captioner) -> CaptionWordScorer:
-    """The scorer of a captioner that caption_explain explains; a UserError naming ckpt_path otherwise."""
+    """The scorer of a captioner that caption_explain explains; a UserError naming model.captioner otherwise."""
     if isinstance(captioner, CNNRNNCaptioner):
         return CNNRNNScorer(captioner)
     if isinstance(captioner, HFCaptioner):
         return HFScorer(captioner)
     raise UserError(
-        f"ckpt_path: task=caption_explain explains CNN-RNN, BLIP and ViT-GPT2 captioners; this one is a "
+        f"model.captioner: task=caption_explain explains CNN-RNN, BLIP and ViT-GPT2 captioners; this one is a "
         f"{type(captioner).__name__}"
     )
 
 
-def ground_words(words: list[str], objects: list[dict]) -> list[int | None]:
-    """For each word of a shapes caption, the index of the object it speaks of (None: none).
+def ground_words(words: list[str], objects: list[dict], object_words: dict[str, list[str]]) -> list[int | None]:
+    """For each word of a caption, the index of the object of `objects` it speaks of (None: none).
 
-    A caption names its objects in noun phrases that end at a shape word ("a small blue square to the left of a
-    large red circle"); a phrase speaks of the object that matches most of its size, colour and shape words.
-    Words after the last shape word belong to the last phrase. A colour, shape or size word speaks of its phrase's
-    object only if it is true of it (a wrong word names no object); any other word speaks of its phrase's object.
+    `object_words`: for each attribute of the objects (a key of their dicts, e.g. shape, colour, size) the words that
+    name its values; the first attribute is the noun (the shapes data: {"shape": [circle, ...], "colour": [red, ...],
+    "size": [small, large]}). A caption names its objects in noun phrases that end at a noun ("a small blue square to
+    the left of a large red circle"); a phrase speaks of the object that matches most of its attribute words. Words
+    after the last noun belong to the last phrase. An attribute word speaks of its phrase's object only if it is true
+    of it (a wrong word names no object); any other word speaks of its phrase's object.
     """
-    attribute = {**{s: "shape" for s in SHAPES}, **{c: "colour" for c in COLOURS}, **{s: "size" for s in SIZES}}
+    attribute = {word: name for name, named in object_words.items() for word in named}
+    nouns = set(next(iter(object_words.values()), ()))
     phrases, phrase = [], 0
     for word in words:
         phrases.append(phrase)
-        phrase += word in SHAPES
+        phrase += word in nouns
     phrases = [min(p, max(phrase - 1, 0)) for p in phrases]
     named = []
     for p in range(max(phrases, default=-1) + 1):

@@ -15,41 +15,34 @@ from torchvision.transforms.functional import gaussian_blur
 from framework.contracts import SavesPredictions
 from framework.files import write_png
 from framework.images import to_rgb
-from framework.rendering import enlarge, grid, with_caption
-from lightning_modules.explain.base import (
-    ExplainModule,
-    gradients,
-    mean_metrics,
-    read_rgb,
-    write_summary,
-)
-
-TILE = 160
+from framework.rendering import TILE, enlarge, grid, read_rgb, with_caption
+from framework.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Seed, SettingsOf
+from lightning_modules.explain.base import ExplainModule, gradients, mean_metrics, write_summary
+from lightning_modules.explain.classifier import classifier_to_explain
 
 
 class ClassVisualisationModule(ExplainModule, SavesPredictions):
-    """Visualises the classes the data module lists (data.targets; all by default)."""
+    """Visualises the classes the data module lists (data.targets; all by default: the classifier's classes reach the
+    data module through the runner's preparation, `use_class_names`). Settings: conf/model/class_visualisation.yaml."""
 
     data_inputs = ()  # the images it shows are its own
 
     def __init__(
         self,
-        classifier: dict,
-        image_size: int = 64,
-        steps: int = 150,
-        learning_rate: float = 0.02,
-        l2: float = 0.01,
-        jitter: int = 4,
-        blur_every: int = 4,
-        blur_sigma: float = 1.0,
-        seed: int = 0,
-        columns: int = 8,
+        classifier: SettingsOf[classifier_to_explain],
+        image_size: PositiveInt,
+        steps: PositiveInt,
+        learning_rate: PositiveFloat,
+        l2: NonNegativeFloat,
+        jitter: NonNegativeInt,
+        blur_every: NonNegativeInt,
+        blur_sigma: PositiveFloat,
+        seed: Seed,
+        columns: PositiveInt,
     ):
-        super().__init__(classifier)
+        super().__init__(classifier, classes=None, image_size=None, source_size=None)
         self.save_hyperparameters(logger=False)
-
-    def build_explainer(self) -> None:
-        self.check_image_size(self.hparams.image_size, "model.image_size")
+        self.check_image_size(image_size, "model.image_size")
 
     def visualise(self, targets: torch.Tensor) -> torch.Tensor:
         """Images [len(targets), 3, S, S] in [0, 1] maximising each target's score."""

@@ -6,8 +6,11 @@ so attributions, attacks and their epsilons are all in pixel space, whatever nor
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import lightning as L
 import torch
@@ -22,10 +25,27 @@ from framework.errors import UserError
 from framework.images import IMAGENET_MEAN, IMAGENET_STD
 from framework.optim import ConfiguredOptimizers
 from framework.prerequisites import RequiredRun
+from framework.schema import ExistingFile, PositiveInt, Range, WritableDir
 from framework.weights import imagenet_state_dict
 from lightning_modules.captioning.nets import SmallCNN
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def torchvision_classifiers() -> frozenset[str]:
+    return frozenset(models.list_models(module=models))
+
+
+@dataclass(frozen=True)
+class ClassifierName:
+    """A constraint (framework/schema.py) on model.classifier.name: shapes, or a torchvision classifier's name."""
+
+    def problem(self, value: Any) -> str | None:
+        return None if value == "shapes" or value in torchvision_classifiers() else self.describe()
+
+    def describe(self) -> str:
+        return "shapes or the name of a torchvision classifier (e.g. resnet50, vgg16, densenet121)"
 
 
 class PixelClassifier(nn.Module):
@@ -111,12 +131,12 @@ class ShapesClassifier(ConfiguredOptimizers, L.LightningModule):
         classes: list[str],
         optimizer: dict,
         scheduler: dict | None,
-        width: int,
-        label_smoothing: float,
-        image_size: int | None = None,
+        width: PositiveInt,
+        label_smoothing: Annotated[float, Range(min=0, below=1)],
+        image_size: PositiveInt | None = None,
     ):
-        """Defaults: conf/model/shapes_classifier.yaml. `image_size`: of the training images (from the data; None in
-        checkpoints written before it was kept)."""
+        """Settings: conf/model/shapes_classifier.yaml. From the data: `classes`, and `image_size`, of the training
+        images (None in checkpoints written before it was kept: framework.config.SIGNATURE_DEFAULTS)."""
         super().__init__()
         classes, optimizer, scheduler = to_plain(classes), to_plain(optimizer), to_plain(scheduler)
         self.save_hyperparameters(logger=False)
@@ -146,22 +166,25 @@ class ShapesClassifier(ConfiguredOptimizers, L.LightningModule):
         self._step(batch, "test")
 
 
-def classifier_to_explain(name: str, checkpoint: str | None, pretrained: bool | str, cache_dir: str) -> PixelClassifier:
-    """The classifier named by model.classifier: `shapes` (a ShapesClassifier checkpoint: the runner names the one in
-    `cache_dir`, trained there first if needed, when none is given: `required_classifier`) or a torchvision classifier
-    such as resnet50 (ImageNet weights from the local torch cache, or from the file `pretrained` names;
-    pretrained=false: random weights)."""
+def classifier_to_explain(
+    name: Annotated[str, ClassifierName()],
+    checkpoint: ExistingFile | None,
+    pretrained: bool | ExistingFile,
+    cache_dir: WritableDir,
+) -> PixelClassifier:
+    """The classifier named by model.classifier (conf/model/classifier_to_explain.yaml): `shapes` (a ShapesClassifier
+    checkpoint: the runner names the one in `cache_dir`, trained there first if needed, when none is given:
+    `required_classifier`) or a torchvision classifier such as resnet50 (ImageNet weights from the local torch cache,
+    or from the file `pretrained` names; pretrained=false: random weights)."""
     if name == "shapes":
         if checkpoint is None:
-            raise UserError("set model.classifier.checkpoint to a task=shapes_classifier checkpoint")
+            raise UserError(
+                "model.classifier.checkpoint is not set: give a task=shapes_classifier checkpoint (python run.py "
+                "fills it in, training the classifier into model.classifier.cache_dir first if it is not there)"
+            )
         check_checkpoint(checkpoint, ShapesClassifier, "shapes_classifier", "model.classifier.checkpoint")
         module = ShapesClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
         return module.classifier.eval()
-    if name not in models.list_models(module=models):
-        raise UserError(
-            f"model.classifier.name={name} is neither 'shapes' nor a torchvision classifier "
-            "(e.g. resnet50, vgg16, densenet121)"
-        )
     net = models.get_model(name, weights=None)
     if pretrained:
         net.load_state_dict(imagenet_state_dict(name, pretrained, "model.classifier.pretrained"))

@@ -17,6 +17,8 @@ Measured per image, averaged into metrics.json:
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
 from torch import nn
@@ -24,16 +26,19 @@ from torch import nn
 from framework.contracts import SavesPredictions
 from framework.files import write_png
 from framework.images import to_rgb
-from framework.rendering import attention_overlay, enlarge, grid
-from lightning_modules.explain.attributions import Attributions
-from lightning_modules.explain.base import (
-    ExplainModule,
-    gradients,
-    mean_metrics,
-    read_rgb,
-    write_npy,
-    write_summary,
+from framework.rendering import SMALL_TILE, attention_overlay, enlarge, grid, read_rgb
+from framework.schema import (
+    Fraction,
+    NonEmpty,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    Seed,
+    SettingsOf,
 )
+from lightning_modules.explain.attributions import Attributions, Method
+from lightning_modules.explain.base import ExplainModule, gradients, mean_metrics, write_npy, write_summary
+from lightning_modules.explain.classifier import classifier_to_explain
 from lightning_modules.explain.measures import (
     cascading_randomisations,
     deletion_insertion,
@@ -42,48 +47,44 @@ from lightning_modules.explain.measures import (
     spearman,
 )
 
-TILE = 128  # pixels per image in the contact sheets
-
 
 class SaliencyModule(ExplainModule, SavesPredictions):
-    """Attribution maps of `methods` for the predicted class (or the class `target`), measured."""
+    """Attribution maps of `methods` for the predicted class (or the class `target`), measured. Settings:
+    conf/model/saliency.yaml."""
 
     def __init__(
         self,
-        classifier: dict,
-        methods: list[str],
-        target: int | None = None,
-        gradcam_layer: str | None = None,
-        smoothgrad_samples: int = 25,
-        smoothgrad_noise: float = 0.05,
-        ig_steps: int = 32,
-        internal_batch_size: int = 256,
-        deletion_steps: int = 20,
-        pointing_tolerance: float = 15 / 224,
-        randomisation: bool = True,
-        seed: int = 0,
-        contact_sheet_images: int = 16,
-        contact_sheet_columns: int = 8,
-        classes: list[str] | None = None,
-        image_size: int | None = None,
-        source_size: list[int] | None = None,
+        classifier: SettingsOf[classifier_to_explain],
+        methods: Annotated[list[Method], NonEmpty()],
+        target: NonNegativeInt | None,
+        gradcam_layer: str | None,
+        smoothgrad_samples: PositiveInt,
+        smoothgrad_noise: NonNegativeFloat,
+        ig_steps: PositiveInt,
+        internal_batch_size: PositiveInt,
+        deletion_steps: PositiveInt,
+        pointing_tolerance: Fraction,
+        randomisation: bool,
+        seed: Seed,
+        contact_sheet_images: PositiveInt,
+        contact_sheet_columns: PositiveInt,
+        classes: list[str] | None,
+        image_size: PositiveInt | None,
+        source_size: list[int] | None,
     ):
         super().__init__(classifier, classes, image_size, source_size)
         self.save_hyperparameters(logger=False)
-        self.methods = Attributions.check(list(methods))
-
-    def build_explainer(self) -> None:
-        hp = self.hparams
-        self.target = self.check_class(hp.target, "model.target")
+        self.methods = list(methods)
+        self.target = self.check_class(target, "model.target")
         settings = dict(
-            gradcam_layer=hp.gradcam_layer or self.classifier.last_spatial_layer(),
-            smoothgrad_samples=hp.smoothgrad_samples,
-            smoothgrad_noise=hp.smoothgrad_noise,
-            ig_steps=hp.ig_steps,
-            internal_batch_size=hp.internal_batch_size,
+            gradcam_layer=gradcam_layer or self.classifier.last_spatial_layer(),
+            smoothgrad_samples=smoothgrad_samples,
+            smoothgrad_noise=smoothgrad_noise,
+            ig_steps=ig_steps,
+            internal_batch_size=internal_batch_size,
         )
         self.attributions = Attributions(self.classifier, **settings)
-        randomised = cascading_randomisations(self.classifier, hp.seed) if hp.randomisation else []
+        randomised = cascading_randomisations(self.classifier, seed) if randomisation else []
         self.randomised_layers = [name for name, _ in randomised]
         self.randomised = nn.ModuleList(model for _, model in randomised)  # moved to the device with the module
         self.randomised_attributions = [Attributions(model, **settings) for model in self.randomised]
@@ -141,7 +142,7 @@ class SaliencyModule(ExplainModule, SavesPredictions):
         """predictions.json (every image's figures), the contact sheets and metrics, also in TensorBoard."""
         shown = rows[: self.hparams.contact_sheet_images]
         panels = {
-            folder: [enlarge(self._tile(output_dir, folder, row), TILE) for row in shown]
+            folder: [enlarge(self._tile(output_dir, folder, row), SMALL_TILE) for row in shown]
             for folder in ("input", *self.methods)
         }
         columns = min(self.hparams.contact_sheet_columns, len(shown))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import Annotated, Literal
 
 import lightning as L
 import torch
@@ -43,15 +44,17 @@ from framework.config import to_plain
 from framework.contracts import (
     BuildsFromConfig,
     Exports,
-    HasGeneratedSamples,
     InferenceOverrides,
     SavesPredictions,
 )
 from framework.errors import UserError
 from framework.fsdp import FSDP2Strategy, ShardedByLayers, full_state_dict, is_sharded
 from framework.optim import ConfiguredOptimizers, fused_adam_by_default
+from framework.schema import ExistingPath, MultipleOf, NonNegativeFloat, PositiveFloat, Range
 from lightning_modules.generation import parts, sampling
-from lightning_modules.generation.export import export_lora
+from lightning_modules.generation.export import CardSettings, export_lora
+from lightning_modules.generation.parts import LoraSettings, TextEncoderSettings
+from lightning_modules.generation.sampling import FidelitySettings, InferenceSettings
 from lightning_modules.generation.sdxl import TEXT_ENCODERS, encode_prompts, load_sdxl, time_ids
 
 
@@ -61,40 +64,41 @@ class DreamBoothLoRA(
     L.LightningModule,
     BuildsFromConfig,
     InferenceOverrides,
-    HasGeneratedSamples,
     SavesPredictions,
     Exports,
 ):
     scheduler_interval = "step"
+    data_inputs = ("resolution",)  # the images are generated at the training images' size
     inference_hparams = ("inference", "fidelity", "lora_weights", "fuse_lora", "lora_scale", "kohya")
 
     def __init__(
         self,
         pretrained: str,
         vae: str | None,
-        resolution: int,
-        lora: dict,
+        resolution: Annotated[int, Range(min=64), MultipleOf(8)],
+        lora: LoraSettings,
         train_text_encoder: bool,
-        text_encoder: dict,
+        text_encoder: TextEncoderSettings,
         optimizer: dict | None,
         scheduler: dict | None,
         use_8bit_adam: bool,
-        prediction_type: str | None,
-        snr_gamma: float | None,
-        noise_offset: float,
-        prior_loss_weight: float,
+        prediction_type: Literal["epsilon", "v_prediction"] | None,
+        snr_gamma: PositiveFloat | None,
+        noise_offset: NonNegativeFloat,
+        prior_loss_weight: NonNegativeFloat,
         gradient_checkpointing: bool,
         cache_prompt_embeddings: bool,
-        inference: dict,
-        fidelity: dict | None,
-        lora_weights: str | None,
+        inference: InferenceSettings,
+        fidelity: FidelitySettings | None,
+        lora_weights: ExistingPath | None,
         fuse_lora: bool,
         lora_scale: float,
         kohya: bool,
-        card: dict | None,
-        vae_fp32: bool = True,  # a default only for checkpoints written before the key existed
+        card: CardSettings | None,
+        vae_fp32: bool = True,  # framework.config.SIGNATURE_DEFAULTS: checkpoints from before the key lack it
     ):
-        """The arguments and their defaults: conf/model/sdxl_lora.yaml."""
+        """The settings and their defaults: conf/model/sdxl_lora.yaml; `resolution` (of the generated images) is the
+        data's (`data_inputs`: data.resolution)."""
         super().__init__()
         lora, text_encoder, inference, fidelity, optimizer, scheduler, card = (
             to_plain(x) for x in (lora, text_encoder, inference, fidelity, optimizer, scheduler, card)
@@ -108,19 +112,15 @@ class DreamBoothLoRA(
         self.noise_scheduler = loaded["scheduler"]
         if prediction_type:
             self.noise_scheduler.register_to_config(prediction_type=prediction_type)
-        if self.noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        if self.noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):  # the pipeline's own
             raise UserError(
-                f"prediction type '{self.noise_scheduler.config.prediction_type}' is not supported "
-                "(model.prediction_type: epsilon or v_prediction)"
+                f"the noise scheduler of model.pretrained={pretrained} predicts "
+                f"'{self.noise_scheduler.config.prediction_type}', which is not supported: set "
+                "model.prediction_type=epsilon or v_prediction"
             )
         self.inference_scheduler = parts.inference_scheduler(self.noise_scheduler, pretrained, inference["scheduler"])
         parts.freeze(self.unet, self.vae, self.text_encoders, train_text_encoder)
-        if lora_weights:  # inference with an exported LoRA, loaded the way users load it
-            if not Path(lora_weights).exists():
-                raise UserError(
-                    f"model.lora_weights={lora_weights} does not exist: give an exported LoRA folder "
-                    "(a run's export/) or a .safetensors file"
-                )
+        if lora_weights:  # inference with an exported LoRA (a folder or a .safetensors file), loaded as users load it
             self.pipeline().load_lora_weights(lora_weights)
             for module in (self.unet, *self.text_encoders):
                 module.requires_grad_(False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -12,6 +13,16 @@ from framework.errors import UserError
 from framework.files import atomic_dir
 from lightning_modules.generation.parts import TEXT_ENCODER_DORA
 from lightning_modules.generation.sdxl import TEXT_ENCODERS, save_lora
+
+
+class CardSettings(TypedDict):
+    """model.card: what the exported README.md model card says of the run."""
+
+    name: str  # the task's name
+    trigger_word: str | None
+    instance_prompt: str | None
+    prior_preservation: bool
+
 
 CARD = """---
 base_model: {pretrained}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Annotated, TypedDict
 
 import diffusers
 import torch
@@ -13,6 +14,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, inject_adapter_in_model
 
 from framework.errors import UserError
+from framework.schema import NonEmpty, NonNegativeFloat, PositiveFloat, PositiveInt, Range
 from lightning_modules.generation.sdxl import set_lora_enabled
 
 log = logging.getLogger(__name__)
@@ -23,8 +25,29 @@ TEXT_ENCODER_DORA = (
     "exported LoRA would draw other images than the trained model"
 )
 
+# The names of the layers an adapter goes on (peft's target_modules): at least one.
+TargetModules = Annotated[list[str], NonEmpty()]
 
-def lora_config(lora: dict, target_modules: list[str]) -> LoraConfig:
+
+class LoraSettings(TypedDict):
+    """model.lora: the LoRA adapters (on the UNet; with model.train_text_encoder on both text encoders too)."""
+
+    rank: PositiveInt
+    alpha: PositiveFloat | None  # null: the rank (scale 1)
+    dropout: Annotated[float, Range(min=0, below=1)]
+    use_dora: bool
+    target_modules: TargetModules  # of the UNet
+
+
+class TextEncoderSettings(TypedDict):
+    """model.text_encoder: the text encoders' adapters (with model.train_text_encoder) and their optimizer group."""
+
+    lr: PositiveFloat
+    weight_decay: NonNegativeFloat
+    target_modules: TargetModules
+
+
+def lora_config(lora: LoraSettings, target_modules: list[str]) -> LoraConfig:
     return LoraConfig(
         r=lora["rank"],
         lora_alpha=lora["alpha"] or lora["rank"],
@@ -46,7 +69,13 @@ def freeze(unet, vae, text_encoders: list[torch.nn.Module], train_text_encoder: 
     vae.eval()
 
 
-def add_adapters(unet, text_encoders: list[torch.nn.Module], lora: dict, text_encoder: dict, train_text_encoder: bool):
+def add_adapters(
+    unet,
+    text_encoders: list[torch.nn.Module],
+    lora: LoraSettings,
+    text_encoder: TextEncoderSettings,
+    train_text_encoder: bool,
+):
     """The trained LoRA adapters (adapter "default") on the UNet, and with `train_text_encoder` on both encoders."""
     unet.add_adapter(lora_config(lora, lora["target_modules"]))
     if train_text_encoder:

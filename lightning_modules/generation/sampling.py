@@ -5,18 +5,20 @@ preservation."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from datamodules.dreambooth import prompt_slug
 from framework.distributed import gather_objects
 from framework.errors import UserError
 from framework.files import write_json, write_png
+from framework.schema import NonNegativeFloat, PositiveInt
 from lightning_modules.generation.fidelity import Fidelity
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,25 @@ GENERATION_HINT = (
 )
 
 
+class InferenceSettings(TypedDict):
+    """model.inference: how validation, eval and predict generate images."""
+
+    scheduler: str | None  # a diffusers scheduler class name; null: the pipeline's own (parts.inference_scheduler)
+    num_inference_steps: PositiveInt
+    guidance_scale: NonNegativeFloat  # classifier-free guidance; <= 1: none
+
+
+class FidelitySettings(TypedDict):
+    """model.fidelity: the models that score generated images (a hub id in the local cache or a folder; null: off)."""
+
+    clip: str | None  # CLIP-T, CLIP-I
+    dino: str | None  # DINO
+
+
 @torch.no_grad()
-def generate(pipeline, prompts: list[str], seeds: list[int], resolution: int, inference: dict, at_step: str) -> list:
+def generate(
+    pipeline, prompts: list[str], seeds: list[int], resolution: int, inference: InferenceSettings, at_step: str
+) -> list:
     """PIL images for prompts, one fixed seed each (CPU generators: the same images on any device). The VAE decodes
     without autocast, in its own dtype; images holding NaN or inf stop the run (`at_step` says when)."""
     latents = pipeline(
@@ -93,7 +112,7 @@ def check_black(rows: list[dict], stage: str, at_step: str) -> None:
 class LazyFidelity:
     """The fidelity models (model.fidelity.clip / .dino), loaded on first use; none when neither is set."""
 
-    def __init__(self, config: dict | None):
+    def __init__(self, config: FidelitySettings | None):
         self.config = config or {}
         self.models: Fidelity | None = None
 
@@ -108,6 +127,11 @@ class LazyFidelity:
         if models is None:
             return {}
         return models.to(device)([r["image"] for r in rows], [r["prompt"] for r in rows], references())
+
+
+def prompt_slug(prompt: str, limit: int = 40) -> str:
+    """A prompt as part of a file name: lower-case letters and digits, runs of anything else as one '_'."""
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:limit] or "prompt"
 
 
 def prediction_rows(rows: list[dict]) -> list[dict]:

@@ -15,41 +15,46 @@ import torch
 
 from framework.config import to_plain
 from framework.contracts import Exports
+from framework.errors import UserError
 from framework.files import atomic_dir, write_json, write_png
 from framework.images import SkippedImages, to_rgb
 from framework.loggers import tensorboard
 from framework.optim import ConfiguredOptimizers
-from lightning_modules.style.losses import build_perceptual_loss
+from framework.schema import NonNegativeFloat, PositiveFloat, PositiveInt, SettingsOf, Target
+from lightning_modules.style.losses import Layers, LayerWeights, build_perceptual_loss
 from lightning_modules.style.nets import TransformerNet
+from lightning_modules.style.vgg import VGGSettings
 
 log = logging.getLogger(__name__)
 
 
 class FastStyle(ConfiguredOptimizers, L.LightningModule, Exports):
-    """Trains `TransformerNet` for the `style` image ([3, H, W] in [0, 1], from the data module; only needed to
-    train). The VGG loss network is not saved in checkpoints: stylising needs the transformation net only. The other
-    arguments and their defaults: conf/model/fast_style.yaml."""
+    """Trains `TransformerNet` for the `style` image ([3, H, W] in [0, 1]) on square crops of `crop_size` px, both
+    from the data module and only given to train: a checkpoint loaded for predict or export is built without them
+    (framework.config.SIGNATURE_DEFAULTS). The VGG loss network is not saved in checkpoints: stylising needs the
+    transformation net only. The other arguments and their defaults: conf/model/fast_style.yaml."""
 
-    data_inputs = ("style",)  # from the data module, before the model is built
+    data_inputs = ("style", "crop_size")  # from the data module, before the model is built to train
 
     def __init__(
         self,
-        net: dict,
-        vgg: dict,
-        optimizer: dict,
+        net: SettingsOf[TransformerNet],
+        vgg: VGGSettings,
+        optimizer: Target,
         allow_random_features: bool,
-        content_layers: list[str],
-        style_layers: dict[str, float],
-        content_weight: float,
-        style_weight: float,
-        tv_weight: float,
-        image_every_n_steps: int,
+        content_layers: Layers,
+        style_layers: LayerWeights,
+        content_weight: NonNegativeFloat,
+        style_weight: PositiveFloat,
+        tv_weight: NonNegativeFloat,
+        image_every_n_steps: PositiveInt,
         style: torch.Tensor | None = None,
+        crop_size: PositiveInt | None = None,
     ):
         super().__init__()
         net, vgg, optimizer = to_plain(net), to_plain(vgg), to_plain(optimizer)
         content_layers, style_layers = list(to_plain(content_layers)), to_plain(style_layers)
-        self.save_hyperparameters(ignore=["style"], logger=False)
+        self.save_hyperparameters(ignore=["style", "crop_size"], logger=False)
         self.net = TransformerNet(**net)
         self.skipped_images = SkippedImages()
         self.loss = None
@@ -57,8 +62,27 @@ class FastStyle(ConfiguredOptimizers, L.LightningModule, Exports):
             self.loss = build_perceptual_loss(
                 vgg, allow_random_features, content_layers, style_layers, content_weight, style_weight, tv_weight
             )
+            self.check_sizes(style, crop_size)
             self.register_buffer("style", style.unsqueeze(0), persistent=False)
             self.strict_loading = False  # resuming: the checkpoint has no loss network, this module has one
+
+    def check_sizes(self, style: torch.Tensor, crop_size: int | None) -> None:
+        """The style image and the training crops against the loss network's deepest layer and the transformation
+        net's smallest input: one error naming the data key, before training starts."""
+        need, layer = self.loss.features.min_size, self.loss.features.names[-1]
+        height, width = style.shape[-2:]
+        if min(height, width) < need:
+            raise UserError(
+                f"data.style: the style image is {width}x{height} px as resized (its longer side data.style_size, or "
+                f"data.image_size where that is null): layer {layer} needs at least {need} px a side; raise "
+                "data.style_size or use a less elongated style image"
+            )
+        smallest = max(need, TransformerNet.min_size)
+        if crop_size is not None and crop_size < smallest:
+            raise UserError(
+                f"data.image_size={crop_size}: the training crops must be at least {smallest} px (layer {layer} of "
+                f"the loss network needs {need} px, the transformation net {TransformerNet.min_size} px)"
+            )
 
     def state_dict(self, *args, **kwargs):
         # Checkpoints hold the transformation net only (the loss network is fixed ImageNet VGG).

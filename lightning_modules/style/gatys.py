@@ -10,6 +10,8 @@ kept; coarse-to-fine: the first scales are optimised at a fraction of the size, 
 from __future__ import annotations
 
 import logging
+import math
+from typing import Annotated, Literal
 
 import lightning as L
 import torch
@@ -22,15 +24,19 @@ from framework.files import write_png
 from framework.images import to_rgb
 from framework.loggers import tensorboard
 from framework.optim import ConfiguredOptimizers
+from framework.schema import NonEmpty, NonNegativeFloat, PositiveFloat, PositiveInt, Range, Target
 from lightning_modules.style.images import matched_luminance, rgb_to_yiq, yiq_to_rgb
-from lightning_modules.style.losses import build_perceptual_loss
+from lightning_modules.style.losses import Layers, LayerWeights, build_perceptual_loss
+from lightning_modules.style.vgg import VGGSettings
 
 log = logging.getLogger(__name__)
-INITS = ("content", "noise")
+
+Scale = Annotated[float, Range(above=0, max=1)]  # a fraction of the content's size (data.image_size)
 
 
 class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
-    """`content` [3, H, W] and `styles` ([3, h, w] each, blended with `style_weights`) are RGB in [0, 1].
+    """`content` [3, H, W] and `styles` ([3, h, w] each, blended with `style_weights`; `style_names`: the config key
+    and file of each, for errors) are RGB in [0, 1], from the data module.
 
     Each of `scales` (fractions of the content size, ascending) gets an equal share of the training steps;
     at each new scale the image is upsampled, the targets recomputed and the optimizer started afresh. The style
@@ -38,52 +44,65 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
     arguments and their defaults: conf/model/gatys.yaml.
     """
 
-    data_inputs = ("content", "styles", "style_weights")  # from the data module, before the model is built
+    data_inputs = ("content", "styles", "style_weights", "style_names")  # from the data, before the model is built
 
     def __init__(
         self,
         content: torch.Tensor,
         styles: list[torch.Tensor],
-        style_weights: list[float],
-        vgg: dict,
-        optimizer: dict,
+        style_weights: list[PositiveFloat],
+        style_names: list[str],
+        vgg: VGGSettings,
+        optimizer: Target,
         allow_random_features: bool,
-        content_layers: list[str],
-        style_layers: dict[str, float],
-        content_weight: float,
-        style_weight: float,
-        tv_weight: float,
-        init: str,
+        content_layers: Layers,
+        style_layers: LayerWeights,
+        content_weight: NonNegativeFloat,
+        style_weight: PositiveFloat,
+        tv_weight: NonNegativeFloat,
+        init: Literal["content", "noise"],
         preserve_color: bool,
-        scales: list[float],
+        scales: Annotated[list[Scale], NonEmpty()],
         output: str,
-        image_every_n_steps: int,
+        image_every_n_steps: PositiveInt,
     ):
         super().__init__()
         vgg, optimizer, scales = to_plain(vgg), to_plain(optimizer), list(to_plain(scales))
         content_layers, style_layers = list(to_plain(content_layers)), to_plain(style_layers)
-        if init not in INITS:
-            raise UserError(f"model.init={init} is not one of {', '.join(INITS)}")
-        if not scales or any(s <= 0 for s in scales) or scales != sorted(scales):
-            raise UserError(
-                f"model.scales={scales} must be positive fractions of the image size, ascending (e.g. [0.5, 1.0])"
-            )
-        self.save_hyperparameters(ignore=["content", "styles"], logger=False)
+        if scales != sorted(scales):
+            raise UserError(f"model.scales={scales} must be ascending (coarse to fine, e.g. [0.25, 0.5, 1.0])")
+        self.save_hyperparameters(ignore=["content", "styles", "style_names"], logger=False)
         self.loss = build_perceptual_loss(
             vgg, allow_random_features, content_layers, style_layers, content_weight, style_weight, tv_weight
         )
         self.sizes = [(max(1, round(content.shape[1] * s)), max(1, round(content.shape[2] * s))) for s in scales]
-        if min(self.sizes[0]) < self.loss.features.min_size:
-            raise UserError(
-                f"the image is {self.sizes[0][1]}x{self.sizes[0][0]} px at model.scales[0]={scales[0]}: "
-                f"layer {self.loss.features.names[-1]} needs at least {self.loss.features.min_size} px "
-                "a side; raise data.image_size or the first scale"
-            )
+        self.check_sizes(content, styles, style_names, scales)
         self.register_buffer("content", content.unsqueeze(0), persistent=False)
         self.style_images = [s.unsqueeze(0) for s in styles]  # sizes differ: a list, moved when used
         start = self.working(self.resized(self.content, 0))
         self.image = nn.Parameter(start.clone() if init == "content" else torch.rand_like(start))
         self.scale_index, self.content_targets = 0, {}
+
+    def check_sizes(self, content: torch.Tensor, styles: list[torch.Tensor], names: list[str], scales) -> None:
+        """Every image at the first (smallest) scale must leave a pixel at the deepest layer: one error naming the
+        image and what to change, before any step."""
+        need, layer = self.loss.features.min_size, self.loss.features.names[-1]
+        height, width = self.sizes[0]
+        if min(height, width) < need:
+            raise UserError(
+                f"data.content: the image is {width}x{height} px at model.scales[0]={scales[0]}: layer {layer} needs "
+                f"at least {need} px a side; raise data.image_size or the first scale"
+            )
+        for style, name in zip(styles, names):
+            # style_inputs: F.interpolate with scale_factor, which rounds down
+            small = [math.floor(side * scales[0]) for side in style.shape[-2:]]
+            if min(small) < need:
+                raise UserError(
+                    f"{name}: the style image is {style.shape[-1]}x{style.shape[-2]} px as resized "
+                    f"(data.style_scale), {small[1]}x{small[0]} px at model.scales[0]={scales[0]}: layer {layer} needs "
+                    f"at least {need} px a side; raise data.style_scale or the first scale, or use a less elongated "
+                    "style image"
+                )
 
     def resized(self, images: torch.Tensor, scale_index: int) -> torch.Tensor:
         size = self.sizes[scale_index]

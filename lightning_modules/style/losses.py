@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.errors import UserError
-from lightning_modules.style.vgg import VGGFeatures, check_layers
+from framework.schema import NonEmpty, PositiveFloat
+from lightning_modules.style.vgg import VGGFeatures, VGGSettings, check_layers
+
+Layers = Annotated[list[str], NonEmpty()]  # VGG layer names (conv1_1, relu1_1, pool1, ...), checked per model.vgg.arch
+LayerWeights = Annotated[dict[str, PositiveFloat], NonEmpty()]  # layer name: weight
 
 
 class _Gram(torch.autograd.Function):
@@ -107,38 +112,17 @@ class PerceptualLoss(nn.Module):
 
 
 def build_perceptual_loss(
-    vgg: dict,
+    vgg: VGGSettings,
     allow_random_features: bool,
     content_layers: list[str],
-    style_layers: dict[str, float] | list[str],
+    style_layers: dict[str, float],
     content_weight: float,
     style_weight: float,
     tv_weight: float,
 ) -> PerceptualLoss:
-    """The loss from the model config, every layer name and weight checked (UserErrors name the model.* key)."""
-    arch = vgg.get("arch", "vgg19")
-    if not isinstance(style_layers, dict):  # a list of names: equal weights
-        style_layers = dict.fromkeys(style_layers, 1.0)
-    check_layers(arch, list(content_layers), "model.content_layers")
-    check_layers(arch, list(style_layers), "model.style_layers")
-    bad = {f"model.style_layers.{layer}": weight for layer, weight in style_layers.items() if not weight > 0}
-    bad |= {"model.style_weight": style_weight} if not style_weight > 0 else {}
-    bad |= {
-        f"model.{name}": value
-        for name, value in (("content_weight", content_weight), ("tv_weight", tv_weight))
-        if not value >= 0
-    }
-    if bad:
-        raise UserError(
-            "loss weights must be positive (content_weight and tv_weight may be 0): "
-            + ", ".join(f"{key}={value}" for key, value in bad.items())
-        )
-    features = VGGFeatures(
-        [*content_layers, *style_layers],
-        arch=arch,
-        pretrained=vgg.get("pretrained", True),
-        pool=vgg.get("pool", "max"),
-        allow_random_features=allow_random_features,
-        dtype=vgg.get("dtype", "float32"),
-    )
+    """The loss from the model config (its types and ranges checked with the config: framework/schema.py); the layer
+    names are checked here against model.vgg.arch (UserErrors name the model.* key)."""
+    check_layers(vgg["arch"], list(content_layers), "model.content_layers")
+    check_layers(vgg["arch"], list(style_layers), "model.style_layers")
+    features = VGGFeatures([*content_layers, *style_layers], allow_random_features=allow_random_features, **vgg)
     return PerceptualLoss(features, content_layers, style_layers, content_weight, style_weight, tv_weight)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.schema import NonNegativeInt, PositiveInt
+
 
 class ConvLayer(nn.Sequential):
     """Reflection-padded convolution, instance norm, optionally ReLU; `upsample` first doubles the size."""
@@ -43,9 +45,15 @@ class TransformerNet(nn.Module):
     """RGB [B, 3, H, W] in [0, 1] -> stylised RGB in [0, 1] (a sigmoid bounds it, as the paper's scaled tanh).
 
     Down by 4 and back up: H and W that are multiples of 4 come back the same; others are resized back.
+    The settings (`width`: channels of the first layer; then 2x and 4x): conf/model/fast_style.yaml's `net` block.
     """
 
-    def __init__(self, width: int = 32, residual_blocks: int = 5):
+    # The smallest image side it takes: the first 9x9 convolution's reflection padding (4 px each side) needs more
+    # than 4 px; the two stride-2 convolutions then leave 2 px, which the residual blocks' 1 px padding still takes.
+    # (datamodules/style.py SMALLEST_SIDE repeats it for the images to stylise: a data module imports no model.)
+    min_size = 5
+
+    def __init__(self, width: PositiveInt, residual_blocks: NonNegativeInt):
         super().__init__()
         self.body = nn.Sequential(
             ConvLayer(3, width, 9),

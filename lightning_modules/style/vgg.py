@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import typing
+from typing import Literal, TypedDict
 
 import torch
 from torch import nn
@@ -19,11 +21,24 @@ from framework.weights import imagenet_state_dict
 
 log = logging.getLogger(__name__)
 
+Arch = Literal["vgg16", "vgg19"]
+Pool = Literal["max", "avg"]
+DType = Literal["auto", "bfloat16", "float32"]
 # Convolutions per block (torchvision's configurations "D" and "E"); every block ends with a 2x2 pooling.
 BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 RANDOM_SEED = 0  # random features are the same on every run and machine
-DTYPES = ("auto", "bfloat16", "float32")
+DTYPES = typing.get_args(DType)
+
+
+class VGGSettings(TypedDict):
+    """The `vgg` block of conf/model/gatys.yaml and fast_style.yaml (their comments say what each takes), passed on to
+    `VGGFeatures` with the layers the losses use."""
+
+    arch: Arch
+    pretrained: bool | str  # a .pth path is checked where it is loaded (fast style's predict does not load it)
+    pool: Pool
+    dtype: DType
 
 
 @functools.cache
@@ -36,10 +51,8 @@ def native_bf16(device_type: str) -> bool:
     return False
 
 
-def layer_names(arch: str) -> list[str]:
+def layer_names(arch: Arch) -> list[str]:
     """Names of the layers of `arch`'s `features`, in torchvision's order: conv1_1, relu1_1, conv1_2, ..., pool5."""
-    if arch not in BLOCKS:
-        raise UserError(f"model.vgg.arch={arch} is not one of {', '.join(BLOCKS)}")
     names = []
     for block, convs in enumerate(BLOCKS[arch], start=1):
         for conv in range(1, convs + 1):
@@ -48,16 +61,15 @@ def layer_names(arch: str) -> list[str]:
     return names
 
 
-def check_layers(arch: str, layers, key: str) -> None:
-    """A UserError naming `key` for layer names that `arch` does not have."""
+def check_layers(arch: Arch, layers, key: str) -> None:
+    """A UserError naming `key` for layer names that `arch` does not have (which names exist depends on
+    model.vgg.arch: checked here, when the loss is built, before any work)."""
     names = layer_names(arch)
     unknown = [layer for layer in layers if layer not in names]
     if unknown:
         raise UserError(
             f"{key}: unknown {arch} layer(s) {', '.join(map(str, unknown))}; valid names: {', '.join(names)}"
         )
-    if not layers:
-        raise UserError(f"{key} is empty: name at least one {arch} layer ({', '.join(names)})")
 
 
 class VGGFeatures(nn.Module):
@@ -74,18 +86,16 @@ class VGGFeatures(nn.Module):
 
     def __init__(
         self,
-        layers,
-        arch: str = "vgg19",
-        pretrained: bool | str = True,
-        pool: str = "max",
-        allow_random_features: bool = False,
-        dtype: str = "float32",
+        layers: list[str],
+        arch: Arch,
+        pretrained: bool | str,
+        pool: Pool,
+        dtype: DType,
+        allow_random_features: bool,
     ):
+        """`arch`, `pretrained`, `pool` and `dtype`: a `VGGSettings` block (checked with the config); `layers`: names
+        that `check_layers` accepted."""
         super().__init__()
-        if pool not in POOLS:
-            raise UserError(f"model.vgg.pool={pool} is not one of {', '.join(POOLS)}")
-        if dtype not in DTYPES:
-            raise UserError(f"model.vgg.dtype={dtype} is not one of {', '.join(DTYPES)}")
         self.dtype = dtype
         names = layer_names(arch)
         self.wanted = frozenset(layers)

@@ -1,5 +1,7 @@
-"""Callbacks that break a run on purpose, added from the command line by the fault-tolerance tests:
-python run.py +callbacks.fault._target_=tests.fault_injection.SignalAtStep +callbacks.fault.step=12
+"""Callbacks that tests add to a run from the command line (`+callbacks.NAME._target_=tests.helpers.callbacks.X`):
+breaking it on purpose, or recording what it trained on.
+
+python run.py +callbacks.fault._target_=tests.helpers.callbacks.SignalAtStep +callbacks.fault.step=12
 """
 
 import os
@@ -32,3 +34,16 @@ class NanLossAtStep(L.Callback):
         if trainer.global_step == self.step:
             original = pl_module.training_loss
             pl_module.training_loss = lambda b: original(b) * torch.tensor(float("nan"))
+
+
+class RecordBatches(L.Callback):
+    """Saves what every training batch held (a list of dicts) to `path` when training ends."""
+
+    def __init__(self, path: str):
+        self.path, self.batches = path, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in batch.items()})
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(self.batches, self.path)
