@@ -59,12 +59,16 @@ def check_printed_config() -> None:
     if not args.cfg or args.multirun:
         return
     from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
 
     from framework.checks import check_config, report
     from framework.errors import UserError
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=args.overrides, return_hydra_config=True)
+        try:
+            cfg = compose("config", overrides=args.overrides, return_hydra_config=True)
+        except ConfigCompositionException:
+            return  # Hydra says it in one message when it composes the config itself
         try:
             check_config(cfg)
         except UserError as error:

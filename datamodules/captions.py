@@ -18,7 +18,7 @@ from datamodules.images import ImageFolderDataset, collate, prepared_image
 from datamodules.items import CaptionedImage, caption_item
 from datamodules.readers import SPLITS, Splits, read_karpathy
 from datamodules.sampling import EpochSampler, ResumableLoader, fit_position, item_key
-from datamodules.shapes import CaptionsPerImage, ImageSize, generate_shapes, shapes_folder
+from datamodules.shapes import CaptionsPerImage, ImageSize, ShapesSet, generate_shapes
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 from framework.images import image_transform
@@ -213,16 +213,8 @@ class ShapesDataModule(CaptionDataModule):
         images: str | None,
         feature_cache: WritableDir | None,
     ):
-        self.generator_settings = {
-            "seed": seed,
-            "num_train": num_train,
-            "num_val": num_val,
-            "num_test": num_test,
-            "image_size": image_size,
-            "captions_per_image": captions_per_image,
-        }
-        self.root = root
-        generate = partial(generate_shapes, root, **self.generator_settings)
+        self.root, self.shapes = root, ShapesSet(seed, num_train, num_val, num_test, image_size, captions_per_image)
+        generate = partial(generate_shapes, root, self.shapes)
         super().__init__(
             source=lambda skip_bad_images: read_karpathy(generate(), image_root=None, skip_bad_images=skip_bad_images),
             image_size=image_size,
@@ -237,5 +229,5 @@ class ShapesDataModule(CaptionDataModule):
 
     def data_paths(self) -> list[str]:
         """What the run read, for its manifest.json: the generated set's folder (and the predict folder), once there."""
-        paths = [str(shapes_folder(self.root, **self.generator_settings)), *([self.images] if self.images else [])]
+        paths = [str(self.shapes.folder(self.root)), *([self.images] if self.images else [])]
         return [path for path in paths if Path(path).exists()]

@@ -26,8 +26,8 @@ from datamodules.shapes import (
     SIZES,
     CaptionsPerImage,
     ImageSize,
+    ShapesSet,
     generate_shapes,
-    shapes_folder,
 )
 from framework.distributed import per_device_batch_size
 from framework.errors import UserError
@@ -139,14 +139,7 @@ class ShapeClassesDataModule(L.LightningDataModule):
         num_predict: PositiveInt | None,
     ):
         super().__init__()
-        self.shapes = dict(
-            seed=seed,
-            num_train=num_train,
-            num_val=num_val,
-            num_test=num_test,
-            image_size=image_size,
-            captions_per_image=captions_per_image,
-        )
+        self.shapes = ShapesSet(seed, num_train, num_val, num_test, image_size, captions_per_image)
         self.root, self.image_size = root, image_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.skip_bad_images = num_workers, skip_bad_images
@@ -159,7 +152,7 @@ class ShapeClassesDataModule(L.LightningDataModule):
     @property
     def splits(self) -> dict[str, list[dict]]:
         if self._splits is None:
-            self._splits = self.read(generate_shapes(self.root, **self.shapes))
+            self._splits = self.read(generate_shapes(self.root, self.shapes))
         return self._splits
 
     read = staticmethod(read_shape_classes)
@@ -168,7 +161,7 @@ class ShapeClassesDataModule(L.LightningDataModule):
 
     def data_paths(self) -> list[str]:
         """The generated set's folder, for the run's manifest."""
-        return [str(shapes_folder(self.root, **self.shapes))]
+        return [str(self.shapes.folder(self.root))]
 
     def model_inputs(self, names: tuple[str, ...]) -> dict:
         """The labels, and the image size: a shapes classifier records the size it was trained on, an explaining

@@ -34,6 +34,7 @@ import pathlib
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Annotated
 
 import cv2
@@ -84,45 +85,33 @@ ImageSize = Annotated[int, Range(min=32)]  # pixels; smaller images leave no roo
 CaptionsPerImage = Annotated[int, Range(min=1, max=MAX_CAPTIONS)]  # distinct captions an image has
 
 
-def shapes_folder(
-    root: str | os.PathLike,
-    *,
-    seed: Seed,
-    num_train: NonNegativeInt,
-    num_val: NonNegativeInt,
-    num_test: NonNegativeInt,
-    image_size: ImageSize,
-    captions_per_image: CaptionsPerImage,
-) -> pathlib.Path:
-    """The folder the set with these settings is generated into (root/<name>), whether it exists yet or not."""
-    name = f"shapes_s{seed}_{num_train}-{num_val}-{num_test}_{image_size}px_{captions_per_image}c"
-    return pathlib.Path(root).expanduser() / name
+@dataclass(frozen=True)
+class ShapesSet:
+    """The settings of one generated set (the data modules that generate one take them; defaults:
+    conf/data/_shapes.yaml; ranges: these annotations, which the config check applies)."""
+
+    seed: Seed
+    num_train: NonNegativeInt
+    num_val: NonNegativeInt
+    num_test: NonNegativeInt
+    image_size: ImageSize
+    captions_per_image: CaptionsPerImage
+
+    def folder(self, root: str | os.PathLike) -> pathlib.Path:
+        """The folder the set is generated into (root/<name>), whether it exists yet or not."""
+        name = (
+            f"shapes_s{self.seed}_{self.num_train}-{self.num_val}-{self.num_test}_{self.image_size}px_"
+            f"{self.captions_per_image}c"
+        )
+        return pathlib.Path(root).expanduser() / name
 
 
-def generate_shapes(
-    root: str | os.PathLike,
-    *,
-    seed: Seed,
-    num_train: NonNegativeInt,
-    num_val: NonNegativeInt,
-    num_test: NonNegativeInt,
-    image_size: ImageSize,
-    captions_per_image: CaptionsPerImage,
-) -> pathlib.Path:
+def generate_shapes(root: str | os.PathLike, shapes: ShapesSet) -> pathlib.Path:
     """Make the data set under root/<name> unless it is already complete there.
 
-    Returns the path of its Karpathy JSON file. The settings' ranges are their annotations, which the config check
-    applies to the data modules that take them.
+    Returns the path of its Karpathy JSON file.
     """
-    final = shapes_folder(
-        root,
-        seed=seed,
-        num_train=num_train,
-        num_val=num_val,
-        num_test=num_test,
-        image_size=image_size,
-        captions_per_image=captions_per_image,
-    )
+    final = shapes.folder(root)
     root, name = final.parent, final.name
     json_path = final / "dataset_shapes.json"
     if json_path.exists():
@@ -132,7 +121,8 @@ def generate_shapes(
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
         os.chmod(tmp, 0o755)
-        _build(tmp, seed, (num_train, num_val, num_test), image_size, captions_per_image)
+        counts = (shapes.num_train, shapes.num_val, shapes.num_test)
+        _build(tmp, shapes.seed, counts, shapes.image_size, shapes.captions_per_image)
         try:
             os.rename(tmp, final)
         except OSError:

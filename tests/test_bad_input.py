@@ -34,7 +34,7 @@ from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.explain.classifier import ShapesClassifier
 from tests.helpers.captioning import caption_data, read
 from tests.helpers.cli import one_error_line
-from tests.helpers.config import TINY_MODEL, TINY_SHAPES, compose_config
+from tests.helpers.config import TINY_DATA, TINY_MODEL, TINY_SHAPES, compose_config
 from tests.helpers.datasets import coco_tree, flickr8k_tree
 from tests.helpers.dreambooth import dreambooth_data
 from tests.helpers.explain import explain_module
@@ -374,9 +374,11 @@ def test_batch_sizes(data, key, tmp_path, data_dir):
 @pytest.mark.slow
 def test_cli_data_dir_that_cannot_be_written(workspace):
     # The shapes data's folder (data.root, by default paths.data_dir: the repository's data/) set to one that cannot be
-    # written, as a user types it.
+    # written, as a user types it: refused before anything runs.
     result = workspace.run(["trainer.fast_dev_run=true", "data.root=/proc/x"], check=False, full_error=False)
-    assert "paths.data_dir (data.root): /proc/x must be a writable folder" in one_error_line(result)
+    errors = [line for line in result.output.splitlines() if "error" in line]
+    assert result.returncode == 1 and not result.created and "Traceback" not in result.output
+    assert errors == ["config error: data.root=/proc/x: takes a folder that can be written (/proc is not one)"]
 
 
 # -------------------------------------------------------------------------------------------- checkpoints
@@ -533,7 +535,7 @@ def test_resuming_from_a_truncated_checkpoint(classifier_run, tmp_path, data_dir
 def test_cli_eval_with_a_checkpoint_of_another_task_or_a_text_file(classifier_run, tmp_path, workspace):
     checkpoint = classifier_run / "checkpoints" / "last.ckpt"
     result = workspace.run(
-        ["task=shapes_captioning", "mode=eval", f"ckpt_path={checkpoint}", *TINY_SHAPES],
+        ["task=shapes_captioning", "mode=eval", f"ckpt_path={checkpoint}", *TINY_DATA],
         check=False,
         full_error=False,
     )
@@ -545,7 +547,7 @@ def test_cli_eval_with_a_checkpoint_of_another_task_or_a_text_file(classifier_ru
     notes = tmp_path / "notes.txt"
     notes.write_text("best epoch: 3\n")
     result = workspace.run(  # HYDRA_FULL_ERROR=1: the traceback too
-        ["mode=predict", f"ckpt_path={notes}", f"data.images={tmp_path}", *TINY_SHAPES],
+        ["mode=predict", f"ckpt_path={notes}", f"data.images={tmp_path}", *TINY_DATA],
         check=False,
     )
     assert result.returncode == 1

@@ -2,6 +2,7 @@
 and finishes it with the weights of an uninterrupted one, a NaN loss or non-finite weights stop the run with its step
 and the last finite weights."""
 
+import json
 import logging
 import math
 import os
@@ -61,6 +62,7 @@ def test_a_signal_mid_epoch_saves_and_resume_auto_finds_the_run_and_finishes_it(
     progress = interrupted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
     assert progress["started"] == progress["completed"] == STEPS_PER_EPOCH + 2  # stopped between two batches
     assert not (run_dir / "metrics.json").exists()  # the run did not finish
+    assert json.loads((run_dir / "status.json").read_text()) == {"status": "interrupted", "error": "SystemExit"}
 
     # Beside it: an older unfinished run of the same command, newer ones of another command or finished.
     record = Path(".hydra/overrides.yaml")
@@ -72,6 +74,7 @@ def test_a_signal_mid_epoch_saves_and_resume_auto_finds_the_run_and_finishes_it(
     with open(decoys["other"] / record, "a") as overrides:
         overrides.write("- seed=7\n")
     (decoys["finished"] / "metrics.json").write_text("{}")
+    (decoys["finished"] / "status.json").write_text('{"status": "ok"}')
 
     resumed = workspace.run([*command, "resume=auto"])
     output = resumed.stdout + resumed.stderr
@@ -150,7 +153,7 @@ def test_nan_loss_stops_the_run_with_its_step(workspace):
 
 @pytest.mark.slow
 def test_a_step_that_makes_the_weights_non_finite_stops_the_run_with_the_weights_before_it(workspace):
-    result = workspace.run([*ARGS, "model.optimizer.lr=inf"], check=False, full_error=False)
+    result = workspace.run([*ARGS, "model.optimizer.lr=1e38"], check=False, full_error=False)
     error = one_error_line(result)
     assert "the weights are not finite after the optimizer step at global step 0 (epoch 0, batch 0; " in error
     saved = last_checkpoint(result.run_dir)

@@ -1,7 +1,6 @@
 """What only a GPU runs: every task on CUDA in bf16-mixed, and FSDP2 on NCCL for the tasks that shard (on the CPU,
 tests/test_fsdp.py runs the same path over gloo). Skipped where no CUDA device is present, which includes CI:
-run `pytest tests/test_gpu.py` on a GPU machine. Not yet run: the GPU lent to the sessions so far was withdrawn
-before these tests existed (README, "From laptop to cluster")."""
+run `pytest tests/test_gpu.py` on a GPU machine (README, "From laptop to cluster", says where they have run)."""
 
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ data/), from its root, through a shell-free `python run.py ARGS`, with only shri
 batch limits, image counts and sizes). The files the README names (`path/to/folder`, `photo.jpg`, ...) are made in
 that copy; `<time>` and `...` in a path are the run dir that the README command before it (`after`) printed.
 Commands that need a GPU, downloaded weights or a real data set are composed with Hydra's compose API, their sweeps
-expanded, every interpolation resolved and the trainer resolved for a faked machine with 8 bf16 GPUs. A README
-command missing from COMMANDS, or an entry of COMMANDS the README no longer shows, fails
+expanded, every interpolation resolved and the trainer resolved for a faked machine with 8 bf16 GPUs. A command the
+README shows failing (a config with bad settings) runs as typed and must print the lines the README shows. A README
+command missing from COMMANDS, or an entry of COMMANDS the README does not show, fails
 `test_every_readme_command_is_covered`.
 """
 
@@ -50,6 +51,14 @@ class Compose:
     needs: str
 
 
+@dataclass(frozen=True)
+class Refused:
+    """Run as typed, it stops before anything runs: exit code 1, the README's `config error` lines (each one line of
+    what it prints), no run dir."""
+
+    lines: tuple[str, ...]
+
+
 CAPTION_DATA = ("data.num_train=64", "data.num_val=16", "data.num_test=16")
 ONE_EPOCH = (
     "trainer.max_epochs=1",
@@ -69,9 +78,18 @@ CAPTION_EXPLAIN = (
 STYLE = ("data.iterations=3", "data.image_size=96")
 DEFAULT = ""  # `python run.py`
 
-COMMANDS: dict[str, Run | Compose] = {
+COMMANDS: dict[str, Run | Compose | Refused] = {
     # Running tasks, captioning
     DEFAULT: Run(SHAPES),
+    "model.beam_size=0 model.decoder.rnn=lstn data.skip_bad_images=yes +data.batch_sise=8 --cfg job": Refused(
+        (
+            "config error: data.skip_bad_images=yes: takes true or false",
+            "config error: data.batch_sise is not a setting of datamodules.captions.ShapesDataModule (did you mean "
+            "data.batch_size?)",
+            "config error: model.decoder.rnn=lstn: takes one of lstm, gru",
+            "config error: model.beam_size=0: takes a whole number >= 1",
+        )
+    ),
     "task=shapes_captioning": Run(SHAPES),
     "mode=eval ckpt_path=outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt": Run(
         ("trainer.limit_test_batches=1", *CAPTION_DATA), after=DEFAULT
@@ -162,10 +180,12 @@ COMMANDS: dict[str, Run | Compose] = {
         "ImageNet ResNet-50 weights"
     ),
     # Explaining captioners
-    "task=caption_explain ckpt_path=outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt": Run(
+    "task=caption_explain model.captioner=outputs/shapes_captioning/runs/<time>/checkpoints/last.ckpt": Run(
         CAPTION_EXPLAIN, after=DEFAULT
     ),
-    "task=caption_explain ckpt_path=.../last.ckpt data.images=path/to/folder": Run(CAPTION_EXPLAIN, after=DEFAULT),
+    "task=caption_explain model.captioner=.../last.ckpt data.images=path/to/folder": Run(
+        CAPTION_EXPLAIN, after=DEFAULT
+    ),
     # Style transfer (random VGG features where the ImageNet weights are not in the torch cache)
     "task=style_transfer": Run(STYLE),
     "task=style_transfer data.image_size=192 data.iterations=150 model.content_weight=20": Run(STYLE),
@@ -206,7 +226,9 @@ README = readme_commands()
 
 def coverage_line() -> str:
     ran = sum(isinstance(spec, Run) for spec in COMMANDS.values())
-    return f"README commands: {len(COMMANDS)}: {ran} run as typed, {len(COMMANDS) - ran} composed"
+    refused = sum(isinstance(spec, Refused) for spec in COMMANDS.values())
+    composed = len(COMMANDS) - ran - refused
+    return f"README commands: {len(COMMANDS)}: {ran} run as typed, {refused} refused as shown, {composed} composed"
 
 
 def test_every_readme_command_is_covered():
@@ -345,3 +367,15 @@ def test_command_runs_as_typed(command, runs, workspace):
         assert config.trainer.accelerator == "cpu" and config.trainer.precision != "auto"
         if "trainer=ddp_sim" in args:  # the job's second rank wrote into the job's own dir
             assert (job_dir / "run_rank_1.log").is_file(), sorted(p.name for p in job_dir.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c, spec in COMMANDS.items() if isinstance(spec, Refused)])
+def test_refused_command_prints_its_config_errors(command, workspace):
+    result = workspace.run(README[command], check=False, full_error=False)
+    assert result.returncode == 1, result.describe()
+    printed = result.stderr.splitlines()
+    assert [line for line in printed if line.startswith("config error: ")] == list(COMMANDS[command].lines), (
+        result.describe()
+    )
+    assert "Traceback" not in result.output and result.created == [], result.describe()

@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from datamodules.shapes import COLOURS, SHAPES, SIZES, generate_shapes
+from datamodules.shapes import COLOURS, SHAPES, SIZES, ShapesSet, generate_shapes
 from framework.checks import check_config
 from framework.config import compose
 from framework.errors import UserError
@@ -21,7 +21,7 @@ RELATION_WORDS = {"left", "right", "above", "below"}
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    path = generate_shapes(root, **SMALL)
+    path = generate_shapes(root, ShapesSet(**SMALL))
     return root, path, json.loads(path.read_text())
 
 
@@ -112,24 +112,24 @@ def test_relations_agree_with_boxes(dataset):
 
 
 def test_deterministic(tmp_path):
-    p1 = generate_shapes(tmp_path / "a", **{**SMALL, "seed": 3})
-    p2 = generate_shapes(tmp_path / "b", **{**SMALL, "seed": 3})
+    p1 = generate_shapes(tmp_path / "a", ShapesSet(**{**SMALL, "seed": 3}))
+    p2 = generate_shapes(tmp_path / "b", ShapesSet(**{**SMALL, "seed": 3}))
     assert p1.read_bytes() == p2.read_bytes()
     for name in ("000000.png", "000007.png", "000029.png"):
         assert (p1.parent / "images" / name).read_bytes() == (p2.parent / "images" / name).read_bytes()
 
 
 def test_different_seed_differs(tmp_path):
-    p1 = generate_shapes(tmp_path, **{**SMALL, "seed": 0})
-    p2 = generate_shapes(tmp_path, **{**SMALL, "seed": 1})
+    p1 = generate_shapes(tmp_path, ShapesSet(**{**SMALL, "seed": 0}))
+    p2 = generate_shapes(tmp_path, ShapesSet(**{**SMALL, "seed": 1}))
     assert p1.parent != p2.parent
     assert json.loads(p1.read_text()) != json.loads(p2.read_text())
     assert (p1.parent / "images" / "000000.png").read_bytes() != (p2.parent / "images" / "000000.png").read_bytes()
 
 
 def test_different_parameters_do_not_collide(tmp_path):
-    p1 = generate_shapes(tmp_path, **SMALL)
-    p2 = generate_shapes(tmp_path, **{**SMALL, "image_size": 48, "captions_per_image": 3})
+    p1 = generate_shapes(tmp_path, ShapesSet(**SMALL))
+    p2 = generate_shapes(tmp_path, ShapesSet(**{**SMALL, "image_size": 48, "captions_per_image": 3}))
     assert p2.parent.name == "shapes_s0_20-5-5_48px_3c"
     assert p1.parent != p2.parent
     data = json.loads(p2.read_text())
@@ -139,10 +139,10 @@ def test_different_parameters_do_not_collide(tmp_path):
 
 
 def test_second_call_does_not_regenerate(tmp_path):
-    path = generate_shapes(tmp_path, **SMALL)
+    path = generate_shapes(tmp_path, ShapesSet(**SMALL))
     png = path.parent / "images" / "000000.png"
     stamps = (path.stat().st_mtime_ns, png.stat().st_mtime_ns)
-    assert generate_shapes(tmp_path, **SMALL) == path
+    assert generate_shapes(tmp_path, ShapesSet(**SMALL)) == path
     assert (path.stat().st_mtime_ns, png.stat().st_mtime_ns) == stamps
     assert [p.name for p in tmp_path.iterdir()] == [path.parent.name]
 
@@ -151,7 +151,7 @@ def test_lost_race_uses_existing(tmp_path, monkeypatch):
     """If another process finishes first, the temp dir is dropped and the winner's data is used."""
     import datamodules.shapes as shapes
 
-    path = generate_shapes(tmp_path, **SMALL)
+    path = generate_shapes(tmp_path, ShapesSet(**SMALL))
     marker = path.read_bytes()
     real_exists = type(path).exists
     calls = []
@@ -163,7 +163,7 @@ def test_lost_race_uses_existing(tmp_path, monkeypatch):
         return real_exists(p)
 
     monkeypatch.setattr(type(path), "exists", exists_once_false)
-    assert shapes.generate_shapes(tmp_path, **SMALL) == path
+    assert shapes.generate_shapes(tmp_path, ShapesSet(**SMALL)) == path
     assert calls and path.read_bytes() == marker
     assert [p.name for p in tmp_path.iterdir()] == [path.parent.name]
 
@@ -176,7 +176,7 @@ def test_failure_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shapes, "_captions", boom)
     with pytest.raises(RuntimeError):
-        shapes.generate_shapes(tmp_path, **SMALL)
+        shapes.generate_shapes(tmp_path, ShapesSet(**SMALL))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -19,7 +19,7 @@ their log-probabilities, and its greedy captions for the baseline) and its train
 (`trainable_state()`, `load_trainable_state(state)`). CaptioningModule (base.py) calls the controller from its
 Lightning hooks when it has one (`self.scst`); the training captions arrive at fit start through the runner's
 preparation (`use_training_captions`, framework/preparation.py). Checkpoints hold the state as a plain dict under
-"scst" (weights_only loads), as they did before this controller existed.
+"scst" (weights_only loads).
 """
 
 from __future__ import annotations

@@ -23,8 +23,7 @@ TINY_MODEL = [
     "model.decoder.attention_dim=16",
     "model.max_len=16",
 ]
-TINY_SHAPES = [
-    *TINY_MODEL,
+TINY_DATA = [
     "data.num_train=48",
     "data.num_val=16",
     "data.num_test=16",
@@ -33,6 +32,7 @@ TINY_SHAPES = [
     "data.eval_batch_size=16",
     "data.num_workers=0",
 ]
+TINY_SHAPES = [*TINY_MODEL, *TINY_DATA]
 
 
 def compose_config(overrides: list[str], output_dir: Path, data_dir: Path) -> DictConfig:
