@@ -28,18 +28,23 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(PY) run.py $(ARGS)
 
-# Lint and format check first (ruff, configured in pyproject.toml): `make format` fixes what it can.
+# Lint and format check first (ruff, configured in pyproject.toml): `make format` fixes what it can. The tests run
+# on WORKERS pytest-xdist processes, one file per process at a time (a file's tests share its fixtures and order);
+# tests/conftest.py gives each worker and the commands it starts one thread. WORKERS=0: one process.
+WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(WORKERS) --dist loadfile
+
 test: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
 
 # The same without the tests marked slow (those that start `python run.py` or train beyond a few steps): every module
 # still runs in-process. pytest's summary says "N passed, M deselected": M is what only `make test` runs.
 test-fast: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 format: install-test
 	$(VENV)/bin/ruff check --fix .

@@ -42,8 +42,11 @@ class StopOnSignal(L.Callback):
         trainer._signal_connector.agree()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):  # Lightning's stop (a SystemExit): our exit code
-            exception.code = 128 + signal.SIGINT if trainer._signal_connector.signum == signal.SIGINT else 0
+        if isinstance(exception, SIGTERMException):  # Lightning's stop (a SystemExit) on any of the signals
+            signum = trainer._signal_connector.signum
+            exception.code = 128 + signal.SIGINT if signum == signal.SIGINT else 0
+            if signum is not None:  # what status.json records (framework/runner.finish)
+                exception.add_note(f"{signal.Signals(signum).name} at a batch boundary")
 
 
 class BatchBoundarySignals(_SignalConnector):

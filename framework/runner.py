@@ -123,7 +123,8 @@ def finish(current: Run, error: BaseException | None) -> None:
     if error is None:
         status = {"status": "ok"}
     elif isinstance(error, (KeyboardInterrupt, SystemExit)):
-        status = {"status": "interrupted", "error": type(error).__name__}
+        # the signal that stopped it where callbacks/signals.py noted one, else the exception's name
+        status = {"status": "interrupted", "error": "; ".join(getattr(error, "__notes__", [])) or type(error).__name__}
     else:
         status = {"status": "failed", "error": one_line(error)}
     paths = current.datamodule.data_paths() if hasattr(current.datamodule, "data_paths") else None

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-import sys
+import importlib
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.captioning import blip_run_dir, vit_gpt2_run_dir
 from tests.helpers.cli import Workspace
 from tests.helpers.dreambooth import RESOLUTION, save_images
 from tests.helpers.explain import trained_shapes_classifier
 from tests.helpers.tiny_models import save_tiny_clip, save_tiny_vit, tiny_blip_dir
+
+# `make test` runs two pytest-xdist workers on two cores: each, and the commands it starts, computes on one thread, as
+# two thread pools of two threads would contend for the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +96,8 @@ def fidelity_models(tmp_path_factory) -> tuple[Path, Path]:
 
 # --------------------------------------------------------------------------------------------------------- hooks
 def pytest_terminal_summary(terminalreporter) -> None:
-    """How many README commands tests/test_readme_commands.py ran as typed and how many it only composed."""
-    readme_test = next((m for name, m in sys.modules.items() if name.endswith("test_readme_commands")), None)
-    if readme_test is not None:
-        terminalreporter.write_line(readme_test.coverage_line())
+    """How many README commands tests/test_readme_commands.py ran as typed and how many it only composed (where it
+    ran: under pytest-xdist the workers ran it, and this process reads the module itself)."""
+    reports = (report for reports in terminalreporter.stats.values() for report in reports)
+    if any(getattr(report, "nodeid", "").startswith("tests/test_readme_commands.py") for report in reports):
+        terminalreporter.write_line(importlib.import_module("tests.test_readme_commands").coverage_line())

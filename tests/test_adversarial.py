@@ -84,7 +84,7 @@ def test_adversarial_run_writes_side_by_side_images_and_metrics(workspace, shape
 
 @pytest.mark.slow
 def test_class_visualisation_raises_the_class_probability(workspace, shapes_checkpoint):
-    run_dir = workspace.run(["task=class_visualisation", "model.steps=30", "data.targets=[0,3]"]).run_dir
+    run_dir = workspace.run(["task=class_visualisation", "model.steps=60", "data.targets=[0,3]"]).run_dir
     rows = json.loads((run_dir / "predictions.json").read_text())
     assert [row["class"] for row in rows] == ["circle", "diamond"]
     assert all(row["probability"] > 0.5 for row in rows), rows  # from noise, where no class is favoured

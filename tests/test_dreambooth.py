@@ -29,6 +29,7 @@ from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
 from lightning_modules.generation.sdxl import KOHYA_FILE
 from tests.helpers.config import ROOT, compose_config, read_metrics, run_here
 from tests.helpers.dreambooth import RESOLUTION, build, generate, lora_keys, save_images, sdxl_lora, tiny_args
+from tests.helpers.trainer import quiet_trainer
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 STEPS = 6  # the resume test: 2 instance images x 2 repeats, batch 1: epochs of 4 steps
@@ -250,7 +251,6 @@ def test_prior_preservation_generates_class_images_once_and_adds_their_loss(tiny
 
 @pytest.mark.slow
 def test_loss_falls_when_overfitting_two_images(tiny_sdxl, dog, tmp_path, data_dir):
-    import lightning as L
 
     model, data = build(
         tmp_path,
@@ -267,15 +267,7 @@ def test_loss_falls_when_overfitting_two_images(tiny_sdxl, dog, tmp_path, data_d
     data.set_latent_cache([(v, model.encode_latent_parameters(pixels)) for v, pixels in data.views_to_encode()])
     batch = next(iter(data.train_dataloader()))
     before = fixed_loss(model, batch, draws=16)
-    trainer = L.Trainer(
-        max_steps=80,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=80, limit_val_batches=0)
     trainer.fit(model, train_dataloaders=data.train_dataloader())
     after = fixed_loss(model, batch, draws=16)
     assert after < before - 0.03, (before, after)  # measured: 1.083 -> 1.010 after 100 steps
@@ -373,16 +365,7 @@ def test_memory_is_freed_after_training_and_nan_images_stop_validation(tiny_sdxl
         def on_train_batch_end(self, trainer, *args):
             sizes.append(len(trainer.optimizers[0].state))
 
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[StateSize()],
-    )
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[StateSize()])
     trainer.fit(model, train_dataloaders=data.train_dataloader())
     trainable = sum(p.requires_grad for p in model.parameters())
     assert sizes == [trainable, trainable]  # AdamW state for every adapter weight while training

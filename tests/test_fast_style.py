@@ -22,6 +22,7 @@ from tests.helpers.config import read_metrics
 from tests.helpers.images import write_image
 from tests.helpers.style import config_problems, task_data
 from tests.helpers.tasks import FAST_STYLE
+from tests.helpers.trainer import quiet_trainer
 
 TINY = {
     "net": {"width": 8, "residual_blocks": 2},
@@ -41,7 +42,7 @@ def stylise(images, tmp_path, **values) -> list[dict]:
     """mode=predict in this process: an untrained tiny network stylises the folder `images` into tmp_path/stylized."""
     data = task_data("fast_style", images=str(images), num_workers=0, **values)
     model = FastStyle(**model_settings("fast_style", **TINY))  # as loaded from a checkpoint: no style, no VGG
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = quiet_trainer(default_root_dir=tmp_path)
     return [row for batch in trainer.predict(model, datamodule=data) for row in batch]
 
 
@@ -76,15 +77,7 @@ def test_fast_style_learns_on_generated_images(folders, tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(
-        max_epochs=8,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Record()],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_epochs=8, callbacks=[Record()], default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
     assert len(losses) == 24
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses

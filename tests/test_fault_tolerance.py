@@ -29,6 +29,7 @@ from framework.runner import run
 from tests.helpers.callbacks import SignalAtStep
 from tests.helpers.cli import one_error_line
 from tests.helpers.config import CONF, TINY_SHAPES, compose_config, read_metrics
+from tests.helpers.trainer import quiet_trainer
 
 STEPS_PER_EPOCH = 6  # 48 training images, batches of 8
 ARGS = [*TINY_SHAPES, "trainer.max_epochs=2", "logger=csv", "data.num_workers=1"]
@@ -62,7 +63,8 @@ def test_a_signal_mid_epoch_saves_and_resume_auto_finds_the_run_and_finishes_it(
     progress = interrupted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
     assert progress["started"] == progress["completed"] == STEPS_PER_EPOCH + 2  # stopped between two batches
     assert not (run_dir / "metrics.json").exists()  # the run did not finish
-    assert json.loads((run_dir / "status.json").read_text()) == {"status": "interrupted", "error": "SystemExit"}
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status == {"status": "interrupted", "error": f"{signal} at a batch boundary"}
 
     # Beside it: an older unfinished run of the same command, newer ones of another command or finished.
     record = Path(".hydra/overrides.yaml")
@@ -93,13 +95,8 @@ def test_a_signal_mid_epoch_saves_and_resume_auto_finds_the_run_and_finishes_it(
 def fit_until_signal(checkpoints, signal: str) -> L.Trainer:
     """A tiny Lightning run with the framework's signal handling, sent `signal` after step 2: it stops there."""
     last = ModelCheckpoint(dirpath=checkpoints, filename="last", save_on_exception=True)
-    trainer = L.Trainer(
-        max_steps=10,
-        callbacks=[StopOnSignal(), last, SignalAtStep(2, signal)],
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = quiet_trainer(
+        max_steps=10, callbacks=[StopOnSignal(), last, SignalAtStep(2, signal)], enable_checkpointing=True
     )
     with pytest.raises(SystemExit) as stop:
         trainer.fit(BoringModel())
@@ -153,7 +150,8 @@ def test_nan_loss_stops_the_run_with_its_step(workspace):
 
 @pytest.mark.slow
 def test_a_step_that_makes_the_weights_non_finite_stops_the_run_with_the_weights_before_it(workspace):
-    result = workspace.run([*ARGS, "model.optimizer.lr=1e38"], check=False, full_error=False)
+    fault = ["+callbacks.fault._target_=tests.helpers.callbacks.InfiniteGradientAtStep", "+callbacks.fault.step=0"]
+    result = workspace.run([*ARGS, *fault], check=False, full_error=False)
     error = one_error_line(result)
     assert "the weights are not finite after the optimizer step at global step 0 (epoch 0, batch 0; " in error
     saved = last_checkpoint(result.run_dir)

@@ -253,7 +253,10 @@ def test_command_composes_and_resolves(command, tmp_path):
             with read_write(cfg.hydra):  # what Hydra sets when the job starts
                 cfg.hydra.runtime.output_dir, cfg.hydra.job.num = str(tmp_path), number
             HydraConfig.instance().set_config(cfg)
-            cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+            try:
+                cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+            finally:  # later in-process runs of this process are outside a Hydra run
+                HydraConfig.instance().cfg = None
             with fake_gpus(8):
                 resolve_trainer(cfg.trainer)
             assert get_class(cfg.model._target_) and get_class(cfg.data._target_)

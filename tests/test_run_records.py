@@ -69,20 +69,20 @@ def test_git_state_names_the_commit_and_whether_the_tree_differs(tmp_path):
 # --------------------------------------------------------------------------------------------- as typed (CLI)
 @pytest.mark.slow
 def test_an_edited_tracked_file_makes_the_run_dirty(workspace):
-    def git(*args):
-        subprocess.run(["git", "-C", str(workspace.root), *args], check=True, capture_output=True)
+    """The clean case: test_git_state_names_the_commit_and_whether_the_tree_differs."""
+
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", str(workspace.root), *args], check=True, capture_output=True).stdout
 
     git("init", "-q")
     git("add", "-A")
     git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "copy")
-    first = workspace.run(SHRINK).run_dir
     (workspace.root / "README.md").write_text("edited\n")
-    second = workspace.run(SHRINK).run_dir
-    manifests = [json.loads((d / "manifest.json").read_text())["git"] for d in (first, second)]
-    assert manifests[0]["dirty"] is False and manifests[1]["dirty"] is True
-    assert manifests[0]["commit"] == manifests[1]["commit"]
-    hparams = (second / "tensorboard" / "hparams.yaml").read_text()
-    assert f"git.commit: {manifests[1]['commit']}" in hparams and "git.dirty: true" in hparams
+    run_dir = workspace.run(SHRINK).run_dir
+    recorded = json.loads((run_dir / "manifest.json").read_text())["git"]
+    assert recorded["dirty"] is True and recorded["commit"] == git("rev-parse", "HEAD").decode().strip()
+    hparams = (run_dir / "tensorboard" / "hparams.yaml").read_text()
+    assert f"git.commit: {recorded['commit']}" in hparams and "git.dirty: true" in hparams
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from lightning_modules.style.vgg import layer_names
 from tests.helpers.config import read_metrics
 from tests.helpers.images import write_image
 from tests.helpers.style import RANDOM_VGG, config_problems, task_data, vgg_features
+from tests.helpers.trainer import quiet_trainer
 
 SMALL_LAYERS = {"content_layers": ["relu2_1"], "style_layers": {"relu1_1": 1.0, "relu2_1": 0.5}}
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.01}
@@ -48,15 +49,7 @@ class LossHistory(L.Callback):
 
 def fit(model: GatysStyleTransfer, steps: int, tmp_path: Path) -> list[float]:
     history = LossHistory()
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[history],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_epochs=1, callbacks=[history], default_root_dir=tmp_path)
     trainer.fit(model, train_dataloaders=task_data("style_transfer", iterations=steps).train_dataloader())
     return history.losses
 

@@ -36,6 +36,19 @@ class NanLossAtStep(L.Callback):
             pl_module.training_loss = lambda b: original(b) * torch.tensor(float("nan"))
 
 
+class InfiniteGradientAtStep(L.Callback):
+    """Makes one gradient element infinite before the optimizer step `step` (as an overflowing backward would, with
+    a finite loss): the step turns weights into NaN or Inf."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step:
+            gradient = next(p.grad for p in pl_module.parameters() if p.grad is not None)
+            gradient.view(-1)[0] = float("inf")
+
+
 class RecordBatches(L.Callback):
     """Saves what every training batch held (a list of dicts) to `path` when training ends."""
 
