@@ -89,7 +89,8 @@ def test_the_shapes_classifier_explains_only_shapes_of_its_own_size(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_saliency_of_photos_with_the_shapes_classifier(tmp_path, workspace):
+def test_cli_saliency_of_photos_with_the_shapes_classifier(tmp_path, workspace, shapes_checkpoint):
+    # shapes_checkpoint: the classifier it would otherwise train first (its required run), trained once a session
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (300, 200), (90, 140, 60)).save(photos / "bird.jpg")
@@ -562,43 +563,37 @@ def test_cli_eval_with_a_checkpoint_of_another_task_or_a_text_file(classifier_ru
 SHAPE_DATA = ["data.num_train=48", "data.num_val=16", "data.num_test=16"]
 ONE_EPOCH = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
 
-# (what is typed, extra environment, what the one error line says)
+# Typed together: one error line for each, all at once, in one command.
+BAD_SETTINGS = {
+    "data.skip_bad_images=no": "config error: data.skip_bad_images=no: takes true or false",
+    "export_after_train=maybe": "config error: export_after_train=maybe: takes true or false",
+    "+trainer.val_check_interval=0": "config error: trainer.val_check_interval=0: takes a number > 0",
+    "model.optimizer.lr=abc": "config error: model.optimizer.lr=abc: takes a number > 0",
+    "data.num_train=-5": "config error: data.num_train=-5: takes a whole number >= 0",
+    "seed=-1": "config error: seed=-1: takes a whole number >= 0 and <= 4294967295",
+    "+trainer.max_epoch=2": (
+        "config error: trainer.max_epoch is not a setting of lightning.pytorch.trainer.trainer.Trainer (did you mean "
+        "trainer.max_epochs?)"
+    ),
+    "paths.log_dir=/proc/vlx": "config error: paths.log_dir=/proc/vlx: takes a folder that can be written",
+}
+
+# Each alone: (what is typed, extra environment, what the one error line says)
 CASES = {
-    "boolean no": (["data.skip_bad_images=no"], {}, "config error: data.skip_bad_images=no: takes true or false"),
-    "boolean maybe": (["export_after_train=maybe"], {}, "config error: export_after_train=maybe: takes true or false"),
     "resolution": (
         ["task=sdxl_dreambooth", "data.resolution=100"],
         {},
         "config error: data.resolution=100: takes a whole number >= 64, a multiple of 8",
     ),
-    "interval 0": (
-        ["+trainer.val_check_interval=0"],
-        {},
-        "config error: trainer.val_check_interval=0: takes a number > 0",
-    ),
-    "lr text": (["model.optimizer.lr=abc"], {}, "config error: model.optimizer.lr=abc: takes a number > 0"),
-    "negative count": (["data.num_train=-5"], {}, "config error: data.num_train=-5: takes a whole number >= 0"),
-    "seed": (["seed=-1"], {}, "config error: seed=-1: takes a whole number >= 0 and <= 4294967295"),
     "no trials": (
         ["-m", "hparams_search=shapes_optuna", "hydra.sweeper.n_trials=0"],
         {},
         "config error: hydra.sweeper.n_trials=0: takes a whole number >= 1",
     ),
-    "misspelt key": (
-        ["+trainer.max_epoch=2"],
-        {},
-        "config error: trainer.max_epoch is not a setting of lightning.pytorch.trainer.trainer.Trainer (did you mean "
-        "trainer.max_epochs?)",
-    ),
     "unwritable run dir": (
         ["hydra.run.dir=/proc/vlx/run"],
         {},
         "config error: hydra.run.dir=/proc/vlx/run: takes a folder that can be written",
-    ),
-    "unwritable log dir": (
-        ["paths.log_dir=/proc/vlx"],
-        {},
-        "config error: paths.log_dir=/proc/vlx: takes a folder that can be written",
     ),
     "project root": ([], {"PROJECT_ROOT": "/nonexistent/where"}, "config error: paths.root_dir=/nonexistent/where"),
     "home path": (
@@ -607,6 +602,16 @@ CASES = {
         "config error: ckpt_path=/tmp/no/such.ckpt: takes",
     ),
 }
+
+
+@pytest.mark.slow
+def test_bad_settings_are_one_line_each_all_at_once_before_anything_runs(workspace):
+    result = workspace.run(list(BAD_SETTINGS), check=False, full_error=False)
+    errors = [line for line in result.output.splitlines() if "error" in line.lower()]
+    assert result.returncode == 1 and len(errors) == len(BAD_SETTINGS), result.describe()
+    for expected in BAD_SETTINGS.values():
+        assert [line for line in errors if line.startswith(expected)], f"no line {expected!r} in {errors}"
+    assert "Traceback" not in result.output and not result.created  # nothing was made
 
 
 @pytest.mark.slow

@@ -3,15 +3,21 @@ above the pixel limit a named and skippable error, broken links counted with the
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from datamodules.explain import ImageFolderDataModule
 from datamodules.images import list_images, read_or_skip
 from framework.errors import UserError
 from framework.images import load_rgb
+from framework.runner import instantiate
+from tests.helpers.captioning import caption_data
+from tests.helpers.config import compose_config
 
 ORIENTATION = 0x0112
 
@@ -51,3 +57,32 @@ def test_broken_links_are_counted_with_the_files_left_out(tmp_path, caplog):
         assert list_images(tmp_path) == [tmp_path / "a.png"]
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "skipping 2 file(s)" in warning and "gone.jpg (a broken link)" in warning and "notes.txt" in warning
+
+
+def upright_in(images: torch.Tensor) -> bool:
+    """Whether the first image of a (normalised) batch shows exif_photo upright: red above, blue below."""
+    image = images[0].float()
+    top, bottom = image[:, : image.shape[1] // 2].mean((1, 2)), image[:, image.shape[1] // 2 :].mean((1, 2))
+    return bool(top[0] > top[2] and bottom[2] > bottom[0])
+
+
+def test_every_captioning_and_explaining_data_module_serves_photos_upright(tmp_path):
+    """The data modules that read users' photos through datamodules/images.py (DreamBooth, fast style and style
+    transfer have theirs in test_dreambooth_data.py, test_fast_style.py and test_style_transfer.py)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    exif_photo(folder / "phone.jpg")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "phone.jpg", "text": "a photo", "split": "train"}))
+    small = {"image_size": 16, "batch_size": 1, "num_workers": 0}
+    predict_captions = caption_data(images=str(folder), **small).predict_dataloader()
+    training_captions = instantiate(
+        compose_config(
+            ["data=caption_folder", f"data.source.folder={folder}", "data.image_size=16"], tmp_path, tmp_path
+        ).data
+    )
+    training_captions.prepare_data()
+    training_captions.setup("fit")
+    explained = ImageFolderDataModule(str(folder), skip_bad_images=False, **small).predict_dataloader()
+    assert upright_in(next(iter(predict_captions)).images)
+    assert upright_in(next(iter(training_captions.train_dataloader())).images)
+    assert upright_in(next(iter(explained))["images"])
