@@ -40,7 +40,7 @@ test: install-test
 	$(PYTEST) $(ARGS)
 
 # The same without the tests marked slow (those that start `python run.py` or train beyond a few steps): every module
-# still runs in-process. pytest's summary says "N passed, M deselected": M is what only `make test` runs.
+# still runs in-process. The summary ends "left out by -m 'not slow': M tests": what only `make test` runs.
 test-fast: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

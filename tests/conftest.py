@@ -95,9 +95,31 @@ def fidelity_models(tmp_path_factory) -> tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------------------------------------------- hooks
+# Tests that -m left out (make test-fast: those marked slow), counted where the tests are collected: in this process,
+# or in each pytest-xdist worker, which hands its count to this process (xdist's workeroutput).
+deselected = 0
+
+
+def pytest_deselected(items) -> None:
+    global deselected
+    deselected += len(items)
+
+
+def pytest_sessionfinish(session) -> None:
+    if hasattr(session.config, "workeroutput"):  # an xdist worker
+        session.config.workeroutput["deselected"] = deselected
+
+
+def pytest_testnodedown(node, error) -> None:  # in the xdist controller: every worker collected the same tests
+    global deselected
+    deselected = max(deselected, getattr(node, "workeroutput", {}).get("deselected", 0))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
-    """How many README commands tests/test_readme_commands.py ran as typed and how many it only composed (where it
-    ran: under pytest-xdist the workers ran it, and this process reads the module itself)."""
+    """How many tests -m left out, and how many README commands tests/test_readme_commands.py ran as typed and how
+    many it only composed (where it ran: under pytest-xdist the workers ran it, and this process reads the module)."""
+    if deselected:
+        terminalreporter.write_line(f"left out by -m {terminalreporter.config.option.markexpr!r}: {deselected} tests")
     reports = (report for reports in terminalreporter.stats.values() for report in reports)
     if any(getattr(report, "nodeid", "").startswith("tests/test_readme_commands.py") for report in reports):
         terminalreporter.write_line(importlib.import_module("tests.test_readme_commands").coverage_line())
