@@ -128,7 +128,7 @@ def finish(current: Run, error: BaseException | None) -> None:
     else:
         status = {"status": "failed", "error": one_line(error)}
     paths = current.datamodule.data_paths() if hasattr(current.datamodule, "data_paths") else None
-    key = getattr(hydra.utils.get_class(current.cfg.model._target_), "weights_key", None)
+    key = weights_key(current.cfg)
     weights = [current.cfg.get("ckpt_path"), OmegaConf.select(current.cfg, key) if key else None]
     try:
         write_json(current.output_dir / "manifest.json", manifest(current.cfg, paths, weights))
@@ -186,7 +186,7 @@ def load_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None)
     is never trained names the setting its weights come from in `weights_key` (an explaining module's model)."""
     module_class = hydra.utils.get_class(cfg.model._target_)
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and (key := getattr(module_class, "weights_key", None)):
+    if ckpt_path and (key := weights_key(cfg)):
         raise UserError(
             f"task={cfg.task_name} has no checkpoints of its own ({module_class.__name__} is not trained): leave "
             f"ckpt_path unset and give the model it uses as {key}=PATH"
@@ -199,6 +199,11 @@ def load_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None)
     names = module_class.inference_hparams if issubclass(module_class, InferenceOverrides) else ()
     overrides = {key: cfg.model[key] for key in names if key in cfg.model}
     return load_module(module_class, ckpt_path, **overrides)
+
+
+def weights_key(cfg: DictConfig) -> str | None:
+    """The setting a never-trained module takes its model's weights from (its class's `weights_key`), or None."""
+    return getattr(hydra.utils.get_class(cfg.model._target_), "weights_key", None)
 
 
 def typed_overrides() -> list[str]:
@@ -262,7 +267,7 @@ def given_weights(cfg: DictConfig, output_dir: Path) -> dict:
     `weights_key` names)."""
     path = cfg.get("ckpt_path")
     if not path:
-        key = getattr(hydra.utils.get_class(cfg.model._target_), "weights_key", None)
+        key = weights_key(cfg)
         return {"checkpoint": None, "weights": f"{key}={OmegaConf.select(cfg, key)}" if key else "built from cfg.model"}
     return checkpoint_weights(path, output_dir)
 

@@ -29,7 +29,7 @@ from framework.checkpoints import check_checkpoint, read_checkpoint
 from framework.checks import check_config
 from framework.errors import UserError
 from framework.images import SkippedImages, image_transform
-from framework.runner import instantiate, run
+from framework.runner import instantiate, load_model, run
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.explain.classifier import ShapesClassifier
 from tests.helpers.captioning import caption_data, read
@@ -652,3 +652,14 @@ def test_fp16_on_a_cpu_runs_and_is_recorded_as_the_bf16_it_runs(workspace):
     result = workspace.run(["trainer.precision=16-mixed", *ONE_EPOCH, "trainer.limit_test_batches=1", *SHAPE_DATA])
     assert "CPUs have no fp16 mixed precision; running bf16-mixed" in result.output
     assert OmegaConf.load(result.run_dir / "config.yaml").trainer.precision == "bf16-mixed"
+
+
+def test_ckpt_path_for_a_task_that_is_never_trained_names_the_setting_its_weights_come_from(tmp_path, data_dir):
+    checkpoint = shapes_classifier_checkpoint(tmp_path / "classifier.ckpt")
+    cfg = compose_config(["task=saliency", "mode=predict", f"ckpt_path={checkpoint}"], tmp_path / "run", data_dir)
+    with pytest.raises(
+        UserError,
+        match=r"task=saliency has no checkpoints of its own \(SaliencyModule is not trained\): leave ckpt_path unset "
+        r"and give the model it uses as model.classifier.checkpoint=PATH",
+    ):
+        load_model(cfg)
