@@ -105,7 +105,9 @@ def collate(samples: list[dict | None]) -> dict:
     batch = {"size": len(kept), "skipped": len(samples) - len(kept)}
     for key in kept[0] if kept else ():
         values = [s[key] for s in kept]
-        name = {"image": "images", "image_id": "image_ids", "path": "paths"}.get(key, key)
+        name = {"image": "images", "image_id": "image_ids", "path": "paths", "style": "styles", "mask": "masks"}.get(
+            key, key
+        )
         batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
 

@@ -64,11 +64,22 @@ def load_rgb(path: str | os.PathLike, key: str | None = None, skippable: bool = 
     """Decode an image as 8-bit RGB, upright (a photo's EXIF orientation applied, as cameras and viewers show it;
     grayscale, palette, CMYK, RGBA and 16-bit are converted); a `bad_image` error naming the file if it cannot."""
     with opened(path, key, skippable) as image:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: keep the high byte
-            image = Image.fromarray((np.asarray(image, dtype=np.int64) // 257).clip(0, 255).astype(np.uint8))
-        return image.convert("RGB")
+        return upright_8bit(image).convert("RGB")
+
+
+def upright_8bit(image: Image.Image) -> Image.Image:
+    """An opened image decoded, its EXIF orientation applied, 16-bit grayscale as 8-bit (the high byte)."""
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        image = Image.fromarray((np.asarray(image, dtype=np.int64) // 257).clip(0, 255).astype(np.uint8))
+    return image
+
+
+def load_mask(path: str | os.PathLike, key: str | None = None) -> Image.Image:
+    """Decode a mask as 8-bit grayscale ("L"), upright like `load_rgb` (colour files give their luminance)."""
+    with opened(path, key, skippable=False) as image:
+        return upright_8bit(image).convert("L")
 
 
 def upright_size(path: str | os.PathLike, key: str | None = None, skippable: bool = True) -> tuple[int, int]:

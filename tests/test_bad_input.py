@@ -174,8 +174,16 @@ def dreambooth_class_images(folder: Path, skip: bool) -> int:
 
 def content_folder(folder: Path, skip: bool) -> int:
     data = task_data("fast_style", folder=str(folder), image_size=16, batch_size=1, num_workers=0, skip_bad_images=skip)
+    data.setup("fit")  # the last image (by path) held out for validation: both sets served
+    return served(data.train_dataloader(), SkippedImages()) + served(data.val_dataloader(), SkippedImages())
+
+
+def adain_folders(folder: Path, skip: bool) -> int:
+    """task=adain_style's content and style folders, one folder for both: each pair a content and a style."""
+    values = {"image_size": 16, "batch_size": 1, "num_workers": 0, "skip_bad_images": skip, "num_val_styles": 1}
+    data = task_data("adain_style", folder=str(folder), style_folder=str(folder), **values)
     data.setup("fit")
-    return served(data.train_dataloader(), SkippedImages())
+    return served(data.train_dataloader(), SkippedImages()) + served(data.val_dataloader(), SkippedImages())
 
 
 def images_to_stylise(folder: Path, skip: bool) -> int:
@@ -202,6 +210,7 @@ def style_images(folder: Path, skip: bool) -> int:
         dreambooth_instances,
         dreambooth_class_images,
         content_folder,
+        adain_folders,
         images_to_stylise,
         style_images,
     ],

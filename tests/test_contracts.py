@@ -21,10 +21,10 @@ EXPLAINERS = {"SaliencyModule", "ClassVisualisationModule", "AdversarialModule",
 # Who declares what (docs/ARCHITECTURE.md, Contracts): the classes conf/model and conf/data name.
 FAMILIES = {
     "runner -> module": {
-        Exports: {"BLIPCaptioner", "ViTGPT2Captioner", "DreamBoothLoRA", "FastStyle"},
+        Exports: {"BLIPCaptioner", "ViTGPT2Captioner", "DreamBoothLoRA", "FastStyle", "AdaINStyle"},
         SavesPredictions: EXPLAINERS | {"DreamBoothLoRA"},
         BuildsFromConfig: EXPLAINERS | {"BLIPCaptioner", "ViTGPT2Captioner", "DreamBoothLoRA"},
-        InferenceOverrides: CAPTIONERS | {"DreamBoothLoRA"},
+        InferenceOverrides: CAPTIONERS | {"DreamBoothLoRA", "FastStyle", "AdaINStyle"},
     },
     "callbacks -> module": {HasCaptionPredictions: CAPTIONERS},
 }

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.functional import to_tensor
 
 from datamodules.style import SMALLEST_SIDE, SameSizeBatches
 from framework.config import model_settings
@@ -66,7 +67,7 @@ def test_transformer_net_keeps_any_size_and_range():
         assert out.shape == (2, 3, height, width) and out.min() >= 0 and out.max() <= 1
 
 
-@pytest.mark.slow  # trains 24 steps
+@pytest.mark.slow  # trains 16 steps
 def test_fast_style_learns_on_generated_images(folders, tmp_path):
     torch.manual_seed(0)
     data = content_folder(folders / "content", folders / "style.png", image_size=32, batch_size=2)
@@ -79,7 +80,8 @@ def test_fast_style_learns_on_generated_images(folders, tmp_path):
 
     trainer = quiet_trainer(max_epochs=8, callbacks=[Record()], default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
-    assert len(losses) == 24
+    assert len(losses) == 16  # 5 of the 6 images (the last held out), 2 batches of 2 an epoch
+    assert {"val/content_loss", "val/style_loss", "val/ssim"} <= set(trainer.callback_metrics)
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
 
     trainer.save_checkpoint(tmp_path / "model.ckpt")
@@ -98,6 +100,24 @@ def test_fast_style_learns_on_generated_images(folders, tmp_path):
         images = torch.rand(shape)
         assert torch.allclose(scripted(images), restored(images), atol=1e-5)
     assert json.loads((tmp_path / "export" / "model.json").read_text())["net"] == TINY["net"]
+
+
+def test_preserve_color_gives_the_stylised_images_the_contents_colours(folders, tmp_path):
+    """mode=predict with model.preserve_color: luminance keeps each content's chrominance (YCbCr's Cb and Cr),
+    histogram its colours' mean; without it the colours are the network's."""
+    data = task_data("fast_style", images=str(folders / "photos"), num_workers=0)
+    to_cbcr = torch.tensor([[-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]])
+    chroma, means = {}, {}
+    for mode in (None, "luminance", "histogram"):
+        torch.manual_seed(0)  # one network for the three
+        model = FastStyle(**model_settings("fast_style", **TINY, preserve_color=mode))
+        trainer = quiet_trainer(default_root_dir=tmp_path / str(mode))
+        rows = [row for batch in trainer.predict(model, datamodule=data) for row in batch]
+        pairs = [(to_tensor(Image.open(r["stylized"])), to_tensor(Image.open(r["image"]).convert("RGB"))) for r in rows]
+        chroma[mode] = max(torch.einsum("ij,jhw->ihw", to_cbcr, out - content).abs().mean() for out, content in pairs)
+        means[mode] = max((out.mean((1, 2)) - content.mean((1, 2))).abs().max() for out, content in pairs)
+    assert chroma["luminance"] < 0.01 < chroma[None], chroma
+    assert means["histogram"] < 0.02 < means[None], means
 
 
 def test_same_size_batches_and_predict_errors(folders):
@@ -189,9 +209,12 @@ def test_two_images_with_one_result_name_are_an_error(tmp_path):
 def test_the_style_image_and_the_crops_are_checked_before_training(folders, tmp_path):
     gray = tmp_path / "gray.png"
     Image.open(folders / "style.png").convert("L").save(gray)
-    data = content_folder(folders / "content", gray, image_size=32)
-    inputs = data.model_inputs(FastStyle.data_inputs)
-    assert inputs["style"].shape == (3, 32, 32) and inputs["crop_size"] == 32  # grayscale: converted
+    with pytest.raises(UserError, match=rf"data.style: style image {gray} is grayscale \(mode L\).*cannot be skipped"):
+        content_folder(folders / "content", gray, image_size=32).model_inputs(FastStyle.data_inputs)
+    inputs = content_folder(folders / "content", folders / "style.png", image_size=32).model_inputs(
+        FastStyle.data_inputs
+    )
+    assert inputs["style"].shape == (3, 32, 32) and inputs["crop_size"] == 32
     assert FastStyle(**model_settings("fast_style", **TINY), **inputs).loss is not None
 
     tiny = tmp_path / "tiny.png"

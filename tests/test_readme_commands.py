@@ -191,7 +191,8 @@ COMMANDS: dict[str, Run | Compose | Refused] = {
     "task=style_transfer data.image_size=192 data.iterations=150 model.content_weight=20": Run(STYLE),
     "task=style_transfer data.content=photo.jpg data.style=painting.jpg data.image_size=512": Run(STYLE),
     "task=style_transfer data.style=[a.jpg,b.jpg] data.style_weights=[0.7,0.3]": Run(STYLE),
-    "task=style_transfer model.preserve_color=true": Run(STYLE),
+    "task=style_transfer model.preserve_color=luminance": Run(STYLE),
+    "task=style_transfer data.content=photo.jpg data.style=[a.jpg,b.jpg] data.masks=path/to/masks": Run(STYLE),
     "task=style_transfer model.scales=[0.25,0.5,1.0] data.image_size=1024": Run(
         ("data.iterations=3", "data.image_size=128")
     ),
@@ -201,6 +202,16 @@ COMMANDS: dict[str, Run | Compose | Refused] = {
     "task=fast_style mode=predict ckpt_path=outputs/fast_style/runs/<time>/checkpoints/last.ckpt "
     "data.images=path/to/photos data.max_size=1024": Run(("data.max_size=64",), after="task=fast_style"),
     "task=fast_style mode=export ckpt_path=.../last.ckpt": Run(after="task=fast_style"),
+    "task=adain_style": Run(("trainer.max_epochs=1", "data.image_size=32")),
+    "task=adain_style mode=predict ckpt_path=outputs/adain_style/runs/<time>/checkpoints/last.ckpt "
+    "data.images=path/to/photos data.styles=painting.jpg": Run(after="task=adain_style"),
+    "task=adain_style mode=predict ckpt_path=.../last.ckpt data.images=path/to/photos data.styles=[a.jpg,b.jpg] "
+    "model.style_weights=[0.7,0.3] model.alpha=0.8 model.preserve_color=histogram": Run(after="task=adain_style"),
+    "task=adain_style mode=predict ckpt_path=.../last.ckpt data.images=path/to/photos data.styles=[a.jpg,b.jpg] "
+    "data.masks=path/to/masks": Run(after="task=adain_style"),
+    "task=adain_style mode=export ckpt_path=.../last.ckpt": Run(after="task=adain_style"),
+    "task=adain_style data.folder=data/coco/train2014 data.style_folder=data/wikiart trainer=gpu "
+    "trainer.max_epochs=16 data.batch_size=8": Compose("COCO, WikiArt, a GPU"),
     "task=fast_style data.folder=data/coco/train2014 data.style=painting.jpg data.image_size=256 trainer=gpu "
     "trainer.max_epochs=2": Compose("COCO, a GPU"),
 }
@@ -292,6 +303,10 @@ def make_user_files(root: Path) -> None:
         picture(root / "path/to/photos" / f"photo_{i}.jpg", size=(96, 72))
     for name in ("photo.jpg", "painting.jpg", "a.jpg", "b.jpg"):
         picture(root / name, size=(96, 96))
+    masks = root / "path/to/masks"  # white on the right half: where the (first) style goes
+    masks.mkdir(parents=True)
+    for name, size in [*((f"photo_{i}.png", (96, 72)) for i in range(3)), ("photo.png", (96, 96))]:
+        Image.fromarray(np.tile(np.uint8([0, 255]).repeat(size[0] // 2), (size[1], 1))).save(masks / name)
 
 
 class Runs:
@@ -307,9 +322,7 @@ class Runs:
             if spec.after is not None:
                 produced = self(spec.after)
                 args = [
-                    arg.replace("outputs/fast_style/runs/<time>", str(produced))
-                    .replace("outputs/shapes_captioning/runs/<time>", str(produced))
-                    .replace(".../", f"{produced}/checkpoints/")
+                    re.sub(r"outputs/\w+/runs/<time>", str(produced), arg).replace(".../", f"{produced}/checkpoints/")
                     for arg in args
                 ]
             result = self.workspace.run([*args, *spec.shrink], check=False, timeout=900)

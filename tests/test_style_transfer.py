@@ -18,7 +18,14 @@ from framework.config import model_settings
 from framework.errors import UserError
 from lightning_modules.style.gatys import GatysStyleTransfer
 from lightning_modules.style.images import rgb_to_yiq
-from lightning_modules.style.losses import PerceptualLoss, content_loss, gram_matrix, style_loss, total_variation
+from lightning_modules.style.losses import (
+    PerceptualLoss,
+    content_loss,
+    gram_matrix,
+    masked_gram,
+    style_loss,
+    total_variation,
+)
 from lightning_modules.style.vgg import layer_names
 from tests.helpers.config import read_metrics
 from tests.helpers.images import write_image
@@ -30,13 +37,14 @@ ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.01}
 LBFGS = {"_target_": "torch.optim.LBFGS", "_partial_": True, "lr": 1.0, "max_iter": 1, "history_size": 50}
 
 
-def gatys(content=None, styles=None, optimizer=ADAM, **overrides) -> GatysStyleTransfer:
+def gatys(content=None, styles=None, optimizer=ADAM, regions=None, **overrides) -> GatysStyleTransfer:
     torch.manual_seed(0)
     content = torch.rand(3, 24, 32) if content is None else content
     styles = [torch.rand(3, 32, 32)] if styles is None else styles
     values = {**SMALL_LAYERS, "vgg": RANDOM_VGG, "optimizer": optimizer, "output": "stylized.png", **overrides}
     names = [f"data.style[{i}] (style{i}.png)" for i in range(len(styles))]
-    return GatysStyleTransfer(content, styles, [1.0] * len(styles), names, **model_settings("gatys", **values))
+    settings = model_settings("gatys", **values)
+    return GatysStyleTransfer(content, styles, [1.0] * len(styles), names, regions, **settings)
 
 
 class LossHistory(L.Callback):
@@ -127,7 +135,7 @@ def test_bfloat16_vgg_keeps_the_loss_and_its_gradient():
     results = []
     for loss in losses:
         loss.set_style([style], [1.0])
-        assert all(g.dtype == torch.float32 for g in loss.style_grams.values())
+        assert all(g.dtype == torch.float32 for _, grams in loss.targets for g in grams.values())
         x = image.clone().requires_grad_(True)
         value = loss(x, loss.content_targets(content))["loss"]
         results.append((value.detach(), torch.autograd.grad(value, x)[0]))
@@ -188,7 +196,7 @@ def test_total_loss_falls(optimizer, dtype, tmp_path):
 
 def test_luminance_transfer_keeps_content_colours_and_coarse_to_fine_ends_full_size(tmp_path):
     content = torch.rand(1, 3, 1, 1).expand(1, 3, 24, 32).clone()[0] * 0.5 + 0.25  # one colour, inside the gamut
-    model = gatys(content=content, preserve_color=True, scales=[0.5, 1.0], output=str(tmp_path / "out.png"))
+    model = gatys(content=content, preserve_color="luminance", scales=[0.5, 1.0], output=str(tmp_path / "out.png"))
     assert model.image.shape == (1, 1, 12, 16)  # luminance only, at the coarse scale
     losses = fit(model, 12, tmp_path)
     assert model.image.shape == (1, 1, 24, 32) and all(np.isfinite(losses))
@@ -198,6 +206,16 @@ def test_luminance_transfer_keeps_content_colours_and_coarse_to_fine_ends_full_s
     chroma = rgb_to_yiq(result[None])[0, 1:, inside]
     expected = rgb_to_yiq(content[None])[0, 1:, inside]
     assert inside.any() and torch.allclose(chroma, expected, atol=1e-4)
+
+    # one scale, a photo-like content: the style loss falls, the chroma (YCbCr's Cb and Cr too) stays the content's
+    torch.manual_seed(1)
+    content = torch.rand(3, 24, 32) * 0.5 + 0.25
+    model = gatys(content=content, preserve_color="luminance", init="noise", output=str(tmp_path / "out.png"))
+    losses = fit(model, 15, tmp_path)
+    assert losses[-1] < 0.5 * losses[0], losses
+    to_cbcr = torch.tensor([[-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]])
+    difference = torch.einsum("ij,jhw->ihw", to_cbcr, model.result() - content).abs().mean()
+    assert difference < 0.01, difference
 
 
 def test_style_targets_are_computed_once_per_scale(tmp_path, monkeypatch):
@@ -277,6 +295,7 @@ def test_the_config_check_names_each_bad_setting():
         "data.iterations=0",
         "data.style_scale=0",
         "data.style=[]",
+        "model.preserve_color=true",
     )
     assert sorted(problems) == sorted(
         [
@@ -286,6 +305,7 @@ def test_the_config_check_names_each_bad_setting():
             "data.style_scale=0: takes a number > 0",
             "model.content_weight=-1: takes a number >= 0",
             "model.init=zeros: takes one of content, noise",
+            "model.preserve_color=true: takes one of luminance, histogram (or null)",
             "model.scales[1]=2.0: takes a number > 0 and <= 1",
             "model.style_layers.relu1_1=0: takes a number > 0",
             "model.style_weight=-1: takes a number > 0",
@@ -297,30 +317,38 @@ def test_the_config_check_names_each_bad_setting():
 
 
 def test_style_images_grayscale_too_small_or_too_thin(tmp_path, caplog):
-    """A grayscale style is converted; a style smaller than 16 px a side (a 1x1 PNG) is one error naming its key and
-    file before training (left out of a blend with data.skip_bad_images=true); a style too thin for the deepest
-    layer at the first scale is the model's error, naming it too."""
+    """A grayscale style file (8 or 16 bit) and a style smaller than 16 px a side (a 1x1 PNG) are one error each,
+    naming its key and file before training (left out of a blend with data.skip_bad_images=true); the same grey
+    pixels saved as RGB are a style; a style too thin for the deepest layer at the first scale is the model's error,
+    naming it too."""
     content = write_image(tmp_path / "content.png", (40, 30), 0)
-    gray = tmp_path / "gray.png"
+    gray, gray_rgb = tmp_path / "gray.png", tmp_path / "gray_rgb.png"
     Image.open(write_image(tmp_path / "rgb.png", (40, 40), 1)).convert("L").save(gray)
+    Image.open(gray).convert("RGB").save(gray_rgb)
     deep = tmp_path / "deep.png"  # 16-bit grayscale
     Image.fromarray((np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 28).astype(np.uint16)).save(deep)
-    inputs = style_inputs(content, [str(gray), str(deep)], image_size=32)
-    assert [tuple(s.shape) for s in inputs["styles"]] == [(3, 32, 32), (3, 32, 32)]
+    for index, grey in enumerate([gray, deep]):
+        styles = [str(gray_rgb), str(grey)][: index + 1] if index else [str(grey)]
+        with pytest.raises(UserError, match=rf"data.style\[{index}\]: style image {grey} is grayscale \(mode"):
+            style_inputs(content, styles)
+    inputs = style_inputs(content, [str(gray_rgb)], image_size=32)
+    assert [tuple(s.shape) for s in inputs["styles"]] == [(3, 32, 32)]
     model = gatys(inputs["content"], inputs["styles"], output=str(tmp_path / "out.png"))
     assert len(fit(model, 2, tmp_path)) == 2
 
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (1, 1), (200, 30, 30)).save(tiny)
     with pytest.raises(UserError, match=rf"data.style\[1\]: style image {tiny} is 1x1 px: .* at least 16 px a side"):
-        style_inputs(content, [str(gray), str(tiny)])
+        style_inputs(content, [str(gray_rgb), str(tiny)])
     with caplog.at_level(logging.WARNING):
-        kept = style_inputs(content, [str(gray), str(tiny)], style_weights=[1.0, 2.0], skip_bad_images=True)
-    assert kept["style_weights"] == [1.0] and kept["style_names"] == [f"data.style[0] ({gray})"]
-    assert f"skipped 1 unreadable images (data.skip_bad_images=true): {tiny}" in caplog.text
+        kept = style_inputs(
+            content, [str(gray_rgb), str(tiny), str(deep)], style_weights=[1.0, 2.0, 3.0], skip_bad_images=True
+        )
+    assert kept["style_weights"] == [1.0] and kept["style_names"] == [f"data.style[0] ({gray_rgb})"]
+    assert f"skipped 2 unreadable images (data.skip_bad_images=true): {tiny}, {deep}" in caplog.text
 
     thin = write_image(tmp_path / "thin.png", (200, 20), 2)  # 64x6 px at the content's size
-    inputs = style_inputs(content, [str(gray), str(thin)], image_size=64)
+    inputs = style_inputs(content, [str(gray_rgb), str(thin)], image_size=64)
     with pytest.raises(
         UserError,
         match=rf"data.style\[1\] \({thin}\): the style image is 64x6 px as resized .*layer relu5_1 needs at least 16",
@@ -375,8 +403,79 @@ def test_run_py_style_transfer_offline_demo(workspace):
         or "ImageNet weights from" in result.stdout + result.stderr
     )
     assert Image.open(run_dir / "stylized.png").size == (48, 32)  # chelsea is 451x300
-    assert {"train/loss", "train/content", "train/style", "train/tv"} <= set(read_metrics(run_dir))
+    scores = {"val/content_loss", "val/style_loss", "val/ssim"}  # of the result, in metrics.json and TensorBoard
+    assert {"train/loss", "train/content", "train/style", "train/tv", *scores} <= set(read_metrics(run_dir))
     board = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     board.Reload()
-    assert {"train/image", "result"} <= set(board.Tags()["images"]) and "train/loss" in board.Tags()["scalars"]
+    assert {"train/image", "result"} <= set(board.Tags()["images"]) and {"train/loss", *scores} <= set(
+        board.Tags()["scalars"]
+    )
     assert not list(run_dir.glob("checkpoints/*"))
+
+
+def test_masked_gram_by_hand():
+    """A region of ones is the plain Gram matrix; a half region the Gram matrix of that half's features (at any
+    resolution of the region: it is averaged down to the features')."""
+    torch.manual_seed(0)
+    features = torch.rand(1, 3, 4, 4)
+    assert torch.allclose(masked_gram(features, torch.ones(1, 1, 4, 4)), gram_matrix(features))
+    left = torch.zeros(1, 1, 8, 8)
+    left[..., :4] = 1
+    assert torch.allclose(masked_gram(features, left), gram_matrix(features[..., :2]), atol=1e-6)
+
+
+def test_masks_place_each_style_in_its_region(tmp_path):
+    """data.masks: the content's mask (same name, same size) resized with it; one style fills the white part, two
+    styles white and black; the style loss sees only each style's region."""
+    content = write_image(tmp_path / "content.png", (40, 30), 0)
+    styles = [str(write_image(tmp_path / f"style{i}.png", (40, 40), 1 + i)) for i in range(3)]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray(np.tile(np.uint8([0, 255]).repeat(20), (30, 1))).save(masks / "content.png")
+    one = style_inputs(content, styles[0], image_size=20, masks=str(masks))
+    assert len(one["regions"]) == 1 and one["regions"][0].shape == (1, 15, 20)
+    assert one["regions"][0][..., :8].max() < 0.05 and one["regions"][0][..., 12:].min() > 0.95
+    two = style_inputs(content, styles[:2], image_size=20, masks=str(masks))
+    assert torch.allclose(two["regions"][1], 1 - two["regions"][0])
+
+    model = gatys(two["content"], two["styles"], regions=two["regions"], output=str(tmp_path / "out.png"))
+    model.loss.set_style([s[None] for s in two["styles"]], [1.0, 1.0], [r[None] for r in two["regions"]])
+    features = model.loss.features(two["content"][None], frozenset(model.loss.style_layers))
+    expected = sum(style_loss(features, grams, model.loss.style_layers, region) for region, grams in model.loss.targets)
+    assert [region.shape for region, _ in model.loss.targets] == [(1, 1, 15, 20)] * 2
+    assert torch.allclose(model.loss.style_term(features), expected)
+    losses = fit(model, 12, tmp_path)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    with pytest.raises(UserError, match="data.style_weights: with data.masks each style fills its own region"):
+        task_data("style_transfer", style=styles[:2], style_weights=[1.0, 2.0], masks=str(masks))
+    with pytest.raises(UserError, match=r"a mask places one style .* data.style has 3"):
+        style_inputs(content, styles, masks=str(masks))
+    Image.new("L", (30, 30)).save(masks / "content.png")
+    with pytest.raises(UserError, match=r"data.masks: mask .*content.png is 30x30 px, its image content.png 40x30 px"):
+        style_inputs(content, styles[0], masks=str(masks))
+    (masks / "content.png").unlink()
+    with pytest.raises(UserError, match=r"data.masks: no mask for image content.png"):
+        style_inputs(content, styles[0], masks=str(masks))
+
+
+def test_histogram_colours_and_the_scores_of_the_result(tmp_path):
+    """preserve_color=histogram: each style's colours matched to the content's (mean and covariance) before the
+    transfer; validation scores the result (content loss at relu4_2, style loss, SSIM to the content)."""
+    torch.manual_seed(0)
+    content = torch.rand(3, 24, 32) * 0.5 + 0.25
+    style = torch.rand(3, 32, 32) * torch.tensor([1.0, 0.3, 0.1]).view(3, 1, 1)
+    model = gatys(content, [style], preserve_color="histogram", output=str(tmp_path / "out.png"))
+    (matched,) = model.style_inputs(1.0)
+    assert torch.allclose(matched.mean((2, 3)), content[None].mean((2, 3)), atol=2e-2)
+    history = LossHistory()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[history], default_root_dir=tmp_path)
+    data = task_data("style_transfer", iterations=5)
+    trainer.fit(model, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader())
+    scores = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
+    result = model.result()[None]
+    features = model.loss.features(result, frozenset({"relu4_2", *model.loss.style_layers}))
+    reference = model.loss.features(content[None], frozenset({"relu4_2"}))["relu4_2"]
+    assert scores["val/content_loss"] == pytest.approx(float(F.mse_loss(features["relu4_2"], reference)), rel=1e-4)
+    assert scores["val/style_loss"] == pytest.approx(float(model.loss.style_term(features)), rel=1e-4)
+    assert 0 < scores["val/ssim"] < 1

@@ -6,7 +6,6 @@ The network is in nets.py.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -14,13 +13,14 @@ import lightning as L
 import torch
 
 from framework.config import to_plain
-from framework.contracts import Exports
+from framework.contracts import Exports, InferenceOverrides
 from framework.errors import UserError
-from framework.files import atomic_dir, write_json, write_png
-from framework.images import SkippedImages, to_rgb
+from framework.images import SkippedImages
 from framework.loggers import tensorboard
 from framework.optim import ConfiguredOptimizers
 from framework.schema import NonNegativeFloat, PositiveFloat, PositiveInt, SettingsOf, Target
+from lightning_modules.style.feedforward import FeedForwardStyle, export_network
+from lightning_modules.style.images import ColorMode, content_colored
 from lightning_modules.style.losses import Layers, LayerWeights, build_perceptual_loss
 from lightning_modules.style.nets import TransformerNet
 from lightning_modules.style.vgg import VGGSettings
@@ -28,13 +28,17 @@ from lightning_modules.style.vgg import VGGSettings
 log = logging.getLogger(__name__)
 
 
-class FastStyle(ConfiguredOptimizers, L.LightningModule, Exports):
+class FastStyle(ConfiguredOptimizers, FeedForwardStyle, L.LightningModule, Exports, InferenceOverrides):
     """Trains `TransformerNet` for the `style` image ([3, H, W] in [0, 1]) on square crops of `crop_size` px, both
     from the data module and only given to train: a checkpoint loaded for predict or export is built without them
     (framework.config.SIGNATURE_DEFAULTS). The VGG loss network is not saved in checkpoints: stylising needs the
-    transformation net only. The other arguments and their defaults: conf/model/fast_style.yaml."""
+    transformation net only. Validation scores the held-out content images (`val/content_loss`, `val/style_loss`,
+    `val/ssim`: losses.style_scores). `preserve_color` applies when stylising (predict): the network's style is fixed,
+    so the content's colours are given back afterwards (images.content_colored). The other arguments and their
+    defaults: conf/model/fast_style.yaml."""
 
     data_inputs = ("style", "crop_size")  # from the data module, before the model is built to train
+    inference_hparams = ("preserve_color",)
 
     def __init__(
         self,
@@ -48,6 +52,7 @@ class FastStyle(ConfiguredOptimizers, L.LightningModule, Exports):
         style_weight: PositiveFloat,
         tv_weight: NonNegativeFloat,
         image_every_n_steps: PositiveInt,
+        preserve_color: ColorMode | None,
         style: torch.Tensor | None = None,
         crop_size: PositiveInt | None = None,
     ):
@@ -69,7 +74,7 @@ class FastStyle(ConfiguredOptimizers, L.LightningModule, Exports):
     def check_sizes(self, style: torch.Tensor, crop_size: int | None) -> None:
         """The style image and the training crops against the loss network's deepest layer and the transformation
         net's smallest input: one error naming the data key, before training starts."""
-        need, layer = self.loss.features.min_size, self.loss.features.names[-1]
+        need, layer = self.loss.min_size, self.loss.deepest
         height, width = style.shape[-2:]
         if min(height, width) < need:
             raise UserError(
@@ -111,49 +116,33 @@ class FastStyle(ConfiguredOptimizers, L.LightningModule, Exports):
             board.add_images("train/stylized", torch.cat([content[:4], output[:4].detach()]), self.global_step)
         return parts["loss"]
 
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if not self.skipped_images.has_images(batch, "val"):
+            return
+        scores = self.loss.scores(self.net(batch["images"]), batch["images"])
+        self.log_dict({f"val/{name}": value for name, value in scores.items()}, batch_size=len(batch["images"]))
+
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Stylises a batch and writes each result as PNG (atomically) under <run dir>/stylized/."""
         if not self.skipped_images.has_images(batch, "predict"):
             return []
-        folder = Path(self.trainer.default_root_dir) / "stylized"
-        rows = []
-        for image, path, name in zip(self(batch["images"]), batch["paths"], batch["name"]):
-            rows.append({"image": path, "stylized": str(write_png(folder / name, to_rgb(image)))})
-        return rows
-
-    def on_train_epoch_end(self) -> None:
-        self.skipped_images.report("train")
-
-    def on_predict_epoch_end(self) -> None:
-        self.skipped_images.report("predict")
+        images = batch["images"]
+        return self.write_stylised(batch, content_colored(self(images), images, self.hparams.preserve_color))
 
     def export(self, directory: str | Path) -> Path:
         """TorchScript (`fast_style.pt`, `torch.jit.load(path)(images)`; scripted, so any image size works), and
         ONNX when `onnx` is installed."""
-        net = TransformerNet(**self.hparams.net).eval()
+        net = TransformerNet(**self.hparams.net)
         net.load_state_dict(self.net.state_dict())
-        with atomic_dir(directory) as folder:
-            torch.jit.script(net).save(str(folder / "fast_style.pt"))
-            if importlib.util.find_spec("onnx") is not None:
-                torch.onnx.export(
-                    net,
-                    (torch.rand(1, 3, 64, 64),),
-                    str(folder / "fast_style.onnx"),
-                    input_names=["images"],
-                    output_names=["stylized"],
-                    dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}},
-                )
-            else:
-                log.info("onnx is not installed: exported TorchScript only (pip install onnx for fast_style.onnx too)")
-            write_json(
-                folder / "model.json",
-                {
-                    "input": "RGB float [B, 3, H, W] in [0, 1]",
-                    "output": "stylised RGB float [B, 3, H, W] in [0, 1]",
-                    "net": self.hparams.net,
-                },
-            )
-        return Path(directory)
+        info = {
+            "input": "RGB float [B, 3, H, W] in [0, 1]",
+            "output": "stylised RGB float [B, 3, H, W] in [0, 1]",
+            "net": self.hparams.net,
+        }
+        axes = {0: "batch", 2: "height", 3: "width"}
+        return export_network(
+            directory, net, "fast_style", (torch.rand(1, 3, 64, 64),), {"images": axes, "stylized": axes}, info
+        )
 
     def optimizer_params(self):
         # Every parameter, the frozen loss network's too, as before: resumed checkpoints hold groups of that size.

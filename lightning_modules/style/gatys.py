@@ -2,9 +2,11 @@
 parameter, optimised (LBFGS or Adam) so that its VGG features match the content image's and its Gram matrices
 the style images'.
 
-Options: start from the content or from noise; luminance-only transfer (Gatys et al. 2016, "Preserving Color
-in Neural Artistic Style Transfer"): the style is transferred on the YIQ luminance, the content's chrominance is
-kept; coarse-to-fine: the first scales are optimised at a fraction of the size, then upsampled and continued.
+Options: start from the content or from noise; the content's colours kept (Gatys et al. 2016, "Preserving Color
+in Neural Artistic Style Transfer"): `luminance`, the style transferred on the YIQ luminance and the content's
+chrominance kept, or `histogram`, each style's colours matched to the content's first; masks: a content mask decides
+where each style goes (masked Gram matrices); coarse-to-fine: the first scales are optimised at a fraction of the
+size, then upsampled and continued.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from framework.images import to_rgb
 from framework.loggers import tensorboard
 from framework.optim import ConfiguredOptimizers
 from framework.schema import NonEmpty, NonNegativeFloat, PositiveFloat, PositiveInt, Range, Target
-from lightning_modules.style.images import matched_luminance, rgb_to_yiq, yiq_to_rgb
+from lightning_modules.style.images import ColorMode, matched_colors, matched_luminance, rgb_to_yiq, with_content_chroma
 from lightning_modules.style.losses import Layers, LayerWeights, build_perceptual_loss
 from lightning_modules.style.vgg import VGGSettings
 
@@ -36,15 +38,17 @@ Scale = Annotated[float, Range(above=0, max=1)]  # a fraction of the content's s
 
 class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
     """`content` [3, H, W] and `styles` ([3, h, w] each, blended with `style_weights`; `style_names`: the config key
-    and file of each, for errors) are RGB in [0, 1], from the data module.
+    and file of each, for errors) are RGB in [0, 1], from the data module; so is `regions`: None, or one weight map
+    [1, H, W] per style (from data.masks), each style matched inside its own (masked Gram matrices), not blended.
 
     Each of `scales` (fractions of the content size, ascending) gets an equal share of the training steps;
     at each new scale the image is upsampled, the targets recomputed and the optimizer started afresh. The style
-    targets are computed once per scale. After fitting, the result is written to `output` (PNG). The other
-    arguments and their defaults: conf/model/gatys.yaml.
+    targets are computed once per scale. After fitting, the result is written to `output` (PNG) and scored
+    (validation: `val/content_loss`, `val/style_loss`, `val/ssim`, losses.style_scores). The other arguments and
+    their defaults: conf/model/gatys.yaml.
     """
 
-    data_inputs = ("content", "styles", "style_weights", "style_names")  # from the data, before the model is built
+    data_inputs = ("content", "styles", "style_weights", "style_names", "regions")  # from the data, before building
 
     def __init__(
         self,
@@ -52,6 +56,7 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
         styles: list[torch.Tensor],
         style_weights: list[PositiveFloat],
         style_names: list[str],
+        regions: list[torch.Tensor] | None,
         vgg: VGGSettings,
         optimizer: Target,
         allow_random_features: bool,
@@ -61,7 +66,7 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
         style_weight: PositiveFloat,
         tv_weight: NonNegativeFloat,
         init: Literal["content", "noise"],
-        preserve_color: bool,
+        preserve_color: ColorMode | None,
         scales: Annotated[list[Scale], NonEmpty()],
         output: str,
         image_every_n_steps: PositiveInt,
@@ -71,7 +76,7 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
         content_layers, style_layers = list(to_plain(content_layers)), to_plain(style_layers)
         if scales != sorted(scales):
             raise UserError(f"model.scales={scales} must be ascending (coarse to fine, e.g. [0.25, 0.5, 1.0])")
-        self.save_hyperparameters(ignore=["content", "styles", "style_names"], logger=False)
+        self.save_hyperparameters(ignore=["content", "styles", "style_names", "regions"], logger=False)
         self.loss = build_perceptual_loss(
             vgg, allow_random_features, content_layers, style_layers, content_weight, style_weight, tv_weight
         )
@@ -79,6 +84,7 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
         self.check_sizes(content, styles, style_names, scales)
         self.register_buffer("content", content.unsqueeze(0), persistent=False)
         self.style_images = [s.unsqueeze(0) for s in styles]  # sizes differ: a list, moved when used
+        self.regions = None if regions is None else [r.unsqueeze(0) for r in regions]
         start = self.working(self.resized(self.content, 0))
         self.image = nn.Parameter(start.clone() if init == "content" else torch.rand_like(start))
         self.scale_index, self.content_targets = 0, {}
@@ -86,7 +92,7 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
     def check_sizes(self, content: torch.Tensor, styles: list[torch.Tensor], names: list[str], scales) -> None:
         """Every image at the first (smallest) scale must leave a pixel at the deepest layer: one error naming the
         image and what to change, before any step."""
-        need, layer = self.loss.features.min_size, self.loss.features.names[-1]
+        need, layer = self.loss.min_size, self.loss.deepest
         height, width = self.sizes[0]
         if min(height, width) < need:
             raise UserError(
@@ -111,8 +117,8 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
         return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
 
     def working(self, rgb: torch.Tensor) -> torch.Tensor:
-        """What is optimised: the RGB image, or with preserve_color its luminance [B, 1, H, W]."""
-        return rgb_to_yiq(rgb)[:, :1] if self.hparams.preserve_color else rgb
+        """What is optimised: the RGB image, or with preserve_color=luminance its luminance [B, 1, H, W]."""
+        return rgb_to_yiq(rgb)[:, :1] if self.hparams.preserve_color == "luminance" else rgb
 
     @staticmethod
     def rgb_view(images: torch.Tensor) -> torch.Tensor:
@@ -125,8 +131,10 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
             if scale != 1
             else styles
         )
-        if self.hparams.preserve_color:  # the style's luminance, matched to the content's mean and spread
+        if self.hparams.preserve_color == "luminance":  # the style's luminance, matched to the content's mean, spread
             return [self.rgb_view(matched_luminance(s, self.content)) for s in styles]
+        if self.hparams.preserve_color == "histogram":
+            return [matched_colors(s, self.content) for s in styles]
         return styles
 
     def enter_scale(self, index: int) -> None:
@@ -135,7 +143,8 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
             self.trainer.strategy.setup_optimizers(self.trainer)  # the image changed shape: fresh optimizer state
             log.info("scale %d/%d: %dx%d", index + 1, len(self.sizes), *self.sizes[index][::-1])
         self.content_targets = self.loss.content_targets(self.rgb_view(self.working(self.resized(self.content, index))))
-        self.loss.set_style(self.style_inputs(self.hparams.scales[index]), self.hparams.style_weights)
+        regions = None if self.regions is None else [r.to(self.device) for r in self.regions]
+        self.loss.set_style(self.style_inputs(self.hparams.scales[index]), self.hparams.style_weights, regions)
         self.scale_index = index
 
     def on_fit_start(self) -> None:
@@ -166,12 +175,23 @@ class GatysStyleTransfer(ConfiguredOptimizers, L.LightningModule):
 
     @torch.no_grad()
     def result(self) -> torch.Tensor:
-        """The stylised image [3, H, W] in [0, 1] (with preserve_color: its luminance, the content's chrominance)."""
+        """The stylised image [3, H, W] in [0, 1] (preserve_color=luminance: its luminance, the content's
+        chrominance)."""
         image = self.image.detach().clamp(0, 1)
-        if self.hparams.preserve_color:
-            chrominance = rgb_to_yiq(self.resized(self.content, self.scale_index))[:, 1:]
-            image = yiq_to_rgb(torch.cat([image, chrominance], 1)).clamp(0, 1)
+        if self.hparams.preserve_color == "luminance":
+            image = with_content_chroma(image, self.resized(self.content, self.scale_index))
         return image[0]
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """The result's scores (losses.style_scores); the style term sees what was optimised (the luminance, with
+        preserve_color=luminance)."""
+        if not self.content_targets:  # no targets before the first step (a sanity check): nothing to score
+            return
+        result = self.result()[None]
+        scores = self.loss.scores(
+            result, self.resized(self.content, self.scale_index), self.rgb_view(self.working(result))
+        )
+        self.log_dict({f"val/{name}": value for name, value in scores.items()}, batch_size=1)
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:

@@ -159,22 +159,29 @@ class VGGFeatures(nn.Module):
                 nn.init.zeros_(layer.bias)
         return "random"
 
-    @property
-    def min_size(self) -> int:
-        """The smallest image side that still leaves a pixel at the last layer."""
-        return 2 ** sum(name.startswith("pool") for name in self.names)
+    def deepest(self, layers) -> str:
+        return max(layers, key=self.names.index)
+
+    def min_size(self, layers) -> int:
+        """The smallest image side that still leaves a pixel at the deepest of `layers`."""
+        depth = self.names.index(self.deepest(layers))
+        return 2 ** sum(name.startswith("pool") for name in self.names[:depth])
 
     def bf16(self, device: torch.device) -> bool:
         return self.dtype == "bfloat16" or (self.dtype == "auto" and native_bf16(device.type))
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, layers: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
+        """The activations of `layers` (a subset of those built for; default: all of them), the network run only as
+        deep as the deepest of them."""
+        wanted = self.wanted if layers is None else layers
+        depth = max(self.names.index(layer) for layer in wanted) + 1
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         features = {}
         # float32: no autocast of its own, so that a trainer.precision autocast still applies
         bf16 = self.bf16(images.device)
         with torch.autocast(images.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            for name, layer in zip(self.names, self.body):
+            for name, layer in zip(self.names[:depth], self.body):
                 x = layer(x)
-                if name in self.wanted:
+                if name in wanted:
                     features[name] = x
         return {name: value.float() for name, value in features.items()}

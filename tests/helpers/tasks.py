@@ -53,6 +53,25 @@ def fast_style_args(root: Path) -> list[str]:
     ]
 
 
+# task=adain_style with a narrow decoder on 32 px crops.
+ADAIN = ["model.decoder.width=8", "data.image_size=32", "data.batch_size=2", "data.num_workers=0"]
+
+
+def adain_args(root: Path) -> list[str]:
+    for kind in ("content", "styles"):
+        (root / kind).mkdir()
+        for i in range(3):
+            write_image(root / kind / f"{kind[0]}{i}.png", (48, 40), seed=i + 50 * len(kind))
+    return [
+        "task=adain_style",
+        *ADAIN,
+        f"data.folder={root / 'content'}",
+        f"data.style_folder={root / 'styles'}",
+        "data.num_val_styles=1",
+        "trainer.max_epochs=1",
+    ]
+
+
 # TASKS[task](root, data_dir): the task's overrides, its files made under `root` (the tiny BLIP next to data_dir).
 TASKS = {
     "shapes_captioning": lambda root, data: ["task=shapes_captioning", *TINY_SHAPES, "trainer.max_epochs=1"],
@@ -88,6 +107,7 @@ TASKS = {
         "model.image_every_n_steps=2",
     ],
     "fast_style": lambda root, data: fast_style_args(root),
+    "adain_style": lambda root, data: adain_args(root),
 }
 
 
