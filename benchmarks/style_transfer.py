@@ -3,8 +3,8 @@
 Peer: pytorch/tutorials advanced_source/neural_style_tutorial.py (commit 0a7e686): loss modules inserted after
 the chosen convolutions of a copy of VGG19's `features` (its in-place ReLUs made out-of-place), the content
 features and style Grams computed once while building it, the copy cut after the last loss module, then
-`optim.LBFGS` (defaults: max_iter 20, history 100) whose closure clamps the image to [0, 1] first. Written again
-here from reading it, with one change in its favour: the VGG weights are frozen (`requires_grad_(False)`; the
+`optim.LBFGS` (defaults: lr 1, max_iter 20, history 100) whose closure clamps the image to [0, 1] first. Written
+again here from reading it, with one change in its favour: the VGG weights are frozen (`requires_grad_(False)`; the
 tutorial leaves them trainable, so its backward also computes weight gradients).
 
 Ours: `task=style_transfer`'s module with conf/model/gatys.yaml's settings (GatysStyleTransfer under a Lightning
@@ -15,20 +15,41 @@ where the tutorial puts its losses) and weights (content 1, style 1e6, each styl
 of loss evaluations; neither logs. Timed: the whole optimisation, targets included; the two take turns
 (--repeats), medians; also the median time from one evaluation to the next, which load bursts move less.
 
+Time to quality (float32 on both sides, the tutorial's layers and weights, so both minimise one loss): for each
+content/style pair (--pairs: scikit-image samples sharing an aspect ratio, as the tutorial needs content and style
+of one size; chelsea/coffee, astronaut/immunohistochemistry, rocket/chelsea at --size), the tutorial's algorithm
+runs 300 evaluations; its time is from its start (targets included) to when the loss of its lowest evaluation
+(its best, not its last), L, is known. Ours: `model.vgg.dtype=float32`, `model.scales` = --scales (coarse to fine;
+default 0.5, 1), --quality-evaluations training steps (`data.iterations`, 300) split evenly between the scales by the
+module, LBFGS lr 1, history 100, max_iter 1; timed from building the module through the Trainer's start, every
+scale's targets and steps, to the end of the first full-size step whose image (as its evaluation saw it: each side's
+image is credited when its evaluation's loss is known) scores <= L by the tutorial's loss function in float32. The
+images are copied during the run and scored after it, untimed. A pair where ours never gets there is marked NOT
+reached, its ratio over our whole run. Also printed per pair: each side's median time per evaluation and the ratio
+at those times, which other load on the machine moves less. LBFGS at lr 1 without a line search, with the clamp,
+is chaotic: when a run reaches which loss depends on the pair and on the schedule (and on any change in rounding)
+more than on the time per evaluation. This part takes about 6 minutes at 256 px on a 2-core CPU.
+
 Prints the peer, the settings, the times, the first and last losses each side saw and each side's final image's
-loss measured by one yardstick (the tutorial's loss function in float32), then
-`ratio: gatys_vs_pytorch_tutorial_<layers> = tutorial time / ours` for the tutorial's layers and Gatys', and
+loss measured by one yardstick (the tutorial's loss function in float32), one line per time-to-quality pair, then
+`ratio: gatys_vs_pytorch_tutorial_<layers> = tutorial time / ours` for the tutorial's layers and Gatys',
+`ratio: gatys_time_to_quality_vs_pytorch_tutorial = the median over the pairs of tutorial time / ours` and
 `ratio: fast_style_batched = one-at-a-time time / batched time` (Johnson et al.'s TransformerNet at --size,
-per image).
+per image) and `ratio: adain_vs_gatys_per_image = one Gatys image's time / AdaIN's time per image` (task=adain_style's
+network stylising --images contents one at a time against one task=style_transfer image, its defaults, at --size).
 
     python benchmarks/style_transfer.py [--size 256] [--evaluations 40] [--repeats 1] [--dtype auto] [--threads 2]
+        [--pairs chelsea/coffee ...] [--scales 0.5 1] [--quality-evaluations 300] [--skip gatys time_to_quality ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import dataclasses
 import logging
+import math
 import statistics
 import time
 
@@ -42,6 +63,7 @@ from torch import nn
 from framework.allocator import keep_freed_memory
 from framework.config import compose, model_settings
 from framework.images import IMAGENET_MEAN, IMAGENET_STD
+from lightning_modules.style.adain import AdaINStyle
 from lightning_modules.style.gatys import GatysStyleTransfer
 from lightning_modules.style.nets import TransformerNet
 from lightning_modules.style.vgg import DTYPES, VGGFeatures, layer_names
@@ -53,12 +75,18 @@ LAYERS = {
     "gatys_layers": (["conv4_2"], ["conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"]),
 }
 STYLE_WEIGHT = 1e6
+# Time to quality: the tutorial's evaluations, and content/style pairs of scikit-image samples. The tutorial needs
+# content and style of one size (its loss modules see both), so each pair shares an aspect ratio (2:3 or square).
+TUTORIAL_EVALUATIONS = 300
+PAIRS = ("chelsea/coffee", "astronaut/immunohistochemistry", "rocket/chelsea")
+PARTS = ("gatys", "time_to_quality", "fast_style", "adain")
 
 
-def task_data(size: int, iterations: int = 1):
-    """`task=style_transfer`'s data module (conf/data/style_images.yaml: the scikit-image content and style) with the
-    content's longer side `size` and `iterations` training steps."""
-    cfg = compose(["task=style_transfer", f"data.image_size={size}", f"data.iterations={iterations}"])
+def task_data(size: int, iterations: int = 1, overrides: tuple[str, ...] = ()):
+    """`task=style_transfer`'s data module (conf/data/style_images.yaml: the scikit-image content and style, or
+    `overrides`' data.content and data.style) with the content's longer side `size` and `iterations` training
+    steps."""
+    cfg = compose(["task=style_transfer", f"data.image_size={size}", f"data.iterations={iterations}", *overrides])
     return instantiate(cfg.data)
 
 
@@ -86,6 +114,26 @@ def timed(steps: dict, iterations: int, device: torch.device) -> dict[str, float
             if round_ >= 2:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def per_evaluation(starts: list[float]) -> float:
+    """The median time from one evaluation's start to the next's (the optimiser's own work included)."""
+    return statistics.median(b - a for a, b in zip(starts, starts[1:]))
+
+
+@dataclasses.dataclass
+class Run:
+    """One optimisation: each evaluation's loss as the run computed it, perf_counter when the run started (before its
+    targets) and when each evaluation started and ended (its loss known), the final image; ours also keeps each
+    evaluation's image size and a copy of the image each full-size evaluation saw (by evaluation index)."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    losses: list[float] = dataclasses.field(default_factory=list)
+    starts: list[float] = dataclasses.field(default_factory=list)
+    ends: list[float] = dataclasses.field(default_factory=list)
+    sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    images: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    image: torch.Tensor | None = None
 
 
 # The tutorial's algorithm.
@@ -143,52 +191,74 @@ def tutorial_model(cnn: nn.Sequential, content, style, content_layers, style_lay
     return model[: last + 1], style_losses, content_losses
 
 
-def run_tutorial(cnn, content, style, layers, evaluations: int) -> tuple[list[float], torch.Tensor, list[float]]:
-    """The tutorial's run_style_transfer, stopped after `evaluations` closure calls: the losses, the final image and
-    when each evaluation started."""
+def run_tutorial(cnn, content, style, layers, evaluations: int) -> Run:
+    """The tutorial's run_style_transfer, stopped after `evaluations` closure calls."""
+    run = Run()
     model, style_losses, content_losses = tutorial_model(cnn, content, style, *layers)
     image = content.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([image])
-    losses, starts = [], []
-    while len(losses) < evaluations:
+    while len(run.losses) < evaluations:
 
         def closure():
-            starts.append(time.perf_counter())
+            run.starts.append(time.perf_counter())
             image.data.clamp_(0, 1)
             optimizer.zero_grad()
             model(image)
             loss = STYLE_WEIGHT * sum(s.loss for s in style_losses) + sum(c.loss for c in content_losses)
             loss.backward()
-            losses.append(loss.item())
+            run.losses.append(loss.item())
+            run.ends.append(time.perf_counter())
             return loss
 
         optimizer.step(closure)
-    return losses, image.detach().clamp(0, 1), starts
+    run.image = image.detach().clamp(0, 1)
+    return run
 
 
 @torch.no_grad()
-def reference_loss(cnn, content, style, layers, image: torch.Tensor) -> float:
-    """The tutorial's loss of `image`, in float32: one yardstick for both sides' final images."""
+def reference_losses(cnn, content, style, layers, images):
+    """The tutorial's loss of each of `images` (an iterable, scored as it is consumed), in float32: one yardstick
+    for both sides' images."""
     model, style_losses, content_losses = tutorial_model(cnn, content, style, *layers)
-    model(image)
-    return float(STYLE_WEIGHT * sum(s.loss for s in style_losses) + sum(c.loss for c in content_losses))
+    for image in images:
+        model(image)
+        yield float(STYLE_WEIGHT * sum(s.loss for s in style_losses) + sum(c.loss for c in content_losses))
+
+
+def tutorial_vgg(layers, device: torch.device) -> nn.Sequential:
+    """torchvision's VGG19 `features` for the tutorial, frozen (see the docstring), with the random weights ours
+    draws."""
+    cnn = torchvision.models.vgg19().features.to(device).eval().requires_grad_(False)
+    ours_vgg = VGGFeatures([*layers[0], *layers[1]], allow_random_features=False, **vgg_settings("float32"))
+    cnn[: len(ours_vgg.body)].load_state_dict(ours_vgg.body.state_dict())
+    return cnn
 
 
 # Ours.
-class Losses(L.Callback):
-    def __init__(self):
-        self.values, self.starts = [], []
+class Record(L.Callback):
+    """Fills `run` with each training step (one evaluation): its start, image size, loss and end, and a copy of
+    each full-size (`size`) image as its evaluation saw it (clamped by the step): cheap, scored after the run."""
+
+    def __init__(self, run: Run, size: tuple[int, int]):
+        self.run, self.size = run, size
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.starts.append(time.perf_counter())
+        self.run.starts.append(time.perf_counter())
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        image = pl_module.result()
+        self.run.sizes.append(tuple(image.shape[-2:]))
+        if self.run.sizes[-1] == self.size:
+            self.run.images[len(self.run.sizes) - 1] = image.clone()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.values.append(float(outputs["loss"]))
+        self.run.losses.append(float(outputs["loss"]))
+        self.run.ends.append(time.perf_counter())
 
 
-def run_ours(
-    inputs: dict, layers, evaluations: int, dtype: str, device: torch.device
-) -> tuple[list[float], torch.Tensor, list[float]]:
+def run_ours(inputs: dict, layers, evaluations: int, dtype: str, device: torch.device, scales=(1.0,)) -> Run:
+    """GatysStyleTransfer with `model.scales=scales` (the steps split evenly), timed from building the module (its
+    VGG) through the Trainer's start, each scale's targets and every step."""
     content_layers, style_layers = layers
     settings = model_settings(
         "gatys",
@@ -197,10 +267,12 @@ def run_ours(
         content_layers=content_layers,
         style_layers=dict.fromkeys(style_layers, 1.0),
         style_weight=STYLE_WEIGHT,
+        scales=list(scales),
         output="/dev/null",
     )
+    steps = task_data(1, evaluations).train_dataloader()  # the steps: no images read
+    run = Run()
     model = GatysStyleTransfer(**inputs, **settings)
-    losses = Losses()
     trainer = L.Trainer(
         accelerator=device.type,
         devices=1,
@@ -209,19 +281,17 @@ def run_ours(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[losses],
+        callbacks=[Record(run, tuple(inputs["content"].shape[-2:]))],
     )
-    trainer.fit(model, train_dataloaders=task_data(1, evaluations).train_dataloader())  # the steps: no images read
-    return losses.values, model.result()[None], losses.starts
+    trainer.fit(model, train_dataloaders=steps)
+    run.image = model.result()[None]
+    return run
 
 
 def gatys(inputs: dict, name: str, args: argparse.Namespace, device: torch.device) -> float:
     layers = LAYERS[name]
     content, style = inputs["content"][None].to(device), inputs["styles"][0][None].to(device)
-    cnn = torchvision.models.vgg19().features.to(device).eval().requires_grad_(False)  # frozen: see the docstring
-    # the weights ours will draw
-    ours_vgg = VGGFeatures([*layers[0], *layers[1]], allow_random_features=False, **vgg_settings("float32"))
-    cnn[: len(ours_vgg.body)].load_state_dict(ours_vgg.body.state_dict())
+    cnn = tutorial_vgg(layers, device)
     runs = {
         "pytorch_tutorial": lambda n: run_tutorial(cnn, content, style, layers, n),
         "ours": lambda n: run_ours(inputs, layers, n, args.dtype, device),
@@ -239,15 +309,15 @@ def gatys(inputs: dict, name: str, args: argparse.Namespace, device: torch.devic
     median = {k: statistics.median(v) for k, v in times.items()}
     # From one evaluation's start to the next's (the optimiser's own work included), the median of the last run:
     # a check on the whole-run times that a burst of load on a shared machine moves less.
-    each = {k: statistics.median(b - a for a, b in zip(r[2], r[2][1:])) for k, r in results.items()}
-    first, final = results["pytorch_tutorial"][0], results["ours"][0]
+    each = {k: per_evaluation(r.starts) for k, r in results.items()}
+    first, final = results["pytorch_tutorial"].losses, results["ours"].losses
     assert len(first) == len(final) == args.evaluations, (len(first), len(final))
     # The same loss function: the first evaluation (the content image) agrees to float32 rounding, or bfloat16's.
     tolerance = 2e-2 if args.bf16 else 1e-4
     assert abs(final[0] - first[0]) <= tolerance * abs(first[0]), (final[0], first[0])
     # Each side's final image, measured in float32 by the tutorial's loss: LBFGS trajectories part under any change
     # in rounding, so the losses the runs saw last compare less well than the images they reached.
-    ends = {key: reference_loss(cnn, content, style, layers, result[1]) for key, result in results.items()}
+    ends = dict(zip(results, reference_losses(cnn, content, style, layers, (r.image for r in results.values()))))
     print(
         f"gatys {name} (content {', '.join(layers[0])}; style {', '.join(layers[1])}), {args.evaluations} "
         f"evaluations: tutorial {median['pytorch_tutorial']:.2f} s, ours {median['ours']:.2f} s "
@@ -263,6 +333,80 @@ def gatys(inputs: dict, name: str, args: argparse.Namespace, device: torch.devic
         f"ours {ends['ours']:.6g} ({ends['ours'] / ends['pytorch_tutorial'] - 1:+.2%})"
     )
     return median["pytorch_tutorial"] / median["ours"]
+
+
+def time_to_quality(pair: str, args: argparse.Namespace, device: torch.device) -> tuple[float, bool]:
+    """The tutorial's time to its lowest loss in TUTORIAL_EVALUATIONS over ours (float32) to the first full-size
+    image as low by the tutorial's loss, for one content/style pair ("content/style" sample names); and whether ours
+    got there (if not, the ratio is over our whole run)."""
+    content_name, style_name = pair.split("/")
+    overrides = (f"data.content=skimage:{content_name}", f"data.style=skimage:{style_name}")
+    inputs = task_data(args.size, overrides=overrides).model_inputs(GatysStyleTransfer.data_inputs)
+    layers = LAYERS["tutorial_layers"]
+    content, style = inputs["content"][None].to(device), inputs["styles"][0][None].to(device)
+    cnn = tutorial_vgg(layers, device)
+    run_tutorial(cnn, content, style, layers, 2)  # warm-up at this pair's sizes (ours: one step at each scale)
+    run_ours(inputs, layers, len(args.scales), "float32", device, args.scales)
+    tutorial = run_tutorial(cnn, content, style, layers, TUTORIAL_EVALUATIONS)
+    best = min(range(TUTORIAL_EVALUATIONS), key=tutorial.losses.__getitem__)
+    target, tutorial_time = tutorial.losses[best], tutorial.ends[best] - tutorial.start
+    ours = run_ours(inputs, layers, args.quality_evaluations, "float32", device, args.scales)
+    scores = reference_losses(cnn, content, style, layers, (image[None] for image in ours.images.values()))
+    reached, lowest = None, math.inf
+    for step, loss in zip(ours.images, scores):  # scored in order, up to the first as low as the tutorial's best
+        lowest = min(lowest, loss)
+        if loss <= target:
+            reached = step
+            break
+    last = len(ours.sizes) - 1 if reached is None else reached
+    ours_time = ours.ends[last] - ours.start
+    counts = collections.Counter(ours.sizes)  # evaluations at each scale, coarse to fine
+    print(
+        f"time to quality, content {content_name}, style {style_name} ({content.shape[-1]}x{content.shape[-2]} px): "
+        f"tutorial's lowest loss {target:.6g} at evaluation {best + 1} of {TUTORIAL_EVALUATIONS}, "
+        f"{tutorial_time:.2f} s; ours (scales {' + '.join(f'{s:g}' for s in args.scales)}: "
+        f"{' + '.join(map(str, counts.values()))} evaluations) "
+        + (
+            f"reached {lowest:.6g} at full-size evaluation {reached - min(ours.images) + 1} (evaluation "
+            f"{reached + 1}), {ours_time:.2f} s -> {tutorial_time / ours_time:.2f}"
+            if reached is not None
+            else f"did NOT reach it in {len(ours.sizes)} evaluations (lowest {lowest:.6g}): its whole run "
+            f"{ours_time:.2f} s -> {tutorial_time / ours_time:.2f} (tutorial time / our whole run)"
+        )
+    )
+    # Load on a shared machine stretches some evaluations: the same ratio at each side's median evaluation times.
+    each = {size: per_evaluation([t for t, s in zip(ours.starts, ours.sizes) if s == size]) for size in counts}
+    tutorial_each = per_evaluation(tutorial.starts)
+    print(
+        f"  per evaluation (median): tutorial {tutorial_each:.3f} s, ours "
+        f"{', '.join(f'{s:g}: {t:.3f}' for s, t in zip(args.scales, each.values()))} s; the ratio at these times: "
+        f"{(best + 1) * tutorial_each / sum(each[size] for size in ours.sizes[: last + 1]):.2f}"
+    )
+    return tutorial_time / ours_time, reached is not None
+
+
+def adain_vs_gatys(size: int, images: int, device: torch.device) -> float:
+    """One Gatys image (task=style_transfer's defaults: Gatys' layers, data.iterations evaluations, model.vgg.dtype
+    auto) over AdaIN's stylising time per image (conf/model/adain.yaml: the VGG19 encoder and the decoder, random
+    weights, float32; `images` contents with one style, one at a time, after a warm-up), both at `size` px."""
+    torch.manual_seed(0)
+    adain = AdaINStyle(**model_settings("adain", vgg=vgg_settings("float32"))).to(device).eval()
+    contents, style = torch.rand(images, 3, size, size, device=device), torch.rand(3, size, size, device=device)
+    per_image = timed({"adain": lambda: [adain.stylise(c[None], [style]) for c in contents]}, 3, device)["adain"]
+    per_image /= images
+    inputs = task_data(size).model_inputs(GatysStyleTransfer.data_inputs)
+    evaluations = compose(["task=style_transfer"]).data.iterations
+    dtype = model_settings("gatys", output="/dev/null")["vgg"]["dtype"]
+    sync(device)
+    start = time.perf_counter()
+    run_ours(inputs, LAYERS["gatys_layers"], evaluations, dtype, device)
+    sync(device)
+    gatys_time = time.perf_counter() - start
+    print(
+        f"AdaIN vs Gatys at {size} px: AdaIN {per_image:.3f} s per image (VGG19 to relu4_1 + decoder, float32); "
+        f"one Gatys image {gatys_time:.1f} s ({evaluations} LBFGS evaluations, Gatys' layers, dtype {dtype})"
+    )
+    return gatys_time / per_image
 
 
 @torch.inference_mode()
@@ -297,10 +441,21 @@ def main() -> None:
         choices=DTYPES,
         help="ours: model.vgg.dtype (default: conf/model/gatys.yaml's)",
     )
+    parser.add_argument(
+        "--pairs", nargs="+", default=PAIRS, help="time to quality: content/style, scikit-image samples of one aspect"
+    )
+    parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 1.0], help="time to quality: model.scales")
+    parser.add_argument(
+        "--quality-evaluations",
+        type=int,
+        default=300,
+        help="time to quality: ours' evaluations (data.iterations), split evenly over the scales",
+    )
     parser.add_argument("--images", type=int, default=8, help="fast style: images per timed pass")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip", nargs="*", default=[], choices=PARTS, help="parts not to run")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -316,12 +471,27 @@ def main() -> None:
         f"on {device.type}); {args.repeats} timed run(s) each after a warm-up"
     )
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    inputs = task_data(args.size).model_inputs(GatysStyleTransfer.data_inputs)
-    ratios = {name: gatys(inputs, name, args, device) for name in LAYERS}
-    batched_ratio = fast_style(args.size, args.images, args.batch, device)
+    ratios = {}
+    if "gatys" not in args.skip:
+        inputs = task_data(args.size).model_inputs(GatysStyleTransfer.data_inputs)
+        ratios.update({f"gatys_vs_pytorch_tutorial_{name}": gatys(inputs, name, args, device) for name in LAYERS})
+    if "time_to_quality" not in args.skip:
+        print(
+            f"time to quality: the tutorial's layers, float32 on both sides; the tutorial {TUTORIAL_EVALUATIONS} "
+            f"evaluations; ours model.scales={args.scales} with {args.quality_evaluations} evaluations split evenly; "
+            "times from each run's start (targets included; ours: building the module, the Trainer's start, every "
+            "scale) to when the loss of the image is known; our images scored after the run, untimed"
+        )
+        quality = [time_to_quality(pair, args, device) for pair in args.pairs]
+        reached = sum(got for _, got in quality)
+        print(f"time to quality: ours reached the tutorial's lowest loss on {reached} of {len(quality)} pairs")
+        ratios["gatys_time_to_quality_vs_pytorch_tutorial"] = statistics.median(ratio for ratio, _ in quality)
+    if "fast_style" not in args.skip:
+        ratios["fast_style_batched"] = fast_style(args.size, args.images, args.batch, device)
+    if "adain" not in args.skip:
+        ratios["adain_vs_gatys_per_image"] = adain_vs_gatys(args.size, args.images, device)
     for name, ratio in ratios.items():
-        print(f"ratio: gatys_vs_pytorch_tutorial_{name} = {ratio:.2f}")
-    print(f"ratio: fast_style_batched = {batched_ratio:.2f}")
+        print(f"ratio: {name} = {ratio:.2f}")
 
 
 if __name__ == "__main__":
