@@ -28,7 +28,7 @@ images are copied during the run and scored after it, untimed. A pair where ours
 reached, its ratio over our whole run. Also printed per pair: each side's median time per evaluation and the ratio
 at those times, which other load on the machine moves less. LBFGS at lr 1 without a line search, with the clamp,
 is chaotic: when a run reaches which loss depends on the pair and on the schedule (and on any change in rounding)
-more than on the time per evaluation. This part takes about 6 minutes at 256 px on a 2-core CPU.
+more than on the time per evaluation. This part takes 6 to 7 minutes at 256 px on a 2-core CPU.
 
 Prints the peer, the settings, the times, the first and last losses each side saw and each side's final image's
 loss measured by one yardstick (the tutorial's loss function in float32), one line per time-to-quality pair, then
