@@ -20,8 +20,9 @@ content/style pair (--pairs: scikit-image samples sharing an aspect ratio, as th
 of one size; chelsea/coffee, astronaut/immunohistochemistry, rocket/chelsea at --size), the tutorial's algorithm
 runs 300 evaluations; its time is from its start (targets included) to when the loss of its lowest evaluation
 (its best, not its last), L, is known. Ours: `model.vgg.dtype=float32`, `model.scales` = --scales (coarse to fine;
-default 0.5, 1), --quality-evaluations training steps (`data.iterations`, 300) split evenly between the scales by the
-module, LBFGS lr 1, history 100, max_iter 1; timed from building the module through the Trainer's start, every
+default 0.5, 1), --quality-evaluations training steps (`data.iterations`, 200) split between the scales by
+`model.scale_shares` = --scale-shares (default 3, 7), LBFGS lr 1, history 100, max_iter 1, its gradient projected
+at the [0, 1] box as the module always does; timed from building the module through the Trainer's start, every
 scale's targets and steps, to the end of the first full-size step whose image (as its evaluation saw it: each side's
 image is credited when its evaluation's loss is known) scores <= L by the tutorial's loss function in float32. The
 images are copied during the run and scored after it, untimed. A pair where ours never gets there is marked NOT
@@ -39,7 +40,8 @@ per image) and `ratio: adain_vs_gatys_per_image = one Gatys image's time / AdaIN
 network stylising --images contents one at a time against one task=style_transfer image, its defaults, at --size).
 
     python benchmarks/style_transfer.py [--size 256] [--evaluations 40] [--repeats 1] [--dtype auto] [--threads 2]
-        [--pairs chelsea/coffee ...] [--scales 0.5 1] [--quality-evaluations 300] [--skip gatys time_to_quality ...]
+        [--pairs chelsea/coffee ...] [--scales 0.5 1] [--scale-shares 3 7] [--quality-evaluations 200]
+        [--skip gatys time_to_quality ...]
 """
 
 from __future__ import annotations
@@ -256,9 +258,11 @@ class Record(L.Callback):
         self.run.ends.append(time.perf_counter())
 
 
-def run_ours(inputs: dict, layers, evaluations: int, dtype: str, device: torch.device, scales=(1.0,)) -> Run:
-    """GatysStyleTransfer with `model.scales=scales` (the steps split evenly), timed from building the module (its
-    VGG) through the Trainer's start, each scale's targets and every step."""
+def run_ours(
+    inputs: dict, layers, evaluations: int, dtype: str, device: torch.device, scales=(1.0,), shares=None
+) -> Run:
+    """GatysStyleTransfer with `model.scales=scales`, the steps split by `shares` (None: evenly), timed from
+    building the module (its VGG) through the Trainer's start, each scale's targets and every step."""
     content_layers, style_layers = layers
     settings = model_settings(
         "gatys",
@@ -268,6 +272,7 @@ def run_ours(inputs: dict, layers, evaluations: int, dtype: str, device: torch.d
         style_layers=dict.fromkeys(style_layers, 1.0),
         style_weight=STYLE_WEIGHT,
         scales=list(scales),
+        scale_shares=shares,
         output="/dev/null",
     )
     steps = task_data(1, evaluations).train_dataloader()  # the steps: no images read
@@ -346,11 +351,11 @@ def time_to_quality(pair: str, args: argparse.Namespace, device: torch.device) -
     content, style = inputs["content"][None].to(device), inputs["styles"][0][None].to(device)
     cnn = tutorial_vgg(layers, device)
     run_tutorial(cnn, content, style, layers, 2)  # warm-up at this pair's sizes (ours: one step at each scale)
-    run_ours(inputs, layers, len(args.scales), "float32", device, args.scales)
+    run_ours(inputs, layers, len(args.scales), "float32", device, args.scales, args.scale_shares)
     tutorial = run_tutorial(cnn, content, style, layers, TUTORIAL_EVALUATIONS)
     best = min(range(TUTORIAL_EVALUATIONS), key=tutorial.losses.__getitem__)
     target, tutorial_time = tutorial.losses[best], tutorial.ends[best] - tutorial.start
-    ours = run_ours(inputs, layers, args.quality_evaluations, "float32", device, args.scales)
+    ours = run_ours(inputs, layers, args.quality_evaluations, "float32", device, args.scales, args.scale_shares)
     scores = reference_losses(cnn, content, style, layers, (image[None] for image in ours.images.values()))
     reached, lowest = None, math.inf
     for step, loss in zip(ours.images, scores):  # scored in order, up to the first as low as the tutorial's best
@@ -446,10 +451,13 @@ def main() -> None:
     )
     parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 1.0], help="time to quality: model.scales")
     parser.add_argument(
+        "--scale-shares", nargs="+", type=float, default=[3.0, 7.0], help="time to quality: model.scale_shares"
+    )
+    parser.add_argument(
         "--quality-evaluations",
         type=int,
-        default=300,
-        help="time to quality: ours' evaluations (data.iterations), split evenly over the scales",
+        default=200,
+        help="time to quality: ours' evaluations (data.iterations), split over the scales by --scale-shares",
     )
     parser.add_argument("--images", type=int, default=8, help="fast style: images per timed pass")
     parser.add_argument("--batch", type=int, default=8)
@@ -478,7 +486,8 @@ def main() -> None:
     if "time_to_quality" not in args.skip:
         print(
             f"time to quality: the tutorial's layers, float32 on both sides; the tutorial {TUTORIAL_EVALUATIONS} "
-            f"evaluations; ours model.scales={args.scales} with {args.quality_evaluations} evaluations split evenly; "
+            f"evaluations; ours model.scales={args.scales} with {args.quality_evaluations} evaluations split "
+            f"{':'.join(f'{share:g}' for share in args.scale_shares)}; "
             "times from each run's start (targets included; ours: building the module, the Trainer's start, every "
             "scale) to when the loss of the image is known; our images scored after the run, untimed"
         )

@@ -193,7 +193,7 @@ COMMANDS: dict[str, Run | Compose | Refused] = {
     "task=style_transfer data.style=[a.jpg,b.jpg] data.style_weights=[0.7,0.3]": Run(STYLE),
     "task=style_transfer model.preserve_color=luminance": Run(STYLE),
     "task=style_transfer data.content=photo.jpg data.style=[a.jpg,b.jpg] data.masks=path/to/masks": Run(STYLE),
-    "task=style_transfer model.scales=[0.25,0.5,1.0] data.image_size=1024": Run(
+    "task=style_transfer model.scales=[0.25,0.5,1.0] model.scale_shares=[1,1,3] data.image_size=1024": Run(
         ("data.iterations=3", "data.image_size=128")
     ),
     "task=style_transfer ~model.optimizer "

@@ -227,6 +227,34 @@ def test_style_targets_are_computed_once_per_scale(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+class ImageSizes(L.Callback):
+    def __init__(self):
+        self.sizes = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.sizes.append(tuple(pl_module.image.shape[-2:]))
+
+
+def test_scale_shares_split_the_steps_and_the_pyramid_ends_at_full_size(tmp_path):
+    model = gatys(scales=[0.5, 1.0], scale_shares=[1, 3], optimizer=LBFGS, output=str(tmp_path / "out.png"))
+    sizes = ImageSizes()
+    quiet_trainer(max_epochs=1, callbacks=[sizes], default_root_dir=tmp_path).fit(
+        model, train_dataloaders=task_data("style_transfer", iterations=8).train_dataloader()
+    )
+    assert sizes.sizes == [(12, 16)] * 2 + [(24, 32)] * 6
+    assert tuple(model.result().shape) == (3, 24, 32)
+    with pytest.raises(UserError, match=r"model.scale_shares=\[1.0\] needs one share per scale of model.scales"):
+        gatys(scales=[0.5, 1.0], scale_shares=[1.0])
+
+
+def test_gradients_that_push_past_the_box_are_zeroed():
+    model = gatys()
+    model.image.data = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.5, 0.5]).view(1, 1, 2, 3)
+    model.image.grad = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0, -1.0]).view(1, 1, 2, 3)
+    model.on_after_backward()  # descent moves against the gradient: at 0 a positive one, at 1 a negative one push out
+    assert model.image.grad.flatten().tolist() == [0.0, -1.0, 0.0, 1.0, 1.0, -1.0]
+
+
 def test_output_is_in_range_and_written_atomically(tmp_path, monkeypatch):
     model = gatys(output=str(tmp_path / "out" / "stylized.png"))
     fit(model, 3, tmp_path)
