@@ -17,6 +17,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 # fails on any other.
 SIGNATURE_DEFAULTS = {
     "lightning_modules.generation.dreambooth_lora.DreamBoothLoRA.vae_fp32": "checkpoints from before model.vae_fp32",
+    "lightning_modules.generation.dreambooth_lora.DreamBoothLoRA.multires_noise": (
+        "checkpoints from before model.multires_noise (None: off)"
+    ),
     "lightning_modules.captioning.cnn_rnn.CNNRNNCaptioner.scst": "checkpoints from before model.scst (None: no SCST)",
     "lightning_modules.captioning.cnn_rnn.CNNRNNCaptioner.image_size": (
         "checkpoints from before the captioner recorded its training images' size (None: the data's transform)"

@@ -26,6 +26,7 @@ from PIL import Image
 
 from framework.errors import UserError
 from lightning_modules.generation.dreambooth_lora import DreamBoothLoRA
+from lightning_modules.generation.parts import multires_noise
 from lightning_modules.generation.sdxl import KOHYA_FILE
 from tests.helpers.config import ROOT, compose_config, read_metrics, run_here
 from tests.helpers.dreambooth import RESOLUTION, build, generate, lora_keys, save_images, sdxl_lora, tiny_args
@@ -38,7 +39,8 @@ STEPS = 6  # the resume test: 2 instance images x 2 repeats, batch 1: epochs of 
 # --------------------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def trained(tiny_sdxl, dog, fidelity_models, make_workspace) -> Path:
-    """python run.py task=sdxl_dreambooth: text-encoder LoRA, Kohya export, validation with fidelity every 2 steps."""
+    """python run.py task=sdxl_dreambooth: text-encoder LoRA, Kohya export, validation with fidelity every 2 steps,
+    min-SNR, noise offset and multires noise."""
     clip, dino = fidelity_models
     args = tiny_args(
         tiny_sdxl,
@@ -54,9 +56,26 @@ def trained(tiny_sdxl, dog, fidelity_models, make_workspace) -> Path:
         "model.kohya=true",
         "model.snr_gamma=5.0",
         "model.noise_offset=0.05",
+        "model.multires_noise.iterations=3",
         "data.random_flip=true",
     )
     return make_workspace().run(args).run_dir
+
+
+def test_multires_noise_adds_smooth_fields_at_unit_spread():
+    torch.manual_seed(0)
+    white = torch.randn(8, 4, 32, 32)
+    noise = multires_noise(white.clone(), iterations=6, discount=0.3, draw=torch.randn)
+    assert torch.allclose(noise.std(dim=(1, 2, 3)), torch.ones(8), atol=1e-5)  # each image at unit spread
+
+    def neighbour_correlation(x):  # of horizontally adjacent values (mean 0, spread 1): about 0 for white noise
+        return float((x[..., 1:] * x[..., :-1]).mean())
+
+    assert abs(neighbour_correlation(white)) < 0.01 and neighbour_correlation(noise) > 0.03, neighbour_correlation(
+        noise
+    )
+    assert not torch.equal(noise, white / white.std(dim=(1, 2, 3), keepdim=True))
+    assert torch.equal(multires_noise(white, 0, 0.3, torch.randn), white / white.std(dim=(1, 2, 3), keepdim=True))
 
 
 @pytest.mark.slow
@@ -77,6 +96,7 @@ def test_export_loads_in_diffusers_and_changes_the_images(trained, tiny_sdxl):
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"} and any(k.endswith(".alpha") for k in kohya)
     card = (export / "README.md").read_text()
     assert "base_model:" in card and "`sks`" in card and "| training steps | 4 |" in card
+    assert "| multires noise (iterations, discount) | [3, 0.3] |" in card
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)

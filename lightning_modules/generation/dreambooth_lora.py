@@ -14,10 +14,11 @@ trains it, in a LightningModule: the wiring, the loss, the optimizers and Lightn
   Without ckpt_path, eval/predict use the base model plus an exported LoRA folder (`lora_weights`).
 
 Here: the loss (MSE to the noise or the velocity, as the scheduler's prediction_type says; min-SNR `snr_gamma`,
-`noise_offset`, prior preservation with class examples in the batch; SDXL micro-conditioning from each image's
-original size, crop and target size), prompt embeddings encoded once while the text encoders are frozen, the
-optimizers, checkpoints holding only the adapters, and what the data's preparation needs of the model (class images,
-latents: `write_class_images`, `encode_latent_parameters`, called by framework/preparation.py).
+`noise_offset`, `multires_noise` (parts.multires_noise), prior preservation with class examples in the batch; SDXL
+micro-conditioning from each image's original size, crop and target size), prompt embeddings encoded once while the
+text encoders are frozen, the optimizers, checkpoints holding only the adapters, and what the data's preparation
+needs of the model (class images, latents: `write_class_images`, `encode_latent_parameters`, called by
+framework/preparation.py).
 
 Under trainer=fsdp the UNet is sharded (conf/model/sharding/sdxl.yaml: its transformer and ResNet blocks are the FSDP
 units, the UNet the root); the VAE and the frozen text encoders are replicated on every rank, unsharded (LoRA on the
@@ -28,6 +29,7 @@ sharded run draws what one process draws.
 
 from __future__ import annotations
 
+import functools
 import gc
 from pathlib import Path
 from typing import Annotated, Literal
@@ -53,7 +55,7 @@ from framework.optim import ConfiguredOptimizers, fused_adam_by_default
 from framework.schema import ExistingPath, MultipleOf, NonNegativeFloat, PositiveFloat, Range
 from lightning_modules.generation import parts, sampling
 from lightning_modules.generation.export import CardSettings, export_lora
-from lightning_modules.generation.parts import LoraSettings, TextEncoderSettings
+from lightning_modules.generation.parts import LoraSettings, MultiresNoiseSettings, TextEncoderSettings
 from lightning_modules.generation.sampling import FidelitySettings, InferenceSettings
 from lightning_modules.generation.sdxl import TEXT_ENCODERS, encode_prompts, load_sdxl, time_ids
 
@@ -96,12 +98,13 @@ class DreamBoothLoRA(
         kohya: bool,
         card: CardSettings | None,
         vae_fp32: bool = True,  # framework.config.SIGNATURE_DEFAULTS: checkpoints from before the key lack it
+        multires_noise: MultiresNoiseSettings | None = None,  # the same; None: off
     ):
         """The settings and their defaults: conf/model/sdxl_lora.yaml; `resolution` (of the generated images) is the
         data's (`data_inputs`: data.resolution)."""
         super().__init__()
-        lora, text_encoder, inference, fidelity, optimizer, scheduler, card = (
-            to_plain(x) for x in (lora, text_encoder, inference, fidelity, optimizer, scheduler, card)
+        lora, text_encoder, inference, fidelity, optimizer, scheduler, card, multires_noise = (
+            to_plain(x) for x in (lora, text_encoder, inference, fidelity, optimizer, scheduler, card, multires_noise)
         )
         self.save_hyperparameters(logger=False)
 
@@ -249,6 +252,9 @@ class DreamBoothLoRA(
         if self.hparams.noise_offset:
             offset = self.rows_of_rank(torch.randn, (*latents.shape[:2], 1, 1), device=self.device)
             noise = noise + self.hparams.noise_offset * offset
+        if self.hparams.multires_noise and self.hparams.multires_noise["iterations"]:
+            draw = functools.partial(self.rows_of_rank, torch.randn, device=latents.device)
+            noise = parts.multires_noise(noise, **self.hparams.multires_noise, draw=draw)
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = self.rows_of_rank(
             lambda shape, **kw: torch.randint(0, steps, shape, **kw), (len(latents),), device=self.device

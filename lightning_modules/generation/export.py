@@ -107,6 +107,9 @@ def model_card(hp, steps: int | None) -> str:
         "resolution": hp.resolution,
         "snr_gamma": hp.snr_gamma,
         "noise_offset": hp.noise_offset,
+        "multires noise (iterations, discount)": [hp.multires_noise["iterations"], hp.multires_noise["discount"]]
+        if hp.multires_noise and hp.multires_noise["iterations"]
+        else None,
         "prior preservation": card.get("prior_preservation"),
         "VAE": hp.vae or "the pipeline's",
     }

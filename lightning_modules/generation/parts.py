@@ -9,12 +9,13 @@ from typing import Annotated, TypedDict
 
 import diffusers
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionXLPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, inject_adapter_in_model
 
 from framework.errors import UserError
-from framework.schema import NonEmpty, NonNegativeFloat, PositiveFloat, PositiveInt, Range
+from framework.schema import NonEmpty, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 from lightning_modules.generation.sdxl import set_lora_enabled
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,30 @@ class LoraSettings(TypedDict):
     dropout: Annotated[float, Range(min=0, below=1)]
     use_dora: bool
     target_modules: TargetModules  # of the UNet
+
+
+class MultiresNoiseSettings(TypedDict):
+    """model.multires_noise: training noise with low-frequency parts (kohya's multires noise); 0 iterations: off."""
+
+    iterations: NonNegativeInt
+    discount: Annotated[float, Range(above=0, max=1)]
+
+
+def multires_noise(noise: torch.Tensor, iterations: int, discount: float, draw) -> torch.Tensor:
+    """`noise` [B, C, H, W] plus `iterations` coarser Gaussian fields, field i of side H/r^i x W/r^i (r drawn
+    from [2, 4) per field), upsampled (bilinear) and weighted discount^i, stopping once a side reaches 1 px; then
+    each image rescaled to unit standard deviation, so an image's noise does not depend on the rest of its batch
+    (the same on one process or several). `draw(shape)`: Gaussian rows for this rank (the module's rows_of_rank);
+    r comes from the global RNG, alike on every rank."""
+    height, width = noise.shape[-2:]
+    for i in range(1, iterations + 1):
+        r = 2 + 2 * float(torch.rand(()))
+        size = (max(1, int(height / r**i)), max(1, int(width / r**i)))
+        field = draw((*noise.shape[:2], *size)).to(noise.dtype)
+        noise = noise + discount**i * F.interpolate(field, size=(height, width), mode="bilinear")
+        if min(size) == 1:
+            break
+    return noise / noise.std(dim=(1, 2, 3), keepdim=True)
 
 
 class TextEncoderSettings(TypedDict):
