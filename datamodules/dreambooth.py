@@ -46,6 +46,7 @@ from datamodules.dreambooth_sources import (
     read_captioned_images,
     read_examples,
     read_instance_folder,
+    with_masks,
 )
 from datamodules.images import image_paths
 from datamodules.sampling import EpochSampler, ResumableLoader, fit_position
@@ -53,7 +54,16 @@ from framework.distributed import per_device_batch_size
 from framework.errors import UserError
 from framework.files import writable_dir
 from framework.preparation import given
-from framework.schema import MultipleOf, NonEmpty, NonNegativeInt, PositiveInt, Range, Seed, WritableDir
+from framework.schema import (
+    ExistingDir,
+    MultipleOf,
+    NonEmpty,
+    NonNegativeInt,
+    PositiveInt,
+    Range,
+    Seed,
+    WritableDir,
+)
 
 # The readers are data.source targets in conf/data/ and, with crop_and_flip, imported from here.
 __all__ = ["DreamBoothDataModule", "crop_and_flip", "read_captioned_images", "read_instance_folder"]
@@ -81,6 +91,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         num_workers: NonNegativeInt,
         skip_bad_images: bool,
         cache_latents: bool,
+        caption_dropout: Annotated[float, Range(min=0, below=1)],
+        masks: ExistingDir | None,
         prior_preservation: bool,
         class_prompt: str | None,
         class_images: WritableDir | None,
@@ -105,6 +117,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             bucket_sizes(resolution)  # a resolution that makes no buckets is an error now, not at fit start
         self.repeats, self.num_workers, self.batch_size = repeats, num_workers, batch_size
         self.skip_bad_images, self.cache_latents = skip_bad_images, cache_latents
+        self.caption_dropout, self.masks = caption_dropout, Path(masks).expanduser() if masks else None
         self.prior_preservation, self.class_prompt = prior_preservation, class_prompt
         self.class_images = Path(class_images) if class_images else None
         self.num_class_images, self.class_batch_size = num_class_images, class_batch_size
@@ -133,7 +146,10 @@ class DreamBoothDataModule(L.LightningDataModule):
         """The training examples, read and checked once (every image decoded: an unreadable one stops the run
         here, or is left out with data.skip_bad_images=true, rather than in the middle of training)."""
         if self._instances is None:
-            self._instances = self._readable(self.source(), "data.source")
+            examples = self.source()
+            if self.masks is not None:
+                examples = with_masks(examples, self.masks)
+            self._instances = self._readable(examples, "data.source")
             self._check(self._instances)
         return self._instances
 
@@ -193,7 +209,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         return missing
 
     def train_prompts(self) -> set[str]:
-        return {e.prompt for e in self.instances} | ({self.class_prompt} if self.prior_preservation else set())
+        prompts = {e.prompt for e in self.instances} | ({self.class_prompt} if self.prior_preservation else set())
+        return prompts | ({""} if self.caption_dropout else set())
 
     def reference_images(self) -> list[Image.Image]:
         """The real instance images, for subject fidelity (CLIP-I, DINO)."""
@@ -218,12 +235,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         for chunk in tqdm(chunks, desc="caching latents", unit="batch"):
             views = []
             for example, size in chunk:
-                image, original_size = dataset.resized(example, size)
-                corner = dataset.crop_corner(image, size, random.Random(f"{torch.initial_seed()}:{example.image.name}"))
-                pair = [
-                    {**crop_and_flip(image, size, corner, flip), "original_size": original_size}
-                    for flip in (False, True)
-                ]
+                seeded = random.Random(f"{torch.initial_seed()}:{example.image.name}")
+                pair = dataset.crops(example, size, seeded, (False, True))
                 views += [((example.image.name, size), view) for view in pair]
             yield views, torch.stack([view.pop("pixels") for _, view in views])
 
@@ -247,6 +260,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             self._latents,
             self.buckets,
             self.interpolation,
+            self.caption_dropout,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -33,20 +33,31 @@ def interpolation_mode(name: Interpolation) -> TF.InterpolationMode:
     return TF.InterpolationMode[name.upper()]
 
 
-def crop_and_flip(image: Image.Image, size: tuple[int, int], top_left: tuple[int, int], flip: bool) -> dict:
+def crop_and_flip(
+    image: Image.Image, size: tuple[int, int], top_left: tuple[int, int], flip: bool, mask: Image.Image | None = None
+) -> dict:
     """The `size` (height, width) crop, optionally mirrored, in [-1, 1] with the SDXL micro-conditioning inputs
-    of the crop: its top-left corner and the target size.
+    of the crop: its top-left corner and the target size; with a `mask` (grayscale, the image's size), its same crop
+    in [0, 1] ("mask", [1, height, width]).
 
     `image` is already resized to cover `size`. The crop corner of a mirrored image is
     mirrored too, so the conditioning describes the pixels the model sees.
     """
     height, width = size
     top, left = top_left
-    pixels = TF.to_tensor(image.crop((left, top, left + width, top + height)))
+    box = (left, top, left + width, top + height)
+    pixels = TF.to_tensor(image.crop(box))
+    masks = {} if mask is None else {"mask": TF.to_tensor(mask.crop(box))}
     if flip:
         pixels = pixels.flip(-1)
+        masks = {key: value.flip(-1) for key, value in masks.items()}
         left = image.width - left - width
-    return {"pixels": pixels * 2 - 1, "crop_top_left": torch.tensor([top, left]), "target_size": torch.tensor(size)}
+    return {
+        "pixels": pixels * 2 - 1,
+        **masks,
+        "crop_top_left": torch.tensor([top, left]),
+        "target_size": torch.tensor(size),
+    }
 
 
 class TrainingImages(Dataset):
@@ -57,7 +68,9 @@ class TrainingImages(Dataset):
     the flipped crop) it draws only the flip. The flip is drawn first in both, from the item's seed (the
     sampler's): the same draws in a resumed run and in any loader worker.
     With `buckets` (data.buckets), an item's examples are resized and cropped to its aspect-ratio bucket
-    (`Buckets`), not to a `resolution` square.
+    (`Buckets`), not to a `resolution` square. Examples with a loss mask (data.masks) have it resized, cropped and
+    flipped with the image; where some do, the others (class examples) get an all-white one. With `caption_dropout`,
+    an instance example's prompt is the empty prompt with that probability, drawn last from the item's seed.
     """
 
     def __init__(
@@ -71,12 +84,14 @@ class TrainingImages(Dataset):
         latents: dict | None = None,
         buckets: bool = False,
         interpolation: TF.InterpolationMode = TF.InterpolationMode.BILINEAR,
+        caption_dropout: float = 0.0,
     ):
         self.instances, self.classes = instances * repeats, classes
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.latents, self.interpolation = latents, interpolation
+        self.latents, self.interpolation, self.caption_dropout = latents, interpolation, caption_dropout
+        self.masked = any(example.mask is not None for example in instances)
         self.buckets = Buckets(resolution, self.instances, classes, len(self)) if buckets else None
-        self._resized: OrderedDict[tuple, tuple[Image.Image, torch.Tensor]] = OrderedDict()  # see `resized`
+        self._resized: OrderedDict[tuple, tuple] = OrderedDict()  # see `resized`
 
     def __len__(self) -> int:
         return max(len(self.instances), len(self.classes))
@@ -88,6 +103,8 @@ class TrainingImages(Dataset):
         item = {"instance": self.example(self.instances[index % len(self.instances)], size, rng)}
         if self.classes:
             item["class"] = self.example(self.classes[class_index], size, rng)
+        if self.caption_dropout and rng.random() < self.caption_dropout:
+            item["instance"]["prompt"] = ""
         return item
 
     def layout(self, index: int) -> tuple[tuple[int, int], int | None]:
@@ -110,16 +127,23 @@ class TrainingImages(Dataset):
     def example(self, example: Example, size: tuple[int, int], rng: random.Random) -> dict:
         flip = self.random_flip and rng.random() < 0.5
         if self.latents is not None:
-            return {**self.latents[example.image.name, size][flip], "prompt": example.prompt}
-        image, original_size = self.resized(example, size)
-        return {
-            **crop_and_flip(image, size, self.crop_corner(image, size, rng), flip),
-            "original_size": original_size,
-            "prompt": example.prompt,
-        }
+            view = dict(self.latents[example.image.name, size][flip])
+        else:
+            view = self.crops(example, size, rng, (flip,))[0]
+        if self.masked and "mask" not in view:
+            view["mask"] = torch.ones(1, *size)
+        return {**view, "prompt": example.prompt}
 
-    def resized(self, example: Example, size: tuple[int, int]) -> tuple[Image.Image, torch.Tensor]:
-        """The image resized to cover `size` with its aspect ratio kept (for a square: shorter side = resolution).
+    def crops(self, example: Example, size: tuple[int, int], rng: random.Random, flips: tuple[bool, ...]) -> list[dict]:
+        """The example's `size` crop (its corner drawn from `rng`), once per flip in `flips`, each with its
+        micro-conditioning and mask (crop_and_flip)."""
+        image, mask, original_size = self.resized(example, size)
+        corner = self.crop_corner(image, size, rng)
+        return [{**crop_and_flip(image, size, corner, flip, mask), "original_size": original_size} for flip in flips]
+
+    def resized(self, example: Example, size: tuple[int, int]) -> tuple[Image.Image, Image.Image | None, torch.Tensor]:
+        """The image (and its mask, or None) resized to cover `size` with the aspect ratio kept (for a square: shorter
+        side = resolution), and the image's original (height, width).
 
         The last RESIZED_KEPT resized images stay in memory (in each process), so that a DreamBooth folder's few
         images are decoded and resized once rather than every step, as the diffusers script reads them; the crop and
@@ -129,9 +153,10 @@ class TrainingImages(Dataset):
             self._resized.move_to_end(key)
             return self._resized[key]
         image = example.image.load()
-        original_size = torch.tensor([image.height, image.width])
         cover = list(cover_size(image.height, image.width, size))
-        self._resized[key] = TF.resize(image, cover, interpolation=self.interpolation), original_size
+        mask = None if example.mask is None else TF.resize(example.mask.load(), cover, interpolation=self.interpolation)
+        resized = TF.resize(image, cover, interpolation=self.interpolation)
+        self._resized[key] = resized, mask, torch.tensor([image.height, image.width])
         if len(self._resized) > RESIZED_KEPT:
             self._resized.popitem(last=False)  # the least recently used
         return self._resized[key]

@@ -29,14 +29,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FileImage:
     path: Path
+    mode: str = "RGB"  # "L": a grayscale mask
 
     @property
     def name(self) -> str:
         return str(self.path)
 
     def load(self) -> Image.Image:
-        """The image upright (its EXIF orientation applied: framework.images.load_rgb)."""
-        return load_rgb(self.path)
+        """The image upright (its EXIF orientation applied: framework.images.load_rgb), in `mode`."""
+        image = load_rgb(self.path)
+        return image if self.mode == "RGB" else image.convert(self.mode)
 
 
 @dataclass(frozen=True)
@@ -63,20 +65,36 @@ class DatasetImage:
 @dataclass(frozen=True)
 class Example:
     """A training image and its prompt; `size`: the image's (width, height) as `image.load()` gives it, upright, once
-    it was read (`read_examples`)."""
+    it was read (`read_examples`); `mask`: its loss mask (data.masks), white where the loss counts."""
 
     image: FileImage | DatasetImage
     prompt: str
     size: tuple[int, int] | None = None
+    mask: FileImage | None = None
 
 
 def read_examples(examples: list[Example], skip_bad_images: bool, what: str) -> list[Example]:
-    """The `examples` whose image can be read, each decoded once here and given its upright size; an unreadable one is
-    an error naming it, or with `skip_bad_images` left out and counted (datamodules.images.keep_readable)."""
+    """The `examples` whose image (and mask) can be read, each decoded once here and given its upright size; an
+    unreadable one, a missing mask or a mask of another size is an error naming it, or with `skip_bad_images` left out
+    and counted (datamodules.images.keep_readable)."""
     sizes = {}
 
     def read(example: Example) -> None:
         sizes[example.image.name] = example.image.load().size
+        if example.mask is not None:
+            if not example.mask.path.is_file():
+                raise UserError(
+                    f"data.masks: no mask for {example.image.name} (expected {example.mask.path}: a grayscale image "
+                    "with the image's file name, white where the loss counts). Add it, or set "
+                    "data.skip_bad_images=true to leave such images out"
+                )
+            mask_size = example.mask.load().size
+            if mask_size != sizes[example.image.name]:
+                raise UserError(
+                    f"data.masks: the mask {example.mask.path} is {mask_size[0]}x{mask_size[1]} px, its image "
+                    f"{example.image.name} {sizes[example.image.name][0]}x{sizes[example.image.name][1]}: a mask "
+                    "has its image's size. Replace it, or set data.skip_bad_images=true to leave such images out"
+                )
 
     kept = keep_readable(examples, read, skip_bad_images, what, lambda example: example.image.name)
     return [dataclasses.replace(example, size=sizes[example.image.name]) for example in kept]
@@ -163,3 +181,23 @@ def _open_dataset(folder: str):
 
 def image_files(folder: Path, key: str) -> list[FileImage]:
     return [FileImage(p) for p in list_images(folder, key)]
+
+
+def with_masks(examples: list[Example], folder: Path) -> list[Example]:
+    """Each example with its mask from `folder` (data.masks): the image under `folder` with the image's file name
+    (its extension may differ: photo.jpg's mask may be photo.png); where there is none, the expected path, which
+    `read_examples` names as missing."""
+    masks = {}
+    for path in list_images(folder, "data.masks"):
+        masks.setdefault(path.stem, path)
+    paired = []
+    for example in examples:
+        if not isinstance(example.image, FileImage):
+            raise UserError(
+                f"data.masks pairs masks with image files by name; {example.image.name} is a row of a dataset "
+                "folder: save the images as files with metadata.jsonl (data=captioned_images) to use masks"
+            )
+        stem = example.image.path.stem
+        mask = masks.get(stem, folder / f"{stem}.png")
+        paired.append(dataclasses.replace(example, mask=FileImage(mask, mode="L")))
+    return paired

@@ -16,6 +16,7 @@ import re
 import shlex
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -324,6 +325,107 @@ def test_captioned_images_train_with_their_own_prompts(tiny_sdxl, tmp_path, data
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}  # the recipe trains both
 
 
+def half_masks(images: Path, folder: Path, white: str) -> Path:
+    """A mask per image of `images`: white on the left part that centre crops keep as the crop's left half
+    (`white` = "left"), or all black ("none")."""
+    folder.mkdir()
+    for image in images.iterdir():
+        width, height = Image.open(image).size
+        mask = np.zeros((height, width), np.uint8)
+        if white == "left":
+            mask[:, : width // 2] = 255  # the centre crop of 64 x 72: columns 4-67, its left half ends at column 36
+        Image.fromarray(mask).save(folder / image.name)
+    return folder
+
+
+def test_masked_loss_is_the_mean_over_the_white_half_and_all_black_masks_train_nothing(
+    tiny_sdxl, dog, tmp_path, data_dir
+):
+    model, data = build(
+        tmp_path, data_dir, tiny_args(tiny_sdxl, dog, f"data.masks={half_masks(dog, tmp_path / 'left', 'left')}")
+    )
+    batch = next(iter(data.train_dataloader()))
+    assert batch["mask"][0, 0, :, :32].min() == 1 and batch["mask"][0, 0, :, 32:].max() == 0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        error, _ = model.prediction_error(batch)  # [1, 4, 8, 8]: the latents of a 64 px image
+    assert fixed_loss(model, batch) == pytest.approx(float(error[..., :4].mean()), rel=1e-6)
+    assert fixed_loss(model, batch) != pytest.approx(float(error.mean()), rel=1e-3)
+
+    model, data = build(
+        tmp_path, data_dir, tiny_args(tiny_sdxl, dog, f"data.masks={half_masks(dog, tmp_path / 'black', 'none')}")
+    )
+    model.loss(next(iter(data.train_dataloader()))).backward()
+    gradients = [p.grad for p in model.parameters() if p.requires_grad]
+    assert gradients and all(g is None or not g.any() for g in gradients)
+
+
+def test_dropped_captions_are_conditioned_on_the_empty_prompt(tiny_sdxl):
+    from lightning_modules.generation.sdxl import encode_prompts
+
+    model = sdxl_lora(tiny_sdxl)
+    hidden, pooled = model.prompt_embeddings(["", "a photo of sks dog", ""])
+    with torch.no_grad():
+        expected_hidden, expected_pooled = encode_prompts(model.tokenizers, model.text_encoders, [""])
+    for row in (0, 2):
+        torch.testing.assert_close(hidden[row], expected_hidden[0])
+        torch.testing.assert_close(pooled[row], expected_pooled[0])
+    assert "" in model._prompt_cache and not torch.allclose(hidden[1], hidden[0])
+
+
+class RecordAdapters(L.Callback):
+    """The UNet's adapter weights after every optimizer step (peft's names)."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.steps.append({k: v.clone() for k, v in get_peft_model_state_dict(module.unet).items()})
+
+
+def test_ema_is_the_hand_computed_average_and_what_validation_and_the_export_hold(tiny_sdxl, dog, tmp_path, data_dir):
+    decay = 0.2  # update 2 keeps 2/11 of the average, update 3 the decay (3/12 is more)
+    model, data = build(
+        tmp_path, data_dir, tiny_args(tiny_sdxl, dog, f"model.ema.decay={decay}", "model.optimizer.lr=1e-2")
+    )
+    recorded = RecordAdapters()
+    seen_by_validation = []
+
+    class AtValidation(L.Callback):
+        def on_validation_batch_start(self, trainer, module, *args) -> None:
+            seen_by_validation.append({k: v.clone() for k, v in get_peft_model_state_dict(module.unet).items()})
+
+        def on_validation_end(self, trainer, module) -> None:  # training goes on from its own weights
+            seen_by_validation.append({k: v.clone() for k, v in get_peft_model_state_dict(module.unet).items()})
+
+    trainer = quiet_trainer(
+        max_steps=3,
+        callbacks=[recorded, AtValidation()],
+        val_check_interval=3,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=data)
+    # diffusers' EMAModel: update 1 copies the weights, update k keeps min(decay, k / (9 + k)) of the average
+    average = recorded.steps[0]
+    for k, weights in enumerate(recorded.steps[1:], start=2):
+        kept = min(decay, k / (9 + k))
+        average = {name: kept * average[name] + (1 - kept) * weights[name] for name in weights}
+    assert kept == decay and len(recorded.steps) == 3
+    assert any(not torch.allclose(average[n], recorded.steps[-1][n]) for n in average)  # the average differs
+    for name, value in average.items():
+        torch.testing.assert_close(seen_by_validation[0][name], value, msg=name)
+        torch.testing.assert_close(seen_by_validation[1][name], recorded.steps[-1][name], msg=name)
+
+    model.export(tmp_path / "export")
+    unet = loaded(tiny_sdxl, tmp_path / "export").unet
+    exported = get_peft_model_state_dict(unet, adapter_name=next(iter(unet.peft_config)))
+    assert exported.keys() == average.keys()
+    for name, value in average.items():
+        torch.testing.assert_close(exported[name], value, msg=name)
+    assert "| EMA (decay, update every) | [0.2, 1] |" in (tmp_path / "export" / "README.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------- precision and output guards
 def test_vae_precision_guard(tiny_sdxl):
     model = sdxl_lora(tiny_sdxl, vae_fp32=False, inference={"num_inference_steps": 2})
@@ -441,10 +543,22 @@ def loaded(pipeline, folder, weight_name: str | None = None) -> StableDiffusionX
 
 
 def test_kohya_export_loads_in_diffusers_with_every_weight_and_draws_the_same_images(tiny_sdxl, tmp_path):
-    # alpha 8 with rank 4: a LoRA scale of 2 that the Kohya file must carry in its .alpha entries
-    model = trained_stand_in(tiny_sdxl, lora={"alpha": 8}, train_text_encoder=True, kohya=True)
+    # alpha 8 with rank 4: a LoRA scale of 2 that the Kohya file must carry in its .alpha entries; two blocks of other
+    # ranks (the tiny UNet's attention is in down_blocks.1, mid_block and up_blocks.0), scaled by alpha / their rank
+    block_ranks = {"down_blocks.1": 8, "mid_block": 2}
+    model = trained_stand_in(
+        tiny_sdxl, lora={"alpha": 8, "block_ranks": block_ranks}, train_text_encoder=True, kohya=True
+    )
     model.export(tmp_path / "export")
-    keys = lora_keys(tmp_path / "export" / KOHYA_FILE)
+    from safetensors.torch import load_file
+
+    kohya_file = load_file(str(tmp_path / "export" / KOHYA_FILE))
+    for key, down in kohya_file.items():
+        if key.startswith("lora_unet") and key.endswith(".lora_down.weight"):
+            block = next((b for b in block_ranks if key.startswith(f"lora_unet_{b.replace('.', '_')}_")), None)
+            assert down.shape[0] == block_ranks.get(block, 4), key
+            assert float(kohya_file[key.replace(".lora_down.weight", ".alpha")]) == 8, key
+    keys = sorted(kohya_file)
     # the names AUTOMATIC1111 and ComfyUI map for SDXL: diffusers' module paths for the UNet, CLIP's (text_model_...)
     assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys), keys[:5]
@@ -469,6 +583,13 @@ def test_kohya_export_loads_in_diffusers_with_every_weight_and_draws_the_same_im
     assert np.abs(generate(base) - diffusers_format).mean() > 1e-3  # and the LoRA matters
 
 
+def test_block_ranks_that_name_no_adapted_block_are_refused(tiny_sdxl):
+    with pytest.raises(
+        UserError, match=r"block_ranks: 'down_block.1' names no UNet .*adapted blocks: down_blocks.1, mid_block, up_bl"
+    ):
+        sdxl_lora(tiny_sdxl, lora={"block_ranks": {"down_block.1": 8}})
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
@@ -485,7 +606,6 @@ def test_loras_that_cannot_be_exported_faithfully_are_refused(tiny_sdxl, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------------- diffusers' options
-# The command-line options of diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py (its argparse).
 # The command-line options of diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py (its argparse).
 DIFFUSERS_OPTIONS = """
 pretrained_model_name_or_path pretrained_vae_model_name_or_path revision variant dataset_name dataset_config_name
@@ -617,17 +737,20 @@ def test_predicted_images_are_named_by_index_prompt_and_seed():
 
 # ------------------------------------------------------------------------------------------------------- exact resume
 def adapters(run_dir) -> tuple[int, dict[str, torch.Tensor]]:
+    """The global step of last.ckpt and its adapter weights, with the EMA's average as "ema.<i>" where it has one."""
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    return checkpoint["global_step"], checkpoint["state_dict"]
+    averages = checkpoint.get("ema", {}).get("shadow_params", [])
+    return checkpoint["global_step"], {**checkpoint["state_dict"], **{f"ema.{i}": t for i, t in enumerate(averages)}}
 
 
 @pytest.mark.slow
 def test_sigterm_and_resume_auto_end_with_the_weights_of_an_uninterrupted_run(
     tiny_sdxl, dog, tmp_path, data_dir, workspace
 ):
-    """SIGTERM mid-epoch, then resume=auto, ends with the adapter weights of an uninterrupted run (same seed), with
-    prior preservation, cached latents (random crops), random flips, text-encoder LoRA and a validation pass on the
-    way."""
+    """SIGTERM mid-epoch, then resume=auto, ends with the adapter weights (and their EMA) of an uninterrupted run (same
+    seed), with prior preservation, cached latents (random crops), random flips, text-encoder LoRA, EMA, caption
+    dropout, loss masks and a validation pass on the way."""
+    masks = half_masks(dog, tmp_path / "masks", "left")
 
     def args(classes: str, *extra: str) -> list[str]:
         return tiny_args(
@@ -645,6 +768,9 @@ def test_sigterm_and_resume_auto_end_with_the_weights_of_an_uninterrupted_run(
             "data.random_flip=true",
             "data.repeats=2",
             "data.test_prompts=[]",
+            "model.ema.decay=0.9",
+            "data.caption_dropout=0.5",
+            f"data.masks={masks}",
             "export_after_train=false",
             *extra,
         )
@@ -663,6 +789,6 @@ def test_sigterm_and_resume_auto_end_with_the_weights_of_an_uninterrupted_run(
     run_here(tmp_path / "uninterrupted", data_dir, args("classes_uninterrupted"))
     (step, resumed), (expected_step, expected) = adapters(stopped), adapters(tmp_path / "uninterrupted")
     assert step == expected_step == STEPS and resumed.keys() == expected.keys()
-    assert any("text_encoder" in name for name in resumed)
+    assert any("text_encoder" in name for name in resumed) and "ema.0" in resumed
     for name, tensor in resumed.items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)

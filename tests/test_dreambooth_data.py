@@ -468,3 +468,83 @@ def test_training_with_buckets_through_the_runner(instances, tmp_path, data_dir)
             assert (batch["pixels"][row] - expected["pixels"]).abs().mean() < 0.01, (width, height)
             seen.add((width, height))
     assert seen == set(IMAGES)  # one epoch: every image once
+
+
+# ----------------------------------------------------------------------------------------- caption dropout and masks
+def test_caption_dropout_empties_a_binomial_share_of_instance_prompts_drawn_from_the_item_seed(dog, tmp_path):
+    classes = save_folder(tmp_path / "classes", [(64, 64)])
+    data = dreambooth_data(
+        dog,
+        resolution=64,
+        caption_dropout=0.25,
+        random_flip=True,
+        center_crop=False,
+        prior_preservation=True,
+        class_prompt="a photo of a dog",
+        class_images=classes,
+    )
+    dataset = data.training_images()
+    items = [dataset[(index % len(dataset), seed)] for seed, index in enumerate(range(400))]
+    dropped = sum(item["instance"]["prompt"] == "" for item in items)
+    # Binomial(400, 0.25): mean 100, standard deviation 8.7; outside 100 +- 35 (4 standard deviations) 1 in 15,000
+    assert 65 <= dropped <= 135, dropped
+    assert {item["instance"]["prompt"] for item in items} == {"", "a photo of sks dog"}
+    assert {item["class"]["prompt"] for item in items} == {"a photo of a dog"}  # the class prior keeps its prompt
+    again = [dataset[(index % len(dataset), seed)]["instance"]["prompt"] for seed, index in enumerate(range(400))]
+    assert again == [item["instance"]["prompt"] for item in items]  # the item's seed decides: resume replays it
+    assert data.train_prompts() == {"", "a photo of sks dog", "a photo of a dog"}  # "" is encoded and cached too
+
+
+def masked_folder(folder: Path, sizes) -> tuple[Path, Path]:
+    """Images of `sizes` with a red rectangle on grey, and masks (PNG, of a JPEG image too) white on the rectangle."""
+    images, masks = folder / "images", folder / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    for i, (width, height) in enumerate(sizes):
+        image = np.full((height, width, 3), 128, np.uint8)
+        mask = np.zeros((height, width), np.uint8)
+        top, left = height // 5 + 3 * i, width // 3 - 5 * i
+        image[top : top + height // 2, left : left + width // 3] = (255, 0, 0)
+        mask[top : top + height // 2, left : left + width // 3] = 255
+        Image.fromarray(image).save(images / f"img_{i}.{'jpg' if i == 0 else 'png'}", quality=100, subsampling=0)
+        Image.fromarray(mask).save(masks / f"img_{i}.png")
+    return images, masks
+
+
+def test_masks_are_resized_cropped_and_flipped_with_their_images_also_from_the_latent_cache(tmp_path):
+    images, masks = masked_folder(tmp_path, [(448, 252), (300, 300), (200, 260)])
+    data = data_module(
+        images, masks=masks, random_flip=True, center_crop=False, interpolation="nearest", cache_latents=False
+    )
+    dataset = data.training_images()
+    for seed in range(12):
+        for index in range(len(dataset)):
+            example = dataset[(index, seed)]["instance"]
+            red = (example["pixels"][0] > 0.5) & (example["pixels"][1] < -0.5)  # the rectangle, wherever it went
+            assert example["mask"].shape == (1, *example["pixels"].shape[1:])
+            assert torch.equal(example["mask"][0] > 0.5, red)
+            assert 0 < red.float().mean() < 1
+
+    cached = data_module(images, masks=masks, random_flip=True, center_crop=False, cache_latents=True)
+    cached.set_latent_cache([(views, fake_encode(pixels)) for views, pixels in cached.views_to_encode()])
+    batch = next(iter(cached.train_dataloader()))
+    assert batch["mask"].shape == (2, 1, *batch["target_size"][0].tolist()) and 0 < batch["mask"].mean() < 1
+    assert batch["latent_parameters"].shape[-2:] == tuple(s // 8 for s in batch["target_size"][0].tolist())
+
+
+def test_missing_or_misfit_masks_are_named_or_skipped(tmp_path, caplog):
+    images, masks = masked_folder(tmp_path, [(64, 72), (64, 72), (64, 72)])
+    (masks / "img_1.png").unlink()
+    Image.new("L", (40, 40)).save(masks / "img_2.png")
+    with pytest.raises(UserError, match=rf"data.masks: no mask for .*img_1.png \(expected {masks}/img_1.png"):
+        dreambooth_data(images, masks=masks).instances  # noqa: B018
+    (masks / "img_1.png").write_bytes(b"not an image")
+    with pytest.raises(UserError, match=r"img_1.png: cannot identify image file.*data.skip_bad_images=true"):
+        dreambooth_data(images, masks=masks).instances  # noqa: B018
+    Image.new("L", (64, 72)).save(masks / "img_1.png")
+    with pytest.raises(UserError, match=r"the mask .*img_2.png is 40x40 px, its image .*img_2.png 64x72"):
+        dreambooth_data(images, masks=masks).instances  # noqa: B018
+    (masks / "img_1.png").unlink()
+    kept = dreambooth_data(images, masks=masks, skip_bad_images=True).instances
+    assert [e.image.path.name for e in kept] == ["img_0.jpg"] and kept[0].mask.path == masks / "img_0.png"
+    assert "skipped 2 unreadable images" in caplog.text

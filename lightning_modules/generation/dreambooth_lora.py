@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
 from lightning.pytorch.strategies import FSDPStrategy
 
 from framework.config import to_plain
@@ -55,7 +55,7 @@ from framework.optim import ConfiguredOptimizers, fused_adam_by_default
 from framework.schema import ExistingPath, MultipleOf, NonNegativeFloat, PositiveFloat, Range
 from lightning_modules.generation import parts, sampling
 from lightning_modules.generation.export import CardSettings, export_lora
-from lightning_modules.generation.parts import LoraSettings, MultiresNoiseSettings, TextEncoderSettings
+from lightning_modules.generation.parts import EmaSettings, LoraSettings, MultiresNoiseSettings, TextEncoderSettings
 from lightning_modules.generation.sampling import FidelitySettings, InferenceSettings
 from lightning_modules.generation.sdxl import TEXT_ENCODERS, encode_prompts, load_sdxl, time_ids
 
@@ -99,12 +99,14 @@ class DreamBoothLoRA(
         card: CardSettings | None,
         vae_fp32: bool = True,  # framework.config.SIGNATURE_DEFAULTS: checkpoints from before the key lack it
         multires_noise: MultiresNoiseSettings | None = None,  # the same; None: off
+        ema: EmaSettings | None = None,  # the same; None: off
     ):
         """The settings and their defaults: conf/model/sdxl_lora.yaml; `resolution` (of the generated images) is the
         data's (`data_inputs`: data.resolution)."""
         super().__init__()
-        lora, text_encoder, inference, fidelity, optimizer, scheduler, card, multires_noise = (
-            to_plain(x) for x in (lora, text_encoder, inference, fidelity, optimizer, scheduler, card, multires_noise)
+        lora, text_encoder, inference, fidelity, optimizer, scheduler, card, multires_noise, ema = (
+            to_plain(x)
+            for x in (lora, text_encoder, inference, fidelity, optimizer, scheduler, card, multires_noise, ema)
         )
         self.save_hyperparameters(logger=False)
 
@@ -136,6 +138,8 @@ class DreamBoothLoRA(
         self._fused = False
         self._references = lambda: None  # the instance images, once the data hands them over (use_reference_images)
         self.trained_steps: int | None = None  # from a loaded checkpoint, for the model card
+        self._ema: EMAModel | None = None  # while fitting with model.ema (on_fit_start)
+        self._loaded_ema: dict | None = None  # a checkpoint's EMA state, until fit resumes it or inference uses it
         self.generated: dict[str, list[dict]] = {"val": [], "test": []}  # prompt, seed, image (for callbacks)
 
     # ----------------------------------------------------------------------------------------- parts
@@ -161,6 +165,12 @@ class DreamBoothLoRA(
         vae_dtype = self.vae_dtype(precision)
         if self.vae.dtype != vae_dtype:  # (diffusers warns on every cast to a dtype)
             self.vae.to(vae_dtype)
+        sharded = isinstance(self.trainer.strategy, (FSDP2Strategy, FSDPStrategy))
+        if sharded and self._uses_ema():
+            raise UserError(
+                "model.ema with a sharded UNet (trainer=fsdp) is not supported: the average would be sharded like the "
+                "adapters and the checkpoints do not hold it. Set model.ema.decay=null, or use trainer=ddp"
+            )
         if isinstance(self.trainer.strategy, FSDP2Strategy):
             if self.hparams.train_text_encoder:
                 raise UserError(
@@ -172,6 +182,9 @@ class DreamBoothLoRA(
             self.strict_loading = False
         elif not isinstance(self.trainer.strategy, FSDPStrategy):  # FSDP keeps one dtype per unit, casts for compute
             parts.cast_frozen([self.unet, *self.text_encoders], precision)
+
+    def _uses_ema(self) -> bool:
+        return bool(self.hparams.ema and self.hparams.ema["decay"])
 
     def fsdp_root(self) -> torch.nn.Module:
         return self.unet
@@ -234,7 +247,7 @@ class DreamBoothLoRA(
         read only when a stage is scored."""
         self._references = read
 
-    def on_train_end(self) -> None:
+    def free_memory(self) -> None:
         """Before the test pass that follows training (generation and the fidelity models need memory): the optimizer
         state goes (every checkpoint holding it is written by now) and freed GPU memory is handed back. No full
         garbage collection off CUDA: the state's tensors go with their last reference, and a collection walks every
@@ -245,7 +258,9 @@ class DreamBoothLoRA(
             gc.collect()
             torch.cuda.empty_cache()
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def prediction_error(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's squared error per latent element [B, C, h, w] against the noise (or the velocity, as the
+        scheduler's prediction_type says), in fp32, and the timesteps drawn."""
         latents = self.sample_latents(batch)
         # not randn_like: it follows the memory layout
         noise = self.rows_of_rank(torch.randn, latents.shape, device=latents.device)
@@ -272,7 +287,14 @@ class DreamBoothLoRA(
             target = noise
         else:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return F.mse_loss(prediction.float(), target.float(), reduction="none"), timesteps
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """The mean error of the instance images (min-SNR weighted; with data.masks over each mask's white part) plus,
+        with prior preservation, prior_loss_weight times the class images'."""
+        error, timesteps = self.prediction_error(batch)
+        mask = batch.get("mask")
+        per_image = error.mean(dim=(1, 2, 3)) if mask is None else parts.masked_mean(error, mask.to(error.device))
         n = batch["num_instance"]
         loss = (per_image[:n] * self.snr_weights(timesteps[:n])).mean()
         if len(per_image) > n:  # prior preservation: the class half of the batch
@@ -304,6 +326,49 @@ class DreamBoothLoRA(
         step, every = trainer.global_step + 1, trainer.log_every_n_steps
         last = step == trainer.max_steps or (trainer.is_last_batch and trainer.current_epoch + 1 == trainer.max_epochs)
         return last or (every > 0 and step % every == 0)
+
+    # ------------------------------------------------------------------------------------------- EMA
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def on_fit_start(self) -> None:
+        """With model.ema: the average starts from the weights (on their device), or from a resumed checkpoint's."""
+        if not self._uses_ema():
+            return
+        self._ema = EMAModel(self.trained_parameters(), decay=self.hparams.ema["decay"], foreach=True)
+        if self._loaded_ema is not None:
+            self._ema.load_state_dict(self._loaded_ema)
+            self._ema.to(self.device)
+            self._loaded_ema = None
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Lightning counts the step (global_step) after this hook: this is step global_step + 1.
+        if self._ema is not None and (self.trainer.global_step + 1) % self.hparams.ema["update_every"] == 0:
+            self._ema.step(self.trained_parameters())
+
+    def on_train_end(self) -> None:
+        """Training over: the average becomes the weights (the test, predict and export that follow use them); the
+        optimizer state goes and freed GPU memory is handed back (`free_memory`)."""
+        if self._ema is not None:
+            self._ema.copy_to(self.trained_parameters())
+            self._ema = None
+        self.free_memory()
+
+    def use_loaded_ema(self) -> None:
+        """A checkpoint's EMA weights (model.ema) into the adapters, for inference from it (test, predict, export)."""
+        if self._loaded_ema is None:
+            return
+        trained = self.trained_parameters()
+        if len(self._loaded_ema["shadow_params"]) != len(trained):
+            raise UserError(
+                f"the checkpoint's EMA holds {len(self._loaded_ema['shadow_params'])} tensors, this model trains "
+                f"{len(trained)}: it was trained with other LoRA settings (model.lora, model.train_text_encoder)"
+            )
+        with torch.no_grad():
+            for weight, average in zip(trained, self._loaded_ema["shadow_params"]):
+                weight.copy_(average)
+        self._loaded_ema = None
 
     def optimizer_params(self) -> list[dict]:
         named = [(name, p) for name, p in self.trainer.model.named_parameters() if p.requires_grad]
@@ -344,9 +409,12 @@ class DreamBoothLoRA(
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if self._ema is not None:
+            checkpoint["ema"] = self._ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.trained_steps = checkpoint.get("global_step", 0)
+        self._loaded_ema = checkpoint.get("ema")  # resumed by on_fit_start, or used for inference (use_loaded_ema)
         if "state_dict" not in checkpoint:  # sharded: FSDP2Strategy.load_checkpoint loaded (and checked) the adapters
             return
         missing = {name for name, p in self.named_parameters() if p.requires_grad} - set(checkpoint["state_dict"])
@@ -379,6 +447,9 @@ class DreamBoothLoRA(
             self._fused = True
 
     def on_validation_epoch_start(self) -> None:
+        if self._ema is not None:  # validation draws with the averaged weights, training goes on with its own
+            self._ema.store(self.trained_parameters())
+            self._ema.copy_to(self.trained_parameters())
         self.generated["val"] = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -386,8 +457,11 @@ class DreamBoothLoRA(
 
     def on_validation_epoch_end(self) -> None:
         self._score("val")
+        if self._ema is not None:
+            self._ema.restore(self.trained_parameters())
 
     def on_test_epoch_start(self) -> None:
+        self.use_loaded_ema()
         self._fuse_once()
         self.generated["test"] = []
 
@@ -408,6 +482,7 @@ class DreamBoothLoRA(
             self.log(f"{stage}/{name}", value)
 
     def on_predict_start(self) -> None:
+        self.use_loaded_ema()
         self._fuse_once()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
@@ -418,6 +493,7 @@ class DreamBoothLoRA(
     # ---------------------------------------------------------------------------------------- export
     def export(self, directory: str | Path) -> Path:
         """pytorch_lora_weights.safetensors (+ the Kohya layout with model.kohya=true) and a README.md model card."""
+        self.use_loaded_ema()
         steps = self.trainer.global_step if self._trainer is not None else self.trained_steps
         if not is_sharded(self.unet):
             return export_lora(directory, self.unet, self.text_encoders, self.hparams, steps)

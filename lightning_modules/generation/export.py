@@ -101,6 +101,7 @@ def model_card(hp, steps: int | None) -> str:
         "dropout": hp.lora["dropout"],
         "DoRA": hp.lora["use_dora"],
         "target modules": hp.lora["target_modules"],
+        "block ranks": json.dumps(hp.lora.get("block_ranks")) if hp.lora.get("block_ranks") else None,
         "text encoder LoRA": hp.train_text_encoder,
         "learning rate": (hp.optimizer or {}).get("lr"),
         "training steps": steps,
@@ -110,6 +111,7 @@ def model_card(hp, steps: int | None) -> str:
         "multires noise (iterations, discount)": [hp.multires_noise["iterations"], hp.multires_noise["discount"]]
         if hp.multires_noise and hp.multires_noise["iterations"]
         else None,
+        "EMA (decay, update every)": [hp.ema["decay"], hp.ema["update_every"]] if hp.ema and hp.ema["decay"] else None,
         "prior preservation": card.get("prior_preservation"),
         "VAE": hp.vae or "the pipeline's",
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from typing import Annotated, TypedDict
 
 import diffusers
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionXLPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from framework.errors import UserError
 from framework.schema import NonEmpty, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
@@ -38,6 +40,7 @@ class LoraSettings(TypedDict):
     dropout: Annotated[float, Range(min=0, below=1)]
     use_dora: bool
     target_modules: TargetModules  # of the UNet
+    block_ranks: dict[str, PositiveInt] | None  # UNet blocks with another rank (null: none): block_ranks_pattern
 
 
 class MultiresNoiseSettings(TypedDict):
@@ -64,6 +67,22 @@ def multires_noise(noise: torch.Tensor, iterations: int, discount: float, draw) 
     return noise / noise.std(dim=(1, 2, 3), keepdim=True)
 
 
+class EmaSettings(TypedDict):
+    """model.ema: an exponential moving average of the trained weights (diffusers' EMAModel), which validation, test,
+    predict and export use; decay null: off."""
+
+    decay: Annotated[float, Range(above=0, below=1)] | None
+    update_every: PositiveInt  # optimizer steps between two updates
+
+
+def masked_mean(error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each image's mean of `error` [B, C, h, w] weighted by its `mask` [B, 1, H, W] in [0, 1] (data.masks), the mask
+    shrunk to h x w by averaging (area): the mean over the white part; 0 for an all-black mask (nothing to learn, no
+    gradient)."""
+    weights = F.interpolate(mask.to(error.dtype), size=error.shape[-2:], mode="area")
+    return (error * weights).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3)) * error.shape[1]).clamp(min=1e-8)
+
+
 class TextEncoderSettings(TypedDict):
     """model.text_encoder: the text encoders' adapters (with model.train_text_encoder) and their optimizer group."""
 
@@ -72,10 +91,22 @@ class TextEncoderSettings(TypedDict):
     target_modules: TargetModules
 
 
-def lora_config(lora: LoraSettings, target_modules: list[str]) -> LoraConfig:
+def block_ranks_pattern(block_ranks: dict[str, int]) -> dict[str, int]:
+    """model.lora.block_ranks as peft's rank_pattern: a block's path ("down_blocks.2", "mid_block",
+    "up_blocks.0.attentions.1") gives its layers' rank; peft matches the pattern after any dot of a layer's name, and
+    the longest path is tried first, so a block inside another can have its own rank. Every layer keeps model.lora's
+    alpha, so a block's scale is alpha / its rank, as kohya's block_dims without block_alphas (and the one alpha of a
+    Kohya file)."""
+    ordered = sorted(block_ranks.items(), key=lambda item: -len(item[0]))
+    return {rf"{re.escape(path)}\..*": rank for path, rank in ordered}
+
+
+def lora_config(lora: LoraSettings, target_modules: list[str], block_ranks: dict[str, int] | None = None) -> LoraConfig:
+    ranks = block_ranks_pattern(block_ranks or {})
     return LoraConfig(
         r=lora["rank"],
         lora_alpha=lora["alpha"] or lora["rank"],
+        rank_pattern=ranks,
         lora_dropout=lora["dropout"],
         use_dora=lora["use_dora"],
         init_lora_weights="gaussian",
@@ -102,7 +133,21 @@ def add_adapters(
     train_text_encoder: bool,
 ):
     """The trained LoRA adapters (adapter "default") on the UNet, and with `train_text_encoder` on both encoders."""
-    unet.add_adapter(lora_config(lora, lora["target_modules"]))
+    block_ranks = lora.get("block_ranks") or {}  # checkpoints from before the key lack it
+    unet.add_adapter(lora_config(lora, lora["target_modules"], block_ranks))
+    adapted = [name for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
+    for path in block_ranks:
+        if not any(re.match(rf"(.*\.)?{re.escape(path)}\.", name) for name in adapted):
+            blocks = sorted(
+                {
+                    name.split(".")[0] if name.startswith("mid_block") else ".".join(name.split(".")[:2])
+                    for name in adapted
+                }
+            )
+            raise UserError(
+                f"model.lora.block_ranks: '{path}' names no UNet layer with an adapter (model.lora.target_modules); "
+                f"the adapted blocks: {', '.join(blocks)}"
+            )
     if train_text_encoder:
         # With peft itself, as diffusers' add_adapter does for the UNet: transformers' add_adapter checks
         # the peft version (5.24: peft >= 0.22, newer than any peft release). Adapter "default", as there.
