@@ -583,6 +583,72 @@ def test_kohya_export_loads_in_diffusers_with_every_weight_and_draws_the_same_im
     assert np.abs(generate(base) - diffusers_format).mean() > 1e-3  # and the LoRA matters
 
 
+def lycoris_delta(factors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A layer's weight change from its LyCORIS factors as ComfyUI's loader computes it: LoHa (w1_a w1_b) * (w2_a w2_b)
+    scaled by alpha / rank; LoKr kron(w1, w2), each a whole matrix or a product, scaled by alpha / the rank of the
+    last product (1 when both are whole)."""
+    alpha = float(factors["alpha"])
+    if "hada_w1_a" in factors:
+        w1 = factors["hada_w1_a"] @ factors["hada_w1_b"]
+        return w1 * (factors["hada_w2_a"] @ factors["hada_w2_b"]) * alpha / factors["hada_w1_b"].shape[0]
+    rank, halves = None, []
+    for half in ("lokr_w1", "lokr_w2"):
+        if half in factors:
+            halves.append(factors[half])
+        else:
+            halves.append(factors[f"{half}_a"] @ factors[f"{half}_b"])
+            rank = factors[f"{half}_b"].shape[0]
+    return torch.kron(*halves) * (alpha / rank if rank else 1.0)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_loha_and_lokr_train_and_export_the_layers_weight_changes_in_the_lycoris_layout(
+    kind, tiny_sdxl, dog, tmp_path, data_dir
+):
+    from peft.tuners.lycoris_utils import LycorisLayer
+    from safetensors.torch import load_file
+
+    model, data = build(
+        tmp_path,
+        data_dir,
+        tiny_args(
+            tiny_sdxl,
+            dog,
+            f"model.lora.type={kind}",
+            "model.lora.alpha=8",
+            "model.train_text_encoder=true",
+            "model.optimizer.lr=1e-2",
+            "model.lora.block_ranks={mid_block: 2}",
+        ),
+    )
+    before = fixed_loss(model, next(iter(data.train_dataloader())))
+    quiet_trainer(max_steps=2, limit_val_batches=0).fit(model, train_dataloaders=data.train_dataloader())
+    after = fixed_loss(model, next(iter(data.train_dataloader())))
+    assert np.isfinite(after) and after != before  # the adapters moved
+
+    model.export(tmp_path / "export")
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["README.md", KOHYA_FILE]
+    assert "diffusers' SDXL pipeline does not load LoHa or LoKr" in (tmp_path / "export" / "README.md").read_text()
+    saved = load_file(str(tmp_path / "export" / KOHYA_FILE))
+    layers = {}
+    for key, value in saved.items():
+        layer, factor = key.rsplit(".", 1)
+        layers.setdefault(layer, {})[factor] = value
+    expected = {}
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        for path, layer in getattr(model, component).named_modules():
+            if isinstance(layer, LycorisLayer):
+                if component != "unet" and not path.startswith("text_model."):  # transformers 5's CLIPTextModel
+                    path = f"text_model.{path}"
+                expected[prefix + path.replace(".", "_")] = layer.get_delta_weight("default")
+    assert layers.keys() == expected.keys()
+    assert any(d.abs().max() > 0 for d in expected.values())
+    for name, delta in expected.items():
+        torch.testing.assert_close(lycoris_delta(layers[name]), delta, rtol=1e-5, atol=1e-7, msg=name)
+    mid = next(name for name in layers if name.startswith("lora_unet_mid_block"))
+    assert {v.shape[0] for k, v in layers[mid].items() if k in ("hada_w1_b", "lokr_w2_b")} == {2}  # block_ranks
+
+
 def test_block_ranks_that_name_no_adapted_block_are_refused(tiny_sdxl):
     with pytest.raises(
         UserError, match=r"block_ranks: 'down_block.1' names no UNet .*adapted blocks: down_blocks.1, mid_block, up_bl"

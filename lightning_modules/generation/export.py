@@ -24,6 +24,23 @@ class CardSettings(TypedDict):
     prior_preservation: bool
 
 
+DIFFUSERS_USAGE = """```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+pipe = StableDiffusionXLPipeline.from_pretrained("{pretrained}", torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors
+image = pipe({prompt_json}, num_inference_steps=25).images[0]
+```
+
+`pytorch_lora_weights_kohya.safetensors`, when present, is the same LoRA in the Kohya layout
+(AUTOMATIC1111, ComfyUI; in diffusers:
+`pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights_kohya.safetensors")`)."""
+
+LYCORIS_USAGE = """`pytorch_lora_weights_kohya.safetensors` holds the {kind} adapters in the LyCORIS layout, which
+ComfyUI (a LoRA loader node), AUTOMATIC1111 / Forge (`<lora:name:1>` in the prompt) and kohya's sd-scripts read;
+diffusers' SDXL pipeline does not load LoHa or LoKr files."""
+
 CARD = """---
 base_model: {pretrained}
 library_name: diffusers
@@ -37,18 +54,7 @@ LoRA adapters for `{pretrained}`, trained with DreamBooth{prior}.
 
 **Trigger word:** `{trigger}`. Use it in prompts, e.g. "{prompt}".
 
-```python
-import torch
-from diffusers import StableDiffusionXLPipeline
-
-pipe = StableDiffusionXLPipeline.from_pretrained("{pretrained}", torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors
-image = pipe({prompt_json}, num_inference_steps=25).images[0]
-```
-
-`pytorch_lora_weights_kohya.safetensors`, when present, is the same LoRA in the Kohya layout
-(AUTOMATIC1111, ComfyUI; in diffusers:
-`pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights_kohya.safetensors")`).
+{usage}
 
 | setting | value |
 | --- | --- |
@@ -95,7 +101,9 @@ def model_card(hp, steps: int | None) -> str:
     """The README.md of an exported LoRA: how to load it, its trigger word and its training settings."""
     card = hp.card or {}
     trigger = card.get("trigger_word") or "(none)"
+    kind = hp.lora.get("type", "lora")
     settings = {
+        "adapter": kind,
         "rank": hp.lora["rank"],
         "alpha": hp.lora["alpha"] or hp.lora["rank"],
         "dropout": hp.lora["dropout"],
@@ -123,6 +131,9 @@ def model_card(hp, steps: int | None) -> str:
         name=card.get("name") or "DreamBooth",
         prior=" and prior preservation" if card.get("prior_preservation") else "",
         trigger=trigger,
+        usage=DIFFUSERS_USAGE.format(pretrained=hp.pretrained, prompt_json=json.dumps(prompt))
+        if kind == "lora"
+        else LYCORIS_USAGE.format(kind={"loha": "LoHa", "lokr": "LoKr"}[kind]),
         rows="\n".join(
             f"| {key} | {json.dumps(value) if isinstance(value, list) else value} |" for key, value in settings.items()
         ),

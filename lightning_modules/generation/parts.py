@@ -6,14 +6,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from typing import Annotated, TypedDict
+from typing import Annotated, Literal, TypedDict
 
 import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionXLPipeline
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from framework.errors import UserError
@@ -33,11 +33,13 @@ TargetModules = Annotated[list[str], NonEmpty()]
 
 
 class LoraSettings(TypedDict):
-    """model.lora: the LoRA adapters (on the UNet; with model.train_text_encoder on both text encoders too)."""
+    """model.lora: the adapters (on the UNet; with model.train_text_encoder on both text encoders too): LoRA, or
+    LyCORIS' LoHa (Hadamard product of two low-rank products) or LoKr (Kronecker product), all through peft."""
 
+    type: Literal["lora", "loha", "lokr"]
     rank: PositiveInt
     alpha: PositiveFloat | None  # null: the rank (scale 1)
-    dropout: Annotated[float, Range(min=0, below=1)]
+    dropout: Annotated[float, Range(min=0, below=1)]  # LoHa / LoKr: peft's rank_dropout
     use_dora: bool
     target_modules: TargetModules  # of the UNet
     block_ranks: dict[str, PositiveInt] | None  # UNet blocks with another rank (null: none): block_ranks_pattern
@@ -101,16 +103,28 @@ def block_ranks_pattern(block_ranks: dict[str, int]) -> dict[str, int]:
     return {rf"{re.escape(path)}\..*": rank for path, rank in ordered}
 
 
-def lora_config(lora: LoraSettings, target_modules: list[str], block_ranks: dict[str, int] | None = None) -> LoraConfig:
+def adapter_config(
+    lora: LoraSettings, target_modules: list[str], block_ranks: dict[str, int] | None = None
+) -> PeftConfig:
+    """The peft config of model.lora's adapter type on `target_modules`; new adapters change nothing until trained."""
+    kind = lora.get("type", "lora")  # checkpoints from before the key lack it
     ranks = block_ranks_pattern(block_ranks or {})
-    return LoraConfig(
-        r=lora["rank"],
-        lora_alpha=lora["alpha"] or lora["rank"],
-        rank_pattern=ranks,
-        lora_dropout=lora["dropout"],
-        use_dora=lora["use_dora"],
-        init_lora_weights="gaussian",
-        target_modules=target_modules,
+    alpha = lora["alpha"] or lora["rank"]
+    if kind == "lora":
+        return LoraConfig(
+            r=lora["rank"],
+            lora_alpha=alpha,
+            rank_pattern=ranks,
+            lora_dropout=lora["dropout"],
+            use_dora=lora["use_dora"],
+            init_lora_weights="gaussian",
+            target_modules=target_modules,
+        )
+    if lora["use_dora"]:
+        raise UserError(f"model.lora.use_dora=true is a kind of LoRA: with model.lora.type={kind} set it false")
+    config = {"loha": LoHaConfig, "lokr": LoKrConfig}[kind]
+    return config(
+        r=lora["rank"], alpha=alpha, rank_pattern=ranks, rank_dropout=lora["dropout"], target_modules=target_modules
     )
 
 
@@ -134,7 +148,7 @@ def add_adapters(
 ):
     """The trained LoRA adapters (adapter "default") on the UNet, and with `train_text_encoder` on both encoders."""
     block_ranks = lora.get("block_ranks") or {}  # checkpoints from before the key lack it
-    unet.add_adapter(lora_config(lora, lora["target_modules"], block_ranks))
+    unet.add_adapter(adapter_config(lora, lora["target_modules"], block_ranks))
     adapted = [name for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
     for path in block_ranks:
         if not any(re.match(rf"(.*\.)?{re.escape(path)}\.", name) for name in adapted):
@@ -152,7 +166,7 @@ def add_adapters(
         # With peft itself, as diffusers' add_adapter does for the UNet: transformers' add_adapter checks
         # the peft version (5.24: peft >= 0.22, newer than any peft release). Adapter "default", as there.
         for encoder in text_encoders:
-            inject_adapter_in_model(lora_config(lora, text_encoder["target_modules"]), encoder, "default")
+            inject_adapter_in_model(adapter_config(lora, text_encoder["target_modules"]), encoder, "default")
         if lora["use_dora"]:
             log.warning(
                 "model.lora.use_dora with model.train_text_encoder: the LoRA cannot be exported (%s); "

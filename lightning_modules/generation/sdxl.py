@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from peft.tuners.lycoris_utils import LycorisLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -92,6 +93,12 @@ def lora_layers(modules: dict[str, torch.nn.Module], weights: dict[str, dict] | 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
 
+def kohya_path(component: str, path: str) -> str:
+    """A module path of `component` as the Kohya names spell it: transformers 5's CLIP text models have no
+    `text_model` wrapper, the Kohya names keep it."""
+    return f"text_model.{path}" if component in TEXT_ENCODERS and not path.startswith("text_model.") else path
+
+
 def kohya_state_dict(
     modules: dict[str, torch.nn.Module], alpha: float, weights: dict[str, dict] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -110,13 +117,36 @@ def kohya_state_dict(
                     "magnitudes (dora_scale), so the Kohya file would not give the trained model; "
                     "pytorch_lora_weights.safetensors holds the DoRA exactly. Set model.kohya=false"
                 )
-            # transformers 5's CLIP text models have no `text_model` wrapper; the Kohya names keep it.
-            if name in TEXT_ENCODERS and not key.startswith("text_model."):
-                key = f"text_model.{key}"
-            peft_layout[f"{name}.{key}"] = value.detach().float().cpu().contiguous()
+            peft_layout[f"{name}.{kohya_path(name, key)}"] = value.detach().float().cpu().contiguous()
     # diffusers names the weights, and writes alpha = rank: the adapters were trained with lora_alpha.
     kohya = convert_state_dict_to_kohya(peft_layout)
     return {key: torch.tensor(float(alpha)) if key.endswith(".alpha") else value for key, value in kohya.items()}
+
+
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def lycoris_state_dict(modules: dict[str, torch.nn.Module], weights: dict[str, dict] | None = None) -> dict:
+    """The trained ("default") peft LoHa / LoKr adapters in the LyCORIS layout that ComfyUI, AUTOMATIC1111 / Forge and
+    kohya's scripts read: the Kohya names (`lora_unet_<module path>`, `lora_te1_text_model_...`) with peft's (and
+    LyCORIS') factor names (hada_w1_a ..., lokr_w1 ...) and each layer's `.alpha`. Those readers scale a LoKr layer
+    whose two factors are both whole matrices by 1, not alpha / rank as peft does: there the scale goes into lokr_w2.
+    `weights` as for `lora_layers`."""
+    lycoris = {}
+    for name, module in modules.items():
+        if "default" not in (getattr(module, "peft_config", None) or {}):
+            continue
+        layers = {path: layer for path, layer in module.named_modules() if isinstance(layer, LycorisLayer)}
+        factors = get_peft_model_state_dict(module, state_dict=(weights or {}).get(name))
+        for key, value in factors.items():
+            path, factor = key.rsplit(".", 1)
+            layer = layers[path]
+            if factor == "lokr_w2" and "default" in layer.lokr_w1:
+                value = value * layer.scaling["default"]
+            prefix = KOHYA_PREFIXES[name] + kohya_path(name, path).replace(".", "_")
+            lycoris[f"{prefix}.{factor}"] = value.detach().float().cpu().contiguous()
+            lycoris[f"{prefix}.alpha"] = torch.tensor(float(layer.alpha["default"]))
+    return lycoris
 
 
 def save_lora(
@@ -127,10 +157,14 @@ def save_lora(
 ) -> None:
     """pytorch_lora_weights.safetensors (diffusers layout, what StableDiffusionXLPipeline.load_lora_weights
     reads); with `kohya_alpha`, also pytorch_lora_weights_kohya.safetensors (`kohya_state_dict`); `weights` as for
-    `lora_layers`."""
+    `lora_layers`. LoHa / LoKr adapters: pytorch_lora_weights_kohya.safetensors alone, in the LyCORIS layout
+    (`lycoris_state_dict`), which diffusers' SDXL loader does not read."""
+    from safetensors.torch import save_file
+
+    if any(isinstance(layer, LycorisLayer) for module in modules.values() for layer in module.modules()):
+        save_file(lycoris_state_dict(modules, weights), str(directory / KOHYA_FILE))
+        return
     kohya = kohya_state_dict(modules, kohya_alpha, weights) if kohya_alpha is not None else None  # refused first
     StableDiffusionXLPipeline.save_lora_weights(directory, **lora_layers(modules, weights))
     if kohya is not None:
-        from safetensors.torch import save_file
-
         save_file(kohya, str(directory / KOHYA_FILE))
