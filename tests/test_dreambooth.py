@@ -688,36 +688,47 @@ local_rank enable_xformers_memory_efficient_attention rank use_dora lora_unet_bl
 """.split()
 
 
-def parity_table() -> list[tuple[list[str], list[list[str]], str]]:
-    """README's parity rows: (diffusers options, our overrides (each a list of arguments), note)."""
+def readme_table(heading: str) -> list[list[str]]:
+    """The cells of each row of the README table that follows the paragraph starting with `heading`."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("**Parity with diffusers'") :]
-    rows = []
-    for line in section.split("\n\n")[1].splitlines()[2:]:  # the table, without its header
-        options, ours, note = (cell.strip() for cell in line.strip("|").split("|"))
-        rows.append(
-            (
-                re.findall(r"`--([a-z0-9_]+)`", options),
-                [shlex.split(span) for span in re.findall(r"`([^`]+)`", ours)],
-                note,
-            )
-        )
-    return rows
+    section = text[text.index(heading) :]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in section.split("\n\n")[1].splitlines()[2:]]
+
+
+def overrides(cell: str) -> list[list[str]]:
+    """The overrides of a table cell: each `code span` a list of arguments."""
+    return [shlex.split(span) for span in re.findall(r"`([^`]+)`", cell)]
+
+
+def assert_composes(args: list[str], tmp_path: Path) -> None:
+    """`args` compose with task=sdxl_dreambooth and every key they set is there."""
+    cfg = compose_config(["task=sdxl_dreambooth", *args], tmp_path, tmp_path)
+    OmegaConf.to_container(cfg, resolve=True)
+    for key in (arg.split("=", 1)[0] for arg in args):
+        if "." in key and not key.startswith("hydra."):  # a value, not a config group: it is there
+            assert OmegaConf.select(cfg, key) is not None, key
 
 
 @pytest.mark.slow  # composes the config ~70 times: ~10 s
 def test_parity_table_names_every_option_and_each_override_composes(tmp_path):
-    rows = parity_table()
-    named = [option for options, _, _ in rows for option in options]
+    rows = readme_table("**Parity with diffusers'")
+    named = [option for options, _, _ in rows for option in re.findall(r"`--([a-z0-9_]+)`", options)]
     assert sorted(named) == sorted(DIFFUSERS_OPTIONS)  # each once, none missing
-    for options, overrides, note in rows:
-        assert overrides or note, f"{options}: neither an override nor why it is left out"
-        for args in overrides:
-            cfg = compose_config(["task=sdxl_dreambooth", *args], tmp_path, tmp_path)
-            OmegaConf.to_container(cfg, resolve=True)
-            for key in (arg.split("=", 1)[0] for arg in args):
-                if "." in key and not key.startswith("hydra."):  # a value, not a config group: it is there
-                    assert OmegaConf.select(cfg, key) is not None, key
+    for options, ours, note in rows:
+        assert overrides(ours) or note, f"{options}: neither an override nor why it is left out"
+        for args in overrides(ours):
+            assert_composes(args, tmp_path)
+
+
+def test_the_trainers_parity_table_gives_each_feature_an_override_that_composes_or_a_reason(tmp_path):
+    rows = readme_table("**Parity with kohya sd-scripts, SimpleTuner, OneTrainer and ai-toolkit.**")
+    features = [feature for feature, *_ in rows]
+    for wanted in ("masked loss", "caption dropout", "EMA", "LoHa", "multires noise", "torch.compile", "quantised"):
+        assert any(wanted in feature for feature in features), wanted
+    for feature, _, ours, note in rows:
+        assert overrides(ours) or note, f"{feature}: neither an override nor why it is left out"
+        for args in overrides(ours):
+            assert_composes(args, tmp_path)
 
 
 def test_prodigy_warmup_cosine_restarts_and_kept_step_checkpoints(tiny_sdxl, dog, tmp_path, data_dir):
