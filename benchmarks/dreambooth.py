@@ -17,6 +17,9 @@
    `ratio: dreambooth_cached_without_trainer_vs_diffusers_script = ...`: the cached module's own steps (loss,
    backward, clipping, its optimizer) in a plain loop, timed in the same rounds: what Lightning's per-step work costs,
    and the most our own code can give while the UNet's forward and backward, which both sides share, stay as they are.
+   With `--compiled`, also ours with model.compile=true (and the latent cache): its first step (where inductor
+   compiles the UNet's forward and backward) printed apart, its steady-state steps timed in the same rounds, its
+   first-step loss on the same batch, then `ratio: dreambooth_compiled_vs_diffusers_script = ...`.
 2. `--sdxl-unet --device cuda`: a UNet with the configuration of stabilityai/stable-diffusion-xl-base-1.0
    (written below, random weights; needs no download), frozen in bf16 with LoRA rank-4 adapters in fp32
    on to_q/k/v/out, one 1024 px training step (latents 128x128, batch --batch-size) under bf16 autocast,
@@ -32,6 +35,7 @@
    holds no more pixels than the square, and batches from one bucket stack as the squares do).
 
     python benchmarks/dreambooth.py [--steps 40] [--rounds 3] [--resolutions 64 128] [--batch-sizes 1 2]
+    python benchmarks/dreambooth.py --compiled --resolutions 64 --batch-sizes 1
     python benchmarks/dreambooth.py --sdxl-unet --device cuda [--batch-size 1]
     python benchmarks/dreambooth.py --buckets [--steps 6] [--rounds 5] [--resolution 256]
 """
@@ -301,9 +305,12 @@ def loop_ours(module, datamodule, steps: int) -> list[float]:
     return clock
 
 
-def first_step_losses(tmp: Path, pipeline: Path, resolution: int, batch_size: int) -> dict[str, float]:
+def first_step_losses(
+    tmp: Path, pipeline: Path, resolution: int, batch_size: int, compiled: bool = False
+) -> dict[str, float]:
     """The first loss of each side on the same batch (copies of one square image at `resolution`: no crop or order to
-    draw) with the same random draws (VAE sample, noise, timesteps) from seed 0."""
+    draw) with the same random draws (VAE sample, noise, timesteps) from seed 0; with `compiled`, also of ours with
+    model.compile=true (with gradients on: the training graph, which the timed runs use)."""
     import shutil
 
     folder = save_instance_images(tmp / f"square_{resolution}_{batch_size}", 1, resolution, height=resolution)
@@ -314,8 +321,11 @@ def first_step_losses(tmp: Path, pipeline: Path, resolution: int, batch_size: in
     pixels = next(iter(script.loader))["pixel_values"]
     torch.manual_seed(0)
     losses["script"] = script.loss(pixels).item()
-    for name, cached in (("ours", False), ("ours cached", True)):
-        module, data = tiny_dreambooth(pipeline, folder, resolution, batch_size, {}, cache_latents=cached)
+    variants = [("ours", False, False), ("ours cached", True, False)] + [("ours compiled", True, True)] * compiled
+    for name, cached, compile in variants:
+        module, data = tiny_dreambooth(
+            pipeline, folder, resolution, batch_size, {"compile": compile}, cache_latents=cached
+        )
         data.set_latent_cache([(v, module.encode_latent_parameters(pixels)) for v, pixels in data.views_to_encode()])
         batch = next(iter(data.train_dataloader()))
         torch.manual_seed(0)
@@ -353,10 +363,12 @@ def peer_benchmark(args) -> None:
     )
     print("ours: DreamBoothLoRA + DreamBoothDataModule (conf/model/sdxl_lora.yaml, conf/data/dreambooth_folder.yaml)")
     print("      through a Lightning Trainer (task=sdxl_dreambooth's trainer settings, no validation/logger/bar)")
-    sides = ("script", "ours", "ours cached", "no Trainer")
+    sides = ("script", "ours", "ours cached", "no Trainer") + ("ours compiled",) * args.compiled
     ratios = {"dreambooth_vs_diffusers_script": [], "dreambooth_vs_diffusers_script_cached": []}
     ratios["dreambooth_cache_step_speedup"] = []
     ratios["dreambooth_cached_without_trainer_vs_diffusers_script"] = []
+    if args.compiled:
+        ratios["dreambooth_compiled_vs_diffusers_script"] = []
     constant = {"_target_": "diffusers.optimization.get_scheduler", "_partial_": True, "name": "constant"}
     constant |= {"num_warmup_steps": 0, "num_training_steps": 10**6}
     with tempfile.TemporaryDirectory() as tmp:
@@ -365,7 +377,7 @@ def peer_benchmark(args) -> None:
             pipeline = save_tiny_sdxl(tmp / f"pipeline_{resolution}", resolution)
             images = save_instance_images(tmp / f"images_{resolution}", args.images, resolution)
             for batch_size in args.batch_sizes:
-                losses = first_step_losses(tmp, pipeline, resolution, batch_size)
+                losses = first_step_losses(tmp, pipeline, resolution, batch_size, args.compiled)
                 script = DiffusersScript(pipeline, images, resolution, batch_size, lr=1e-4)
                 runs = {"script": lambda clock, s=script: s.train(args.warmup + args.steps, clock)}
                 for name, cached in (("ours", False), ("ours cached", True)):
@@ -377,6 +389,21 @@ def peer_benchmark(args) -> None:
                 runs["no Trainer"] = lambda clock, m=module, d=data: clock.extend(
                     loop_ours(m, d, args.warmup + args.steps)
                 )
+                if args.compiled:
+                    module, data = tiny_dreambooth(
+                        pipeline,
+                        images,
+                        resolution,
+                        batch_size,
+                        {"scheduler": constant, "compile": True},
+                        cache_latents=True,
+                    )
+                    started = time.perf_counter()
+                    first = fit_ours(module, data, 1)  # compiles the UNet's forward and backward
+                    print(f"{resolution:>4} px batch {batch_size}  compiling (first step): {first[0] - started:.1f} s")
+                    runs["ours compiled"] = lambda clock, m=module, d=data: clock.extend(
+                        fit_ours(m, d, args.warmup + args.steps)
+                    )
                 rates = {name: [] for name in sides}
                 for _ in range(args.rounds):
                     for name in sides:
@@ -387,7 +414,7 @@ def peer_benchmark(args) -> None:
                 for name in sides:
                     rounds = ", ".join(f"{r:.2f}" for r in rates[name])
                     print(
-                        f"{resolution:>4} px batch {batch_size}  {name:>11}: {median[name]:6.2f} steps/s "
+                        f"{resolution:>4} px batch {batch_size}  {name:>13}: {median[name]:6.2f} steps/s "
                         f"(rounds: {rounds})" + (f", first-step loss {losses[name]:.6f}" if name in losses else "")
                     )
                 ratios["dreambooth_vs_diffusers_script"].append(median["ours"] / median["script"])
@@ -396,6 +423,8 @@ def peer_benchmark(args) -> None:
                 ratios["dreambooth_cached_without_trainer_vs_diffusers_script"].append(
                     median["no Trainer"] / median["script"]
                 )
+                if args.compiled:
+                    ratios["dreambooth_compiled_vs_diffusers_script"].append(median["ours compiled"] / median["script"])
     print("ratios per setting (" + ", ".join(f"{r}px/b{b}" for r in args.resolutions for b in args.batch_sizes) + ")")
     for name, values in ratios.items():
         print(f"  {name}: " + ", ".join(f"{v:.2f}" for v in values))
@@ -515,6 +544,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2], help="against the script")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], help="against the script")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per round against the script")
+    parser.add_argument("--compiled", action="store_true", help="against the script: ours with model.compile too")
     parser.add_argument("--buckets", action="store_true", help="aspect-ratio buckets against the centre crop")
     parser.add_argument("--resolution", type=int, default=256, help="--buckets: the pixel budget's side")
     parser.add_argument("--images", type=int, default=None, help="default: 5, with --buckets 6")

@@ -293,6 +293,26 @@ def test_loss_falls_when_overfitting_two_images(tiny_sdxl, dog, tmp_path, data_d
     assert after < before - 0.03, (before, after)  # measured: 1.083 -> 1.010 after 100 steps
 
 
+@pytest.mark.slow  # inductor compiles the tiny UNet's forward and backward: about 2 minutes on 2 cores
+def test_a_compiled_unet_trains_as_the_plain_one(tiny_sdxl, dog, tmp_path, data_dir, caplog):
+    args = tiny_args(
+        tiny_sdxl,
+        dog,
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",  # last.ckpt after the step
+        "data.validation_prompts=[]",
+        "data.test_prompts=[]",
+        "export_after_train=false",
+    )
+    plain = run_here(tmp_path / "plain", data_dir, args)
+    with caplog.at_level("INFO", logger="lightning_modules.generation.dreambooth_lora"):
+        compiled = run_here(tmp_path / "compiled", data_dir, [*args, "model.compile=true"])
+    # (later losses part: Adam's first update is about lr * the sign of each gradient, which rounding may flip)
+    assert compiled["train/loss"] == pytest.approx(plain["train/loss"], abs=1e-4)
+    assert "model.compile: the first training step took" in caplog.text
+    assert adapters(tmp_path / "compiled")[1].keys() == adapters(tmp_path / "plain")[1].keys()  # the plain names
+
+
 def test_v_prediction_and_min_snr_weights(tiny_sdxl, dog, tmp_path, data_dir):
     model, data = build(
         tmp_path, data_dir, tiny_args(tiny_sdxl, dog, "model.prediction_type=v_prediction", "model.snr_gamma=5.0")

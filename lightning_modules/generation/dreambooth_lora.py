@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -58,6 +60,8 @@ from lightning_modules.generation.export import CardSettings, export_lora
 from lightning_modules.generation.parts import EmaSettings, LoraSettings, MultiresNoiseSettings, TextEncoderSettings
 from lightning_modules.generation.sampling import FidelitySettings, InferenceSettings
 from lightning_modules.generation.sdxl import TEXT_ENCODERS, encode_prompts, load_sdxl, time_ids
+
+log = logging.getLogger(__name__)
 
 
 class DreamBoothLoRA(
@@ -100,6 +104,7 @@ class DreamBoothLoRA(
         vae_fp32: bool = True,  # framework.config.SIGNATURE_DEFAULTS: checkpoints from before the key lack it
         multires_noise: MultiresNoiseSettings | None = None,  # the same; None: off
         ema: EmaSettings | None = None,  # the same; None: off
+        compile: bool = False,  # the same
     ):
         """The settings and their defaults: conf/model/sdxl_lora.yaml; `resolution` (of the generated images) is the
         data's (`data_inputs`: data.resolution)."""
@@ -134,6 +139,11 @@ class DreamBoothLoRA(
         if gradient_checkpointing:
             parts.enable_gradient_checkpointing(self.unet, self.text_encoders, train_text_encoder)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if compile:
+            # In place (nn.Module.compile): parameter names and checkpoints stay those of the plain UNet. Inductor
+            # compiles at the first call of each input shape: the first training step, the first validation.
+            self.unet.compile()
+        self._first_step_started: float | None = None
         self._fidelity = sampling.LazyFidelity(fidelity)
         self._fused = False
         self._references = lambda: None  # the instance images, once the data hands them over (use_reference_images)
@@ -170,6 +180,11 @@ class DreamBoothLoRA(
             raise UserError(
                 "model.ema with a sharded UNet (trainer=fsdp) is not supported: the average would be sharded like the "
                 "adapters and the checkpoints do not hold it. Set model.ema.decay=null, or use trainer=ddp"
+            )
+        if sharded and self.hparams.compile:
+            raise UserError(
+                "model.compile=true with a sharded UNet (trainer=fsdp) is not supported: set model.compile=false, or "
+                "use trainer=ddp"
             )
         if isinstance(self.trainer.strategy, FSDP2Strategy):
             if self.hparams.train_text_encoder:
@@ -312,6 +327,8 @@ class DreamBoothLoRA(
         return clipped / (snr + 1 if self.noise_scheduler.config.prediction_type == "v_prediction" else snr)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.hparams.compile and self._first_step_started is None:  # (0.0 once logged)
+            self._first_step_started = time.perf_counter()
         loss = self.loss(batch)
         if self._logs_loss():
             # sync_dist: every rank's loss is its share's; their mean is the global batch's, as one process logs it
@@ -343,6 +360,12 @@ class DreamBoothLoRA(
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
+        if self._first_step_started is not None:  # once: compilation happens in the first step
+            log.info(
+                "model.compile: the first training step took %.1f s (the UNet's forward and backward compiled)",
+                time.perf_counter() - self._first_step_started,
+            )
+            self._first_step_started = 0.0
         # Lightning counts the step (global_step) after this hook: this is step global_step + 1.
         if self._ema is not None and (self.trainer.global_step + 1) % self.hparams.ema["update_every"] == 0:
             self._ema.step(self.trained_parameters())
