@@ -21,6 +21,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.errors import InstantiationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
@@ -303,6 +304,13 @@ def resume_from(cfg: DictConfig, output_dir: Path, trainer: L.Trainer) -> str | 
     return path
 
 
+def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The checkpoint callback whose best checkpoint the test after training uses: the first that monitors a
+    validation metric (the task's, or one a module adds, e.g. DreamBooth's val/fidelity), else the first."""
+    monitoring = [c for c in trainer.checkpoint_callbacks if (c.monitor or "").startswith("val/")]
+    return monitoring[0] if monitoring else trainer.checkpoint_callback
+
+
 def train(current: Run) -> tuple[dict[str, float], dict[str, dict]]:
     """Fit; then, where the task has a test stage, test the best checkpoint; then export it where the task can.
 
@@ -319,13 +327,13 @@ def train(current: Run) -> tuple[dict[str, float], dict[str, dict]]:
     if trainer.interrupted:
         return metrics, sources
     if is_overridden("test_step", model) and is_overridden("test_dataloader", datamodule):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        checkpoint = best_checkpoint_callback(trainer)
+        best = checkpoint.best_model_path if checkpoint else ""
         if not best:
             log.warning("no best checkpoint (no checkpoint callback or no validation): testing the last weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics |= final_metrics(trainer)
         if best:
-            checkpoint = trainer.checkpoint_callback
             score = checkpoint.best_model_score
             sources["test"] = checkpoint_weights(
                 best, output_dir, monitor=checkpoint.monitor, score=None if score is None else float(score)

@@ -211,6 +211,52 @@ def test_eval_scores_fidelity_of_the_base_model_or_a_checkpoint(
     assert base != tuned
 
 
+def test_the_best_fidelity_checkpoint_is_tested_and_exported(tiny_sdxl, dog, fidelity_models, tmp_path, data_dir):
+    clip, dino = fidelity_models
+    args = tiny_args(
+        tiny_sdxl,
+        dog,
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=1",
+        f"model.fidelity.clip={clip}",
+        f"model.fidelity.dino={dino}",
+        "model.fidelity.select={CLIP-I: 1, DINO: 3}",
+        "model.optimizer.lr=3e-2",
+        "data.test_prompts=[]",
+    )
+    metrics = run_here(tmp_path, data_dir, args)
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("val/fidelity")]
+    assert len(rows) == 3  # every validation
+    for row in rows:
+        expected = (float(row["val/CLIP-I"]) + 3 * float(row["val/DINO"])) / 4
+        assert float(row["val/fidelity"]) == pytest.approx(expected, rel=1e-6)
+    best_row = max(rows, key=lambda row: float(row["val/fidelity"]))
+    best_step = int(best_row["step"]) + 1  # the csv logger's step: the last finished step's index
+    assert [p.name for p in (tmp_path / "checkpoints").glob("best_*")] == [f"best_fidelity_step{best_step:06d}.ckpt"]
+    provenance = json.loads((tmp_path / "metrics_provenance.json").read_text())
+    assert provenance["test"]["checkpoint"].endswith(f"best_fidelity_step{best_step:06d}.ckpt"), provenance
+    assert metrics["val/fidelity"] == pytest.approx(float(rows[-1]["val/fidelity"]))
+
+    checkpoint = torch.load(tmp_path / "checkpoints" / f"best_fidelity_step{best_step:06d}.ckpt", weights_only=True)
+    unet = loaded(tiny_sdxl, tmp_path / "export").unet
+    exported = get_peft_model_state_dict(unet, adapter_name=next(iter(unet.peft_config)))
+    trained = {
+        name.removeprefix("unet.").replace(".default.", "."): value
+        for name, value in checkpoint["state_dict"].items()
+        if name.startswith("unet.")
+    }
+    assert exported.keys() == trained.keys()
+    for name, value in trained.items():
+        torch.testing.assert_close(exported[name], value, msg=name)
+    assert f"| training steps | {best_step} |" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_a_selection_of_a_metric_without_its_model_is_refused(tiny_sdxl):
+    with pytest.raises(UserError, match=r"select weighs DINO, which needs model.fidelity.dino \(null here\)"):
+        sdxl_lora(tiny_sdxl, fidelity={"clip": None, "dino": None, "select": {"DINO": 1.0}})
+
+
 # --------------------------------------------------------------------------------------------------- training details
 def fixed_loss(model, batch: dict, draws: int = 1) -> float:
     """The loss of a batch with the same latent samples, noise and timesteps every time; with `draws`, the

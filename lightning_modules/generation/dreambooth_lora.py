@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import EMAModel, compute_snr
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 
 from framework.config import to_plain
@@ -144,10 +145,11 @@ class DreamBoothLoRA(
             # compiles at the first call of each input shape: the first training step, the first validation.
             self.unet.compile()
         self._first_step_started: float | None = None
+        sampling.check_selection(fidelity)
         self._fidelity = sampling.LazyFidelity(fidelity)
         self._fused = False
         self._references = lambda: None  # the instance images, once the data hands them over (use_reference_images)
-        self.trained_steps: int | None = None  # from a loaded checkpoint, for the model card
+        self.trained_steps: int | None = None  # the global step of the weights held (a loaded checkpoint's, the fit's)
         self._ema: EMAModel | None = None  # while fitting with model.ema (on_fit_start)
         self._loaded_ema: dict | None = None  # a checkpoint's EMA state, until fit resumes it or inference uses it
         self.generated: dict[str, list[dict]] = {"val": [], "test": []}  # prompt, seed, image (for callbacks)
@@ -373,6 +375,7 @@ class DreamBoothLoRA(
     def on_train_end(self) -> None:
         """Training over: the average becomes the weights (the test, predict and export that follow use them); the
         optimizer state goes and freed GPU memory is handed back (`free_memory`)."""
+        self.trained_steps = self.trainer.global_step
         if self._ema is not None:
             self._ema.copy_to(self.trained_parameters())
             self._ema = None
@@ -469,6 +472,23 @@ class DreamBoothLoRA(
             self.pipeline().fuse_lora(components=components, lora_scale=self.hparams.lora_scale)
             self._fused = True
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """With model.fidelity.select: the checkpoint of the best val/fidelity, kept beside last.ckpt; the test after
+        training and the export use it (framework.runner takes the best of a callback that monitors a val/ metric)."""
+        if not (self.hparams.fidelity or {}).get("select"):
+            return []
+        return [
+            ModelCheckpoint(
+                dirpath=Path(self.trainer.default_root_dir) / "checkpoints",
+                filename="best_fidelity_step{step:06d}",
+                auto_insert_metric_name=False,
+                monitor="val/fidelity",
+                mode="max",
+                save_top_k=1,
+                enable_version_counter=False,
+            )
+        ]
+
     def on_validation_epoch_start(self) -> None:
         if self._ema is not None:  # validation draws with the averaged weights, training goes on with its own
             self._ema.store(self.trained_parameters())
@@ -501,6 +521,9 @@ class DreamBoothLoRA(
         metrics = {}
         if self.trainer.is_global_zero:
             metrics = self._fidelity.score(self.generated[stage], self._references, self.device)
+            weights = (self.hparams.fidelity or {}).get("select")
+            if weights and set(weights) <= set(metrics):
+                metrics["fidelity"] = sampling.selection_score(metrics, weights)
         for name, value in self.trainer.strategy.broadcast(metrics).items():
             self.log(f"{stage}/{name}", value)
 
@@ -517,7 +540,8 @@ class DreamBoothLoRA(
     def export(self, directory: str | Path) -> Path:
         """pytorch_lora_weights.safetensors (+ the Kohya layout with model.kohya=true) and a README.md model card."""
         self.use_loaded_ema()
-        steps = self.trainer.global_step if self._trainer is not None else self.trained_steps
+        steps = self.trained_steps  # the fit's last, or the checkpoint's the test after it loaded (the best)
+        log.info("exporting the adapter weights of global step %s", steps)
         if not is_sharded(self.unet):
             return export_lora(directory, self.unet, self.text_encoders, self.hparams, steps)
         # Every rank gathers the UNet's adapters (the frozen weights stay sharded); rank 0 writes.

@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from tqdm import tqdm
 from framework.distributed import gather_objects
 from framework.errors import UserError
 from framework.files import write_json, write_png
-from framework.schema import NonNegativeFloat, PositiveInt
+from framework.schema import NonNegativeFloat, PositiveFloat, PositiveInt
 from lightning_modules.generation.fidelity import Fidelity
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,29 @@ class InferenceSettings(TypedDict):
 
 
 class FidelitySettings(TypedDict):
-    """model.fidelity: the models that score generated images (a hub id in the local cache or a folder; null: off)."""
+    """model.fidelity: the models that score generated images (a hub id in the local cache or a folder; null: off),
+    and the weights of the score that selects the best checkpoint (`selection_score`)."""
 
     clip: str | None  # CLIP-T, CLIP-I
     dino: str | None  # DINO
+    select: dict[Literal["CLIP-T", "CLIP-I", "DINO"], PositiveFloat] | None
+
+
+def check_selection(fidelity: FidelitySettings | None) -> None:
+    """model.fidelity.select names only metrics whose model is set."""
+    fidelity = fidelity or {}
+    needs = {"CLIP-T": "clip", "CLIP-I": "clip", "DINO": "dino"}
+    for metric in fidelity.get("select") or {}:
+        if not fidelity.get(needs[metric]):
+            raise UserError(
+                f"model.fidelity.select weighs {metric}, which needs model.fidelity.{needs[metric]} (null here): set "
+                f"that model, or leave {metric} out of the selection"
+            )
+
+
+def selection_score(metrics: dict[str, float], weights: dict[str, float]) -> float:
+    """The weighted mean of the selected metrics: what model.fidelity.select ranks checkpoints by."""
+    return sum(weights[name] * metrics[name] for name in weights) / sum(weights.values())
 
 
 @torch.no_grad()
