@@ -132,8 +132,9 @@ class DreamBoothDataModule(L.LightningDataModule):
         self._latents: dict | None = None
 
     def model_inputs(self, names: tuple[str, ...]) -> dict:
-        """What DreamBoothLoRA takes from the data (its `data_inputs`): the resolution it generates images at."""
-        return given(self, names, resolution=lambda: self.resolution)
+        """What DreamBoothLoRA takes from the data (its `data_inputs`): the resolution it generates images at, and the
+        class prompt whose drift from the base model it measures."""
+        return given(self, names, resolution=lambda: self.resolution, class_prompt=lambda: self.class_prompt)
 
     def setup(self, stage: str) -> None:
         """Training reads and checks its images first (every one decoded; see `instances`): a folder without images or

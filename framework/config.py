@@ -22,6 +22,9 @@ SIGNATURE_DEFAULTS = {
     ),
     "lightning_modules.generation.dreambooth_lora.DreamBoothLoRA.ema": "checkpoints from before model.ema (None: off)",
     "lightning_modules.generation.dreambooth_lora.DreamBoothLoRA.compile": "checkpoints from before model.compile",
+    "lightning_modules.generation.dreambooth_lora.DreamBoothLoRA.class_prompt": (
+        "checkpoints from before the class drift (a data input; None: no class drift)"
+    ),
     "lightning_modules.captioning.cnn_rnn.CNNRNNCaptioner.scst": "checkpoints from before model.scst (None: no SCST)",
     "lightning_modules.captioning.cnn_rnn.CNNRNNCaptioner.image_size": (
         "checkpoints from before the captioner recorded its training images' size (None: the data's transform)"

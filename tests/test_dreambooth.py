@@ -252,6 +252,56 @@ def test_the_best_fidelity_checkpoint_is_tested_and_exported(tiny_sdxl, dog, fid
     assert f"| training steps | {best_step} |" in (tmp_path / "export" / "README.md").read_text()
 
 
+def test_class_drift_is_one_before_training_and_falls_as_the_adapters_learn(
+    tiny_sdxl, dog, fidelity_models, tmp_path, data_dir
+):
+    clip, dino = fidelity_models
+    model, data = build(
+        tmp_path,
+        data_dir,
+        tiny_args(
+            tiny_sdxl,
+            dog,
+            f"model.fidelity.clip={clip}",
+            f"model.fidelity.dino={dino}",
+            "model.fidelity.class_drift_images=2",
+            "model.optimizer.lr=5e-2",
+        ),
+    )
+    assert model.hparams.class_prompt == "a photo of a dog"  # data.class_prompt, a data input
+    (before,) = quiet_trainer().validate(model, datamodule=data, verbose=False)
+    assert before["val/class_drift"] == pytest.approx(1.0, abs=1e-6)  # new adapters change nothing
+    quiet_trainer(max_steps=6, limit_val_batches=0).fit(model, datamodule=data)
+    (after,) = quiet_trainer().validate(model, datamodule=data, verbose=False)
+    assert 0 < after["val/class_drift"] < 1 - 1e-4
+
+
+@pytest.mark.slow  # two training runs in a run.py process: ~40 s
+def test_the_fidelity_sweep_runs_its_trials_and_ranks_them_by_the_best_checkpoints_score(
+    tiny_sdxl, dog, fidelity_models, workspace
+):
+    clip, dino = fidelity_models
+    command = [
+        "-m",
+        *tiny_args(tiny_sdxl, dog, f"model.fidelity.clip={clip}", f"model.fidelity.dino={dino}"),
+        "hparams_search=sdxl_fidelity",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_steps=choice(2,3)",
+        "trainer.val_check_interval=1",
+    ]
+    sweep_dir = workspace.run(command).run_dir
+    with open(sweep_dir / "summary.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 2 and {row["status"] for row in rows} == {"ok"}
+    assert all("model.lora.rank=" in row["overrides"] and "model.optimizer.lr=" in row["overrides"] for row in rows)
+    scores = [float(row["test/fidelity"]) for row in rows]
+    assert scores == sorted(scores, reverse=True) and all(0 < float(row["val/class_drift"]) <= 1 for row in rows)
+    for row in rows:  # each trial's score is its best checkpoint's
+        job = sweep_dir / row["job"]
+        provenance = json.loads((job / "metrics_provenance.json").read_text())
+        assert "best_fidelity_step" in provenance["test"]["checkpoint"]
+
+
 def test_a_selection_of_a_metric_without_its_model_is_refused(tiny_sdxl):
     with pytest.raises(UserError, match=r"select weighs DINO, which needs model.fidelity.dino \(null here\)"):
         sdxl_lora(tiny_sdxl, fidelity={"clip": None, "dino": None, "select": {"DINO": 1.0}})
@@ -864,7 +914,10 @@ def test_the_model_generates_at_the_resolution_of_its_data(tiny_sdxl, dog, tmp_p
     from framework.preparation import model_inputs
     from tests.helpers.dreambooth import dreambooth_data
 
-    assert model_inputs(DreamBoothLoRA, dreambooth_data(None, resolution=72)) == {"resolution": 72}
+    assert model_inputs(DreamBoothLoRA, dreambooth_data(None, resolution=72)) == {
+        "resolution": 72,
+        "class_prompt": "a photo of a dog",
+    }
     model, data = build(tmp_path, data_dir, tiny_args(tiny_sdxl, dog, "data.resolution=72"))  # 9 x 9 latents
     assert model.hparams.resolution == data.resolution == 72
     assert model.generate(["a photo of sks dog"], [0])[0].size == (72, 72)  # any multiple of 8 that SDXL takes

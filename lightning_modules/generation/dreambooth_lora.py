@@ -75,7 +75,8 @@ class DreamBoothLoRA(
     Exports,
 ):
     scheduler_interval = "step"
-    data_inputs = ("resolution",)  # the images are generated at the training images' size
+    # the images are generated at the training images' size; the class prompt's images measure the class drift
+    data_inputs = ("resolution", "class_prompt")
     inference_hparams = ("inference", "fidelity", "lora_weights", "fuse_lora", "lora_scale", "kohya")
 
     def __init__(
@@ -106,9 +107,10 @@ class DreamBoothLoRA(
         multires_noise: MultiresNoiseSettings | None = None,  # the same; None: off
         ema: EmaSettings | None = None,  # the same; None: off
         compile: bool = False,  # the same
+        class_prompt: str | None = None,  # the same (a data input: data.class_prompt); None: no class drift
     ):
         """The settings and their defaults: conf/model/sdxl_lora.yaml; `resolution` (of the generated images) is the
-        data's (`data_inputs`: data.resolution)."""
+        data's (`data_inputs`: data.resolution), and so is `class_prompt` (data.class_prompt)."""
         super().__init__()
         lora, text_encoder, inference, fidelity, optimizer, scheduler, card, multires_noise, ema = (
             to_plain(x)
@@ -514,13 +516,30 @@ class DreamBoothLoRA(
     def on_test_epoch_end(self) -> None:
         self._score("test")
 
+    def class_drift(self) -> float | None:
+        """How far the class drifted from the base model: the class prompt with seeds 0, 1, ... (model.fidelity.
+        class_drift_images) through the trained model and the base model (adapters off), the mean DINO (without
+        DINO: CLIP image) similarity of each pair; 1 = unchanged. None without a class prompt, images or a model.
+        Every rank generates (a sharded UNet needs them all); the similarity is rank 0's."""
+        count = (self.hparams.fidelity or {}).get("class_drift_images", 0)
+        models = self._fidelity.get() if self.hparams.class_prompt and count else None
+        if models is None:
+            return None
+        prompts, seeds = [self.hparams.class_prompt] * count, list(range(count))
+        trained = self.generate(prompts, seeds)
+        with self.base_model():
+            base = self.generate(prompts, seeds)
+        return models.to(self.device).pair_similarity(trained, base) if self.trainer.is_global_zero else None
+
     def _score(self, stage: str) -> None:
-        """Fidelity of the stage's images (every rank's, once each): stage/CLIP-T, stage/CLIP-I, stage/DINO."""
+        """Fidelity of the stage's images (every rank's, once each): stage/CLIP-T, stage/CLIP-I, stage/DINO; with
+        model.fidelity.select stage/fidelity, and at validation val/class_drift (`class_drift`)."""
         self.generated[stage] = sampling.gather_rows(self.generated[stage])
         sampling.check_black(self.generated[stage], stage, self._at_step())
-        metrics = {}
+        drift = self.class_drift() if stage == "val" else None
+        metrics = {} if drift is None else {"class_drift": drift}
         if self.trainer.is_global_zero:
-            metrics = self._fidelity.score(self.generated[stage], self._references, self.device)
+            metrics |= self._fidelity.score(self.generated[stage], self._references, self.device)
             weights = (self.hparams.fidelity or {}).get("select")
             if weights and set(weights) <= set(metrics):
                 metrics["fidelity"] = sampling.selection_score(metrics, weights)

@@ -68,6 +68,13 @@ class Fidelity:
             self.dino.to(device)
         return self
 
+    @torch.no_grad()
+    def pair_similarity(self, images: list[Image.Image], others: list[Image.Image]) -> float:
+        """The mean cosine similarity of each image with its pair in `others` (same place): DINO embeddings, or CLIP
+        image embeddings without a DINO model."""
+        embed = self.dino_embeddings if self.dino is not None else self.clip_embeddings
+        return float(F.cosine_similarity(embed(images).float(), embed(others).float(), dim=-1).mean())
+
     def __call__(
         self, images: list[Image.Image], prompts: list[str], references: list[Image.Image] | None = None
     ) -> dict[str, float]:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from framework.distributed import gather_objects
 from framework.errors import UserError
 from framework.files import write_json, write_png
-from framework.schema import NonNegativeFloat, PositiveFloat, PositiveInt
+from framework.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning_modules.generation.fidelity import Fidelity
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class FidelitySettings(TypedDict):
     clip: str | None  # CLIP-T, CLIP-I
     dino: str | None  # DINO
     select: dict[Literal["CLIP-T", "CLIP-I", "DINO"], PositiveFloat] | None
+    class_drift_images: NonNegativeInt  # val/class_drift from this many seeds (0: off)
 
 
 def check_selection(fidelity: FidelitySettings | None) -> None:
