@@ -22,6 +22,7 @@ SIGNATURE_DEFAULTS = {
     ),
     "lightning_modules.generation.dreambooth_lora.DreamBoothLoRA.ema": "checkpoints from before model.ema (None: off)",
     "lightning_modules.generation.dreambooth_lora.DreamBoothLoRA.compile": "checkpoints from before model.compile",
+    "lightning_modules.generation.dreambooth_lora.DreamBoothLoRA.quantize_base": "checkpoints from before the key",
     "lightning_modules.generation.dreambooth_lora.DreamBoothLoRA.class_prompt": (
         "checkpoints from before the class drift (a data input; None: no class drift)"
     ),

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -407,6 +408,49 @@ def test_a_compiled_unet_trains_as_the_plain_one(tiny_sdxl, dog, tmp_path, data_
     assert compiled["train/loss"] == pytest.approx(plain["train/loss"], abs=1e-4)
     assert "model.compile: the first training step took" in caplog.text
     assert adapters(tmp_path / "compiled")[1].keys() == adapters(tmp_path / "plain")[1].keys()  # the plain names
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_a_quantised_frozen_unet_trains_full_precision_adapters_in_less_memory(
+    kind, tiny_sdxl, dog, tmp_path, data_dir, caplog
+):
+    from optimum.quanto import QModuleMixin
+
+    from lightning_modules.generation.parts import quantize_frozen
+
+    args = tiny_args(tiny_sdxl, dog, "model.optimizer.lr=1e-2", "data.batch_size=2")
+    plain, data = build(tmp_path, data_dir, args)
+    batch = next(iter(data.train_dataloader()))
+    unquantised = fixed_loss(plain, batch)
+    quantize_frozen(plain.unet, kind)
+    assert fixed_loss(plain, batch) == pytest.approx(unquantised, rel=0.02)  # near the unquantised loss
+
+    model, _ = build(tmp_path, data_dir, [*args, f"model.quantize_base={kind}"])
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    before_training = {k: v.clone() for k, v in get_peft_model_state_dict(model.unet).items()}
+    with caplog.at_level("INFO", logger="lightning_modules.generation.dreambooth_lora"):
+        quiet_trainer(max_steps=2, limit_val_batches=0, precision="bf16-mixed").fit(model, datamodule=data)
+    after, before = map(float, re.search(r"holds ([\d.]+) MB \(([\d.]+) MB unquantised\)", caplog.text).groups())
+    assert after < 0.75 * before  # 1-byte weights (with their scales) for the 2-byte bf16 ones of the layers
+    quantised = [name for name, module in model.unet.named_modules() if isinstance(module, QModuleMixin)]
+    assert any(name.endswith("to_q.base_layer") for name in quantised) and any("conv" in name for name in quantised)
+    assert not any("lora_" in name for name in quantised)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trained  # the adapters alone
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    moved = get_peft_model_state_dict(model.unet)
+    assert any(not torch.equal(moved[k], v) for k, v in before_training.items())
+    model.export(tmp_path / "export")
+    assert lora_keys(tmp_path / "export" / "pytorch_lora_weights.safetensors")
+
+
+def test_a_quantised_unet_cannot_be_fused_or_quantised_without_quanto(tiny_sdxl, monkeypatch):
+    from lightning_modules.generation.parts import quantize_frozen
+
+    with pytest.raises(UserError, match=r"model.fuse_lora=true cannot fuse adapters into a quantised UNet"):
+        sdxl_lora(tiny_sdxl, quantize_base="int8", fuse_lora=True)
+    monkeypatch.setitem(sys.modules, "optimum.quanto", None)  # not installed
+    with pytest.raises(UserError, match=r"model.quantize_base=int8 needs optimum-quanto: pip install"):
+        quantize_frozen(sdxl_lora(tiny_sdxl).unet, "int8")
 
 
 def test_v_prediction_and_min_snr_weights(tiny_sdxl, dog, tmp_path, data_dir):

@@ -108,6 +108,7 @@ class DreamBoothLoRA(
         ema: EmaSettings | None = None,  # the same; None: off
         compile: bool = False,  # the same
         class_prompt: str | None = None,  # the same (a data input: data.class_prompt); None: no class drift
+        quantize_base: Literal["int8", "fp8", "int4"] | None = None,  # checkpoints from before the key; None: off
     ):
         """The settings and their defaults: conf/model/sdxl_lora.yaml; `resolution` (of the generated images) is the
         data's (`data_inputs`: data.resolution), and so is `class_prompt` (data.class_prompt)."""
@@ -139,6 +140,11 @@ class DreamBoothLoRA(
                 module.requires_grad_(False)
         else:
             parts.add_adapters(self.unet, self.text_encoders, lora, text_encoder, train_text_encoder)
+        if quantize_base and fuse_lora:
+            raise UserError(
+                "model.fuse_lora=true cannot fuse adapters into a quantised UNet "
+                f"(model.quantize_base={quantize_base}): set one of them to false/null"
+            )
         if gradient_checkpointing:
             parts.enable_gradient_checkpointing(self.unet, self.text_encoders, train_text_encoder)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -147,6 +153,7 @@ class DreamBoothLoRA(
             # compiles at the first call of each input shape: the first training step, the first validation.
             self.unet.compile()
         self._first_step_started: float | None = None
+        self._quantised = False  # model.quantize_base: at setup, once the precision's dtype is known
         sampling.check_selection(fidelity)
         self._fidelity = sampling.LazyFidelity(fidelity)
         self._fused = False
@@ -201,6 +208,21 @@ class DreamBoothLoRA(
             self.strict_loading = False
         elif not isinstance(self.trainer.strategy, FSDPStrategy):  # FSDP keeps one dtype per unit, casts for compute
             parts.cast_frozen([self.unet, *self.text_encoders], precision)
+        if self.hparams.quantize_base and not self._quantised:
+            if sharded:
+                raise UserError(
+                    "model.quantize_base with a sharded UNet (trainer=fsdp) is not supported: set it null, or use "
+                    "trainer=ddp"
+                )
+            # after the cast: quanto's scales keep the dtype the weights had, and compute in it
+            before, after = parts.quantize_frozen(self.unet, self.hparams.quantize_base)
+            self._quantised = True
+            log.info(
+                "model.quantize_base=%s: the frozen UNet holds %.1f MB (%.1f MB unquantised)",
+                self.hparams.quantize_base,
+                after / 2**20,
+                before / 2**20,
+            )
 
     def _uses_ema(self) -> bool:
         return bool(self.hparams.ema and self.hparams.ema["decay"])

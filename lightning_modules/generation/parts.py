@@ -128,6 +128,37 @@ def adapter_config(
     )
 
 
+# model.quantize_base: optimum-quanto's weight types (on the CPU and CUDA)
+QUANTIZED_WEIGHTS = {"int8": "qint8", "fp8": "qfloat8", "int4": "qint4"}
+
+
+def stored_bytes(module: torch.nn.Module, trained: set[str]) -> int:
+    """Bytes of `module`'s state other than the `trained` entries: the frozen weights as they are held (a quantised
+    layer's integer data and scales)."""
+    return sum(t.numel() * t.element_size() for name, t in module.state_dict().items() if name not in trained)
+
+
+def quantize_frozen(unet, kind: str) -> tuple[int, int]:
+    """Every frozen layer of the UNet that optimum-quanto can quantise (linear and convolution weights, adapters'
+    base layers included) with `kind`'s weights; the adapters stay in full precision and alone trainable. Returns
+    the frozen weights' bytes before and after."""
+    try:
+        import optimum.quanto as quanto
+    except ImportError:
+        raise UserError(
+            f"model.quantize_base={kind} needs optimum-quanto: pip install -e '.[dreambooth]' (or set it null)"
+        ) from None
+    trained = {name for name, p in unet.named_parameters() if p.requires_grad}
+    before = stored_bytes(unet, trained)
+    # LoRA's own layers (lora_A, lora_B, ...) stay as they are, their base layers are quantised (LoHa's and LoKr's
+    # factors are parameters of their layer, which quanto leaves)
+    quanto.quantize(unet, weights=getattr(quanto, QUANTIZED_WEIGHTS[kind]), exclude=["*.lora_*"])
+    quanto.freeze(unet)
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_(name in trained)
+    return before, stored_bytes(unet, trained)
+
+
 def freeze(unet, vae, text_encoders: list[torch.nn.Module], train_text_encoder: bool) -> None:
     """Every base weight frozen. Lightning keeps each submodule's mode: the trained ones train (LoRA dropout), the
     rest stay in eval."""
@@ -243,7 +274,13 @@ def vae_dtype(vae, precision: str, vae_fp32: bool, vae_name: str) -> torch.dtype
 def cast_frozen(modules: list[torch.nn.Module], precision: str) -> None:
     """Frozen weights in the autocast dtype of `precision`, adapters in fp32 (as the diffusers script)."""
     dtype = MIXED_DTYPES.get(precision)
-    if dtype is not None:
-        for module in modules:
-            module.to(dtype)
-        cast_training_params(modules, torch.float32)
+    if dtype is None:
+        return
+    try:
+        from optimum.quanto import QTensor
+    except ImportError:
+        QTensor = ()  # noqa: N806 - nothing is quantised without it
+    for module in modules:
+        # module.to(dtype), leaving quantised weights (model.quantize_base) as they are: quanto computes in the input's
+        module._apply(lambda t: t.to(dtype) if t.is_floating_point() and not isinstance(t, QTensor) else t)
+    cast_training_params(modules, torch.float32)
