@@ -230,7 +230,7 @@ class ShapeObjectsDataModule(ShapeClassesDataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.images is None:
             return super().predict_dataloader()
-        dataset = ImageFolderDataset(self.images, pixel_transform(self.image_size), self.skip_bad_images)
+        dataset = ImageFolderDataset(self.images, self.transform, self.skip_bad_images)
         return self._loader(dataset)
 
 
@@ -249,13 +249,20 @@ class ImageFolderDataModule(L.LightningDataModule):
         super().__init__()
         self.images, self.image_size, self.batch_size = images, image_size, batch_size
         self.num_workers, self.skip_bad_images = num_workers, skip_bad_images
+        self.transform = pixel_transform(image_size)
 
     def data_paths(self) -> list[str]:
         return [self.images]
 
+    def set_image_transform(self, transform) -> None:
+        """Prepare the images the model's own way (a captioner's image processor) instead of resizing them to
+        `image_size` (framework/preparation.py)."""
+        self.transform = transform
+
     def model_inputs(self, names: tuple[str, ...]) -> dict:
         """No classes (the images are unlabelled), the size they are resized to, and the size they all have (None
-        if they differ; unreadable ones are left to the loader): the explaining module checks them. No objects."""
+        if they differ; unreadable ones are left to the loader): the explaining module checks them. No objects. The
+        folder itself (task=caption_images writes its captions there)."""
         return given(
             self,
             names,
@@ -263,6 +270,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             image_size=lambda: self.image_size,
             source_size=self.source_size,
             object_words=none,
+            images=lambda: self.images,
         )
 
     def source_size(self) -> list[int] | None:
@@ -276,7 +284,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return list(sizes.pop()) if len(sizes) == 1 else None
 
     def predict_dataloader(self) -> DataLoader:
-        dataset = ImageFolderDataset(self.images, pixel_transform(self.image_size), self.skip_bad_images)
+        dataset = ImageFolderDataset(self.images, self.transform, self.skip_bad_images)
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
 
 

@@ -22,8 +22,8 @@ EXPLAINERS = {"SaliencyModule", "ClassVisualisationModule", "AdversarialModule",
 FAMILIES = {
     "runner -> module": {
         Exports: {"BLIPCaptioner", "ViTGPT2Captioner", "DreamBoothLoRA", "FastStyle", "AdaINStyle"},
-        SavesPredictions: EXPLAINERS | {"DreamBoothLoRA"},
-        BuildsFromConfig: EXPLAINERS | {"BLIPCaptioner", "ViTGPT2Captioner", "DreamBoothLoRA"},
+        SavesPredictions: EXPLAINERS | {"DreamBoothLoRA", "CaptionImages"},
+        BuildsFromConfig: EXPLAINERS | {"BLIPCaptioner", "ViTGPT2Captioner", "DreamBoothLoRA", "CaptionImages"},
         InferenceOverrides: CAPTIONERS | {"DreamBoothLoRA", "FastStyle", "AdaINStyle"},
     },
     "callbacks -> module": {HasCaptionPredictions: CAPTIONERS},

@@ -586,6 +586,32 @@ def test_ema_is_the_hand_computed_average_and_what_validation_and_the_export_hol
     assert "| EMA (decay, update every) | [0.2, 1] |" in (tmp_path / "export" / "README.md").read_text()
 
 
+def test_caption_images_writes_metadata_that_the_lora_task_trains_from(tiny_sdxl, tmp_path, data_dir):
+    from lightning_modules.captioning.inference import Captioner
+    from tests.helpers.tiny_models import save_tiny_blip
+
+    captioner = save_tiny_blip(tmp_path / "blip")  # an export folder, as BLIP's mode=export writes one
+    images = save_images(tmp_path / "icons", 3)
+    (images / "metadata.jsonl").write_text(json.dumps({"file_name": "img_0.png", "prompt": "TOK, my own"}) + "\n")
+    caption = ["task=caption_images", f"model.captioner={captioner}", f"data.images={images}"]
+    metrics = run_here(tmp_path / "captions", data_dir, [*caption, "model.trigger_token=TOK", "data.batch_size=2"])
+    assert metrics == {"predict/captioned": 2.0, "predict/kept": 1.0}
+    lines = [json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()]
+    prompts = {line["file_name"]: line["prompt"] for line in lines}
+    assert len(lines) == 3 and prompts["img_0.png"] == "TOK, my own"  # kept: model.overwrite=false
+    expected = Captioner.from_pretrained(captioner).generate_captions([images / f"img_{i}.png" for i in range(3)])
+    assert [prompts["img_1.png"], prompts["img_2.png"]] == [f"TOK, {c}" for c in expected[1:]]  # the trigger first
+
+    run_here(tmp_path / "again", data_dir, [*caption, "model.overwrite=true"])
+    again = {json.loads(line)["file_name"]: json.loads(line)["prompt"] for line in (images / "metadata.jsonl").open()}
+    assert again == {f"img_{i}.png": caption for i, caption in enumerate(expected)}  # all anew, no trigger token
+
+    args = [*tiny_args(tiny_sdxl, images, "trainer.max_steps=2", "data.test_prompts=[]"), "task=sdxl_lora_3d_icons"]
+    model, data = build(tmp_path, data_dir, [*args, f"data.source.folder={images}"])
+    assert data.train_prompts() == set(again.values())
+    assert np.isfinite(run_here(tmp_path / "lora", data_dir, [*args, f"data.source.folder={images}"])["train/loss"])
+
+
 # ---------------------------------------------------------------------------------------- precision and output guards
 def test_vae_precision_guard(tiny_sdxl):
     model = sdxl_lora(tiny_sdxl, vae_fp32=False, inference={"num_inference_steps": 2})

@@ -162,6 +162,9 @@ COMMANDS: dict[str, Run | Compose | Refused] = {
     ),
     "mode=eval task=sdxl_dreambooth trainer=gpu data.test_prompts=prompts.txt": Compose("SDXL weights, a GPU"),
     "mode=export task=sdxl_dreambooth ckpt_path=...": Compose("SDXL weights"),
+    "-m task=sdxl_dreambooth hparams_search=sdxl_fidelity trainer=gpu data.source.folder=path/to/dog": Compose(
+        "SDXL, CLIP and DINO weights, a GPU (tests/test_dreambooth.py runs the sweep with a tiny SDXL)"
+    ),
     # Explaining classifiers
     "task=shapes_classifier": Run((*ONE_EPOCH, *EXPLAIN)),
     "task=saliency": Run(EXPLAIN),
@@ -185,6 +188,9 @@ COMMANDS: dict[str, Run | Compose | Refused] = {
     ),
     "task=caption_explain model.captioner=.../last.ckpt data.images=path/to/folder": Run(
         CAPTION_EXPLAIN, after=DEFAULT
+    ),
+    "task=caption_images model.captioner=.../last.ckpt data.images=path/to/folder model.trigger_token=sks": Run(
+        after=DEFAULT
     ),
     # Style transfer (random VGG features where the ImageNet weights are not in the torch cache)
     "task=style_transfer": Run(STYLE),
