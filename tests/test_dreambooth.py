@@ -229,6 +229,7 @@ def test_the_best_fidelity_checkpoint_is_tested_and_exported(tiny_sdxl, dog, fid
     with open(tmp_path / "csv" / "metrics.csv", newline="") as file:
         rows = [row for row in csv.DictReader(file) if row.get("val/fidelity")]
     assert len(rows) == 3  # every validation
+    assert all(0 < float(row["val/class_drift"]) <= 1 for row in rows)  # data.class_prompt's, at every validation
     for row in rows:
         expected = (float(row["val/CLIP-I"]) + 3 * float(row["val/DINO"])) / 4
         assert float(row["val/fidelity"]) == pytest.approx(expected, rel=1e-6)

@@ -10,15 +10,18 @@ trains it, in a LightningModule: the wiring, the loss, the optimizers and Lightn
 - sampling.py: validation / test / predict generate images for prompts with fixed seeds; validation and test score
   them (CLIP-T, CLIP-I, DINO: fidelity.py). Generated images with NaN, or a validation/test prompt whose images are
   all black, stop the run with the step.
-- export.py: `export` writes pytorch_lora_weights.safetensors (diffusers layout; optionally Kohya) and a model card.
+- export.py: `export` writes pytorch_lora_weights.safetensors (diffusers layout; optionally Kohya; LoHa / LoKr in the
+  LyCORIS layout alone) and a model card.
   Without ckpt_path, eval/predict use the base model plus an exported LoRA folder (`lora_weights`).
 
 Here: the loss (MSE to the noise or the velocity, as the scheduler's prediction_type says; min-SNR `snr_gamma`,
-`noise_offset`, `multires_noise` (parts.multires_noise), prior preservation with class examples in the batch; SDXL
-micro-conditioning from each image's original size, crop and target size), prompt embeddings encoded once while the
-text encoders are frozen, the optimizers, checkpoints holding only the adapters, and what the data's preparation
-needs of the model (class images, latents: `write_class_images`, `encode_latent_parameters`, called by
-framework/preparation.py).
+`noise_offset`, `multires_noise` (parts.multires_noise), prior preservation with class examples in the batch, loss
+masks (data.masks: parts.masked_mean); SDXL micro-conditioning from each image's original size, crop and target
+size), prompt embeddings encoded once while the text encoders are frozen, the optimizers, checkpoints holding only
+the adapters (and their `ema`: diffusers' EMAModel, which validation, test, predict and export use), `compile` and
+`quantize_base` of the UNet, the best checkpoint by `fidelity.select` (configure_callbacks), val/class_drift, and
+what the data's preparation needs of the model (class images, latents: `write_class_images`,
+`encode_latent_parameters`, called by framework/preparation.py).
 
 Under trainer=fsdp the UNet is sharded (conf/model/sharding/sdxl.yaml: its transformer and ResNet blocks are the FSDP
 units, the UNet the root); the VAE and the frozen text encoders are replicated on every rank, unsharded (LoRA on the
