@@ -230,7 +230,7 @@ class ShapeObjectsDataModule(ShapeClassesDataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.images is None:
             return super().predict_dataloader()
-        dataset = ImageFolderDataset(self.images, self.transform, self.skip_bad_images)
+        dataset = ImageFolderDataset(self.images, pixel_transform(self.image_size), self.skip_bad_images)
         return self._loader(dataset)
 
 

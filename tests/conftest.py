@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,14 @@ def fidelity_models(tmp_path_factory) -> tuple[Path, Path]:
 # Tests that -m left out (make test-fast: those marked slow), counted where the tests are collected: in this process,
 # or in each pytest-xdist worker, which hands its count to this process (xdist's workeroutput).
 deselected = 0
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The files with the most `slow` tests first (each file's tests in their order): pytest-xdist hands out whole files
+    in this order (--dist loadfile), so the longest start first and the two workers finish together, rather than one
+    waiting while the other runs a long file it was given last."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 def pytest_deselected(items) -> None:

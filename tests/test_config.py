@@ -17,7 +17,8 @@ def test_every_task_composes_and_instantiates(task, tmp_path, data_dir):
     cfg = compose_config([f"task={task}"], tmp_path, data_dir)
     assert cfg.task_name == task
     assert get_class(cfg.model._target_)
-    instantiate(cfg.data)
+    if not OmegaConf.missing_keys(cfg.data):  # a task may leave a data key for the command line (??? in its config)
+        instantiate(cfg.data)
     instantiate(resolve_trainer(cfg.trainer))
 
 
