@@ -155,7 +155,7 @@ class DreamBoothLoRA(
             # In place (nn.Module.compile): parameter names and checkpoints stay those of the plain UNet. Inductor
             # compiles at the first call of each input shape: the first training step, the first validation.
             self.unet.compile()
-        self._first_step_started: float | None = None
+        self._first_step_started: float | None = None  # model.compile: None until the first training step
         self._quantised = False  # model.quantize_base: at setup, once the precision's dtype is known
         sampling.check_selection(fidelity)
         self._fidelity = sampling.LazyFidelity(fidelity)
@@ -389,7 +389,7 @@ class DreamBoothLoRA(
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        if self._first_step_started is not None:  # once: compilation happens in the first step
+        if self._first_step_started:  # once (a clock reading; 0.0 once logged): the first step compiles
             log.info(
                 "model.compile: the first training step took %.1f s (the UNet's forward and backward compiled)",
                 time.perf_counter() - self._first_step_started,
