@@ -134,6 +134,7 @@ def check_checkpoint(path: str | os.PathLike, module_class: type, task_name: str
     """A UserError unless `path` is a readable checkpoint that `module_class` (task `task_name`'s module) can load."""
     checkpoint = read_checkpoint(path, key)
     record = checkpoint.get(RECORD) or {}
+    check_not_retired(checkpoint.get("captioner"), path)
     # Captioners also name their class under "captioner" (CaptioningModule.on_save_checkpoint: "package.module.Class",
     # older ones "Class"), records or not.
     writer = (record.get("module") or checkpoint.get("captioner") or "").rsplit(".", 1)[-1]
@@ -154,6 +155,24 @@ def check_checkpoint(path: str | os.PathLike, module_class: type, task_name: str
             f"(its hyperparameters: {', '.join(hparams) or 'none'}); give a checkpoint of a "
             f"task={task_name} run"
         )
+
+
+# Classes whose checkpoints this version cannot load, with what to do instead.
+RETIRED_CLASSES = {
+    name: (
+        f"it was written by {name}, which the generic Hugging Face captioner (lightning_modules/captioning/hf.py) "
+        "replaced: export it with a vlx checkout from before that change (python run.py task=<its task> mode=export "
+        "ckpt_path=<it>), then load, predict with or fine-tune the export (model.pretrained=<its export folder>)"
+    )
+    for name in ("BLIPCaptioner", "ViTGPT2Captioner")
+}
+
+
+def check_not_retired(class_name: str | None, path: str | os.PathLike) -> None:
+    """One UserError for a checkpoint of a retired class (`class_name`: what the checkpoint names, any form)."""
+    name = (class_name or "").rsplit(".", 1)[-1] if isinstance(class_name, str) else ""
+    if name in RETIRED_CLASSES:
+        raise UserError(f"checkpoint {path} cannot be loaded: {RETIRED_CLASSES[name]}")
 
 
 def required_arguments(module_class: type) -> list[str]:

@@ -27,6 +27,7 @@ SIGNATURE_DEFAULTS = {
         "checkpoints from before the class drift (a data input; None: no class drift)"
     ),
     "lightning_modules.captioning.cnn_rnn.CNNRNNCaptioner.scst": "checkpoints from before model.scst (None: no SCST)",
+    "lightning_modules.captioning.cnn_rnn.CNNRNNCaptioner.metrics": "checkpoints from before model.metrics (None)",
     "lightning_modules.captioning.cnn_rnn.CNNRNNCaptioner.image_size": (
         "checkpoints from before the captioner recorded its training images' size (None: the data's transform)"
     ),
@@ -76,12 +77,29 @@ def compose(overrides: list[str], output_dir: str | os.PathLike | None = None) -
         return compose_config("config", overrides=overrides)
 
 
+def yaml_settings(group: Path, name: str) -> dict[str, Any]:
+    """The settings of `group`/<name>.yaml with its defaults list applied as Hydra applies it to a model config: a
+    plain entry (`- hf_captioner`) is a file of the same group under this one, a `key: name` entry a file of the
+    subgroup `key` placed at `key` (files of the whole config, `# @package _global_`, are not model settings)."""
+    path = group / f"{name}.yaml"
+    config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    settings: dict[str, Any] = {}
+    for entry in config.get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":
+            settings = OmegaConf.to_container(OmegaConf.merge(settings, yaml_settings(group, entry)))
+        elif isinstance(entry, dict):
+            ((key, choice),) = entry.items()
+            if not (group / key / f"{choice}.yaml").read_text(encoding="utf-8").startswith("# @package _global_"):
+                settings[key] = OmegaConf.to_container(OmegaConf.load(group / key / f"{choice}.yaml"))
+    own = {key: value for key, value in config.items() if not key.startswith("_") and key != "defaults"}
+    return OmegaConf.to_container(OmegaConf.merge(settings, own))
+
+
 def model_settings(name: str, **values: Any) -> dict[str, Any]:
     """The constructor arguments conf/model/<name>.yaml gives (the one home of a module's defaults), `values` replacing
     some: for code that builds a module without Hydra (tests, benchmarks). Keys whose value is an interpolation of the
     composed config (e.g. `resolution: ${data.resolution}`) must be among `values`."""
-    config = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"), resolve=False)
-    settings = {key: value for key, value in config.items() if not key.startswith("_") and key != "defaults"}
+    settings = yaml_settings(CONF / "model", name)
     settings.update(values)
     unresolved = [key for key, value in flatten(settings).items() if isinstance(value, str) and "${" in value]
     if unresolved:

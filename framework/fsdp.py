@@ -69,11 +69,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         if module_class is None or not issubclass(module_class, ShardedByLayers):
             name = module_class.__name__ if module_class else "none"
             raise UserError(
-                f"trainer=fsdp: task={task} (module {name}) does not shard itself: FSDP is supported for the BLIP and "
-                "ViT-GPT2 captioning tasks and SDXL DreamBooth LoRA (task=sdxl_dreambooth) so far; use trainer=ddp "
-                "(or trainer=ddp_sim on a CPU)"
+                f"trainer=fsdp: task={task} (module {name}) does not shard itself: FSDP is supported for the Hugging "
+                "Face captioners (model=hf_captioner, blip, vit_gpt2) and SDXL DreamBooth LoRA (task=sdxl_dreambooth) "
+                "so far; use trainer=ddp (or trainer=ddp_sim on a CPU)"
             )
-        if not layers:
+        if not layers and not module_class.layers_from_model:
             raise UserError(
                 f"trainer=fsdp: task={task} lists no fsdp_layers: name the layer classes that become FSDP units "
                 "(e.g. fsdp_layers=[transformers.models.blip.modeling_blip.BlipEncoderLayer])"
@@ -169,6 +169,11 @@ class ShardedByLayers:
     does."""
 
     fsdp_methods: tuple[str, ...] = ()
+    layers_from_model = False  # true: without fsdp_layers in the config, the module's own `fsdp_layers()`
+
+    def fsdp_layers(self) -> list[str]:
+        """The layer classes that become FSDP units when the config names none (layers_from_model)."""
+        raise NotImplementedError
 
     def fsdp_root(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -179,6 +184,7 @@ class ShardedByLayers:
         root = self.fsdp_root()
         if not isinstance(strategy, FSDP2Strategy) or is_sharded(root):
             return
-        shard(root, strategy.layer_classes, self.device_mesh["data_parallel"], mixed_precision(self.trainer.precision))
+        layers = strategy.layer_classes or import_classes(self.fsdp_layers())
+        shard(root, layers, self.device_mesh["data_parallel"], mixed_precision(self.trainer.precision))
         for name in self.fsdp_methods:
             register_fsdp_forward_method(root, name)

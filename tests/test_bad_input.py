@@ -468,13 +468,13 @@ def test_checkpoints_of_another_module_class(tmp_path):
         check_checkpoint(legacy, CNNRNNCaptioner, "shapes_captioning")
     check_checkpoint(legacy, ShapesClassifier, "shapes_classifier")
     captioner = tmp_path / "captioner.ckpt"
-    torch.save({"state_dict": {}, "captioner": "BLIPCaptioner"}, captioner)
-    with pytest.raises(UserError, match=r"belongs to module class BLIPCaptioner, not to task=shapes_captioning"):
+    torch.save({"state_dict": {}, "captioner": "HFCaptioner"}, captioner)
+    with pytest.raises(UserError, match=r"belongs to module class HFCaptioner, not to task=shapes_captioning"):
         check_checkpoint(captioner, CNNRNNCaptioner, "shapes_captioning")
     with pytest.raises(
         UserError,
         match=r"captioner.ckpt \(model.classifier.checkpoint\) belongs to module class "
-        r"BLIPCaptioner, not to task=shapes_classifier",
+        r"HFCaptioner, not to task=shapes_classifier",
     ):
         explain_module(
             "saliency",

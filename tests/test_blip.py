@@ -13,7 +13,7 @@ from transformers import BlipForConditionalGeneration, BlipProcessor, pipeline
 from framework.config import model_settings
 from framework.errors import UserError
 from framework.runner import run
-from lightning_modules.captioning.blip import BLIPCaptioner
+from lightning_modules.captioning.hf import HFCaptioner, family_settings
 from tests.helpers.captioning import OVERFIT, TEST_KEYS, check_module_captions, train_items
 from tests.helpers.captioning import OVERFIT_EPOCHS as EPOCHS
 from tests.helpers.config import CONF, compose_config, read_metrics
@@ -37,7 +37,7 @@ def test_training_lowers_the_loss_and_logs_metrics_and_media(blip_run):
 
 @pytest.mark.slow
 def test_overfitted_captions_equal_the_training_captions_in_module_export_and_pipeline(blip_run, data_dir):
-    images, captions = check_module_captions(BLIPCaptioner, blip_run, data_dir)
+    images, captions = check_module_captions(HFCaptioner, blip_run, data_dir)
     # transformers' own classes on the export.
     export = blip_run / "export"
     assert (export / "model.safetensors").is_file() and (export / "README.md").is_file()
@@ -137,7 +137,7 @@ def test_bad_generation_setting_names_the_key(tiny_blip, tmp_path, data_dir):
 
 def test_freeze_vision_and_gradient_checkpointing(tiny_blip):
     settings = model_settings("blip", scheduler=None, pretrained=str(tiny_blip))
-    module = BLIPCaptioner(**{**settings, "freeze_vision": True, "gradient_checkpointing": True})
+    module = HFCaptioner(**{**settings, "freeze_vision": True, "gradient_checkpointing": True})
     assert not any(p.requires_grad for p in module.model.vision_model.parameters())
     assert all(p.requires_grad for p in module.model.text_decoder.parameters())
     assert module.model.is_gradient_checkpointing
@@ -145,7 +145,8 @@ def test_freeze_vision_and_gradient_checkpointing(tiny_blip):
 
 def test_paper_recipe_and_sweep_compose(tmp_path, data_dir):
     cfg = compose_config(["experiment=blip_coco_paper"], tmp_path, data_dir)
-    assert cfg.model.prompt == "a picture of " and cfg.model.label_smoothing == 0.1
+    assert cfg.model.prompt is None and cfg.model.label_smoothing == 0.1  # the prompt: the family's (blip.yaml)
+    assert family_settings("blip")["prompt"] == "a picture of "
     assert (cfg.model.optimizer.lr, cfg.model.optimizer.weight_decay) == (1e-5, 0.05)
     assert dict(cfg.model.generation) == {"num_beams": 3, "max_length": 20, "min_length": 5}
     assert cfg.data.batch_size == 256 and cfg.trainer.devices == 8  # global batch, 32 per GPU

@@ -17,8 +17,7 @@ from framework.checks import check_config
 from framework.config import model_settings
 from framework.errors import UserError
 from framework.runner import run
-from lightning_modules.captioning.blip import BLIPCaptioner
-from lightning_modules.captioning.vit_gpt2 import ViTGPT2Captioner
+from lightning_modules.captioning.hf import HFCaptioner
 from lightning_modules.explain.caption_explain import CaptionExplainModule, completeness_error
 from lightning_modules.explain.caption_words import ground_words, split_words
 from tests.helpers.config import TINY_MODEL, compose_config, read_metrics
@@ -195,7 +194,7 @@ def predicting(count: int) -> list[str]:
     return [f"data.num_predict={count}", f"data.eval_batch_size={count}"]
 
 
-HF_CAPTIONERS = {"blip": (BLIPCaptioner, save_tiny_blip), "vit_gpt2": (ViTGPT2Captioner, save_tiny_vit_gpt2)}
+HF_CAPTIONERS = {"blip": (HFCaptioner, save_tiny_blip), "vit_gpt2": (HFCaptioner, save_tiny_vit_gpt2)}
 
 
 @pytest.fixture(scope="module", params=list(HF_CAPTIONERS))
@@ -210,11 +209,9 @@ def hf_export(request, tmp_path_factory, data_dir) -> Path:
     settings = model_settings(request.param, generation=generation, label_smoothing=0.0, scheduler=None)
     module = module_class(**settings | {"pretrained": random})
     batch = next(iter(explain_data("caption_explain", data_dir, *HF_SHAPES, *predicting(8)).predict_dataloader()))
-    processor = module.image_processor
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (processor.image_mean, processor.image_std))
     data = CaptionBatch(
         size=batch["size"],
-        images=(batch["images"] - mean) / std,
+        images=(batch["images"] * 255).round().to(torch.uint8),  # as the module's image_transform gives them
         tokens=[[o["size"], o["colour"], o["shape"]] for o in (objects[0] for objects in batch["objects"])],
     )
     # A small learning rate: enough to name the object, while the word's log-probability stays smooth enough along

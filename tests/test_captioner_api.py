@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 
 from framework.checkpoints import read_checkpoint
-from framework.config import model_settings
 from framework.errors import UserError
 from framework.runner import run
-from lightning_modules.captioning import BLIPCaptioner, Captioner, CNNRNNCaptioner, ViTGPT2Captioner, inference
-from lightning_modules.captioning.inference import configured_captioners, export_classes, settings_for
+from lightning_modules.captioning import Captioner, CNNRNNCaptioner, HFCaptioner, inference
+from lightning_modules.captioning.hf import family_settings
+from lightning_modules.captioning.inference import configured_captioners, settings_for
 from tests.helpers.captioning import train_items
 from tests.helpers.config import TINY_SHAPES, compose_config
 
@@ -30,7 +30,7 @@ def test_overfitted_hf_captioners_caption_their_training_images(run_fixture, sou
 def test_generation_settings_come_from_the_export_or_overrides(blip_run, data_dir):
     assert Captioner.from_pretrained(blip_run / "export").module.model.generation_config.num_beams == 3
     captioner = Captioner.from_pretrained(blip_run / "export", generation={"num_beams": 1, "max_length": 6})
-    assert isinstance(captioner.module, BLIPCaptioner) and captioner.module.hparams.generation["max_length"] == 6
+    assert isinstance(captioner.module, HFCaptioner) and captioner.module.hparams.generation["max_length"] == 6
     (path, _), *_ = train_items(data_dir)
     assert len(captioner.generate_caption(path).split()) <= 6 - 4  # 6 tokens, 4 of them BOS and the prompt
 
@@ -91,40 +91,42 @@ def test_checkpoints_name_the_class_that_loads_them(cnn_rnn_checkpoint, tmp_path
 
 
 def test_the_captioners_are_those_conf_model_builds(tmp_path, monkeypatch):
-    """A captioner is known (its checkpoints, its exports) once a conf/model YAML builds it."""
+    """A captioner is known (its checkpoints) once a conf/model YAML builds it; blip.yaml and vit_gpt2.yaml are
+    settings of hf_captioner.yaml's class, which every family's export loads with."""
     assert {cls.__name__: name for cls, name in configured_captioners().items()} == {
-        "BLIPCaptioner": "blip",
         "CNNRNNCaptioner": "cnn_rnn",
-        "ViTGPT2Captioner": "vit_gpt2",
-    }
-    assert {model_type: cls.__name__ for model_type, cls in export_classes().items()} == {
-        "blip": "BLIPCaptioner",
-        "vision-encoder-decoder": "ViTGPT2Captioner",
+        "HFCaptioner": "hf_captioner",
     }
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "my_vit_gpt2.yaml").write_text(
-        "_target_: lightning_modules.captioning.vit_gpt2.ViTGPT2Captioner\n"
-    )
+    (tmp_path / "model" / "my_captioner.yaml").write_text("_target_: lightning_modules.captioning.hf.HFCaptioner\n")
     (tmp_path / "model" / "style.yaml").write_text("_target_: lightning_modules.style.fast_style.FastStyle\n")
     monkeypatch.setattr(inference, "CONF", tmp_path)
     assert {cls.__name__: name for cls, name in configured_captioners.__wrapped__().items()} == {
-        "ViTGPT2Captioner": "my_vit_gpt2"
+        "HFCaptioner": "my_captioner"
     }
+
+
+def test_a_checkpoint_of_a_retired_class_is_one_error_saying_what_to_do(tmp_path):
+    torch.save(
+        {"captioner": "lightning_modules.captioning.blip.BLIPCaptioner", "state_dict": {}}, tmp_path / "old.ckpt"
+    )
+    with pytest.raises(UserError, match=r"old.ckpt cannot be loaded: it was written by BLIPCaptioner.*mode=export"):
+        Captioner.from_pretrained(tmp_path / "old.ckpt")
 
 
 def test_every_class_of_the_package_by_name():
     import lightning_modules.captioning as captioning
 
-    assert captioning.ViTGPT2Captioner is ViTGPT2Captioner and captioning.Captioner is Captioner
+    assert captioning.HFCaptioner is HFCaptioner and captioning.Captioner is Captioner
     with pytest.raises(AttributeError):
         captioning.NoSuchCaptioner  # noqa: B018
 
 
 def test_an_export_gets_its_yaml_settings_and_keeps_its_generation_settings(tiny_blip, tmp_path):
-    module = BLIPCaptioner(**settings_for(BLIPCaptioner, pretrained=str(tiny_blip), generation={"num_beams": 2}))
+    module = HFCaptioner(**settings_for(HFCaptioner, pretrained=str(tiny_blip), generation={"num_beams": 2}))
     module.export(tmp_path / "export")
     captioner = Captioner.from_pretrained(tmp_path / "export")
-    assert captioner.module.hparams.prompt == model_settings("blip", scheduler=None)["prompt"]
+    assert captioner.module.prompt == family_settings("blip")["prompt"]
     assert captioner.module.model.generation_config.num_beams == 2  # the export's, not the YAML's 3
     overridden = Captioner.from_pretrained(tmp_path / "export", generation={"max_length": 6})
     assert overridden.module.model.generation_config.max_length == 6

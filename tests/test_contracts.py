@@ -16,14 +16,14 @@ from framework import contracts
 from framework.contracts import BuildsFromConfig, Exports, HasCaptionPredictions, InferenceOverrides, SavesPredictions
 from tests.helpers.config import CONF, compose_config
 
-CAPTIONERS = {"CNNRNNCaptioner", "BLIPCaptioner", "ViTGPT2Captioner"}
+CAPTIONERS = {"CNNRNNCaptioner", "HFCaptioner"}
 EXPLAINERS = {"SaliencyModule", "ClassVisualisationModule", "AdversarialModule", "CaptionExplainModule"}
 # Who declares what (docs/ARCHITECTURE.md, Contracts): the classes conf/model and conf/data name.
 FAMILIES = {
     "runner -> module": {
-        Exports: {"BLIPCaptioner", "ViTGPT2Captioner", "DreamBoothLoRA", "FastStyle", "AdaINStyle"},
+        Exports: {"HFCaptioner", "DreamBoothLoRA", "FastStyle", "AdaINStyle"},
         SavesPredictions: EXPLAINERS | {"DreamBoothLoRA", "CaptionImages"},
-        BuildsFromConfig: EXPLAINERS | {"BLIPCaptioner", "ViTGPT2Captioner", "DreamBoothLoRA", "CaptionImages"},
+        BuildsFromConfig: EXPLAINERS | {"HFCaptioner", "DreamBoothLoRA", "CaptionImages"},
         InferenceOverrides: CAPTIONERS | {"DreamBoothLoRA", "FastStyle", "AdaINStyle"},
     },
     "callbacks -> module": {HasCaptionPredictions: CAPTIONERS},

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from framework import runner
 from framework.errors import UserError
-from framework.fsdp import is_sharded, mixed_precision, shard
+from framework.fsdp import import_classes, is_sharded, mixed_precision, shard
 from framework.runner import run
 from tests.helpers.config import compose_config
 from tests.helpers.tasks import TASKS, check_finished, shapes_classifier_checkpoint
@@ -88,16 +88,18 @@ def test_fsdp_units_are_the_layers_the_task_names(task, tmp_path, data_dir):
     root unit, every parameter in it a DTensor. (tests/test_fsdp.py trains sharded over two processes.)"""
     cfg = compose_config([*TASKS[task](tmp_path, data_dir), "trainer=fsdp"], tmp_path / "run", data_dir)
     strategy, module = instantiate(cfg.trainer.strategy), runner.load_model(cfg, instantiate(cfg.data))  # its inputs
-    assert {layer.__name__ for layer in strategy.layer_classes} == SHARDED[task]
+    # the config's fsdp_layers, else (a Hugging Face captioner) its family's, as configure_model takes them
+    classes = strategy.layer_classes or import_classes(module.fsdp_layers())
+    assert {layer.__name__ for layer in classes} == SHARDED[task]
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        shard(module.fsdp_root(), strategy.layer_classes, init_device_mesh("cpu", (1,)), mixed_precision("32-true"))
+        shard(module.fsdp_root(), classes, init_device_mesh("cpu", (1,)), mixed_precision("32-true"))
     finally:
         dist.destroy_process_group()
     root = module.fsdp_root()
-    layers = [m for m in root.modules() if isinstance(m, strategy.layer_classes)]
+    layers = [m for m in root.modules() if isinstance(m, classes)]
     assert len(layers) >= 4 and all(is_sharded(layer) for layer in layers)  # 2 + 2 layers in the tiny captioners
-    assert all(any(isinstance(layer, c) for layer in layers) for c in strategy.layer_classes)  # each class found
+    assert all(any(isinstance(layer, c) for layer in layers) for c in classes)  # each class found
     assert is_sharded(root) and all(isinstance(p, DTensor) for p in root.parameters())
 
 
@@ -115,8 +117,10 @@ def test_fsdp_layers_must_name_layer_classes_of_the_model(tmp_path, data_dir):
     def strategy(*overrides):
         return runner.instantiate(compose_config([*args, *overrides], tmp_path, data_dir).trainer.strategy)
 
-    with pytest.raises(UserError, match=r"task=blip_shapes lists no fsdp_layers"):
-        strategy("fsdp_layers=[]")
+    assert strategy().layer_classes == ()  # the family's layers (conf/model/family/blip.yaml), at configure_model
+    sdxl = compose_config(["task=sdxl_dreambooth", "trainer=fsdp", "fsdp_layers=[]"], tmp_path, data_dir)
+    with pytest.raises(UserError, match=r"task=sdxl_dreambooth lists no fsdp_layers"):
+        runner.instantiate(sdxl.trainer.strategy)
     with pytest.raises(UserError, match=r"fsdp_layers: cannot import layer class 'transformers.NoSuchLayer'"):
         strategy("fsdp_layers=[transformers.NoSuchLayer]")
     module = instantiate(compose_config(args, tmp_path, data_dir).model)

@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 
 from framework.runner import run
-from lightning_modules.captioning.vit_gpt2 import ViTGPT2Captioner
+from lightning_modules.captioning.hf import HFCaptioner
 from tests.helpers.captioning import OVERFIT, TEST_KEYS, check_module_captions
 from tests.helpers.captioning import OVERFIT_EPOCHS as EPOCHS
 from tests.helpers.config import compose_config, read_metrics
@@ -26,7 +26,7 @@ def test_training_lowers_the_loss_and_logs_every_metric(vit_gpt2_run):
 
 @pytest.mark.slow
 def test_overfitted_captions_equal_the_training_captions_in_module_and_export(vit_gpt2_run, data_dir):
-    images, captions = check_module_captions(ViTGPT2Captioner, vit_gpt2_run, data_dir)
+    images, captions = check_module_captions(HFCaptioner, vit_gpt2_run, data_dir)
     export = vit_gpt2_run / "export"
     model = VisionEncoderDecoderModel.from_pretrained(export)
     processor, tokenizer = AutoImageProcessor.from_pretrained(export), AutoTokenizer.from_pretrained(export)

@@ -4,6 +4,7 @@ checkpoint's record of its class, and self-critical training for those that can 
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING, TypedDict
 
 import lightning as L
 import torch
@@ -12,18 +13,35 @@ from lightning.pytorch.trainer.states import TrainerFn
 from datamodules.batches import CaptionBatch
 from framework.contracts import HasCaptionPredictions
 from framework.distributed import gather_objects
-from framework.images import SkippedImages
+from framework.images import SkippedImages, load_rgb
 from framework.optim import ConfiguredOptimizers
 from lightning_modules.captioning.metrics import CaptionMetrics
 from lightning_modules.captioning.scst import Rollouts, SelfCritical, load_trainable_state, trainable_state
 
+if TYPE_CHECKING:
+    from lightning_modules.captioning.clip_score import CLIPScorer
+
 CLASS_KEY = "captioner"  # checkpoint[CLASS_KEY]: the module's class, "package.module.Class" (older ones: "Class")
+
+
+class CaptionMetricSettings(TypedDict):
+    """model.metrics (conf/model/metrics/default.yaml)."""
+
+    clip: str | None  # a CLIP model: CLIPScore and RefCLIPScore
 
 
 @cache
 def shared_metrics(spice: bool) -> CaptionMetrics:
     """One scorer per process: METEOR's Java server takes seconds to start, so fit, test and later runs reuse it."""
     return CaptionMetrics(spice=spice)
+
+
+@cache
+def shared_clip_scorer(pretrained: str, device: str) -> CLIPScorer:
+    """One CLIP per process and device (loading it takes a while)."""
+    from lightning_modules.captioning.clip_score import CLIPScorer
+
+    return CLIPScorer(pretrained, device)
 
 
 class CaptioningModule(ConfiguredOptimizers, L.LightningModule, HasCaptionPredictions):
@@ -35,9 +53,11 @@ class CaptioningModule(ConfiguredOptimizers, L.LightningModule, HasCaptionPredic
     every rank logs the same `val/CIDEr`, `test/BLEU-4`, ...
     """
 
-    def __init__(self, spice: bool):
+    def __init__(self, spice: bool, metrics: CaptionMetricSettings | None):
+        """`spice`: SPICE among the metrics; `metrics`: model.metrics (conf/model/metrics/default.yaml)."""
         super().__init__()
         self.spice = spice
+        self.clip_model = (metrics or {}).get("clip")  # CLIPScore and RefCLIPScore with this CLIP
         self.predictions: dict[str, dict] = {"val": {}, "test": {}}  # image_id -> caption, references, path
         self.skipped_images = SkippedImages()
         self.scst: SelfCritical | None = None  # self-critical training after cross-entropy, where the module has it
@@ -156,6 +176,8 @@ class CaptioningModule(ConfiguredOptimizers, L.LightningModule, HasCaptionPredic
             scores = shared_metrics(self.spice)(
                 {i: p["references"] for i, p in merged.items()}, {i: p["caption"] for i, p in merged.items()}
             )
+            if self.clip_model:
+                scores |= self.clip_scores(list(merged.values()))
         scores = self.trainer.strategy.broadcast(scores)
         if not scores:
             return
@@ -163,6 +185,12 @@ class CaptioningModule(ConfiguredOptimizers, L.LightningModule, HasCaptionPredic
         if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
             scores = self.after_validation(scores)
         self.log_dict(scores)
+
+    def clip_scores(self, predictions: list[dict]) -> dict[str, float]:
+        """CLIPScore and RefCLIPScore of the predictions (their images read from their paths)."""
+        scorer = shared_clip_scorer(self.clip_model, str(self.device))
+        images = [load_rgb(p["path"]) for p in predictions]
+        return scorer(images, [p["caption"] for p in predictions], [p["references"] for p in predictions])
 
     def after_validation(self, scores: dict[str, float]) -> dict[str, float]:
         """Each validation of fit, with its corpus scores (`val/CIDEr`, ...) before they are logged: returns what

@@ -12,7 +12,7 @@ from framework.distributed import global_token_mean
 from framework.images import image_transform
 from framework.schema import Fraction, NonNegativeFloat, PositiveInt, SettingsOf
 from framework.text import Vocabulary
-from lightning_modules.captioning.base import CaptioningModule
+from lightning_modules.captioning.base import CaptioningModule, CaptionMetricSettings
 from lightning_modules.captioning.decoding import beam_search, greedy_decode, sample_decode
 from lightning_modules.captioning.nets import ImageEncoder, RNNDecoder
 from lightning_modules.captioning.scst import Rollouts, SCSTSettings, SelfCritical
@@ -30,7 +30,7 @@ class CNNRNNCaptioner(CaptioningModule, InferenceOverrides):
     """
 
     # Hyperparameters that may change between training and evaluation (mode=eval passes them on).
-    inference_hparams = ("beam_size", "max_len", "spice")
+    inference_hparams = ("beam_size", "max_len", "spice", "metrics")
     data_inputs = ("vocab", "image_size")  # from the data module, before the model is built (framework/preparation.py)
 
     def __init__(
@@ -47,14 +47,21 @@ class CNNRNNCaptioner(CaptioningModule, InferenceOverrides):
         spice: bool,
         scst: SettingsOf[SCSTSettings] | None = None,
         image_size: PositiveInt | None = None,
+        metrics: CaptionMetricSettings | None = None,
     ):
         """`max_len`: the longest caption in words (training targets are truncated, decoding stops); `beam_size`: 1 is
         greedy decoding; `attention_penalty`: the doubly stochastic attention regulariser; `scst`: self-critical
         training's settings (null: cross-entropy only, without the guard); `image_size`: the training images' size,
-        from the data. scst and image_size default to None for checkpoints written before them."""
-        super().__init__(spice=spice)
+        from the data; `metrics`: model.metrics (CLIPScore). scst, image_size and metrics default to None for
+        checkpoints written before them."""
+        super().__init__(spice=spice, metrics=metrics)
         vocab, encoder, decoder = to_plain(vocab), to_plain(encoder), to_plain(decoder)
-        optimizer, scheduler, scst = to_plain(optimizer), to_plain(scheduler), to_plain(scst)
+        optimizer, scheduler, scst, metrics = (
+            to_plain(optimizer),
+            to_plain(scheduler),
+            to_plain(scst),
+            to_plain(metrics),
+        )
         self.save_hyperparameters(logger=False)
         self.vocab = Vocabulary(vocab)
         self.encoder = ImageEncoder(**encoder)

@@ -9,7 +9,6 @@ captioner.generate_captions(["a.jpg", pil_image], batch_size=16)
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datamodules.batches import CaptionBatch
-from framework.checkpoints import is_sharded_checkpoint, load_module, read_checkpoint
+from framework.checkpoints import check_not_retired, is_sharded_checkpoint, load_module, read_checkpoint
 from framework.config import CONF, model_settings
 from framework.errors import UserError
 from framework.images import load_rgb
@@ -61,11 +60,6 @@ def checkpoint_class(name: str | None) -> type[CaptioningModule] | None:
     return next((cls for cls in configured_captioners() if cls.__name__ == name), None)
 
 
-def export_classes() -> dict[str, type[CaptioningModule]]:
-    """Hugging Face export directories' config.json model_type -> the captioner that loads them."""
-    return {cls.export_model_type(): cls for cls in configured_captioners() if hasattr(cls, "export_model_type")}
-
-
 def checked(module_class: type[CaptioningModule], settings: dict, complete: bool) -> dict:
     """`settings` of `module_class`, checked as the runner checks a config: a bad one is one UserError naming
     model.<key>; `complete`: every argument without a default must be there."""
@@ -96,34 +90,33 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **overrides) -> Captioner:
-        """From a Hugging Face export directory (BLIP, ViT-GPT2) or any checkpoint (.ckpt, sharded too) of our
-        captioners.
+        """From a Hugging Face export directory (any family of conf/model/family/) or any checkpoint (.ckpt, sharded
+        too) of our captioners.
 
-        `overrides` change inference settings, e.g. `generation={"num_beams": 5}` (BLIP, ViT-GPT2) or
+        `overrides` change inference settings, e.g. `generation={"num_beams": 5}` (Hugging Face captioners) or
         `beam_size=3` (CNN-RNN), checked as the config's are. An export is recognised by its config.json's model_type
-        and built with its class's conf/model YAML settings (its own generation settings kept); a checkpoint names
-        the class that wrote it and holds its settings.
+        (a family of conf/model/family/) and built with conf/model/hf_captioner.yaml's settings (its own generation
+        settings kept); a checkpoint names the class that wrote it and holds its settings.
         """
         path = Path(path)
         if path.is_dir() and not is_sharded_checkpoint(path):
-            config = path / "config.json"
-            model_type = None
-            if config.is_file():
-                model_type = json.loads(config.read_text(encoding="utf-8-sig")).get("model_type")
-            known = export_classes()
-            if model_type not in known:
+            from lightning_modules.captioning.hf import FAMILIES, HFCaptioner, model_type_of
+
+            model_type = model_type_of(str(path))
+            if model_type is None or not (FAMILIES / f"{model_type}.yaml").is_file():
+                known = ", ".join(sorted(p.stem for p in FAMILIES.glob("*.yaml")))
                 raise UserError(
                     f"{path} is not a Hugging Face export of a captioner we know (config.json model_type "
-                    f"{model_type!r}; known: {', '.join(known)})"
+                    f"{model_type!r}; the families of conf/model/family/: {known})"
                 )
-            module_class = known[model_type]
             # generation=None: the export's own generation_config.json, unless overridden
-            settings = settings_for(module_class, pretrained=str(path), **{"generation": None, **overrides})
-            return cls(module_class(**settings), device)
+            settings = settings_for(HFCaptioner, pretrained=str(path), **{"generation": None, **overrides})
+            return cls(HFCaptioner(**settings), device)
         if not path.exists():
             raise UserError(f"{path} does not exist: give an export directory or a .ckpt file")
         name = read_checkpoint(path, key=None).get(CLASS_KEY)
         module_class = checkpoint_class(name)
+        check_not_retired(name, path)
         if module_class is None:
             raise UserError(f"{path} is not a captioner checkpoint of this project (it names {name!r})")
         return cls(load_module(module_class, path, **checked(module_class, overrides, complete=False)), device)
@@ -139,7 +132,8 @@ class Captioner:
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="captioning", unit="batch", disable=len(starts) <= 1):
             pixels = torch.stack([self.transform(self._rgb(image)) for image in images[start : start + batch_size]])
-            pixels = pixels.to(self.module.device, self.module.dtype)
+            # float pixels (normalised) in the module's dtype; uint8 images (Hugging Face captioners) as they are
+            pixels = pixels.to(self.module.device, self.module.dtype if pixels.is_floating_point() else None)
             captions += self.module.caption_batch(CaptionBatch(size=len(pixels), images=pixels))
         return captions
 

@@ -1,0 +1,204 @@
+"""The generic Hugging Face captioner (lightning_modules/captioning/hf.py) on tiny random models of five architectures
+(BLIP and ViT-GPT2: tests/test_blip.py, tests/test_vit_gpt2.py; GIT, BLIP-2 and the chat VLM Qwen2-VL here), each
+trained through the runner on four shapes images; LoRA and its adapter folder; a family added by its YAML alone;
+SCST's guard; CLIPScore among the metrics."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from datamodules.batches import CaptionBatch
+from framework.config import model_settings
+from framework.errors import UserError
+from lightning_modules.captioning.clip_score import CLIPScorer
+from lightning_modules.captioning.hf import HFCaptioner
+from lightning_modules.captioning.metrics import CaptionMetrics
+from tests.helpers.captioning import overfit, train_items
+from tests.helpers.config import read_metrics
+from tests.helpers.tiny_models import tiny_blip_dir
+from tests.helpers.tiny_vlms import save_tiny_blip2, save_tiny_git, save_tiny_idefics3, save_tiny_qwen2_vl
+
+EPOCHS = 40
+FAMILIES = {
+    "git": (save_tiny_git, [], EPOCHS),
+    "blip-2": (save_tiny_blip2, ["model.optimizer.lr=0.01"], 80),
+    # the tiny processor's 32 px (the family's default is 448)
+    "qwen2_vl": (save_tiny_qwen2_vl, ["model.image_size=32", "model.optimizer.lr=0.01"], 80),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_run(request, data_dir, tmp_path_factory, fidelity_models):
+    save, args, epochs = FAMILIES[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    clip = [f"model.metrics.clip={fidelity_models[0]}"] if request.param == "git" else []
+    run_dir = overfit(
+        ["task=hf_captioner_shapes", f"model.pretrained={save(folder / 'model')}", "logger=csv", *args, *clip],
+        epochs,
+        folder / "run",
+        data_dir,
+    )
+    return request.param, run_dir
+
+
+def train_losses(run_dir) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+def export_captions(export, images: list[Image.Image]) -> list[str]:
+    """Captions by transformers alone: the export's model card's Python snippet, run on each image."""
+    card = (export / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    captions = []
+    for image in images:
+        namespace = {"DIR": str(export), "image": image}
+        exec(snippet, namespace)  # noqa: S102 - the card's own usage, as a user would run it
+        captions.append(namespace["caption"])
+    return captions
+
+
+@pytest.mark.slow
+def test_every_family_learns_the_captions_and_its_export_captions_alike_in_transformers(
+    family_run, data_dir, fidelity_models
+):
+    family, run_dir = family_run
+    epochs = FAMILIES[family][2]
+    clip_model = fidelity_models[0]
+    losses = train_losses(run_dir)
+    assert len(losses) == epochs and max(losses[-3:]) < 0.25 * losses[0], losses
+    # The module from its checkpoint alone: its captions of the training images score far above the same captions
+    # given to the wrong images (CIDEr against the images' training captions).
+    module = HFCaptioner.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True).eval()
+    items = train_items(data_dir)
+    images = [Image.open(path).convert("RGB") for path, _ in items]
+    pixels = torch.stack([module.image_transform()(image) for image in images])
+    captions = module.caption_batch(CaptionBatch(size=len(pixels), images=pixels))
+    references = {i: [caption] for i, (_, caption) in enumerate(items)}
+    metrics = CaptionMetrics()
+    ours = metrics(references, dict(enumerate(captions)))["CIDEr"]
+    shuffled = metrics(references, dict(enumerate(captions[1:] + captions[:1])))["CIDEr"]
+    assert ours > shuffled + 0.3, (family, captions, ours, shuffled)
+    assert export_captions(run_dir / "export", images) == captions
+    if family == "git":  # model.metrics.clip: CLIPScore and RefCLIPScore of the test predictions, as CLIPScorer gives
+        with open(run_dir / "test_predictions.csv") as f:
+            rows = list(csv.DictReader(f))
+        expected = CLIPScorer(str(clip_model))(
+            [Image.open(row["image"]).convert("RGB") for row in rows],
+            [row["prediction"] for row in rows],
+            [row["references"].split(" | ") for row in rows],
+        )
+        logged = read_metrics(run_dir)
+        assert logged["test/CLIPScore"] == pytest.approx(expected["CLIPScore"], abs=1e-5)
+        assert logged["test/RefCLIPScore"] == pytest.approx(expected["RefCLIPScore"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_alone_and_exports_a_merged_model_and_an_adapter_folder(data_dir, tmp_path):
+    from peft import PeftModel
+
+    base = tiny_blip_dir(data_dir)
+    run_dir = overfit(
+        [
+            "task=blip_shapes",
+            f"model.pretrained={base}",
+            "model.lora.rank=8",
+            "model.lora.alpha=16",
+            "logger=csv",
+            "model.optimizer.lr=0.01",
+        ],
+        30,
+        tmp_path / "run",
+        data_dir,
+    )
+    losses = train_losses(run_dir)
+    assert min(losses[-3:]) < losses[0], losses
+    module = HFCaptioner.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True).eval()
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    items = train_items(data_dir)
+    images = [Image.open(path).convert("RGB") for path, _ in items]
+    pixels = torch.stack([module.image_transform()(image) for image in images])
+    ours = module.caption_batch(CaptionBatch(size=len(pixels), images=pixels))
+    export = run_dir / "export"
+    assert export_captions(export, images) == ours
+    adapted = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), export / "adapter")
+    merged = AutoModelForImageTextToText.from_pretrained(export)
+    inputs = AutoProcessor.from_pretrained(export)(images=images, text=["a picture of "] * 4, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(adapted(**inputs).logits, merged(**inputs).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_new_architecture_needs_only_its_family_yaml(workspace, tmp_path):
+    """Idefics3 (SmolVLM v1's architecture) has no family here: a copy of the repository gets one YAML, and the
+    README's command trains it, with no Python change."""
+    model = save_tiny_idefics3(tmp_path / "idefics3")
+    missing = workspace.run(["task=hf_captioner_shapes", f"model.pretrained={model}"], check=False)
+    assert missing.returncode != 0 and "no conf/model/family/idefics3.yaml" in missing.output
+    (workspace.root / "conf" / "model" / "family" / "idefics3.yaml").write_text(
+        "\n".join(
+            [
+                "architecture: decoder",
+                'prompt: "Describe the image."',
+                "chat: true",
+                "bos_first: false",
+                "drop_prompt_end: false",
+                "generate_drops_prompt_end: false",
+                'caption_end: "<end_of_utterance>"',
+                "image_size: 32",
+                "vision_tower: model.vision_model",
+                "lora_targets: 'model\\.text_model\\..*\\.(q_proj|k_proj|v_proj|o_proj)'",
+                "lora_vision_targets: 'model\\.vision_model\\..*\\.(q_proj|k_proj|v_proj|out_proj)'",
+                "fsdp_layers: [transformers.models.llama.modeling_llama.LlamaDecoderLayer]",
+            ]
+        )
+        + "\n"
+    )
+    command = workspace.run(
+        [
+            "task=hf_captioner_shapes",
+            f"model.pretrained={model}",
+            "model.optimizer.lr=0.006",
+            "trainer.max_epochs=6",
+            "data.num_train=4",
+            "data.num_val=2",
+            "data.num_test=2",
+            "data.captions_per_image=1",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "logger=csv",
+            "trainer.log_every_n_steps=1",
+        ]
+    )
+    losses = train_losses(command.run_dir)
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert (command.run_dir / "export" / "model.safetensors").is_file()
+
+
+def test_unknown_family_and_quantisation_without_cuda_are_one_error_each(data_dir):
+    settings = model_settings("hf_captioner", scheduler=None, pretrained=str(tiny_blip_dir(data_dir)))
+    with pytest.raises(UserError, match=r"model.family: no conf/model/family/nope.yaml.*families: .*blip"):
+        HFCaptioner(**{**settings, "family": "nope"})
+    if not torch.cuda.is_available():
+        lora = {**settings["lora"], "rank": 8}
+        with pytest.raises(UserError, match=r"model.quantize=4bit .* needs a CUDA GPU"):
+            HFCaptioner(**{**settings, "quantize": "4bit", "lora": lora})
+
+
+def test_scst_samples_captions_with_their_log_probabilities(data_dir):
+    """rollouts(): k sampled captions per image whose log-probabilities carry gradients, the mask through each
+    caption's end, and the greedy captions."""
+    scst = {**model_settings("hf_captioner", scheduler=None)["scst"], "start_epoch": 0, "num_samples": 3}
+    module = HFCaptioner(**model_settings("blip", scheduler=None, pretrained=str(tiny_blip_dir(data_dir)), scst=scst))
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    rollouts = module.rollouts(CaptionBatch(size=2, images=images), 3, greedy=True)
+    assert len(rollouts.samples) == 6 and len(rollouts.greedy) == 2
+    assert rollouts.log_probs.requires_grad and rollouts.log_probs.shape == rollouts.mask.shape
+    assert (rollouts.log_probs <= 0).all() and rollouts.mask[:, 0].all()
