@@ -80,12 +80,13 @@ def compose(overrides: list[str], output_dir: str | os.PathLike | None = None) -
 def yaml_settings(group: Path, name: str) -> dict[str, Any]:
     """The settings of `group`/<name>.yaml with its defaults list applied as Hydra applies it to a model config: a
     plain entry (`- hf_captioner`) is a file of the same group under this one, a `key: name` entry a file of the
-    subgroup `key` placed at `key` (files of the whole config, `# @package _global_`, are not model settings)."""
+    subgroup `key` placed at `key` (files of the whole config, `# @package _global_`, are not model settings);
+    `- name@key` (a block of its own, e.g. the explaining tasks' classifier) is left to the caller to give."""
     path = group / f"{name}.yaml"
     config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     settings: dict[str, Any] = {}
     for entry in config.get("defaults", []):
-        if isinstance(entry, str) and entry != "_self_":
+        if isinstance(entry, str) and "@" not in entry and entry != "_self_":
             settings = OmegaConf.to_container(OmegaConf.merge(settings, yaml_settings(group, entry)))
         elif isinstance(entry, dict):
             ((key, choice),) = entry.items()

@@ -164,7 +164,7 @@ def test_unknown_encoder_names_the_key(tmp_path, data_dir):
             ["task=blip_shapes", "model.generation.num_beams=0"],
             "model.generation.num_beams=0: takes a whole",
         ),
-        (["task=blip_shapes", "model.pretrained=null"], "model.pretrained=null: takes text"),
+        (["task=blip_shapes", "model.lora.rank=0"], "model.lora.rank=0: takes a whole"),
         (
             ["task=vit_gpt2_shapes", "model.max_caption_tokens=0"],
             "model.max_caption_tokens=0: takes a whole",

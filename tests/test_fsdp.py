@@ -25,6 +25,7 @@ from lightning_modules.captioning.inference import Captioner
 from tests.helpers.config import compose_config, read_metrics
 from tests.helpers.dreambooth import save_images, tiny_args
 from tests.helpers.tiny_models import save_tiny_vit_gpt2, tiny_blip_dir
+from tests.helpers.tiny_vlms import save_tiny_qwen2_vl
 
 pytestmark = pytest.mark.slow  # every test reads runs of run.py on two processes
 
@@ -273,3 +274,13 @@ def test_a_sharded_dreambooth_checkpoint_resumes_on_one_process(dreambooth, data
     run(compose_config(one, root / "one", data_dir))
     assert len(train_losses(root / "one")) == 3
     assert torch.load(root / "one" / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 6
+
+
+def test_the_chat_vlm_sharded_gives_the_single_process_losses(tmp_path, data_dir, workspace):
+    """Qwen2-VL (tiny, its chat template and image tokens) under trainer=fsdp_sim: the losses of one process."""
+    model = save_tiny_qwen2_vl(tmp_path / "qwen2_vl")
+    args = ["task=hf_captioner_shapes", f"model.pretrained={model}", "model.image_size=32", *STEPS_ARGS]
+    run(compose_config(args, tmp_path / "single", data_dir))
+    sharded = workspace.run([*args, "trainer=fsdp_sim"]).run_dir
+    single, fsdp = train_losses(tmp_path / "single"), train_losses(sharded)
+    assert len(single) == 3 and np.allclose(fsdp, single, rtol=1e-4), (fsdp, single)

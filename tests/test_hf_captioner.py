@@ -153,6 +153,7 @@ def test_a_new_architecture_needs_only_its_family_yaml(workspace, tmp_path):
                 'caption_end: "<end_of_utterance>"',
                 "image_size: 32",
                 "vision_tower: model.vision_model",
+                "unused: []",
                 "lora_targets: 'model\\.text_model\\..*\\.(q_proj|k_proj|v_proj|o_proj)'",
                 "lora_vision_targets: 'model\\.vision_model\\..*\\.(q_proj|k_proj|v_proj|out_proj)'",
                 "fsdp_layers: [transformers.models.llama.modeling_llama.LlamaDecoderLayer]",
@@ -202,3 +203,77 @@ def test_scst_samples_captions_with_their_log_probabilities(data_dir):
     assert len(rollouts.samples) == 6 and len(rollouts.greedy) == 2
     assert rollouts.log_probs.requires_grad and rollouts.log_probs.shape == rollouts.mask.shape
     assert (rollouts.log_probs <= 0).all() and rollouts.mask[:, 0].all()
+
+
+@pytest.mark.slow
+def test_the_scst_guard_restores_the_cross_entropy_weights_when_scst_fails(data_dir, tmp_path):
+    """SCST made to fail (learning rate 5) on a tiny GIT after 8 cross-entropy epochs: the guard puts the best
+    cross-entropy weights back after one validation below them and stops; the last checkpoint holds those weights."""
+    run_dir = overfit(
+        [
+            "task=hf_captioner_shapes",
+            f"model.pretrained={save_tiny_git(tmp_path / 'git')}",
+            "trainer.check_val_every_n_epoch=1",
+            "callbacks.last_checkpoint.every_n_epochs=1",
+            "model.scst.start_epoch=8",
+            "model.scst.lr=5.0",
+            "model.scst.patience=1",
+            "model.scst.num_samples=2",
+            "logger=csv",
+        ],
+        12,
+        tmp_path / "run",
+        data_dir,
+    )
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(row.get("train/reward") for row in rows)  # SCST steps ran
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    state = checkpoint["scst"]
+    assert state["phase"] == "stopped" and state["stopped_epoch"] < 11 and state["best_epoch"] < 8
+    weights = checkpoint["state_dict"]
+    assert all(torch.equal(weights[name], tensor) for name, tensor in state["best_state"].items())
+
+
+@pytest.mark.slow
+def test_scst_raises_validation_cider_over_its_cross_entropy_start(data_dir, tmp_path):
+    """A tiny GIT trained 12 epochs with cross-entropy on 64 shapes images, then 6 self-critically (CIDEr-D reward,
+    greedy baseline, 4 samples per image, the guard's patience beyond the run): every SCST validation scores a
+    higher CIDEr than the cross-entropy weights SCST started from, and their mean by more than 0.1."""
+    from framework.runner import run
+    from tests.helpers.config import compose_config
+
+    run_dir = tmp_path / "run"
+    run(
+        compose_config(
+            [
+                "task=hf_captioner_shapes",
+                f"model.pretrained={save_tiny_git(tmp_path / 'git')}",
+                "data.num_train=64",
+                "data.num_val=8",
+                "data.num_test=2",
+                "data.captions_per_image=1",
+                "data.image_size=32",
+                "data.batch_size=8",
+                "data.eval_batch_size=8",
+                "data.num_workers=0",
+                "model.optimizer.lr=0.005",
+                "model.scheduler=null",
+                "model.scst.start_epoch=12",
+                "model.scst.lr=0.001",
+                "model.scst.num_samples=4",
+                "model.scst.patience=20",
+                "trainer.max_epochs=18",
+                "callbacks.model_checkpoint=null",
+                "logger=csv",
+            ],
+            run_dir,
+            data_dir,
+        )
+    )
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    cider = {int(row["epoch"]): float(row["val/CIDEr"]) for row in rows if row.get("val/CIDEr")}
+    assert any(row.get("train/reward") for row in rows)  # SCST steps ran
+    start, scst = cider[11], [cider[epoch] for epoch in range(12, 18)]  # epoch 11: the weights SCST starts from
+    assert min(scst) > start and sum(scst) / len(scst) > start + 0.1, cider

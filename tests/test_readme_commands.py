@@ -34,6 +34,7 @@ from framework.hardware import resolve_trainer
 from framework.loggers import has_events
 from tests.helpers.cli import Workspace
 from tests.helpers.config import CONF, ROOT, fake_gpus
+from tests.helpers.tiny_vlms import save_tiny_git
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,10 @@ COMMANDS: dict[str, Run | Compose | Refused] = {
     "task=cnn_rnn_coco data=coco trainer=gpu": Compose("COCO and ImageNet ResNet-50 weights, a GPU"),
     "task=cnn_rnn_flickr8k trainer=gpu": Compose("Flickr8k and ImageNet ResNet-50 weights, a GPU"),
     "task=cnn_rnn_flickr8k data=flickr8k_karpathy trainer=gpu": Compose("Flickr8k and ResNet-50 weights, a GPU"),
+    # Any Hugging Face captioner: a save_pretrained folder (a tiny GIT, made by make_user_files) runs here
+    "task=hf_captioner_shapes model.pretrained=path/to/a/save_pretrained/folder": Run(SHAPES),
+    "task=hf_captioner_coco model.pretrained=Qwen/Qwen2-VL-2B-Instruct model.lora.rank=16 trainer=gpu "
+    "trainer.precision=bf16-mixed": Compose("Qwen2-VL weights, COCO, a GPU"),
     # BLIP and ViT-GPT2: pretrained weights from the hub and COCO
     "task=blip_coco mode=export ckpt_path=.../last.ckpt": Compose("BLIP weights"),
     "task=blip_coco mode=export ckpt_path=outputs/blip_coco/runs/<time>/checkpoints/epoch_004.ckpt": Compose(
@@ -291,7 +296,8 @@ def workspace(tmp_path_factory) -> Workspace:
 
 
 def make_user_files(root: Path) -> None:
-    """A captioned folder (images + metadata.jsonl), a folder of photos, and single photos and paintings."""
+    """A captioned folder (images + metadata.jsonl), a folder of photos, single photos and paintings, and a tiny
+    Hugging Face captioner's save_pretrained folder."""
     rng = np.random.default_rng(0)
 
     def picture(path: Path, size=(80, 64)) -> None:
@@ -309,6 +315,7 @@ def make_user_files(root: Path) -> None:
         picture(root / "path/to/photos" / f"photo_{i}.jpg", size=(96, 72))
     for name in ("photo.jpg", "painting.jpg", "a.jpg", "b.jpg"):
         picture(root / name, size=(96, 96))
+    save_tiny_git(root / "path/to/a/save_pretrained/folder")  # a Hugging Face captioner (GIT)
     masks = root / "path/to/masks"  # white on the right half: where the (first) style goes
     masks.mkdir(parents=True)
     for name, size in [*((f"photo_{i}.png", (96, 72)) for i in range(3)), ("photo.png", (96, 96))]:

@@ -24,6 +24,7 @@ how the prompt's tokens are laid out, the vision tower, LoRA's target modules an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -83,6 +84,7 @@ class Family(TypedDict):
     caption_end: str | None
     image_size: PositiveInt | None
     vision_tower: str
+    unused: list[str]
     lora_targets: str
     lora_vision_targets: str
     fsdp_layers: list[str]
@@ -270,6 +272,9 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
         self.prepare_special_tokens()
         # Decoding settings live in the model's generation config: used by every generate call, saved with exports.
         self.model.generation_config.update(**(self.hparams.generation or {}))
+        for name in self.family["unused"]:  # DDP would wait for their gradients (a checkpoint may lack them)
+            with contextlib.suppress(AttributeError):
+                self.model.get_submodule(name).requires_grad_(False)
         if freeze_vision:
             self.vision_tower().requires_grad_(False)
         if gradient_checkpointing:
@@ -295,8 +300,12 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
         )
         if pretrained:
             quantization = self.quantization_config()
-            extra = {"quantization_config": quantization} if quantization else {}
-            load = lambda source, **kwargs: AutoModelForImageTextToText.from_pretrained(source, **kwargs, **extra)  # noqa: E731
+
+            def load(source, **kwargs):
+                if quantization:
+                    kwargs["quantization_config"] = quantization
+                return AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+
             return load_offline(load, pretrained, "model.pretrained"), load_processor(pretrained, "model.pretrained")
         if encoder and decoder:
             return self.assemble(encoder, decoder)

@@ -179,15 +179,22 @@ class PatchGrid(nn.Module):
 
 
 class HFScorer(CaptionWordScorer):
-    """A transformers captioner (BLIP, ViT-GPT2): the words are those of the caption as its tokenizer decodes it,
-    a word's tokens those that add it. Grad-CAM layers: `encoder` (the vision transformer's last layer) or any of
-    its layers by name (`layer_names`)."""
+    """A Hugging Face captioner (BLIP, ViT-GPT2, GIT, BLIP-2): the words are those of the caption as its tokenizer
+    decodes it, a word's tokens those that add it. Grad-CAM layers: `encoder` (the vision transformer's last layer)
+    or any of its layers by name (`layer_names`)."""
 
     attention_missing = (
         "BLIP and ViT-GPT2 captioners have no attention method here (their cross-attention is not explained)"
     )
 
     def __init__(self, captioner: HFCaptioner):
+        blank = torch.zeros(1, 3, captioner.image_transform().side, captioner.image_transform().side, dtype=torch.uint8)
+        if captioner.model_inputs(blank)["pixel_values"].dim() != 4:
+            raise UserError(
+                f"model.captioner: task=caption_explain explains Hugging Face captioners whose pixels are one image "
+                f"[B, 3, H, W] (BLIP, ViT-GPT2, GIT, BLIP-2); the {captioner.hparams.family} family's processor makes "
+                "other pixel values (patch sequences or tiles)"
+            )
         processor = captioner.image_processor
         normalised = getattr(processor, "do_normalize", True)
         super().__init__(
