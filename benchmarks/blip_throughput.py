@@ -2,7 +2,7 @@
 
 transformers' BlipForConditionalGeneration with the sizes of Salesforce/blip-image-captioning-base (ViT-B/16 at
 384 px, 12-layer BERT-base text decoder with cross-attention, vocabulary 30524) and random weights (nothing is
-downloaded). A training step is what BLIPCaptioner does: forward with the captions as labels (prompt masked,
+downloaded). A training step is what HFCaptioner does for BLIP: forward with the captions as labels (prompt masked,
 label smoothing), backward, AdamW, with conf/model/blip.yaml's label smoothing, learning rate and weight decay.
 bf16-mixed is torch.autocast to bfloat16 around forward and loss, fp32 weights and optimizer, as Lightning's
 `precision=bf16-mixed` does.

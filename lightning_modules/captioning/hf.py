@@ -185,10 +185,9 @@ def load_processor(source: str, key: str):
 
 def processor_side(image_processor) -> int | None:
     """The square side a transformers image processor resizes (and crops) images to, if it has one."""
-    for size in (getattr(image_processor, "crop_size", None), getattr(image_processor, "size", None)):
+    crop = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else None
+    for size in (crop, getattr(image_processor, "size", None)):
         size = dict(size or {})
-        if getattr(image_processor, "do_center_crop", False) is False and size is image_processor.crop_size:
-            continue
         if "height" in size:
             return int(size["height"])
         if "shortest_edge" in size and "longest_edge" not in size:
