@@ -585,13 +585,17 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
             inputs["input_ids"][:, 0] = self.base_model.config.text_config.bos_token_id
         return inputs
 
+    @property
+    def caption_end(self) -> str:
+        """The text that ends a caption: the family's caption_end, else the tokenizer's end token."""
+        tokenizer = self.tokenizer
+        return self.family["caption_end"] or tokenizer.eos_token or tokenizer.sep_token
+
     def caption_ids(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [B, T] of the captions and the text that ends them (the family's caption_end, or the tokenizer's
         end token), right-padded, with their mask."""
-        tokenizer = self.tokenizer
-        end = self.family["caption_end"] or tokenizer.eos_token or tokenizer.sep_token
-        text = tokenizer(
-            [caption + end for caption in captions],
+        text = self.tokenizer(
+            [caption + self.caption_end for caption in captions],
             add_special_tokens=False,
             padding="longest",
             truncation=True,
@@ -625,11 +629,7 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
         `generation_config`, `settings` replacing some of it (`pixel_values`: see model_inputs)."""
         inputs = self.model_inputs(images, pixel_values)
         architecture, prompt = self.family["architecture"], inputs.get("input_ids")
-        if (
-            architecture == "decoder"
-            and self.family["drop_prompt_end"]
-            and not self.family["generate_drops_prompt_end"]
-        ):
+        if self.cuts_prompt_end():
             inputs = {k: v[:, :-1] if k in per_token(inputs) else v for k, v in inputs.items()}
         config = generation_config or self.base_model.generation_config
         ids = self.model.generate(**inputs, generation_config=config, **settings)
@@ -650,8 +650,7 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
         """The tokens that end a generated caption (generate's eos, the family's caption_end, padding)."""
         config, tokenizer = self.base_model.generation_config, self.tokenizer
         ends = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-        end = self.family["caption_end"] or tokenizer.eos_token or tokenizer.sep_token
-        return {*ends, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(end)} - {None}
+        return {*ends, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(self.caption_end)} - {None}
 
     # -- task=caption_explain: pixels in, logits out ---------------------------------------------------------------
     def decoder_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
