@@ -1,7 +1,7 @@
-"""The generic Hugging Face captioner (lightning_modules/captioning/hf.py) on tiny random models of five architectures
-(BLIP and ViT-GPT2: tests/test_blip.py, tests/test_vit_gpt2.py; GIT, BLIP-2 and the chat VLM Qwen2-VL here), each
-trained through the runner on four shapes images; LoRA and its adapter folder; a family added by its YAML alone;
-SCST's guard; CLIPScore among the metrics."""
+"""The generic Hugging Face captioner (lightning_modules/captioning/hf.py) on tiny random models of six architectures
+(BLIP, ViT-GPT2, GIT, BLIP-2, the chat VLM Qwen2-VL, PaliGemma), each trained through the runner on eight shapes
+images (BLIP's and ViT-GPT2's own behaviour: tests/test_blip.py, tests/test_vit_gpt2.py); LoRA and its adapter
+folder; a family added by its YAML alone; SCST and its guard; CLIPScore among the metrics."""
 
 from __future__ import annotations
 
@@ -20,15 +20,26 @@ from lightning_modules.captioning.hf import HFCaptioner
 from lightning_modules.captioning.metrics import CaptionMetrics
 from tests.helpers.captioning import overfit, train_items
 from tests.helpers.config import read_metrics
-from tests.helpers.tiny_models import tiny_blip_dir
-from tests.helpers.tiny_vlms import save_tiny_blip2, save_tiny_git, save_tiny_idefics3, save_tiny_qwen2_vl
+from tests.helpers.tiny_models import save_tiny_blip, save_tiny_vit_gpt2, tiny_blip_dir
+from tests.helpers.tiny_vlms import (
+    IDEFICS3_FAMILY,
+    save_tiny_blip2,
+    save_tiny_git,
+    save_tiny_idefics3,
+    save_tiny_paligemma,
+    save_tiny_qwen2_vl,
+)
 
 EPOCHS = 40
+OVERFIT_IMAGES = range(8)  # data.num_train: each with its own caption
 FAMILIES = {
+    "blip": (save_tiny_blip, [], EPOCHS),
+    "vision-encoder-decoder": (save_tiny_vit_gpt2, [], EPOCHS),  # ViT-GPT2
     "git": (save_tiny_git, [], EPOCHS),
     "blip-2": (save_tiny_blip2, ["model.optimizer.lr=0.01"], 80),
     # the tiny processor's 32 px (the family's default is 448)
-    "qwen2_vl": (save_tiny_qwen2_vl, ["model.image_size=32", "model.optimizer.lr=0.01"], 80),
+    "qwen2_vl": (save_tiny_qwen2_vl, ["model.optimizer.lr=0.01"], 80),
+    "paligemma": (save_tiny_paligemma, ["model.optimizer.lr=0.01"], 80),
 }
 
 
@@ -38,7 +49,15 @@ def family_run(request, data_dir, tmp_path_factory, fidelity_models):
     folder = tmp_path_factory.mktemp(request.param)
     clip = [f"model.metrics.clip={fidelity_models[0]}"] if request.param == "git" else []
     run_dir = overfit(
-        ["task=hf_captioner_shapes", f"model.pretrained={save(folder / 'model')}", "logger=csv", *args, *clip],
+        [
+            "task=hf_captioner_shapes",
+            f"model.pretrained={save(folder / 'model')}",
+            "logger=csv",
+            f"data.num_train={len(OVERFIT_IMAGES)}",
+            f"data.batch_size={len(OVERFIT_IMAGES)}",
+            *args,
+            *clip,
+        ],
         epochs,
         folder / "run",
         data_dir,
@@ -75,7 +94,7 @@ def test_every_family_learns_the_captions_and_its_export_captions_alike_in_trans
     # The module from its checkpoint alone: its captions of the training images score far above the same captions
     # given to the wrong images (CIDEr against the images' training captions).
     module = HFCaptioner.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True).eval()
-    items = train_items(data_dir)
+    items = train_items(data_dir, len(OVERFIT_IMAGES))
     images = [Image.open(path).convert("RGB") for path, _ in items]
     pixels = torch.stack([module.image_transform()(image) for image in images])
     captions = module.caption_batch(CaptionBatch(size=len(pixels), images=pixels))
@@ -83,7 +102,8 @@ def test_every_family_learns_the_captions_and_its_export_captions_alike_in_trans
     metrics = CaptionMetrics()
     ours = metrics(references, dict(enumerate(captions)))["CIDEr"]
     shuffled = metrics(references, dict(enumerate(captions[1:] + captions[:1])))["CIDEr"]
-    assert ours > shuffled + 0.3, (family, captions, ours, shuffled)
+    print(f"\n{family}: CIDEr {ours:.2f}, shuffled {shuffled:.2f}; {captions}")
+    assert ours > 3 * shuffled + 1.0, (family, captions, ours, shuffled)
     assert export_captions(run_dir / "export", images) == captions
     if family == "git":  # model.metrics.clip: CLIPScore and RefCLIPScore of the test predictions, as CLIPScorer gives
         with open(run_dir / "test_predictions.csv") as f:
@@ -141,26 +161,7 @@ def test_a_new_architecture_needs_only_its_family_yaml(workspace, tmp_path):
     model = save_tiny_idefics3(tmp_path / "idefics3")
     missing = workspace.run(["task=hf_captioner_shapes", f"model.pretrained={model}"], check=False)
     assert missing.returncode != 0 and "no conf/model/family/idefics3.yaml" in missing.output
-    (workspace.root / "conf" / "model" / "family" / "idefics3.yaml").write_text(
-        "\n".join(
-            [
-                "architecture: decoder",
-                'prompt: "Describe the image."',
-                "chat: true",
-                "bos_first: false",
-                "drop_prompt_end: false",
-                "generate_drops_prompt_end: false",
-                'caption_end: "<end_of_utterance>"',
-                "image_size: 32",
-                "vision_tower: model.vision_model",
-                "unused: []",
-                "lora_targets: 'model\\.text_model\\..*\\.(q_proj|k_proj|v_proj|o_proj)'",
-                "lora_vision_targets: 'model\\.vision_model\\..*\\.(q_proj|k_proj|v_proj|out_proj)'",
-                "fsdp_layers: [transformers.models.llama.modeling_llama.LlamaDecoderLayer]",
-            ]
-        )
-        + "\n"
-    )
+    (workspace.root / "conf" / "model" / "family" / "idefics3.yaml").write_text(IDEFICS3_FAMILY)
     command = workspace.run(
         [
             "task=hf_captioner_shapes",

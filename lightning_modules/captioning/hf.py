@@ -82,6 +82,7 @@ class Family(TypedDict):
     drop_prompt_end: bool
     generate_drops_prompt_end: bool
     caption_end: str | None
+    caption_token_type: NonNegativeInt
     image_size: PositiveInt | None
     vision_tower: str
     unused: list[str]
@@ -208,6 +209,30 @@ class SquareImage:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.side})"
+
+
+def image_patches(images: torch.Tensor, patch: int, frames: int, merge: int) -> torch.Tensor:
+    """Images [B, C, S, S] as Qwen2-VL's processor lays them out: rows [B * g * g, C * frames * patch * patch] (g = S
+    / patch), one per patch, the image repeated as `frames` frames, the patches in `merge_order`."""
+    batch, channels, side, _ = images.shape
+    grid = side // patch
+    frames_of = images.unsqueeze(2).expand(batch, channels, frames, side, side)
+    patches = frames_of.reshape(batch, channels, frames, grid, patch, grid, patch).permute(0, 1, 2, 4, 6, 3, 5)
+    return merge_order(patches.reshape(batch, channels * frames * patch * patch, grid, grid), merge)
+
+
+def merge_order(grid: torch.Tensor, merge: int) -> torch.Tensor:
+    """A grid [B, C, g, g] as rows [B * g * g, C] in Qwen2-VL's order: blocks of merge x merge patches (the ones its
+    merger makes one token) in raster order, each block's patches in raster order."""
+    batch, channels, side, _ = grid.shape
+    blocks = grid.reshape(batch, channels, side // merge, merge, side // merge, merge).permute(0, 2, 4, 3, 5, 1)
+    return blocks.reshape(-1, channels)
+
+
+def grid_of_merge_order(rows: torch.Tensor, side: int, merge: int) -> torch.Tensor:
+    """merge_order's inverse: rows [B * side * side, C] -> grid [B, C, side, side]."""
+    blocks = rows.reshape(-1, side // merge, side // merge, merge, merge, rows.shape[-1])
+    return blocks.permute(0, 5, 1, 3, 2, 4).reshape(-1, rows.shape[-1], side, side)
 
 
 CUT_PROMPT_END = (  # the model card's line for families whose generate must not read the prompt's closing token
@@ -548,13 +573,15 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
 
     @cached_property
     def forward_keys(self) -> frozenset[str]:
-        """What the model's forward takes (processors also return what some models do not read)."""
-        return frozenset(inspect.signature(self.base_model.forward).parameters)
+        """What the model's forward takes (processors also return what some models do not read), less labels (the
+        loss is ours; PaliGemma's processor returns some)."""
+        return frozenset(inspect.signature(self.base_model.forward).parameters) - {"labels"}
 
     def model_inputs(self, images: torch.Tensor, pixel_values: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The processor's inputs for images (uint8 [B, 3, S, S]) and, in a decoder or where the family has one, the
-        prompt, on the module's device, pixels in the model's dtype; `pixel_values`: processed pixels to use instead
-        of the images' (task=caption_explain: images given as pixels; `images` then only sets the batch size)."""
+        prompt, on the module's device, pixels in the model's dtype; `pixel_values`: images [B, 3, S, S] rescaled
+        and normalised as the processor does, to use instead of the images' (task=caption_explain: gradients reach
+        them through `lay_out_pixels`; `images` then only sets the batch size)."""
         text = None
         if self.family["architecture"] == "decoder" or self.prompt:
             text = [self.prompt_text()] * len(images)
@@ -564,13 +591,32 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
         listed = [[image] for image in images] if isinstance(self.processor, ProcessorMixin) else list(images)
         features = self.processor(images=listed, text=text, return_tensors="pt", padding=True)
         if pixel_values is not None:
-            features["pixel_values"] = pixel_values
+            features["pixel_values"] = self.lay_out_pixels(pixel_values, features["pixel_values"])
         inputs = {}
         for key, value in features.items():
             if key in self.forward_keys and isinstance(value, torch.Tensor):
                 value = value.to(self.device)
                 inputs[key] = value.to(self.dtype) if value.is_floating_point() else value
         return inputs
+
+    def lay_out_pixels(self, pixels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Normalised images `pixels` [B, 3, S, S] laid out as the processor lays out `like`, its pixel values of
+        images of that size: one image each [B, 3, S, S] (BLIP, GIT, ...), one tile each [B, 1, 3, S, S]
+        (Idefics3, SmolVLM without image splitting), or patch sequences [B * g * g, 3 * t * p * p] (Qwen2-VL: p x p
+        patches in blocks of merge x merge, an image being t equal frames; `image_patches`). A UserError naming
+        model.captioner for any other layout."""
+        processor = self.image_processor
+        if like.dim() == 2 and hasattr(processor, "merge_size"):
+            laid_out = image_patches(pixels, processor.patch_size, processor.temporal_patch_size, processor.merge_size)
+        else:
+            laid_out = pixels if like.dim() == 4 else pixels.unsqueeze(1)
+        if laid_out.shape != like.shape:
+            raise UserError(
+                f"model.captioner: the {self.hparams.family} processor lays {tuple(pixels.shape[1:])} images out as "
+                f"{tuple(like.shape)} pixel values, not as one image, one tile or Qwen2-VL's patch sequences: "
+                "task=caption_explain cannot map its pixels back to the image"
+            )
+        return laid_out
 
     def prompt_layout(self, inputs: dict) -> dict:
         """The prompt as the model reads it before a caption in training: BLIP's first token made its decoder BOS,
@@ -614,8 +660,11 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
         prompt = self.prompt_layout(inputs)
         length = prompt["input_ids"].shape[1]
         full = dict(prompt)
-        for key in per_token(prompt):  # the caption's tokens: real where the mask says, text (type 0) of every kind
-            after = {"input_ids": ids, "attention_mask": mask}.get(key, torch.zeros_like(ids))
+        caption_type = torch.full_like(ids, self.family["caption_token_type"])  # PaliGemma's causal suffix: 1
+        for key in per_token(prompt):  # the caption's tokens: real where the mask says, text (0) of other kinds
+            after = {"input_ids": ids, "attention_mask": mask, "token_type_ids": caption_type}.get(
+                key, torch.zeros_like(ids)
+            )
             full[key] = torch.cat([prompt[key], after], 1)
         logits = self.model(**full).logits
         start = logits.shape[1] - full["input_ids"].shape[1] + length - 1  # GIT's logits cover its image tokens too
@@ -659,20 +708,27 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
         return torch.cat([torch.full_like(ids[:, :1], self.tokenizer.pad_token_id), ids], 1), 1
 
     def decoder_logits(self, pixel_values: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, V] for processed pixels `pixel_values` [B, 3, H, W] and `tokens` laid out by decoder_inputs:
-        position t predicts token t + 1 (position 0: the prompt, which predicts the caption's first token)."""
+        """Logits [B, T, V] for normalised images `pixel_values` [B, 3, S, S] (see model_inputs) and `tokens` laid
+        out by decoder_inputs: position t predicts token t + 1 (position 0: the prompt, which predicts the caption's
+        first token)."""
         captions = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], self.tokenizer.pad_token_id)], 1)
         inputs = self.model_inputs(tokens, pixel_values)
         return self.caption_logits(inputs, captions, torch.ones_like(captions))  # the padding's logit is unused
 
     # -- the captioning module -------------------------------------------------------------------------------------
     def image_transform(self) -> SquareImage:
+        """Images resized to a square of model.image_size, the family's or the processor's side; for processors
+        that keep a pixel budget (Qwen2-VL's min_pixels and max_pixels), the side they then resize that square to
+        (no second resize: the model reads what the data gives, and an export's own budget holds)."""
         side = self.hparams.image_size or self.family["image_size"] or processor_side(self.image_processor)
         if side is None:
             raise UserError(
                 f"model.image_size: the {self.hparams.family} processor resizes to no one size: set model.image_size "
                 "(the square side images are resized to before the processor)"
             )
+        processed = self.image_processor(images=[torch.zeros(3, side, side, dtype=torch.uint8)], return_tensors="pt")
+        if "image_grid_thw" in processed:  # patches of patch_size along each side
+            side = int(processed["image_grid_thw"][0, 1]) * self.image_processor.patch_size
         return SquareImage(side)
 
     def caption_texts(self, batch: CaptionBatch) -> list[str]:

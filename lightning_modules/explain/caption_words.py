@@ -13,8 +13,9 @@ teacher-forced), `generate` (the greedy caption, its words and their tokens), th
 decoder has one.
 
 - `CNNRNNScorer`: CNN-RNN captioners (a word is a token); Grad-CAM on the encoder's grid; the decoder's attention.
-- `HFScorer`: BLIP and ViT-GPT2 (lightning_modules/captioning/hf.py); words as the tokenizer decodes the caption;
-  Grad-CAM on a layer of the vision transformer, its patch tokens as a grid (the CLS token left out); no attention.
+- `HFScorer`: Hugging Face captioners (lightning_modules/captioning/hf.py: BLIP, ViT-GPT2, GIT, BLIP-2, Qwen2-VL,
+  Idefics3, ...); words as the tokenizer decodes the caption; Grad-CAM on a layer of the vision transformer, its
+  patch tokens as a grid (a CLS token left out; Qwen2-VL's merge blocks put back in place); no attention.
 
 `ground_words` finds, on data whose images list their objects (the shapes data), the object each word of a caption
 speaks of (pointing game), with the words the data gives for its objects' attributes (`object_words`).
@@ -33,7 +34,7 @@ from framework.errors import UserError
 from framework.images import IMAGENET_MEAN, IMAGENET_STD
 from lightning_modules.captioning.cnn_rnn import CNNRNNCaptioner
 from lightning_modules.captioning.decoding import greedy_decode
-from lightning_modules.captioning.hf import HFCaptioner
+from lightning_modules.captioning.hf import HFCaptioner, grid_of_merge_order, merge_order
 
 
 @dataclass
@@ -164,57 +165,65 @@ class CNNRNNScorer(CaptionWordScorer):
 
 class PatchGrid(nn.Module):
     """Hooked onto a vision transformer layer: the layer's patch tokens pass through this module's forward as a
-    grid [B, C, h, w] (an identity), so that Grad-CAM reads them as it reads a CNN's feature map. The CLS token
-    goes round it."""
+    grid [B, C, h, w] (an identity), so that Grad-CAM reads them as it reads a CNN's feature map. Tokens [B, T, C]
+    are a square grid, after a CLS token where T is one more than a square (the CLS token goes round the grid);
+    rows [B * side * side, C] (Qwen2-VL's vision blocks) are in `merge_order`, `merge` patches a side per block."""
+
+    def __init__(self, side: int | None = None, merge: int | None = None):
+        super().__init__()
+        self.side, self.merge = side, merge
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return grid
 
     def hook(self, module: nn.Module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        side = math.isqrt(hidden.shape[1] - 1)  # square images: (1 + side * side) tokens
-        patches = self(hidden[:, 1:].transpose(1, 2).unflatten(2, (side, side)))
-        hidden = torch.cat([hidden[:, :1], patches.flatten(2).transpose(1, 2)], 1)
+        if hidden.dim() == 2:
+            hidden = merge_order(self(grid_of_merge_order(hidden, self.side, self.merge)), self.merge)
+        else:
+            side = math.isqrt(hidden.shape[1])
+            cls = hidden.shape[1] - side * side  # 0 (SigLIP) or 1 (ViT, CLIP)
+            patches = self(hidden[:, cls:].transpose(1, 2).unflatten(2, (side, side)))
+            hidden = torch.cat([hidden[:, :cls], patches.flatten(2).transpose(1, 2)], 1)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 class HFScorer(CaptionWordScorer):
-    """A Hugging Face captioner (BLIP, ViT-GPT2, GIT, BLIP-2): the words are those of the caption as its tokenizer
-    decodes it, a word's tokens those that add it. Grad-CAM layers: `encoder` (the vision transformer's last layer)
-    or any of its layers by name (`layer_names`)."""
+    """A Hugging Face captioner (lightning_modules/captioning/hf.py): the words are those of the caption as its
+    tokenizer decodes it, a word's tokens those that add it. Pixels reach the model laid out as its processor lays
+    them out (`HFCaptioner.lay_out_pixels`: one image, one tile, or Qwen2-VL's patch sequences); processors that
+    split images into tiles (SmolVLM) are explained on the whole image as one tile. Grad-CAM layers: `encoder` (the
+    vision transformer's last layer) or any of its layers by name (`layer_names`), their patches as a grid."""
 
-    attention_missing = (
-        "BLIP and ViT-GPT2 captioners have no attention method here (their cross-attention is not explained)"
-    )
+    attention_missing = "Hugging Face captioners have no attention method here (their attention is not explained)"
 
     def __init__(self, captioner: HFCaptioner):
-        blank = torch.zeros(1, 3, captioner.image_transform().side, captioner.image_transform().side, dtype=torch.uint8)
-        if captioner.model_inputs(blank)["pixel_values"].dim() != 4:
-            raise UserError(
-                f"model.captioner: task=caption_explain explains Hugging Face captioners whose pixels are one image "
-                f"[B, 3, H, W] (BLIP, ViT-GPT2, GIT, BLIP-2); the {captioner.hparams.family} family's processor makes "
-                "other pixel values (patch sequences or tiles)"
-            )
         processor = captioner.image_processor
+        if getattr(processor, "do_image_splitting", False):
+            processor.do_image_splitting = False  # the whole image as one tile: a map per image, not per tile
+        side = captioner.image_transform().side
+        blank = torch.zeros(1, 3, side, side)
+        captioner.model_inputs(blank, pixel_values=blank)  # one UserError now for a layout it cannot map back
+        if getattr(captioner.vision_tower().config, "fullatt_block_indexes", None):  # Qwen2.5-VL's windows
+            raise UserError(
+                f"model.captioner: the {captioner.hparams.family} vision tower reorders its patches into windows; "
+                "task=caption_explain maps patches in the processor's order only (Qwen2-VL)"
+            )
         normalised = getattr(processor, "do_normalize", True)
         super().__init__(
             processor.image_mean if normalised else [0.0] * 3, processor.image_std if normalised else [1.0] * 3
         )
         self.captioner = captioner  # its model, tokenizer and prompt; copied with it by the randomisation check
-        self.image_size = image_side(processor.size)
+        self.image_size = side
         tower = captioner.vision_tower()
-        self.net = nn.ModuleDict(
-            {
-                "encoder": tower,
-                "decoder": nn.ModuleList([child for child in captioner.model.children() if child is not tower]),
-            }
-        )
+        self.net = nn.ModuleDict({"encoder": tower, "decoder": nn.ModuleList(modules_beside(captioner.model, tower))})
         path, layers = next(
             (name, module) for name, module in tower.named_modules() if isinstance(module, nn.ModuleList)
         )
         self.layers_path = path
         self.layer_names = [f"encoder.{path}.{i}" for i in range(len(layers))]
-        self.grids = nn.ModuleList(PatchGrid() for _ in layers)
+        patch, merge = getattr(processor, "patch_size", None), getattr(processor, "merge_size", None)
+        self.grids = nn.ModuleList(PatchGrid(side // patch if merge else None, merge) for _ in layers)
         for layer, grid in zip(layers, self.grids):
             layer.register_forward_hook(grid.hook)  # a bound method: deep copies hook their own grid
         settings = copy.deepcopy(captioner.model.generation_config)
@@ -226,14 +235,13 @@ class HFScorer(CaptionWordScorer):
 
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor) -> Generated:
-        ids = self.captioner.generate_ids(self.normalise(pixels), self.generation_config)
+        ids = self.captioner.generate_ids(pixels, self.generation_config, pixel_values=self.normalise(pixels))
         tokens, start = self.captioner.decoder_inputs(ids)
-        tokenizer = self.captioner.tokenizer
-        ends = {tokenizer.eos_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id} - {None}
+        ends = self.captioner.end_token_ids()
         words, spans = [], []
         for row in tokens[:, start:].tolist():
             caption = row[: next((i for i, t in enumerate(row) if t in ends), len(row))]
-            row_words, row_spans = split_words(tokenizer, caption)
+            row_words, row_spans = split_words(self.captioner.tokenizer, caption)
             words.append(row_words)
             spans.append([(start + a, start + b) for a, b in row_spans])
         return Generated(tokens, words, spans)
@@ -259,12 +267,18 @@ class HFScorer(CaptionWordScorer):
         return [*names, "decoder"]
 
 
-def image_side(size) -> int | None:
-    """The height images are resized to by a transformers image processor (its `size`), if it says."""
-    try:
-        return int(size["height"])
-    except (KeyError, TypeError):
-        return None
+def modules_beside(model: nn.Module, part: nn.Module) -> list[nn.Module]:
+    """The submodules that make up `model` with `part` left out: its children, those that hold `part` (GIT's `git`
+    holds its image encoder) replaced by theirs, recursively."""
+    beside = []
+    for child in model.children():
+        if child is part:
+            continue
+        if any(module is part for module in child.modules()):
+            beside += modules_beside(child, part)
+        else:
+            beside.append(child)
+    return beside
 
 
 def split_words(tokenizer, ids: list[int]) -> tuple[list[str], list[tuple[int, int]]]:
@@ -292,7 +306,7 @@ def word_scorer(captioner) -> CaptionWordScorer:
     if isinstance(captioner, HFCaptioner):
         return HFScorer(captioner)
     raise UserError(
-        f"model.captioner: task=caption_explain explains CNN-RNN, BLIP and ViT-GPT2 captioners; this one is a "
+        f"model.captioner: task=caption_explain explains CNN-RNN and Hugging Face captioners; this one is a "
         f"{type(captioner).__name__}"
     )
 

@@ -82,9 +82,9 @@ def vit_gpt2_run_dir(data_dir: Path) -> Path:
     )
 
 
-def train_items(data_dir: Path) -> list[tuple[Path, str]]:
-    """The OVERFIT set's training images with their one caption each."""
-    (annotations,) = data_dir.glob(f"shapes_s0_4-2-2_{IMAGE_SIZE}px_1c/dataset_shapes.json")
+def train_items(data_dir: Path, count: int = 4) -> list[tuple[Path, str]]:
+    """The OVERFIT set's training images (`count`: its data.num_train) with their one caption each."""
+    (annotations,) = data_dir.glob(f"shapes_s0_{count}-2-2_{IMAGE_SIZE}px_1c/dataset_shapes.json")
     images = json.loads(annotations.read_text())["images"]
     return [
         (annotations.parent / i["filepath"] / i["filename"], " ".join(i["sentences"][0]["tokens"]))

@@ -232,6 +232,25 @@ def save_idefics3_like(directory: Path, family: str) -> Path:
     return directory
 
 
+# conf/model/family/idefics3.yaml as a user would add it (no Idefics3 family ships: tests add this one)
+IDEFICS3_FAMILY = """\
+architecture: decoder
+prompt: "Describe the image."
+chat: true
+bos_first: false
+drop_prompt_end: false
+generate_drops_prompt_end: false
+caption_end: "<end_of_utterance>"
+caption_token_type: 0
+image_size: 32
+vision_tower: model.vision_model
+unused: []
+lora_targets: 'model\\.text_model\\..*\\.(q_proj|k_proj|v_proj|o_proj)'
+lora_vision_targets: 'model\\.vision_model\\..*\\.(q_proj|k_proj|v_proj|out_proj)'
+fsdp_layers: [transformers.models.llama.modeling_llama.LlamaDecoderLayer]
+"""
+
+
 def save_tiny_idefics3(directory: Path) -> Path:
     """A tiny Idefics3 (SmolVLM v1's architecture, model_type "idefics3") with its processor and chat template."""
     return save_idefics3_like(directory, "idefics3")
