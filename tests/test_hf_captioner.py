@@ -183,14 +183,58 @@ def test_a_new_architecture_needs_only_its_family_yaml(workspace, tmp_path):
     assert (command.run_dir / "export" / "model.safetensors").is_file()
 
 
-def test_unknown_family_and_quantisation_without_cuda_are_one_error_each(data_dir):
+def test_unknown_family_and_quantisation_without_adapters_are_one_error_each(data_dir):
     settings = model_settings("hf_captioner", scheduler=None, pretrained=str(tiny_blip_dir(data_dir)))
     with pytest.raises(UserError, match=r"model.family: no conf/model/family/nope.yaml.*families: .*blip"):
         HFCaptioner(**{**settings, "family": "nope"})
-    if not torch.cuda.is_available():
-        lora = {**settings["lora"], "rank": 8}
-        with pytest.raises(UserError, match=r"model.quantize=4bit .* needs a CUDA GPU"):
-            HFCaptioner(**{**settings, "quantize": "4bit", "lora": lora})
+    with pytest.raises(UserError, match=r"model.quantize=4bit trains adapters .* set model.lora.rank"):
+        HFCaptioner(**{**settings, "quantize": "4bit"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantised_lora_learns_the_captions_and_exports_a_float_model(bits, data_dir, tmp_path):
+    """model.quantize (bitsandbytes, here on the CPU) on the chat VLM: the frozen base's linear layers are 4-bit
+    (NF4) or 8-bit, only the adapters train, the captions are learnt; the export is the adapters merged into the
+    dequantised base, which transformers loads as a float model that captions as the run's module does."""
+    import bitsandbytes
+
+    model = save_tiny_qwen2_vl(tmp_path / "model", width=64)  # bitsandbytes' CPU kernels need 64 features
+    run_dir = overfit(
+        [
+            "task=hf_captioner_shapes",
+            f"model.pretrained={model}",
+            f"model.quantize={bits}",
+            "model.lora.rank=16",
+            "model.lora.alpha=32",
+            "model.optimizer.lr=0.01",
+            "logger=csv",
+            f"data.num_train={len(OVERFIT_IMAGES)}",
+            f"data.batch_size={len(OVERFIT_IMAGES)}",
+        ],
+        2 * EPOCHS,
+        tmp_path / "run",
+        data_dir,
+    )
+    losses = train_losses(run_dir)
+    module = HFCaptioner.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=True).eval()
+    quantised = {"4bit": bitsandbytes.nn.Linear4bit, "8bit": bitsandbytes.nn.Linear8bitLt}[bits]
+    assert any(isinstance(layer, quantised) for layer in module.model.modules())
+    assert all("lora_" in name for name, p in module.named_parameters() if p.requires_grad)
+    items = train_items(data_dir, len(OVERFIT_IMAGES))
+    images = [Image.open(path).convert("RGB") for path, _ in items]
+    pixels = torch.stack([module.image_transform()(image) for image in images])
+    captions = module.caption_batch(CaptionBatch(size=len(pixels), images=pixels))
+    references = {i: [caption] for i, (_, caption) in enumerate(items)}
+    ours = CaptionMetrics()(references, dict(enumerate(captions)))["CIDEr"]
+    shuffled = CaptionMetrics()(references, dict(enumerate(captions[1:] + captions[:1])))["CIDEr"]
+    print(f"\n{bits}: loss {losses[0]:.2f} -> {losses[-1]:.2f}; CIDEr {ours:.2f}, shuffled {shuffled:.2f}; {captions}")
+    # (measured: loss 5.92 -> 4.73 / 4.71, CIDEr 5.68 / 7.45 against 0.92 / 1.04 shuffled; the adapters of a frozen
+    # random 64-wide model learn slowly, but name the images' shapes)
+    assert max(losses[-3:]) < 0.85 * losses[0] and ours > 3 * shuffled + 1.0, (losses, captions)
+    export = AutoModelForImageTextToText.from_pretrained(run_dir / "export")
+    assert not any(isinstance(layer, quantised) for layer in export.modules()) and export.dtype == torch.float32
+    assert export_captions(run_dir / "export", images) == captions
 
 
 def test_scst_samples_captions_with_their_log_probabilities(data_dir):

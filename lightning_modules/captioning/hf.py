@@ -14,7 +14,7 @@ how the prompt's tokens are laid out, the vision tower, LoRA's target modules an
 - learns the caption tokens only: cross-entropy with label smoothing over the caption and the text that ends it
   (prompt, image tokens and padding carry no loss); generates after the same prompt and returns the caption alone;
 - trains all weights, or LoRA/DoRA adapters (peft) on the language model (`model.lora.vision`: the vision tower too);
-  `model.quantize=4bit|8bit` loads the frozen base through bitsandbytes (CUDA only);
+  `model.quantize=4bit|8bit` loads the frozen base through bitsandbytes (CUDA, or the CPU: bitsandbytes >= 0.49);
 - self-critical training (scst.py) by sampling with `generate` and scoring the samples teacher-forced;
 - self-contained checkpoints: config and processor files travel in the hyperparameters (`architecture`);
 - `export(directory)`: a transformers folder (adapters merged) with processor and model card, and with LoRA the
@@ -279,17 +279,15 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
         self.save_hyperparameters(logger=False, ignore=["architecture"])
         for key in ("optimizer", "scheduler", "generation", "lora", "scst", "metrics"):
             self.hparams[key] = to_plain(self.hparams[key])
-        if quantize and not torch.cuda.is_available():
-            raise UserError(
-                f"model.quantize={quantize} loads the frozen model through bitsandbytes, which needs a CUDA GPU; "
-                "this machine has none: set model.quantize=null (LoRA alone: model.lora.rank=16)"
-            )
         if quantize and not lora["rank"]:
             raise UserError(f"model.quantize={quantize} trains adapters on a quantised model: set model.lora.rank")
-        if architecture:  # load_from_checkpoint: the architecture from the checkpoint, its weights from the state dict
+        # load_from_checkpoint: the architecture from the checkpoint, its weights from the state dict; a quantised
+        # base is loaded from model.pretrained again (its checkpoints hold the adapters alone: on_save_checkpoint)
+        if architecture and not quantize:
             self.model, self.processor = self.build_from_files(architecture)
         else:
             self.model, self.processor = self.load_pretrained_parts()
+        self.strict_loading = not quantize
         self.hparams.family = family or self.model.config.model_type
         self.family = family_settings(self.hparams.family)
         self.model.train()  # from_pretrained returns it in eval mode; Lightning switches modes from here on
@@ -412,6 +410,19 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
         )
         return get_peft_model(model, config)
 
+    @staticmethod
+    def dequantized(model):
+        """A quantised model with adapters (peft) as the same adapters on its base dequantised to float32: merging
+        into 4-bit weights would round the adapters' update away with them."""
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+        adapters, config = get_peft_model_state_dict(model), model.peft_config["default"]
+        base = model.unload()
+        base.dequantize()
+        adapted = get_peft_model(base.float(), config)
+        set_peft_model_state_dict(adapted, adapters)
+        return adapted
+
     @property
     def base_model(self) -> PreTrainedModel:
         """The transformers model (under LoRA: the one peft wraps)."""
@@ -459,6 +470,9 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["hyper_parameters"]["architecture"] = self.architecture_files()
+        if self.hparams.quantize:  # bitsandbytes' packed weights do not load back on every device; nor need they
+            trained = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
     def fsdp_root(self) -> torch.nn.Module:
         return self.model
@@ -487,6 +501,8 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
                 merged = copy.deepcopy(self.model)
                 if state_dict is not None:
                     merged.load_state_dict(state_dict)
+                if self.hparams.quantize:
+                    merged = self.dequantized(merged)
                 merged.merge_and_unload().save_pretrained(folder)
             else:
                 self.model.save_pretrained(folder, state_dict=state_dict)

@@ -1,6 +1,7 @@
 """task=caption_explain: which pixels made a captioner say each word of its caption, and is that answer right?
 
-Captioners: CNN-RNN, BLIP and ViT-GPT2 (checkpoints or export directories; caption_words.py adapts each kind).
+Captioners: CNN-RNN and Hugging Face captioners (BLIP, ViT-GPT2, GIT, BLIP-2, Qwen2-VL, PaliGemma, ...; checkpoints or
+export directories; caption_words.py adapts each kind).
 For each image of a batch the captioner's greedy caption is generated; then every word of it (or the words at
 `words`) is explained: the word's log-probability, teacher-forced on the generated caption (the sum over its
 tokens), is attributed to the pixels by captum, for all (image, word) pairs of the batch at once (words as rows).

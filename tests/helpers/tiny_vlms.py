@@ -117,8 +117,9 @@ def save_tiny_blip2(directory: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------- Qwen2-VL
-def save_tiny_qwen2_vl(directory: Path) -> Path:
-    """A Qwen2-VL (8 px patches merged 2x2: a 32 px image is 16 patches, 4 <|image_pad|>s) with its chat template."""
+def save_tiny_qwen2_vl(directory: Path, width: int = TEXT["hidden_size"]) -> Path:
+    """A Qwen2-VL (8 px patches merged 2x2: a 32 px image is 16 patches, 4 <|image_pad|>s) with its chat template;
+    `width`: its vision tower's and language model's (a multiple of 32; bitsandbytes' CPU kernels need 64)."""
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -140,8 +141,8 @@ def save_tiny_qwen2_vl(directory: Path) -> Path:
     config = Qwen2VLConfig(
         vision_config={
             "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": TEXT["hidden_size"],  # the merger's output width
+            "embed_dim": width,
+            "hidden_size": width,  # the merger's output width
             "num_heads": 2,
             "mlp_ratio": 2,
             "patch_size": patches["patch_size"],
@@ -150,10 +151,17 @@ def save_tiny_qwen2_vl(directory: Path) -> Path:
         },
         text_config={
             **TEXT,
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
             "num_key_value_heads": 1,
             "vocab_size": len(tokenizer),
             "max_position_embeddings": 128,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},  # of 8
+            # temporal, height, width sections of the rotary frequencies: a quarter of the width (2 heads)
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [width // 16, 3 * width // 32, 3 * width // 32],
+            },
             "bos_token_id": ids("<|endoftext|>"),
             "eos_token_id": [ids("<|im_end|>"), ids("<|endoftext|>")],
             "pad_token_id": ids("<|endoftext|>"),
