@@ -288,7 +288,9 @@ def test_hf_captioner_integrated_gradients_are_complete_per_word(hf_export, data
         "model.randomisation=false",
         image_size=32,
     )
-    batch = next(iter(explain_data("caption_explain", data_dir, *HF_SHAPES, *predicting(2)).predict_dataloader()))
+    images = 1 if hf_export.name == "qwen2_vl" else 2  # its 2048 steps: one image's words
+    data = explain_data("caption_explain", data_dir, *HF_SHAPES, *predicting(images))
+    batch = next(iter(data.predict_dataloader()))
     check_completeness(module, batch["images"], batch["paths"])
 
 
@@ -333,6 +335,10 @@ def test_pixels_reach_the_model_laid_out_as_its_processor_lays_them_out(save, tm
     ours = module.model_inputs(images, pixel_values=scorer.normalise(images / 255))["pixel_values"]
     theirs = module.model_inputs(images)["pixel_values"]
     assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5)
+    # the randomisation's "decoder": every module beside the vision tower (BLIP-2's query tokens are no module)
+    tower = {id(p) for p in module.vision_tower().parameters()}
+    in_modules = {id(p) for name, p in module.model.named_parameters() if "." in name}
+    assert {id(p) for p in scorer.net.decoder.parameters()} == in_modules - tower
     grids = []  # Grad-CAM's layer: the last vision layer's patches as the 4 x 4 grid of each image
     scorer.layer("encoder").register_forward_hook(lambda module, args, output: grids.append(output.shape))
     scorer.logits(images / 255, scorer.generate(images / 255).tokens)

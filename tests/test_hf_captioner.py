@@ -1,7 +1,7 @@
 """The generic Hugging Face captioner (lightning_modules/captioning/hf.py) on tiny random models of six architectures
-(BLIP, ViT-GPT2, GIT, BLIP-2, the chat VLM Qwen2-VL, PaliGemma), each trained through the runner on eight shapes
-images (BLIP's and ViT-GPT2's own behaviour: tests/test_blip.py, tests/test_vit_gpt2.py); LoRA and its adapter
-folder; a family added by its YAML alone; SCST and its guard; CLIPScore among the metrics."""
+(BLIP and ViT-GPT2: tests/test_blip.py, tests/test_vit_gpt2.py, four images' captions word for word; GIT, BLIP-2, the
+chat VLM Qwen2-VL and PaliGemma here, each trained through the runner on eight shapes images); LoRA and its adapter
+folder; QLoRA; a family added by its YAML alone; SCST and its guard; CLIPScore among the metrics."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from lightning_modules.captioning.hf import HFCaptioner
 from lightning_modules.captioning.metrics import CaptionMetrics
 from tests.helpers.captioning import overfit, train_items
 from tests.helpers.config import read_metrics
-from tests.helpers.tiny_models import save_tiny_blip, save_tiny_vit_gpt2, tiny_blip_dir
+from tests.helpers.tiny_models import tiny_blip_dir
 from tests.helpers.tiny_vlms import (
     IDEFICS3_FAMILY,
     save_tiny_blip2,
@@ -32,9 +32,7 @@ from tests.helpers.tiny_vlms import (
 
 EPOCHS = 40
 OVERFIT_IMAGES = range(8)  # data.num_train: each with its own caption
-FAMILIES = {
-    "blip": (save_tiny_blip, [], EPOCHS),
-    "vision-encoder-decoder": (save_tiny_vit_gpt2, [], EPOCHS),  # ViT-GPT2
+FAMILIES = {  # BLIP and ViT-GPT2 learn four images' captions word for word: tests/test_blip.py, test_vit_gpt2.py
     "git": (save_tiny_git, [], EPOCHS),
     "blip-2": (save_tiny_blip2, ["model.optimizer.lr=0.01"], 80),
     # the tiny processor's 32 px (the family's default is 448)
@@ -192,11 +190,12 @@ def test_unknown_family_and_quantisation_without_adapters_are_one_error_each(dat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits", ["4bit", "8bit"])
-def test_quantised_lora_learns_the_captions_and_exports_a_float_model(bits, data_dir, tmp_path):
+@pytest.mark.parametrize(("bits", "epochs"), [("4bit", 2 * EPOCHS), ("8bit", EPOCHS)])
+def test_quantised_lora_learns_the_captions_and_exports_a_float_model(bits, epochs, data_dir, tmp_path):
     """model.quantize (bitsandbytes, here on the CPU) on the chat VLM: the frozen base's linear layers are 4-bit
-    (NF4) or 8-bit, only the adapters train, the captions are learnt; the export is the adapters merged into the
-    dequantised base, which transformers loads as a float model that captions as the run's module does."""
+    (NF4) or 8-bit, only the adapters train, the captions are learnt (4bit; 8bit: half as long, the same paths); the
+    checkpoint loads back; the export is the adapters merged into the dequantised base, which transformers loads as
+    a float model that captions as the run's module does."""
     import bitsandbytes
 
     model = save_tiny_qwen2_vl(tmp_path / "model", width=64)  # bitsandbytes' CPU kernels need 64 features
@@ -212,7 +211,7 @@ def test_quantised_lora_learns_the_captions_and_exports_a_float_model(bits, data
             f"data.num_train={len(OVERFIT_IMAGES)}",
             f"data.batch_size={len(OVERFIT_IMAGES)}",
         ],
-        2 * EPOCHS,
+        epochs,
         tmp_path / "run",
         data_dir,
     )
@@ -229,9 +228,11 @@ def test_quantised_lora_learns_the_captions_and_exports_a_float_model(bits, data
     ours = CaptionMetrics()(references, dict(enumerate(captions)))["CIDEr"]
     shuffled = CaptionMetrics()(references, dict(enumerate(captions[1:] + captions[:1])))["CIDEr"]
     print(f"\n{bits}: loss {losses[0]:.2f} -> {losses[-1]:.2f}; CIDEr {ours:.2f}, shuffled {shuffled:.2f}; {captions}")
-    # (measured: loss 5.92 -> 4.73 / 4.71, CIDEr 5.68 / 7.45 against 0.92 / 1.04 shuffled; the adapters of a frozen
-    # random 64-wide model learn slowly, but name the images' shapes)
-    assert max(losses[-3:]) < 0.85 * losses[0] and ours > 3 * shuffled + 1.0, (losses, captions)
+    # (measured: loss 5.92 -> 4.73, CIDEr 5.68 against 0.92 shuffled; 8bit over 80 epochs: 4.71, 7.45 against 1.04.
+    # The adapters of a frozen random 64-wide model learn slowly, but name the images' shapes.)
+    assert losses[-1] < losses[0], losses
+    if bits == "4bit":
+        assert max(losses[-3:]) < 0.85 * losses[0] and ours > 3 * shuffled + 1.0, (losses, captions)
     export = AutoModelForImageTextToText.from_pretrained(run_dir / "export")
     assert not any(isinstance(layer, quantised) for layer in export.modules()) and export.dtype == torch.float32
     assert export_captions(run_dir / "export", images) == captions
