@@ -132,6 +132,17 @@ COMMANDS: dict[str, Run | Compose | Refused] = {
     "task=hf_captioner_shapes model.pretrained=path/to/a/save_pretrained/folder": Run(SHAPES),
     "task=hf_captioner_coco model.pretrained=Qwen/Qwen2-VL-2B-Instruct model.lora.rank=16 trainer=gpu "
     "trainer.precision=bf16-mixed": Compose("Qwen2-VL weights, COCO, a GPU"),
+    "task=hf_captioner_coco model.pretrained=Salesforce/blip-image-captioning-base trainer=gpu": Compose(
+        "BLIP weights, COCO, a GPU"
+    ),
+    "task=hf_captioner_coco model.pretrained=nlpconnect/vit-gpt2-image-captioning trainer=gpu": Compose(
+        "ViT-GPT2 weights, COCO, a GPU"
+    ),
+    "task=hf_captioner_coco model.pretrained=microsoft/git-base-coco trainer=gpu": Compose("GIT weights, COCO, a GPU"),
+    "task=hf_captioner_coco model.pretrained=Salesforce/blip2-opt-2.7b model.lora.rank=16 model.quantize=4bit "
+    "trainer=gpu": Compose("BLIP-2 weights, COCO, a GPU"),
+    "task=hf_captioner_coco model.pretrained=google/paligemma-3b-pt-224 model.lora.rank=16 trainer=gpu "
+    "trainer.precision=bf16-mixed": Compose("PaliGemma weights, COCO, a GPU"),
     # BLIP and ViT-GPT2: pretrained weights from the hub and COCO
     "task=blip_coco mode=export ckpt_path=.../last.ckpt": Compose("BLIP weights"),
     "task=blip_coco mode=export ckpt_path=outputs/blip_coco/runs/<time>/checkpoints/epoch_004.ckpt": Compose(
