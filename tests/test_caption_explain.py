@@ -27,6 +27,7 @@ from tests.helpers.tiny_models import IMAGE_SIZE, gpt2_tokenizer, save_tiny_blip
 from tests.helpers.tiny_vlms import (
     IDEFICS3_FAMILY,
     save_tiny_blip2,
+    save_tiny_florence2,
     save_tiny_git,
     save_tiny_idefics3,
     save_tiny_paligemma,
@@ -315,7 +316,15 @@ def test_words_of_several_tokens_are_one_word():
 
 @pytest.mark.parametrize(
     "save",
-    [save_tiny_blip, save_tiny_git, save_tiny_blip2, save_tiny_qwen2_vl, save_tiny_idefics3, save_tiny_paligemma],
+    [
+        save_tiny_blip,
+        save_tiny_git,
+        save_tiny_blip2,
+        save_tiny_qwen2_vl,
+        save_tiny_idefics3,
+        save_tiny_paligemma,
+        save_tiny_florence2,
+    ],
     ids=lambda save: save.__name__.removeprefix("save_tiny_"),
 )
 def test_pixels_reach_the_model_laid_out_as_its_processor_lays_them_out(save, tmp_path, monkeypatch):

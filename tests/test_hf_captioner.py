@@ -1,7 +1,7 @@
-"""The generic Hugging Face captioner (lightning_modules/captioning/hf.py) on tiny random models of six architectures
+"""The generic Hugging Face captioner (lightning_modules/captioning/hf.py) on tiny random models of seven architectures
 (BLIP and ViT-GPT2: tests/test_blip.py, tests/test_vit_gpt2.py, four images' captions word for word; GIT, BLIP-2, the
-chat VLM Qwen2-VL and PaliGemma here, each trained through the runner on eight shapes images); LoRA and its adapter
-folder; QLoRA; a family added by its YAML alone; SCST and its guard; CLIPScore among the metrics."""
+chat VLM Qwen2-VL, PaliGemma and Florence-2 here, each trained through the runner on eight shapes images); LoRA and
+its adapter folder; QLoRA; a family added by its YAML alone; SCST and its guard; CLIPScore among the metrics."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from tests.helpers.tiny_models import tiny_blip_dir
 from tests.helpers.tiny_vlms import (
     IDEFICS3_FAMILY,
     save_tiny_blip2,
+    save_tiny_florence2,
     save_tiny_git,
     save_tiny_idefics3,
     save_tiny_paligemma,
@@ -38,6 +39,7 @@ FAMILIES = {  # BLIP and ViT-GPT2 learn four images' captions word for word: tes
     # the tiny processor's 32 px (the family's default is 448)
     "qwen2_vl": (save_tiny_qwen2_vl, ["model.optimizer.lr=0.01"], 80),
     "paligemma": (save_tiny_paligemma, ["model.optimizer.lr=0.01"], 80),
+    "florence2": (save_tiny_florence2, ["model.optimizer.lr=0.005"], 120),
 }
 
 

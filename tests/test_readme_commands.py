@@ -143,6 +143,9 @@ COMMANDS: dict[str, Run | Compose | Refused] = {
     "trainer=gpu": Compose("BLIP-2 weights, COCO, a GPU"),
     "task=hf_captioner_coco model.pretrained=google/paligemma-3b-pt-224 model.lora.rank=16 trainer=gpu "
     "trainer.precision=bf16-mixed": Compose("PaliGemma weights, COCO, a GPU"),
+    "task=hf_captioner_coco model.pretrained=florence-community/Florence-2-base trainer=gpu": Compose(
+        "Florence-2 weights, COCO, a GPU"
+    ),
     # BLIP and ViT-GPT2: pretrained weights from the hub and COCO
     "task=blip_coco mode=export ckpt_path=.../last.ckpt": Compose("BLIP weights"),
     "task=blip_coco mode=export ckpt_path=outputs/blip_coco/runs/<time>/checkpoints/epoch_004.ckpt": Compose(

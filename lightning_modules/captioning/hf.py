@@ -655,9 +655,12 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
 
     def caption_ids(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [B, T] of the captions and the text that ends them (the family's caption_end, or the tokenizer's
-        end token), right-padded, with their mask."""
+        end token), right-padded, with their mask; an encoder-decoder family's with bos_first start with the
+        tokenizer's BOS (BART: </s> <s> caption </s>, </s> being the decoder's start)."""
+        family = self.family
+        start = self.tokenizer.bos_token if family["architecture"] == "encoder_decoder" and family["bos_first"] else ""
         text = self.tokenizer(
-            [caption + self.caption_end for caption in captions],
+            [start + caption + self.caption_end for caption in captions],
             add_special_tokens=False,
             padding="longest",
             truncation=True,

@@ -167,7 +167,8 @@ class PatchGrid(nn.Module):
     """Hooked onto a vision transformer layer: the layer's patch tokens pass through this module's forward as a
     grid [B, C, h, w] (an identity), so that Grad-CAM reads them as it reads a CNN's feature map. Tokens [B, T, C]
     are a square grid, after a CLS token where T is one more than a square (the CLS token goes round the grid);
-    rows [B * side * side, C] (Qwen2-VL's vision blocks) are in `merge_order`, `merge` patches a side per block."""
+    rows [B * side * side, C] (Qwen2-VL's vision blocks) are in `merge_order`, `merge` patches a side per block;
+    feature maps [B, C, h, w] (Florence-2's DaViT stages) are the grid."""
 
     def __init__(self, side: int | None = None, merge: int | None = None):
         super().__init__()
@@ -178,7 +179,9 @@ class PatchGrid(nn.Module):
 
     def hook(self, module: nn.Module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        if hidden.dim() == 2:
+        if hidden.dim() == 4:  # a feature map already (Florence-2's DaViT)
+            hidden = self(hidden)
+        elif hidden.dim() == 2:
             hidden = merge_order(self(grid_of_merge_order(hidden, self.side, self.merge)), self.merge)
         else:
             side = math.isqrt(hidden.shape[1])

@@ -315,3 +315,54 @@ def save_tiny_paligemma(directory: Path) -> Path:
     )
     PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
     return directory
+
+
+# ------------------------------------------------------------------------------------------------------- Florence-2
+def save_tiny_florence2(directory: Path) -> Path:
+    """A Florence-2 (a 2-stage DaViT at 32 px: 16 patch tokens and their mean, 2-layer BART) with its processor."""
+    from transformers import CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+
+    tokenizer = bpe_tokenizer(
+        bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", image_token="<image>"
+    )
+    vision = {  # strides 4 then 2: a 4 x 4 grid; window 2
+        "depths": [1, 1],
+        "patch_size": [7, 3],
+        "patch_stride": [4, 2],
+        "patch_padding": [3, 1],
+        "patch_prenorm": [False, True],
+        "embed_dim": [32, 64],
+        "num_heads": [2, 2],
+        "num_groups": [2, 2],
+        "window_size": 2,
+        "projection_dim": 32,
+        "drop_path_rate": 0.0,
+    }
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "decoder_start_token_id": tokenizer.eos_token_id,  # BART's: </s>
+        "forced_eos_token_id": tokenizer.eos_token_id,
+    }
+    text = {
+        "model_type": "bart",
+        "vocab_size": len(tokenizer),
+        "d_model": 32,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 2,
+        "decoder_attention_heads": 2,
+        "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64,
+        "max_position_embeddings": 128,
+        **special,
+    }
+    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id, **special)
+    torch.manual_seed(0)
+    Florence2ForConditionalGeneration(config).save_pretrained(directory)
+    side = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    image_processor = CLIPImageProcessor(size=side, crop_size=side, do_center_crop=False)
+    image_processor.image_seq_length = (IMAGE_SIZE // 8) ** 2 + 1  # the grid's tokens and their mean
+    Florence2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
