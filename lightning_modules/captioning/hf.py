@@ -601,8 +601,8 @@ class HFCaptioner(ShardedByLayers, CaptioningModule, BuildsFromConfig, Inference
         text = None
         if self.family["architecture"] == "decoder" or self.prompt:
             text = [self.prompt_text()] * len(images)
-        if pixel_values is not None:  # blank images of the data's size: the text as for real ones
-            images = torch.zeros(len(images), 3, *[self.image_transform().side] * 2, dtype=torch.uint8)
+        if pixel_values is not None:  # blank images of the pixels' size: the text as for real ones
+            images = torch.zeros(len(images), 3, *pixel_values.shape[-2:], dtype=torch.uint8)
         # One list per sample: processors that place image tokens in a chat turn (SmolVLM) count images per sample.
         listed = [[image] for image in images] if isinstance(self.processor, ProcessorMixin) else list(images)
         features = self.processor(images=listed, text=text, return_tensors="pt", padding=True)
